@@ -1,0 +1,128 @@
+"""Command-line arguments, Megatron style.
+
+``add_twist_args(parser)`` adds ONLY TwIST's own flags (kebab-case, no clash
+with Megatron-LM's), so it can be passed to Megatron-LM as
+``extra_args_provider``; ``validate_twist_args(args)`` turns them into a
+validated :class:`TwistConfig`. The model / training flags below reuse
+Megatron-LM's names (``--num-layers``, ``--hidden-size``, ``--lr``,
+``--train-iters``, ...) for the standalone ``twist`` command.
+"""
+from __future__ import annotations
+
+import argparse
+
+from .config import (CORRECTIONS, MODEL_PRESETS, OPTIMIZER_STATE_POLICIES, SPLIT_UNITS, ConfigError, ModelConfig,
+                     TrainConfig, TwistConfig)
+
+
+def _int_list(text: str):
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices like 0,-1, got {text!r}") from None
+
+
+def add_twist_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    g = parser.add_argument_group("TwIST", "independent subnetwork training")
+    g.add_argument("--keep-ratio", type=float, default=0.5,
+                   help="kappa: fraction of attention heads and MLP neurons each subnet keeps")
+    g.add_argument("--num-subnets", type=int, default=2, help="subnets trained independently between aggregations")
+    g.add_argument("--local-steps", type=int, default=15, help="optimizer steps per subnet between aggregations")
+    g.add_argument("--twist-seed", type=int, default=1234, help="seed of the subnet sampler (with the round number)")
+    g.add_argument("--twist-split", choices=SPLIT_UNITS, default="both", help="which units are split into subnets")
+    g.add_argument("--whole-layers", type=_int_list, default=(),
+                   help="comma-separated layer indices kept whole in every subnet (negative: from the end)")
+    g.add_argument("--no-coverage", dest="twist_coverage", action="store_false",
+                   help="draw each subnet independently instead of dealing every unit to some subnet")
+    g.add_argument("--activation-correction", choices=CORRECTIONS, default="rescale",
+                   help="'rescale': scale a subnet's summed unit outputs by 1/kappa (folded in at extraction)")
+    g.add_argument("--optimizer-state", choices=OPTIMIZER_STATE_POLICIES, default="aggregate",
+                   help="'aggregate': slice Adam moments with the weights and average them back; "
+                        "'reset': fresh moments each round")
+    return parser
+
+
+def validate_twist_args(args: argparse.Namespace) -> TwistConfig:
+    return TwistConfig(
+        keep_ratio=args.keep_ratio,
+        num_subnets=args.num_subnets,
+        local_steps=args.local_steps,
+        seed=args.twist_seed,
+        split=args.twist_split,
+        whole_layers=args.whole_layers,
+        coverage=args.twist_coverage,
+        correction=args.activation_correction,
+        optimizer_state=args.optimizer_state,
+    )
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    g = parser.add_argument_group("model", "Megatron-core GPTModel sizes (a preset, then overrides)")
+    g.add_argument("--model-preset", choices=sorted(MODEL_PRESETS), default="small")
+    g.add_argument("--model-family", choices=("llama", "gpt2"), default=None)
+    for flag in ("num-layers", "hidden-size", "num-attention-heads", "num-query-groups", "ffn-hidden-size",
+                 "seq-length"):
+        g.add_argument(f"--{flag}", type=int, default=None)
+    return parser
+
+
+def model_config_from_args(args: argparse.Namespace, vocab_size: int) -> ModelConfig:
+    values = dict(MODEL_PRESETS[args.model_preset])
+    overrides = {
+        "family": args.model_family,
+        "num_layers": args.num_layers,
+        "hidden_size": args.hidden_size,
+        "num_attention_heads": args.num_attention_heads,
+        "num_query_groups": args.num_query_groups,
+        "ffn_hidden_size": args.ffn_hidden_size,
+        "seq_length": args.seq_length,
+    }
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    if values["family"] == "gpt2" and args.num_query_groups is None:  # MHA: one group per head
+        values["num_query_groups"] = None
+    values["vocab_size"] = vocab_size
+    return ModelConfig(**values)
+
+
+def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    d = TrainConfig()
+    g = parser.add_argument_group("training")
+    g.add_argument("--data-path", default=None, help="directory written by `twist prepare-data`")
+    g.add_argument("--mock-data", action="store_true",
+                   help="train on synthetic token sequences (no data files; for dry runs and tests)")
+    g.add_argument("--vocab-size", type=int, default=None, help="vocabulary size with --mock-data")
+    g.add_argument("--train-iters", type=int, default=d.train_iters)
+    g.add_argument("--micro-batch-size", type=int, default=d.micro_batch_size)
+    g.add_argument("--lr", type=float, default=d.lr)
+    g.add_argument("--min-lr", type=float, default=d.min_lr)
+    g.add_argument("--lr-warmup-iters", type=int, default=d.lr_warmup_iters)
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    g.add_argument("--clip-grad", type=float, default=d.clip_grad)
+    g.add_argument("--log-interval", type=int, default=d.log_interval)
+    g.add_argument("--seed", type=int, default=d.seed, help="model initialisation and data order")
+    g.add_argument("--save", default=None, help="directory for the central checkpoint at the end")
+    g.add_argument("--load", default=None, help="central checkpoint to continue from (same sizes)")
+    g.add_argument("--metrics-file", default=None, help="JSON file for per-round losses and timings (rank 0)")
+    return parser
+
+
+def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(
+        data_prefix=args.data_path,
+        train_iters=args.train_iters,
+        micro_batch_size=args.micro_batch_size,
+        lr=args.lr,
+        min_lr=args.min_lr,
+        lr_warmup_iters=args.lr_warmup_iters,
+        weight_decay=args.weight_decay,
+        clip_grad=args.clip_grad,
+        log_interval=args.log_interval,
+        save=args.save,
+        seed=args.seed,
+    )
+
+
+__all__ = [
+    "ConfigError", "add_twist_args", "validate_twist_args", "add_model_args", "model_config_from_args",
+    "add_training_args", "train_config_from_args",
+]

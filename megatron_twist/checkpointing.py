@@ -1,0 +1,115 @@
+"""Checkpoints of central and cut-out models: safe format, atomic writes, checked loads.
+
+Layout of a checkpoint directory::
+
+    meta.json           what it is: kind ('central' | 'extracted'), configs, step,
+                        round, layer sizes, kept units, sha256 of every tensor file
+    model.safetensors   weights, by Megatron-core parameter name
+    optimizer.safetensors   (central only) Adam moments, 'exp_avg/<name>', 'exp_avg_sq/<name>'
+
+Writes go to a temporary sibling directory that is renamed into place only
+when complete, so a crash mid-write never leaves a half checkpoint under the
+final name. Loads use safetensors (no unpickling) and verify checksums,
+format version and shapes before anything is overwritten.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+FORMAT = "megatron-twist"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file and the fix."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(path: str, meta: dict, tensors: Dict[str, Dict[str, torch.Tensor]]) -> Path:
+    """Atomically write ``{file stem: {name: tensor}}`` plus meta.json into ``path``."""
+    final = Path(path).resolve()
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    files = {}
+    for stem, named in tensors.items():
+        file = tmp / f"{stem}.safetensors"
+        save_file({k: v.detach().contiguous().cpu() for k, v in named.items()}, str(file))
+        with open(file, "rb") as f:
+            os.fsync(f.fileno())
+        files[file.name] = _sha256(file)
+    meta = dict(meta, format=FORMAT, format_version=FORMAT_VERSION, files=files)
+    with open(tmp / "meta.json", "w") as f:
+        json.dump(meta, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(tmp)
+    old = None
+    if final.exists():
+        old = final.parent / f".{final.name}.old-{os.getpid()}"
+        os.replace(final, old)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    if old is not None:
+        shutil.rmtree(old)
+    return final
+
+
+def load_checkpoint(path: str, kind: Optional[str] = None) -> Tuple[dict, Dict[str, Dict[str, torch.Tensor]]]:
+    """Read and verify a checkpoint. Returns (meta, {file stem: {name: tensor}})."""
+    root = Path(path)
+    if not root.is_dir():
+        raise CheckpointError(f"checkpoint directory {root} does not exist; pass the directory `twist train --save` wrote")
+    meta_file = root / "meta.json"
+    try:
+        meta = json.loads(meta_file.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{meta_file} is missing: {root} is not a megatron-twist checkpoint") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{meta_file} is corrupt ({e}); restore it or re-create the checkpoint") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{root} is not a megatron-twist checkpoint (format {meta.get('format')!r})")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{root} has format version {meta.get('format_version')}, this release reads {FORMAT_VERSION}"
+        )
+    if kind is not None and meta.get("kind") != kind:
+        raise CheckpointError(f"{root} holds a {meta.get('kind')!r} model, this command needs a {kind!r} one")
+    out = {}
+    for name, digest in meta.get("files", {}).items():
+        file = root / name
+        if not file.is_file():
+            raise CheckpointError(f"{file} is missing from the checkpoint")
+        if _sha256(file) != digest:
+            raise CheckpointError(f"{file} does not match its checksum in meta.json: the file is corrupt or truncated")
+        try:
+            out[file.name[: -len(".safetensors")]] = load_file(str(file))
+        except SafetensorError as e:
+            raise CheckpointError(f"{file} is not a readable safetensors file ({e})") from None
+    return meta, out

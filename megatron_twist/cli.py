@@ -1,0 +1,282 @@
+"""The ``twist`` command (also ``python -m megatron_twist``).
+
+    twist prepare-data  corpus -> sentencepiece tokenizer + Megatron indexed dataset
+    twist train         TwIST training (single process, or one subnet per rank under torchrun)
+    twist extract       cut a dense smaller model out of a central checkpoint
+    twist eval          held-out perplexity; the last line printed is a JSON object
+
+Every command validates its inputs before it starts any work.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+from .arguments import (add_model_args, add_training_args, add_twist_args, model_config_from_args,
+                        train_config_from_args, validate_twist_args)
+from .config import ConfigError
+
+
+def _log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# ---------------------------------------------------------------- prepare-data
+def cmd_prepare_data(args) -> int:
+    from .data import prepare_data, stdlib_documents, text_documents
+
+    if args.input:
+        docs = list(text_documents(args.input, json_field=args.json_field))
+        train_docs, valid_docs = _split_documents(docs, args.valid_fraction)
+        source = f"{len(args.input)} input path(s)"
+    else:
+        train_docs = stdlib_documents("train", max_bytes=args.max_bytes)
+        valid_docs = stdlib_documents("valid", max_bytes=None)
+        source = "python standard library"
+    _log(f"[prepare-data] {source}: {len(train_docs)} train / {len(valid_docs)} valid documents")
+    manifest = prepare_data(args.output, train_docs, valid_docs,
+                            vocab_size=None if args.tokenizer_model else args.vocab_size,
+                            tokenizer_model=args.tokenizer_model)
+    _log(f"[prepare-data] wrote {args.output}: {json.dumps(_as_dict(manifest), default=str)}")
+    return 0
+
+
+def _split_documents(docs, valid_fraction: float):
+    """Deterministic split: every k-th document goes to validation."""
+    if not 0 < valid_fraction < 1:
+        raise ConfigError(f"--valid-fraction must lie in (0, 1), got {valid_fraction}")
+    if len(docs) < 2:
+        raise ConfigError("need at least 2 documents to make a train/validation split")
+    every = max(2, round(1 / valid_fraction))
+    valid = [d for i, d in enumerate(docs) if i % every == every - 1]
+    train = [d for i, d in enumerate(docs) if i % every != every - 1]
+    return train, valid
+
+
+def _as_dict(obj):
+    import dataclasses
+
+    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
+
+
+# ---------------------------------------------------------------------- train
+def cmd_train(args) -> int:
+    import torch
+
+    from .distributed.runtime import build_twist_groups, init_distributed, shutdown
+
+    twist = validate_twist_args(args)
+    train = train_config_from_args(args)
+    data_meta, batches_factory, vocab = _data_for_training(args)
+    central = None
+    if args.load:
+        from .model_io import load_central
+
+        central, _, meta = load_central(args.load)
+        model = central.config
+        if vocab is not None and vocab != model.vocab_size:
+            raise ConfigError(f"{args.load} has vocabulary {model.vocab_size}, the data {vocab}: wrong tokenizer?")
+    else:
+        model = model_config_from_args(args, vocab)
+    twist.check_against_model(model)
+    init_distributed()
+    try:
+        groups = build_twist_groups(twist)
+        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))))
+        from .training.twist_trainer import TwistTrainer
+
+        batches = batches_factory(model, train, twist)
+        trainer = TwistTrainer(model, twist, train, groups, batches, central=central, log=_log)
+        records = []
+        result = trainer.run(on_round_end=records.append)
+        if groups.is_logging_rank:
+            if args.save:
+                from .model_io import save_central
+
+                save_central(args.save, result.central, twist, train, data=data_meta)
+                _log(f"[twist] saved central model to {args.save}")
+            if args.metrics_file:
+                _write_json(args.metrics_file, {
+                    "rounds": [r.__dict__ for r in records],
+                    "loss_curve": result.loss_curve(),
+                    "model": model.to_dict(), "twist": twist.to_dict(), "train": train.to_dict(),
+                    "world_size": groups.world_size,
+                })
+    finally:
+        shutdown()
+    return 0
+
+
+def _data_for_training(args):
+    """Validate the data source before any process group exists; return a lazy batch factory."""
+    from .training.batches import MegatronBatches, SyntheticBatches
+
+    if args.mock_data:
+        vocab = args.vocab_size or 512
+        return {"mock": True}, (lambda m, t, tw: SyntheticBatches(m.vocab_size, m.seq_length, t.micro_batch_size,
+                                                                  seed=t.seed)), vocab
+    if not args.data_path:
+        raise ConfigError("no data: pass --data-path DIR (from `twist prepare-data --output DIR`) or --mock-data")
+    from .data import build_gpt_dataset, load_manifest
+
+    manifest = load_manifest(args.data_path)
+
+    def factory(model, train, twist):
+        num_samples = train.train_iters * twist.num_subnets * train.micro_batch_size
+        dataset = build_gpt_dataset(args.data_path, model.seq_length, num_samples, seed=train.seed)
+        return MegatronBatches(dataset, train.micro_batch_size)
+
+    data_meta = {"path": str(Path(args.data_path).resolve()), "tokenizer_sha256": manifest.tokenizer_sha256,
+                 "vocab_size": manifest.vocab_size}
+    return data_meta, factory, manifest.vocab_size
+
+
+def _write_json(path: str, obj) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+# -------------------------------------------------------------------- extract
+def cmd_extract(args) -> int:
+    from .distributed.runtime import init_distributed, init_model_parallel, shutdown
+    from .model.gpt import count_parameters
+    from .model_io import load_central, save_extracted
+    from .twist.extraction import cut_model, select_plan
+
+    init_distributed()
+    try:
+        init_model_parallel()
+        central, twist, meta = load_central(args.load)
+        keep = args.keep_ratio if args.keep_ratio is not None else twist.keep_ratio
+        plan = select_plan(central.config, twist, central.params, keep, args.method)
+        module, sizes = cut_model(central.config, twist, central.params, plan)
+        save_extracted(args.save, module, central.config, twist, plan, keep, args.method,
+                       source={"checkpoint": str(Path(args.load).resolve()), "step": meta["step"],
+                               "data": meta.get("data", {})})
+        full, cut = count_parameters(central.module), count_parameters(module)
+        _log(f"[extract] keep ratio {keep} ({args.method}): {full:,} -> {cut:,} parameters "
+             f"({cut / full:.3f}x); layer sizes {[(s.num_attention_heads, s.ffn_hidden_size) for s in sizes]}; "
+             f"saved to {args.save}")
+    finally:
+        shutdown()
+    return 0
+
+
+# ----------------------------------------------------------------------- eval
+def cmd_eval(args) -> int:
+    from .distributed.runtime import init_distributed, init_model_parallel, shutdown
+    from .evaluation import perplexity
+    from .model_io import load_model
+
+    init_distributed()
+    try:
+        init_model_parallel()
+        module, meta = load_model(args.load)
+        tokens, seq_length, data_info = _eval_tokens(args, meta)
+        t0 = time.perf_counter()
+        result = perplexity(module, tokens, seq_length, batch_size=args.batch_size, max_tokens=args.max_tokens)
+        result.update(kind=meta["kind"], keep_ratio=meta.get("keep_ratio", 1.0), checkpoint=args.load,
+                      seconds=round(time.perf_counter() - t0, 2), **data_info)
+        print(json.dumps(result), flush=True)
+    finally:
+        shutdown()
+    return 0
+
+
+def _eval_tokens(args, meta):
+    import torch
+
+    seq_length = meta["model"]["seq_length"]
+    if args.mock_data:
+        from .training.batches import SyntheticBatches
+
+        src = SyntheticBatches(meta["model"]["vocab_size"], seq_length, 16, seed=args.seed + 1)
+        toks = torch.cat([src.get(i, 0, 1)["tokens"].flatten() for i in range(4)])
+        return toks, seq_length, {"data": "mock"}
+    if not args.data_path:
+        raise ConfigError("no data: pass --data-path DIR (from `twist prepare-data`) or --mock-data")
+    from .data import load_manifest, load_token_stream
+
+    manifest = load_manifest(args.data_path)
+    trained_with = meta.get("data", {}).get("tokenizer_sha256")
+    if trained_with and trained_with != manifest.tokenizer_sha256:
+        raise ConfigError(
+            f"{args.data_path} was tokenized with a different tokenizer than the model was trained with; "
+            "evaluate on data prepared with the model's tokenizer (`twist prepare-data --tokenizer-model`)"
+        )
+    if manifest.vocab_size > meta["model"]["vocab_size"]:
+        raise ConfigError(f"the data's vocabulary ({manifest.vocab_size}) is larger than the model's "
+                          f"({meta['model']['vocab_size']}): wrong tokenizer")
+    return load_token_stream(args.data_path, args.split), seq_length, {"split": args.split}
+
+
+# ----------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="twist", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("prepare-data", help="tokenizer + Megatron indexed dataset from a corpus")
+    d.add_argument("--output", required=True, help="directory to write")
+    d.add_argument("--input", nargs="+", default=None,
+                   help="text / JSON-lines files or directories (default: the Python standard library)")
+    d.add_argument("--json-field", default="text", help="field of JSON-lines records holding the text")
+    d.add_argument("--vocab-size", type=int, default=4096, help="vocabulary of the tokenizer to train")
+    d.add_argument("--tokenizer-model", default=None, help="use this sentencepiece model instead of training one")
+    d.add_argument("--valid-fraction", type=float, default=0.1, help="share of --input documents held out")
+    d.add_argument("--max-bytes", type=int, default=None, help="cap on the standard-library training text")
+    d.set_defaults(func=cmd_prepare_data)
+
+    t = sub.add_parser("train", help="train with TwIST (run under torchrun for one subnet group per rank)")
+    add_model_args(t)
+    add_training_args(t)
+    add_twist_args(t)
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("extract", help="cut a dense smaller model from a central checkpoint")
+    e.add_argument("--load", required=True, help="central checkpoint (from `twist train --save`)")
+    e.add_argument("--save", required=True, help="directory for the cut-out model")
+    e.add_argument("--keep-ratio", type=float, default=None, help="default: the training keep ratio")
+    e.add_argument("--method", default="magnitude", help="'magnitude' (default) or 'random:SEED'")
+    e.set_defaults(func=cmd_extract)
+
+    v = sub.add_parser("eval", help="held-out perplexity of a central or cut-out model (last line: JSON)")
+    v.add_argument("--load", required=True, help="model checkpoint directory")
+    v.add_argument("--data-path", default=None)
+    v.add_argument("--mock-data", action="store_true")
+    v.add_argument("--split", default="valid", choices=("train", "valid"))
+    v.add_argument("--max-tokens", type=int, default=None, help="evaluate at most this many tokens")
+    v.add_argument("--batch-size", type=int, default=8)
+    v.add_argument("--seed", type=int, default=1234)
+    v.set_defaults(func=cmd_eval)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    import warnings
+
+    # Megatron-core announces at import that optional CUDA libraries are absent; not actionable here.
+    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|full scope is deprecated).*")
+    args = build_parser().parse_args(argv)
+    from .checkpointing import CheckpointError
+
+    try:
+        from .data.errors import DataError
+    except ImportError:  # pragma: no cover
+        DataError = ConfigError
+    try:
+        return args.func(args)
+    except (ConfigError, CheckpointError, DataError) as e:
+        print(f"twist {args.command}: error: {e}", file=sys.stderr, flush=True)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,262 @@
+"""Configuration objects, one per concern.
+
+* :class:`ModelConfig`  - the architecture of the central (full) model.
+* :class:`TwistConfig`  - the TwIST method: keep ratio, subnets, rounds, units.
+* :class:`TrainConfig`  - optimisation, data and logging of a training run.
+
+Each validates itself on construction so a bad value is refused before any
+process group is created or any weight is allocated. Errors name the fix.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Optional, Tuple
+
+MODEL_FAMILIES = ("llama", "gpt2")
+SPLIT_UNITS = ("heads", "mlp", "both")
+CORRECTIONS = ("rescale", "none")
+OPTIMIZER_STATE_POLICIES = ("aggregate", "reset")
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Sizes of the central model. Subnets derive their (smaller) sizes from it.
+
+    ``family='llama'``: RMSNorm, SwiGLU MLP, rotary positions, grouped-query
+    attention, untied output layer, no biases.
+    ``family='gpt2'``: LayerNorm, GELU MLP, learned absolute positions,
+    multi-head attention with biases, tied embeddings.
+    """
+
+    family: str = "llama"
+    num_layers: int = 4
+    hidden_size: int = 256
+    num_attention_heads: int = 8
+    num_query_groups: Optional[int] = None  # None: multi-head attention (one group per head)
+    ffn_hidden_size: int = 704
+    vocab_size: int = 4096
+    seq_length: int = 256
+    init_method_std: float = 0.02
+    norm_epsilon: float = 1e-5
+    rotary_base: int = 10000
+
+    def __post_init__(self):
+        if self.family not in MODEL_FAMILIES:
+            raise ConfigError(f"model family {self.family!r} is unknown; use one of {MODEL_FAMILIES}")
+        if self.num_query_groups is None:
+            object.__setattr__(self, "num_query_groups", self.num_attention_heads)
+        for name in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "vocab_size", "seq_length"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(
+                f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
+                f"{self.num_attention_heads}; choose a head count that divides it"
+            )
+        if self.num_attention_heads % self.num_query_groups:
+            raise ConfigError(
+                f"num_attention_heads {self.num_attention_heads} is not a multiple of "
+                f"num_query_groups {self.num_query_groups}; grouped-query attention needs whole groups"
+            )
+        if self.family == "gpt2" and self.num_query_groups != self.num_attention_heads:
+            raise ConfigError("the gpt2 family uses multi-head attention: leave num_query_groups unset")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def heads_per_group(self) -> int:
+        return self.num_attention_heads // self.num_query_groups
+
+    @property
+    def gated_mlp(self) -> bool:
+        return self.family == "llama"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"unknown model config keys {sorted(unknown)}; is this a megatron-twist checkpoint?")
+        return cls(**d)
+
+
+# Named sizes: 'tiny' is what the tests run; 'small' is the README's main job.
+MODEL_PRESETS = {
+    "tiny": dict(family="llama", num_layers=2, hidden_size=64, num_attention_heads=4,
+                 num_query_groups=2, ffn_hidden_size=128, vocab_size=512, seq_length=64),
+    "tiny-gpt2": dict(family="gpt2", num_layers=2, hidden_size=64, num_attention_heads=4,
+                      ffn_hidden_size=256, vocab_size=512, seq_length=64),
+    "small": dict(family="llama", num_layers=4, hidden_size=256, num_attention_heads=8,
+                  num_query_groups=4, ffn_hidden_size=704, vocab_size=4096, seq_length=256),
+    "small-gpt2": dict(family="gpt2", num_layers=4, hidden_size=256, num_attention_heads=8,
+                       ffn_hidden_size=1024, vocab_size=4096, seq_length=256),
+}
+
+
+@dataclass(frozen=True)
+class TwistConfig:
+    """The TwIST method.
+
+    keep_ratio:        kappa, the fraction of heads and MLP neurons each subnet keeps.
+    num_subnets:       subnets trained independently between aggregations.
+    local_steps:       optimizer steps each subnet takes between aggregations (a round).
+    seed:              with the round number, fixes every subnet's units on every rank.
+    split:             which units are split: 'heads', 'mlp' or 'both'.
+    whole_layers:      layer indices (negative counts from the end) kept whole and shared.
+    coverage:          deal units so that every unit is in some subnet each round
+                       (needs num_subnets * keep_ratio >= 1).
+    correction:        activation-shift correction, see docs/ARCHITECTURE.md:
+                       'rescale' scales the summed head/neuron outputs of a subnet by
+                       1/kappa while training and at extraction; 'none' does nothing.
+    optimizer_state:   'aggregate' slices Adam moments with the weights and averages them
+                       back like the weights; 'reset' starts every round from zero moments.
+    """
+
+    keep_ratio: float = 0.5
+    num_subnets: int = 2
+    local_steps: int = 15
+    seed: int = 1234
+    split: str = "both"
+    whole_layers: Tuple[int, ...] = ()
+    coverage: bool = True
+    correction: str = "rescale"
+    optimizer_state: str = "aggregate"
+
+    def __post_init__(self):
+        object.__setattr__(self, "whole_layers", tuple(int(i) for i in self.whole_layers))
+        if not (0.0 < self.keep_ratio <= 1.0):
+            raise ConfigError(f"--keep-ratio must lie in (0, 1], got {self.keep_ratio}")
+        if self.num_subnets < 1:
+            raise ConfigError(f"--num-subnets must be at least 1, got {self.num_subnets}")
+        if self.local_steps < 1:
+            raise ConfigError(f"--local-steps must be at least 1 (steps per round), got {self.local_steps}")
+        if self.split not in SPLIT_UNITS:
+            raise ConfigError(f"--twist-split must be one of {SPLIT_UNITS}, got {self.split!r}")
+        if self.correction not in CORRECTIONS:
+            raise ConfigError(f"--activation-correction must be one of {CORRECTIONS}, got {self.correction!r}")
+        if self.optimizer_state not in OPTIMIZER_STATE_POLICIES:
+            raise ConfigError(
+                f"--optimizer-state must be one of {OPTIMIZER_STATE_POLICIES}, got {self.optimizer_state!r}"
+            )
+        if self.coverage and self.num_subnets * self.keep_ratio < 1.0 - 1e-9:
+            raise ConfigError(
+                f"coverage needs num_subnets x keep_ratio >= 1, got {self.num_subnets} x {self.keep_ratio} = "
+                f"{self.num_subnets * self.keep_ratio:g}; raise --num-subnets to at least "
+                f"{int(-(-1 // self.keep_ratio))} or pass --no-coverage"
+            )
+
+    @property
+    def splits_heads(self) -> bool:
+        return self.split in ("heads", "both")
+
+    @property
+    def splits_mlp(self) -> bool:
+        return self.split in ("mlp", "both")
+
+    def whole_layer_set(self, num_layers: int) -> frozenset:
+        out = set()
+        for i in self.whole_layers:
+            j = i + num_layers if i < 0 else i
+            if not 0 <= j < num_layers:
+                raise ConfigError(f"--whole-layers index {i} is outside a {num_layers}-layer model")
+            out.add(j)
+        return frozenset(out)
+
+    def check_against_model(self, model: ModelConfig, tensor_parallel_size: int = 1) -> None:
+        """Refuse a keep ratio that does not give whole units on every shard/group."""
+        tp = tensor_parallel_size
+        if model.num_query_groups % tp:
+            raise ConfigError(
+                f"num_query_groups {model.num_query_groups} does not divide over tensor parallel size {tp}; "
+                f"use a tensor parallel size that divides it"
+            )
+        if model.num_attention_heads % tp:
+            raise ConfigError(
+                f"num_attention_heads {model.num_attention_heads} does not divide over tensor parallel size {tp}"
+            )
+        if model.ffn_hidden_size % tp:
+            raise ConfigError(f"ffn_hidden_size {model.ffn_hidden_size} does not divide over tensor parallel size {tp}")
+        if self.splits_heads:
+            bucket, what = _head_bucket(model, tp)
+            kept = bucket * self.keep_ratio
+            if abs(kept - round(kept)) > 1e-9 or round(kept) < 1:
+                raise ConfigError(
+                    f"keep_ratio {self.keep_ratio} x {bucket} heads per {what} = {kept:g} is not a whole, "
+                    f"positive number of heads; choose a keep ratio that is a multiple of 1/{bucket}"
+                )
+        if self.splits_mlp:
+            per_shard = model.ffn_hidden_size // tp
+            kept = per_shard * self.keep_ratio
+            if abs(kept - round(kept)) > 1e-9 or round(kept) < 1:
+                raise ConfigError(
+                    f"keep_ratio {self.keep_ratio} x {per_shard} MLP neurons per tensor-parallel shard = {kept:g} "
+                    f"is not whole; choose an ffn_hidden_size or keep ratio that gives whole neurons"
+                )
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["whole_layers"] = list(self.whole_layers)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TwistConfig":
+        return cls(**d)
+
+
+def _head_bucket(model: ModelConfig, tp: int) -> Tuple[int, str]:
+    """The group inside which query heads are sampled with a fixed quota.
+
+    With grouped-query attention every KV group is kept and query heads are
+    sampled inside each group (equal quota per group keeps TP shards balanced
+    and the result a valid GQA config). With multi-head attention a head owns
+    its K/V, so heads are sampled with a fixed quota per tensor-parallel shard.
+    """
+    if model.heads_per_group > 1:
+        return model.heads_per_group, "key-value group"
+    return model.num_attention_heads // tp, "tensor-parallel shard"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation, data and bookkeeping of one training run."""
+
+    data_prefix: Optional[str] = None  # output prefix of `twist prepare-data`
+    train_iters: int = 300  # optimizer steps of every subnet (global steps)
+    micro_batch_size: int = 8
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    lr_warmup_iters: int = 20
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    clip_grad: float = 1.0
+    log_interval: int = 10
+    save: Optional[str] = None
+    eval_iters: int = 20
+    seed: int = 1234
+
+    def __post_init__(self):
+        if self.train_iters < 1:
+            raise ConfigError(f"--train-iters must be at least 1, got {self.train_iters}")
+        if self.micro_batch_size < 1:
+            raise ConfigError(f"--micro-batch-size must be at least 1, got {self.micro_batch_size}")
+        if self.lr <= 0:
+            raise ConfigError(f"--lr must be positive, got {self.lr}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def dump_configs(**configs) -> str:
+    return json.dumps({k: v.to_dict() for k, v in configs.items()}, indent=2, sort_keys=True)

@@ -1,0 +1,104 @@
+"""Saving and loading TwIST models with their configs (central and cut-out).
+
+Builds on checkpointing.py (format, atomicity, verification) and adds what a
+model is: its ModelConfig, TwIST config, per-layer sizes and, for a cut-out
+model, which central units it kept. Loading rebuilds the exact Megatron-core
+GPTModel and refuses weights that do not fit it.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Tuple
+
+import torch
+
+from .checkpointing import CheckpointError, load_checkpoint, save_checkpoint
+from .config import ConfigError, ModelConfig, TrainConfig, TwistConfig
+from .model.gpt import LayerSize, build_gpt_model, full_layer_sizes
+from .twist.central import CentralModel
+from .twist.extraction import load_named_parameters
+from .twist.sampler import LayerUnits, SubnetPlan
+from .training.optim import ADAM_MOMENTS
+
+
+def _plan_to_json(plan: SubnetPlan) -> list:
+    return [{"heads": list(lu.heads), "neurons": list(lu.neurons)} for lu in plan.layers]
+
+
+def plan_from_json(layers: list) -> SubnetPlan:
+    return SubnetPlan(tuple(LayerUnits(tuple(d["heads"]), tuple(d["neurons"])) for d in layers))
+
+
+def save_central(path: str, central: CentralModel, twist: TwistConfig, train: TrainConfig,
+                 data: Optional[dict] = None) -> None:
+    meta = {
+        "kind": "central",
+        "model": central.config.to_dict(),
+        "twist": twist.to_dict(),
+        "train": train.to_dict(),
+        "step": central.step,
+        "round": central.round,
+        "layer_sizes": [dataclasses.asdict(s) for s in full_layer_sizes(central.config)],
+        "data": data or {},
+    }
+    tensors = {"model": dict(central.params)}
+    tensors["optimizer"] = {f"{m}/{n}": t for m in ADAM_MOMENTS for n, t in central.moments[m].items()}
+    save_checkpoint(path, meta, tensors)
+
+
+def load_central(path: str) -> Tuple[CentralModel, TwistConfig, dict]:
+    meta, tensors = load_checkpoint(path, kind="central")
+    model = _model_config(meta, path)
+    central = CentralModel(model, build_gpt_model(model))
+    _load_weights(central.module, tensors["model"], path)
+    for m in ADAM_MOMENTS:
+        for n in central.moments[m]:
+            key = f"{m}/{n}"
+            if key not in tensors.get("optimizer", {}):
+                raise CheckpointError(f"{path}: optimizer state {key} is missing")
+            central.moments[m][n].copy_(tensors["optimizer"][key])
+    central.step, central.round = int(meta["step"]), int(meta["round"])
+    return central, TwistConfig.from_dict(meta["twist"]), meta
+
+
+def save_extracted(path: str, module: torch.nn.Module, model: ModelConfig, twist: TwistConfig, plan: SubnetPlan,
+                   keep_ratio: float, method: str, source: dict) -> None:
+    meta = {
+        "kind": "extracted",
+        "model": model.to_dict(),
+        "twist": twist.to_dict(),
+        "keep_ratio": keep_ratio,
+        "method": method,
+        "layer_sizes": [dataclasses.asdict(s) for s in plan.layer_sizes(model)],
+        "plan": _plan_to_json(plan),
+        "source": source,
+        "data": source.get("data", {}),
+    }
+    save_checkpoint(path, meta, {"model": dict(module.named_parameters())})
+
+
+def load_model(path: str) -> Tuple[torch.nn.Module, dict]:
+    """Any megatron-twist model checkpoint (central or cut-out) as a ready GPTModel."""
+    meta, tensors = load_checkpoint(path)
+    model = _model_config(meta, path)
+    try:
+        sizes = [LayerSize(**d) for d in meta["layer_sizes"]]
+    except (KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}/meta.json has no valid layer_sizes ({e})") from None
+    module = build_gpt_model(model, sizes)
+    _load_weights(module, tensors["model"], path)
+    return module, meta
+
+
+def _model_config(meta: dict, path: str) -> ModelConfig:
+    try:
+        return ModelConfig.from_dict(meta["model"])
+    except (KeyError, TypeError, ConfigError) as e:
+        raise CheckpointError(f"{path}/meta.json has no valid model config ({e})") from None
+
+
+def _load_weights(module: torch.nn.Module, tensors: dict, path: str) -> None:
+    try:
+        load_named_parameters(module, tensors)
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: {e}") from None

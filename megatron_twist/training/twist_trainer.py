@@ -1,0 +1,169 @@
+"""The TwIST loop: sample -> refill -> local steps -> aggregate, round after round.
+
+Control flow of one round r (docs/ARCHITECTURE.md has the picture):
+1. every rank draws the plans of ALL subnets for round r (no communication);
+2. for each subnet s this rank owns: refill the materialized worker from the
+   central model, take ``local_steps`` optimizer steps on subnet s's data,
+   scatter-add its weights (and moments) into the aggregation buffer;
+3. one all-reduce of the buffer over the aggregation group;
+4. every rank writes the per-unit averages into its central copy.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from ..config import ModelConfig, TrainConfig, TwistConfig
+from ..cpu_shim import seed_everything
+from ..distributed.runtime import TwistGroups
+from ..model.gpt import build_gpt_model, count_parameters
+from ..training.optim import ADAM_MOMENTS
+from ..twist.aggregation import RoundAggregator
+from ..twist.central import CentralModel
+from ..twist.sampler import SubnetSampler
+from ..twist.worker import SubnetWorker
+from .batches import BatchSource
+
+
+@dataclass
+class RoundRecord:
+    round: int
+    first_step: int
+    steps: int
+    losses: List[List[float]]  # [subnet][local step], complete on every rank
+    seconds: float
+    tokens: int
+    aggregation_bytes: int
+
+    def mean_loss(self) -> float:
+        flat = [x for row in self.losses for x in row]
+        return sum(flat) / len(flat)
+
+
+@dataclass
+class TrainResult:
+    central: CentralModel
+    rounds: List[RoundRecord] = field(default_factory=list)
+
+    def loss_curve(self) -> List[float]:
+        """Mean loss over subnets at each global step."""
+        out = []
+        for r in self.rounds:
+            for t in range(r.steps):
+                out.append(sum(row[t] for row in r.losses) / len(r.losses))
+        return out
+
+
+def build_central(model: ModelConfig, seed: int) -> CentralModel:
+    # Same seed on every rank before building: CPU init draws from the default RNG.
+    seed_everything(seed)
+    return CentralModel(model, build_gpt_model(model))
+
+
+class TwistTrainer:
+    def __init__(
+        self,
+        model: ModelConfig,
+        twist: TwistConfig,
+        train: TrainConfig,
+        groups: TwistGroups,
+        batches: BatchSource,
+        central: Optional[CentralModel] = None,
+        log: Callable[[str], None] = print,
+    ):
+        self.model_config, self.twist, self.train, self.groups = model, twist, train, groups
+        self.batches = batches
+        self.log = log if groups.is_logging_rank else (lambda _msg: None)
+        self.local_subnets = groups.local_subnets(twist.num_subnets)
+        self.sampler = SubnetSampler(model, twist)
+        self.central = central if central is not None else build_central(model, train.seed)
+        self.worker = SubnetWorker(model, twist, train, self.sampler.subnet_layer_sizes())
+        fields = ("param",) + (ADAM_MOMENTS if twist.optimizer_state == "aggregate" else ())
+        self.aggregator = RoundAggregator(model, self.central.shapes(), fields)
+        self.fields = fields
+
+    def describe(self) -> str:
+        full = count_parameters(self.central.module)
+        sub = count_parameters(self.worker.module)
+        return (
+            f"[twist] central {full:,} params | subnet {sub:,} params ({sub / full:.2f}x) | "
+            f"{self.twist.num_subnets} subnets, kappa {self.twist.keep_ratio}, {self.twist.local_steps} local steps | "
+            f"rank {self.groups.rank}/{self.groups.world_size} trains subnets {list(self.local_subnets)} | "
+            f"aggregation payload {self.aggregator.payload_bytes() / 2**20:.1f} MiB per round"
+        )
+
+    def run_round(self) -> RoundRecord:
+        central, twist = self.central, self.twist
+        first = central.step
+        steps = min(twist.local_steps, self.train.train_iters - first)
+        plans = self.sampler.sample(central.round)
+        self.aggregator.begin_round(plans)
+        losses = torch.zeros(twist.num_subnets, steps, dtype=torch.float64)
+        t0 = time.perf_counter()
+        for s in self.local_subnets:
+            self.worker.load(central, plans[s])
+            for t in range(steps):
+                batch = self.batches.get(first + t, s, twist.num_subnets)
+                losses[s, t] = self.worker.step(batch, first + t)
+                if not math.isfinite(losses[s, t].item()):
+                    raise FloatingPointError(f"subnet {s} loss is {losses[s, t].item()} at step {first + t}")
+            self.aggregator.add_subnet(plans[s], self.worker.contribution())
+        before = self.aggregator.bytes_reduced
+        self.aggregator.all_reduce(self.groups.aggregation_group)
+        for field_name in self.fields:
+            target = central.params if field_name == "param" else central.moments[field_name]
+            self.aggregator.write_average(field_name, target)
+        if self.groups.world_size > 1:
+            # Each rank filled in only its own subnets' losses; a sum completes the table.
+            dist.all_reduce(losses, group=self.groups.aggregation_group)
+        central.step += steps
+        central.round += 1
+        seconds = time.perf_counter() - t0
+        tokens = steps * twist.num_subnets * self.train.micro_batch_size * self.model_config.seq_length
+        return RoundRecord(
+            central.round - 1, first, steps, losses.tolist(), seconds, tokens, self.aggregator.bytes_reduced - before
+        )
+
+    def run(self, on_round_end: Optional[Callable[[RoundRecord], None]] = None) -> TrainResult:
+        result = TrainResult(self.central)
+        self.log(self.describe())
+        total_rounds = math.ceil(self.train.train_iters / self.twist.local_steps)
+        start = time.perf_counter()
+        while self.central.step < self.train.train_iters:
+            rec = self.run_round()
+            result.rounds.append(rec)
+            if on_round_end is not None:
+                on_round_end(rec)
+            if (rec.round + 1) % max(1, self.train.log_interval // self.twist.local_steps) == 0 or \
+                    self.central.step >= self.train.train_iters:
+                per_subnet = " ".join(f"{sum(r) / len(r):.3f}" for r in rec.losses)
+                self.log(
+                    f"[twist] round {rec.round + 1}/{total_rounds} step {self.central.step}/{self.train.train_iters} "
+                    f"| loss {rec.mean_loss():.4f} (subnets {per_subnet}) "
+                    f"| lr {self.worker.optimizer.param_groups[0]['lr']:.2e} "
+                    f"| {rec.tokens / rec.seconds:,.0f} tok/s | agg {rec.aggregation_bytes / 2**20:.1f} MiB "
+                    f"| {time.perf_counter() - start:.0f}s"
+                )
+        return result
+
+
+def train_dense(model: ModelConfig, train: TrainConfig, batches: BatchSource, log: Callable[[str], None] = print):
+    """Plain training of the full model on slot 0 of 1 (the reference TwIST is compared with)."""
+    from ..training.optim import build_optimizer, build_scheduler
+    from ..training.step import train_step
+
+    central = build_central(model, train.seed)
+    optimizer = build_optimizer(central.module, train)
+    scheduler = build_scheduler(optimizer, train)
+    losses = []
+    for step in range(train.train_iters):
+        losses.append(train_step(central.module, optimizer, scheduler, batches.get(step, 0, 1), step, train.clip_grad))
+        if (step + 1) % train.log_interval == 0:
+            log(f"[dense] step {step + 1}/{train.train_iters} | loss {losses[-1]:.4f}")
+    central.step = train.train_iters
+    return central, losses

@@ -1,0 +1,61 @@
+"""A materialized subnet: a physically smaller Megatron-core GPTModel.
+
+Built once per rank (every subnet of every round has the same sizes, see
+sampler.py), then at each round refilled from the central model: weights,
+and Adam moments according to the optimizer-state policy. A rank that trains
+several subnets in turn reuses the same model and optimizer.
+"""
+from __future__ import annotations
+
+from typing import Dict
+
+import torch
+
+from ..config import ModelConfig, TrainConfig, TwistConfig
+from ..model.gpt import build_gpt_model
+from ..training.optim import ADAM_MOMENTS, build_optimizer, build_scheduler, read_adam_state, write_adam_state
+from ..training.step import train_step
+from .central import CentralModel
+from .hooks import attach_correction, correction_scales, remove_hooks
+from .sampler import SubnetPlan
+from .slicing import slice_for, take
+
+
+class SubnetWorker:
+    def __init__(self, model: ModelConfig, twist: TwistConfig, train: TrainConfig, layer_sizes):
+        self.model_config = model
+        self.twist = twist
+        self.train = train
+        self.module = build_gpt_model(model, layer_sizes)
+        self.optimizer = build_optimizer(self.module, train)
+        self.scheduler = build_scheduler(self.optimizer, train)
+        self.plan: SubnetPlan = None
+        self._hooks: list = []
+
+    @torch.no_grad()
+    def load(self, central: CentralModel, plan: SubnetPlan) -> None:
+        """Refill weights (and moments) from the central model for ``plan``."""
+        self.plan = plan
+        moments = {m: {} for m in ADAM_MOMENTS}
+        for name, p in self.module.named_parameters():
+            spec = slice_for(self.model_config, name, plan)
+            p.copy_(take(central.params[name], spec))
+            for m in ADAM_MOMENTS:
+                if self.twist.optimizer_state == "aggregate":
+                    moments[m][name] = take(central.moments[m][name], spec)
+                else:  # 'reset': every round starts from fresh moments
+                    moments[m][name] = torch.zeros_like(p, dtype=torch.float32)
+        step = central.step if self.twist.optimizer_state == "aggregate" else 0
+        write_adam_state(self.optimizer, self.module, moments, step)
+        remove_hooks(self._hooks)
+        self._hooks = attach_correction(self.module, correction_scales(self.model_config, self.twist, plan))
+
+    def step(self, batch: Dict[str, torch.Tensor], global_step: int) -> float:
+        return train_step(self.module, self.optimizer, self.scheduler, batch, global_step, self.train.clip_grad)
+
+    def contribution(self) -> Dict[str, Dict[str, torch.Tensor]]:
+        """What this subnet hands to aggregation: weights, and moments if they are aggregated."""
+        out = {"param": dict(self.module.named_parameters())}
+        if self.twist.optimizer_state == "aggregate":
+            out.update(read_adam_state(self.optimizer, self.module))
+        return out
