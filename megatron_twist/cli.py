@@ -66,10 +66,7 @@ def _as_dict(obj):
 
 # ---------------------------------------------------------------------- train
 def cmd_train(args) -> int:
-    import torch
-
-    from .distributed.runtime import build_twist_groups, init_distributed, shutdown
-
+    # Everything the user typed is validated first; Megatron (seconds to import) comes after.
     twist = validate_twist_args(args)
     train = train_config_from_args(args)
     data_meta, batches_factory, vocab = _data_for_training(args)
@@ -84,6 +81,11 @@ def cmd_train(args) -> int:
     else:
         model = model_config_from_args(args, vocab)
     twist.check_against_model(model)
+
+    import torch
+
+    from .distributed.runtime import build_twist_groups, init_distributed, shutdown
+
     init_distributed()
     try:
         groups = build_twist_groups(twist)
@@ -114,12 +116,13 @@ def cmd_train(args) -> int:
 
 def _data_for_training(args):
     """Validate the data source before any process group exists; return a lazy batch factory."""
-    from .training.batches import MegatronBatches, SyntheticBatches
-
     if args.mock_data:
-        vocab = args.vocab_size or 512
-        return {"mock": True}, (lambda m, t, tw: SyntheticBatches(m.vocab_size, m.seq_length, t.micro_batch_size,
-                                                                  seed=t.seed)), vocab
+        def mock_factory(model, train, twist):
+            from .training.batches import SyntheticBatches
+
+            return SyntheticBatches(model.vocab_size, model.seq_length, train.micro_batch_size, seed=train.seed)
+
+        return {"mock": True}, mock_factory, args.vocab_size or 512
     if not args.data_path:
         raise ConfigError("no data: pass --data-path DIR (from `twist prepare-data --output DIR`) or --mock-data")
     from .data import build_gpt_dataset, load_manifest
@@ -127,6 +130,8 @@ def _data_for_training(args):
     manifest = load_manifest(args.data_path)
 
     def factory(model, train, twist):
+        from .training.batches import MegatronBatches
+
         num_samples = train.train_iters * twist.num_subnets * train.micro_batch_size
         dataset = build_gpt_dataset(args.data_path, model.seq_length, num_samples, seed=train.seed)
         return MegatronBatches(dataset, train.micro_batch_size)

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Sets up .venv (scripts/setup_env.sh) and runs the whole test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup_env.sh
+# shellcheck disable=SC1091
+. .venv/bin/activate
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} GLOO_SOCKET_IFNAME=${GLOO_SOCKET_IFNAME:-lo} DS_ACCELERATOR=cpu
+exec python -m pytest -q --durations=15 "$@"

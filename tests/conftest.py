@@ -1,0 +1,70 @@
+"""Fixtures shared by the whole suite.
+
+* ``mcore``: an in-process, single-rank gloo group with Megatron's parallel_state
+  initialised (an in-memory store: nothing listens on a port). Session-wide,
+  because parallel_state is process-global.
+* ``run_torchrun``: launches a real multi-process job with torchrun on 127.0.0.1
+  and a free port, with a timeout, and returns the completed process.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def mcore():
+    from megatron_twist.distributed.runtime import init_distributed, init_model_parallel, shutdown
+
+    init_distributed()
+    init_model_parallel(seed=1234)
+    yield
+    shutdown()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def subprocess_env() -> dict:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", MASTER_ADDR="127.0.0.1", PYTHONUNBUFFERED="1")
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+@pytest.fixture
+def run_torchrun():
+    def run(nproc: int, args, timeout: float = 240, cwd=None) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+               "--master_addr=127.0.0.1", f"--master_port={free_port()}", *map(str, args)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=subprocess_env(),
+                              cwd=cwd or REPO)
+        assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+        return proc
+
+    return run
+
+
+@pytest.fixture
+def run_twist():
+    """The `twist` command in a fresh process (so each run owns its process group)."""
+
+    def run(args, timeout: float = 240, check: bool = True) -> subprocess.CompletedProcess:
+        proc = subprocess.run([sys.executable, "-m", "megatron_twist", *map(str, args)], capture_output=True,
+                              text=True, timeout=timeout, env=subprocess_env(), cwd=REPO)
+        if check:
+            assert proc.returncode == 0, f"twist {args[0]} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+        return proc
+
+    return run
