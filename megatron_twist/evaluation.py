@@ -21,7 +21,7 @@ from .model.gpt import count_parameters, gpt_forward
 def perplexity(model, tokens: torch.Tensor, seq_length: int, batch_size: int = 8,
                max_tokens: Optional[int] = None) -> dict:
     model.eval()
-    tokens = tokens.long().flatten()
+    tokens = tokens.long().flatten().to(next(model.parameters()).device)
     if max_tokens is not None:
         tokens = tokens[: max_tokens + 1]
     n_windows = (len(tokens) - 1) // seq_length
@@ -33,8 +33,8 @@ def perplexity(model, tokens: torch.Tensor, seq_length: int, batch_size: int = 8
     windows = tokens[: n_windows * seq_length + 1]
     total_nll, total = 0.0, 0
     for start in range(0, n_windows, batch_size):
-        idx = torch.arange(start, min(start + batch_size, n_windows))
-        offsets = idx[:, None] * seq_length + torch.arange(seq_length + 1)[None, :]
+        idx = torch.arange(start, min(start + batch_size, n_windows), device=tokens.device)
+        offsets = idx[:, None] * seq_length + torch.arange(seq_length + 1, device=tokens.device)[None, :]
         chunk = windows[offsets]
         nll = gpt_forward(model, chunk[:, :-1].contiguous(), chunk[:, 1:].contiguous())
         total_nll += nll.double().sum().item()

@@ -18,19 +18,29 @@ Modules, one concern each:
 * :mod:`.dataset`   - Megatron GPTDataset samples and held-out token streams
 * :mod:`.errors`    - :class:`DataError`, raised for every user-fixable problem
 """
-from .corpus import (
-    DEFAULT_TRAIN_MAX_BYTES,
-    DEFAULT_VALID_MAX_BYTES,
-    HELDOUT_MODULES,
-    Document,
-    describe_stdlib,
-    stdlib_documents,
-    text_documents,
-)
-from .dataset import build_gpt_dataset, load_token_stream
+import importlib
+
 from .errors import DataError
-from .prepare import Manifest, SplitStats, check_tokenizer, load_manifest, load_tokenizer, prepare_data
-from .tokenizer import SentencePieceTokenizer, train_sentencepiece
+
+# Names are resolved on first use (PEP 562): `import megatron_twist.data` stays cheap, so a
+# command can validate its input and report a DataError before Megatron (seconds) is imported.
+_EXPORTS = {
+    "DEFAULT_TRAIN_MAX_BYTES": "corpus", "DEFAULT_VALID_MAX_BYTES": "corpus", "HELDOUT_MODULES": "corpus",
+    "Document": "corpus", "describe_stdlib": "corpus", "stdlib_documents": "corpus", "text_documents": "corpus",
+    "build_gpt_dataset": "dataset", "load_token_stream": "dataset",
+    "Manifest": "prepare", "SplitStats": "prepare", "check_tokenizer": "prepare", "load_manifest": "prepare",
+    "load_tokenizer": "prepare", "prepare_data": "prepare",
+    "SentencePieceTokenizer": "tokenizer", "train_sentencepiece": "tokenizer",
+}
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "DEFAULT_TRAIN_MAX_BYTES",

@@ -110,6 +110,13 @@ def transformer_config(
     return PerLayerTransformerConfig(**common, layer_sizes=tuple(sizes))
 
 
+def default_device() -> torch.device:
+    """This rank's CUDA device when there is one (torchrun sets it), else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def build_gpt_model(
     model: ModelConfig,
     layer_sizes: Optional[Sequence[LayerSize]] = None,
@@ -118,12 +125,17 @@ def build_gpt_model(
     pre_process: bool = True,
     post_process: bool = True,
     params_dtype: torch.dtype = torch.float32,
+    device: Optional[torch.device] = None,
 ) -> GPTModel:
-    """Build a Megatron-core GPTModel (local spec). Needs parallel_state initialised."""
+    """Build a Megatron-core GPTModel (local spec) on ``device``. Needs parallel_state initialised.
+
+    Weights are initialised on the CPU (``use_cpu_initialization``: identical on every
+    rank and device for a seed) and then moved.
+    """
     apply_cpu_shim()
     config = transformer_config(model, layer_sizes, tensor_parallel_size, pipeline_parallel_size, params_dtype)
     spec = get_gpt_layer_local_spec(normalization="RMSNorm" if model.family == "llama" else "LayerNorm")
-    return GPTModel(
+    gpt = GPTModel(
         config=config,
         transformer_layer_spec=spec,
         vocab_size=model.vocab_size,
@@ -134,6 +146,7 @@ def build_gpt_model(
         position_embedding_type="rope" if model.family == "llama" else "learned_absolute",
         rotary_base=model.rotary_base,
     )
+    return gpt.to(device if device is not None else default_device())
 
 
 def count_parameters(module: torch.nn.Module) -> int:

@@ -19,6 +19,8 @@ def masked_mean_loss(per_token_loss: torch.Tensor, loss_mask: torch.Tensor) -> t
 
 def train_step(model, optimizer, scheduler, batch: Dict[str, torch.Tensor], global_step: int, clip_grad: float) -> float:
     set_schedule_step(scheduler, global_step)
+    device = next(model.parameters()).device
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
     optimizer.zero_grad(set_to_none=True)
     loss = masked_mean_loss(gpt_forward(model, batch["tokens"], batch["labels"]), batch["loss_mask"])
     loss.backward()

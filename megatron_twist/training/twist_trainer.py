@@ -84,7 +84,8 @@ class TwistTrainer:
         self.central = central if central is not None else build_central(model, train.seed)
         self.worker = SubnetWorker(model, twist, train, self.sampler.subnet_layer_sizes())
         fields = ("param",) + (ADAM_MOMENTS if twist.optimizer_state == "aggregate" else ())
-        self.aggregator = RoundAggregator(model, self.central.shapes(), fields)
+        self.device = next(self.central.module.parameters()).device
+        self.aggregator = RoundAggregator(model, self.central.shapes(), fields, device=self.device)
         self.fields = fields
 
     def describe(self) -> str:
@@ -103,15 +104,17 @@ class TwistTrainer:
         steps = min(twist.local_steps, self.train.train_iters - first)
         plans = self.sampler.sample(central.round)
         self.aggregator.begin_round(plans)
-        losses = torch.zeros(twist.num_subnets, steps, dtype=torch.float64)
+        # on the model's device: NCCL reduces only CUDA tensors
+        losses = torch.zeros(twist.num_subnets, steps, dtype=torch.float64, device=self.device)
         t0 = time.perf_counter()
         for s in self.local_subnets:
             self.worker.load(central, plans[s])
             for t in range(steps):
                 batch = self.batches.get(first + t, s, twist.num_subnets)
-                losses[s, t] = self.worker.step(batch, first + t)
-                if not math.isfinite(losses[s, t].item()):
-                    raise FloatingPointError(f"subnet {s} loss is {losses[s, t].item()} at step {first + t}")
+                loss = self.worker.step(batch, first + t)
+                if not math.isfinite(loss):
+                    raise FloatingPointError(f"subnet {s} loss is {loss} at step {first + t}")
+                losses[s, t] = loss
             self.aggregator.add_subnet(plans[s], self.worker.contribution())
         before = self.aggregator.bytes_reduced
         self.aggregator.all_reduce(self.groups.aggregation_group)

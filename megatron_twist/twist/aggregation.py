@@ -29,12 +29,13 @@ from .slicing import holder_count, put_add, slice_for
 class RoundAggregator:
     """Accumulates subnets' tensors for several fields (weights, Adam moments)."""
 
-    def __init__(self, model: ModelConfig, shapes: Dict[str, torch.Size], fields: Sequence[str]):
+    def __init__(self, model: ModelConfig, shapes: Dict[str, torch.Size], fields: Sequence[str],
+                 device: Optional[torch.device] = None):
         self.model = model
         self.shapes = dict(shapes)
         self.fields = tuple(fields)
         total = sum(s.numel() for s in self.shapes.values()) * len(self.fields)
-        self.flat = torch.zeros(total, dtype=torch.float32)
+        self.flat = torch.zeros(total, dtype=torch.float32, device=device)
         self.views: Dict[tuple, torch.Tensor] = {}
         offset = 0
         for field in self.fields:
@@ -49,7 +50,8 @@ class RoundAggregator:
     def begin_round(self, plans: Sequence[SubnetPlan]) -> None:
         self.flat.zero_()
         self.plans = list(plans)
-        self.counts = {n: holder_count(self.model, n, s, self.plans) for n, s in self.shapes.items()}
+        self.counts = {n: holder_count(self.model, n, s, self.plans).to(self.flat.device)
+                       for n, s in self.shapes.items()}
 
     def add(self, field: str, name: str, plan: SubnetPlan, value: torch.Tensor) -> None:
         put_add(self.views[(field, name)], slice_for(self.model, name, plan), value.detach().float())

@@ -78,7 +78,7 @@ def _top_per_bucket(scores: torch.Tensor, buckets, keep_ratio: float) -> List[in
     kept = []
     for bucket in buckets:
         quota = int(round(len(bucket) * keep_ratio))
-        b = torch.as_tensor(bucket)
+        b = torch.as_tensor(bucket, device=scores.device)
         top = torch.topk(scores[b], quota).indices
         kept.extend(b[top].tolist())
     return sorted(kept)

@@ -39,7 +39,8 @@ def correction_scales(model: ModelConfig, twist: TwistConfig, plan: SubnetPlan) 
 
 def _scale_input_hook(scale):
     def hook(module, args):
-        return (args[0] * scale,) + tuple(args[1:])
+        s = scale.to(args[0].device) if isinstance(scale, torch.Tensor) else scale
+        return (args[0] * s,) + tuple(args[1:])
 
     return hook
 

@@ -85,7 +85,7 @@ def take(central: torch.Tensor, spec: SliceSpec) -> torch.Tensor:
     if spec is None:
         return central.detach().clone()
     dim, index = spec
-    return central.detach().index_select(dim, index)
+    return central.detach().index_select(dim, index.to(central.device))
 
 
 def put_add(target: torch.Tensor, spec: SliceSpec, value: torch.Tensor) -> None:
@@ -94,7 +94,7 @@ def put_add(target: torch.Tensor, spec: SliceSpec, value: torch.Tensor) -> None:
         target.add_(value)
     else:
         dim, index = spec
-        target.index_add_(dim, index, value)
+        target.index_add_(dim, index.to(target.device), value)
 
 
 def holder_count(model: ModelConfig, name: str, shape: torch.Size, plans) -> torch.Tensor:
