@@ -34,11 +34,15 @@ def add_twist_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="comma-separated layer indices kept whole in every subnet (negative: from the end)")
     g.add_argument("--no-coverage", dest="twist_coverage", action="store_false",
                    help="draw each subnet independently instead of dealing every unit to some subnet")
-    g.add_argument("--activation-correction", choices=CORRECTIONS, default="rescale",
-                   help="'rescale': scale a subnet's summed unit outputs by 1/kappa (folded in at extraction)")
+    g.add_argument("--activation-correction", choices=CORRECTIONS, default="none",
+                   help="'rescale': scale a subnet's summed unit outputs by 1/kappa (folded in at extraction); "
+                        "'none' (default; measured better, docs/RESULTS.md)")
     g.add_argument("--optimizer-state", choices=OPTIMIZER_STATE_POLICIES, default="aggregate",
                    help="'aggregate': slice Adam moments with the weights and average them back; "
                         "'reset': fresh moments each round")
+    g.add_argument("--twist-balance-shards", type=int, default=0,
+                   help="draw units with equal quotas from this many blocks (default: the tensor parallel size); "
+                        "keep it fixed to reproduce a run at another tensor parallel size")
     return parser
 
 
@@ -53,6 +57,7 @@ def validate_twist_args(args: argparse.Namespace) -> TwistConfig:
         coverage=args.twist_coverage,
         correction=args.activation_correction,
         optimizer_state=args.optimizer_state,
+        balance_shards=args.twist_balance_shards,
     )
 
 
@@ -102,7 +107,11 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     g.add_argument("--seed", type=int, default=d.seed, help="model initialisation and data order")
     g.add_argument("--save", default=None, help="directory for the central checkpoint at the end")
     g.add_argument("--load", default=None, help="central checkpoint to continue from (same sizes)")
+    g.add_argument("--exit-interval", type=int, default=None,
+                   help="stop after the round that reaches this step (then --save); resume with --load")
     g.add_argument("--metrics-file", default=None, help="JSON file for per-round losses and timings (rank 0)")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     return parser
 
 
@@ -119,6 +128,7 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
         log_interval=args.log_interval,
         save=args.save,
         seed=args.seed,
+        exit_interval=args.exit_interval,
     )
 
 

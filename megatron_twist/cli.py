@@ -70,17 +70,30 @@ def cmd_train(args) -> int:
     twist = validate_twist_args(args)
     train = train_config_from_args(args)
     data_meta, batches_factory, vocab = _data_for_training(args)
-    central = None
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     if args.load:
-        from .model_io import load_central
+        from .checkpointing import load_checkpoint
+        from .config import TwistConfig
+        from .model_io import _model_config
 
-        central, _, meta = load_central(args.load)
-        model = central.config
+        saved = load_checkpoint(args.load, kind="central")[0]
+        model = _model_config(saved, args.load)
+        # A resumed run keeps its identity: TwIST settings (sampler seed, balance shards, ...) come
+        # from the checkpoint, so it continues exactly as the uninterrupted run would.
+        twist = TwistConfig.from_dict(saved["twist"])
+        _log(f"[twist] resuming {args.load} at step {saved['step']}; TwIST settings from the checkpoint")
         if vocab is not None and vocab != model.vocab_size:
             raise ConfigError(f"{args.load} has vocabulary {model.vocab_size}, the data {vocab}: wrong tokenizer?")
     else:
         model = model_config_from_args(args, vocab)
-    twist.check_against_model(model)
+    from .distributed.runtime import ParallelLayout
+    from .training.twist_trainer import check_model_layout
+
+    import dataclasses
+
+    twist = dataclasses.replace(twist, balance_shards=twist.shards_for(tp))  # recorded in checkpoints
+    check_model_layout(model, twist, tp, pp)
+    ParallelLayout.for_world(int(os.environ.get("WORLD_SIZE", "1")), twist.num_subnets, tp, pp)
 
     import torch
 
@@ -88,19 +101,26 @@ def cmd_train(args) -> int:
 
     init_distributed()
     try:
-        groups = build_twist_groups(twist)
+        groups = build_twist_groups(twist, tp, pp)
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))))
-        from .training.twist_trainer import TwistTrainer
+        from .training.twist_trainer import TwistTrainer, build_central
 
+        central = build_central(model, train.seed, tp, pp)
+        if args.load:
+            from .distributed.full_state import layer_range
+            from .model_io import fill_central
+
+            fill_central(central, args.load, groups.tp_rank, tp, layer_range(model, groups.pp_rank, pp)[0])
         batches = batches_factory(model, train, twist)
         trainer = TwistTrainer(model, twist, train, groups, batches, central=central, log=_log)
         records = []
         result = trainer.run(on_round_end=records.append)
+        full_state = trainer.full_central_state() if args.save else None  # a collective on sharded runs
         if groups.is_logging_rank:
             if args.save:
                 from .model_io import save_central
 
-                save_central(args.save, result.central, twist, train, data=data_meta)
+                save_central(args.save, result.central, twist, train, data=data_meta, full_state=full_state)
                 _log(f"[twist] saved central model to {args.save}")
             if args.metrics_file:
                 _write_json(args.metrics_file, {

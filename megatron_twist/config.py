@@ -45,6 +45,7 @@ class ModelConfig:
     init_method_std: float = 0.02
     norm_epsilon: float = 1e-5
     rotary_base: int = 10000
+    kv_channels: Optional[int] = None  # head size; None: hidden_size // num_attention_heads
 
     def __post_init__(self):
         if self.family not in MODEL_FAMILIES:
@@ -69,7 +70,7 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
 
     @property
     def heads_per_group(self) -> int:
@@ -118,9 +119,15 @@ class TwistConfig:
                        (needs num_subnets * keep_ratio >= 1).
     correction:        activation-shift correction, see docs/ARCHITECTURE.md:
                        'rescale' scales the summed head/neuron outputs of a subnet by
-                       1/kappa while training and at extraction; 'none' does nothing.
+                       1/kappa while training and at extraction; 'none' (default, the
+                       better one measured in docs/RESULTS.md) applies no scale.
     optimizer_state:   'aggregate' slices Adam moments with the weights and averages them
                        back like the weights; 'reset' starts every round from zero moments.
+    balance_shards:    units are drawn with an equal quota from each of this many equal
+                       blocks of heads and of neurons, so that any tensor-parallel size
+                       dividing it keeps shards balanced. 0: the run's tensor-parallel size.
+                       Part of the run's identity: the same value gives the same subnets
+                       at every layout (TP=1 reproduces a TP=2 run, checkpoints reshard).
     """
 
     keep_ratio: float = 0.5
@@ -130,8 +137,9 @@ class TwistConfig:
     split: str = "both"
     whole_layers: Tuple[int, ...] = ()
     coverage: bool = True
-    correction: str = "rescale"
+    correction: str = "none"
     optimizer_state: str = "aggregate"
+    balance_shards: int = 0
 
     def __post_init__(self):
         object.__setattr__(self, "whole_layers", tuple(int(i) for i in self.whole_layers))
@@ -173,9 +181,20 @@ class TwistConfig:
             out.add(j)
         return frozenset(out)
 
+    def shards_for(self, tensor_parallel_size: int) -> int:
+        """Number of balance blocks for a run at this tensor-parallel size."""
+        shards = self.balance_shards or tensor_parallel_size
+        if shards % tensor_parallel_size:
+            raise ConfigError(
+                f"--twist-balance-shards {shards} is not a multiple of tensor parallel size {tensor_parallel_size}; "
+                "shards could not keep equal numbers of units"
+            )
+        return shards
+
     def check_against_model(self, model: ModelConfig, tensor_parallel_size: int = 1) -> None:
         """Refuse a keep ratio that does not give whole units on every shard/group."""
         tp = tensor_parallel_size
+        blocks = self.shards_for(tp)
         if model.num_query_groups % tp:
             raise ConfigError(
                 f"num_query_groups {model.num_query_groups} does not divide over tensor parallel size {tp}; "
@@ -188,7 +207,10 @@ class TwistConfig:
         if model.ffn_hidden_size % tp:
             raise ConfigError(f"ffn_hidden_size {model.ffn_hidden_size} does not divide over tensor parallel size {tp}")
         if self.splits_heads:
-            bucket, what = _head_bucket(model, tp)
+            if model.num_attention_heads % blocks or model.ffn_hidden_size % blocks:
+                raise ConfigError(f"heads {model.num_attention_heads} and FFN {model.ffn_hidden_size} must divide "
+                                  f"into {blocks} balance shards")
+            bucket, what = _head_bucket(model, blocks)
             kept = bucket * self.keep_ratio
             if abs(kept - round(kept)) > 1e-9 or round(kept) < 1:
                 raise ConfigError(
@@ -196,7 +218,7 @@ class TwistConfig:
                     f"positive number of heads; choose a keep ratio that is a multiple of 1/{bucket}"
                 )
         if self.splits_mlp:
-            per_shard = model.ffn_hidden_size // tp
+            per_shard = model.ffn_hidden_size // blocks
             kept = per_shard * self.keep_ratio
             if abs(kept - round(kept)) > 1e-9 or round(kept) < 1:
                 raise ConfigError(
@@ -245,6 +267,8 @@ class TrainConfig:
     save: Optional[str] = None
     eval_iters: int = 20
     seed: int = 1234
+    exit_interval: Optional[int] = None  # stop (and save) after the round that reaches this step
+
 
     def __post_init__(self):
         if self.train_iters < 1:

@@ -8,7 +8,7 @@ GPTModel and refuses weights that do not fit it.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -30,7 +30,9 @@ def plan_from_json(layers: list) -> SubnetPlan:
 
 
 def save_central(path: str, central: CentralModel, twist: TwistConfig, train: TrainConfig,
-                 data: Optional[dict] = None) -> None:
+                 data: Optional[dict] = None, full_state=None) -> None:
+    """``full_state``: (weights, moments) gathered from a sharded run; default: the central's own."""
+    weights, moments = full_state if full_state is not None else (dict(central.params), central.moments)
     meta = {
         "kind": "central",
         "model": central.config.to_dict(),
@@ -41,9 +43,48 @@ def save_central(path: str, central: CentralModel, twist: TwistConfig, train: Tr
         "layer_sizes": [dataclasses.asdict(s) for s in full_layer_sizes(central.config)],
         "data": data or {},
     }
-    tensors = {"model": dict(central.params)}
-    tensors["optimizer"] = {f"{m}/{n}": t for m in ADAM_MOMENTS for n, t in central.moments[m].items()}
+    tensors = {"model": weights}
+    tensors["optimizer"] = {f"{m}/{n}": t for m in ADAM_MOMENTS for n, t in moments[m].items()}
     save_checkpoint(path, meta, tensors)
+
+
+def read_central(path: str) -> Tuple[dict, Dict[str, torch.Tensor], Dict[str, Dict[str, torch.Tensor]]]:
+    """(meta, full weights, full Adam moments) of a single-file central checkpoint."""
+    meta, tensors = load_checkpoint(path, kind="central")
+    optimizer = tensors.get("optimizer", {})
+    moments = {m: {k[len(m) + 1:]: v for k, v in optimizer.items() if k.startswith(m + "/")} for m in ADAM_MOMENTS}
+    return meta, tensors["model"], moments
+
+
+@torch.no_grad()
+def fill_central(central: CentralModel, path: str, tp_rank: int = 0, tp: int = 1, first_layer: int = 0) -> dict:
+    """Load a single-file central checkpoint into a central model of ANY TP/PP layout."""
+    from .distributed.full_state import load_full_state
+
+    meta, weights, moments = read_central(path)
+    saved = _model_config(meta, path)
+    if saved != central.config:
+        raise CheckpointError(f"{path} holds a model of different sizes ({saved}) than requested ({central.config})")
+    try:
+        load_full_state(central.module, weights, central.config, tp_rank, tp, first_layer)
+        for m in ADAM_MOMENTS:
+            holder = _ParamsView(central.moments[m])
+            load_full_state(holder, moments[m], central.config, tp_rank, tp, first_layer)
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{path}: weights do not fit the model ({e})") from None
+    central.step, central.round = int(meta["step"]), int(meta["round"])
+    return meta
+
+
+class _ParamsView(torch.nn.Module):
+    """Lets load_full_state fill a {name: tensor} dict as if it were a module's parameters."""
+
+    def __init__(self, tensors: Dict[str, torch.Tensor]):
+        super().__init__()
+        self._tensors = tensors
+
+    def named_parameters(self, *args, **kwargs):
+        return iter(self._tensors.items())
 
 
 def load_central(path: str) -> Tuple[CentralModel, TwistConfig, dict]:

@@ -43,20 +43,28 @@ def subprocess_env() -> dict:
     return env
 
 
-@pytest.fixture
-def run_torchrun():
-    def run(nproc: int, args, timeout: float = 240, cwd=None) -> subprocess.CompletedProcess:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               "--master_addr=127.0.0.1", f"--master_port={free_port()}", *map(str, args)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=subprocess_env(),
-                              cwd=cwd or REPO)
+def torchrun(nproc: int, args, timeout: float = 240, cwd=None, check: bool = True) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+           "--master_addr=127.0.0.1", f"--master_port={free_port()}", *map(str, args)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=subprocess_env(),
+                          cwd=cwd or REPO)
+    if check:
         assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-        return proc
-
-    return run
+    return proc
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
+def run_torchrun():
+    return torchrun
+
+
+@pytest.fixture(scope="session")
+def run_torchrun_raw():
+    """torchrun without the success assertion, for runs that must fail."""
+    return lambda nproc, args, timeout=240: torchrun(nproc, args, timeout, check=False)
+
+
+@pytest.fixture(scope="session")
 def run_twist():
     """The `twist` command in a fresh process (so each run owns its process group)."""
 

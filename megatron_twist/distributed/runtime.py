@@ -1,10 +1,11 @@
 """Process groups for TwIST and their lifecycle.
 
-Layout (this release: tensor and pipeline parallel size 1): the data-parallel
-ranks of Megatron's ``parallel_state`` each train ``num_subnets / dp`` subnets
-in turn; subnet ``s`` lives on data-parallel rank ``s % dp``. All
-data-parallel ranks form the AGGREGATION group: they exchange weights only at
-the end of a round. A single process (no torchrun) is the dp=1 case of the
+Layout: world = tensor (TP) x pipeline (PP) x data parallel (DP) ranks, from
+Megatron's ``parallel_state``; DP = subnet slots x replicas (see
+:class:`ParallelLayout`). Ranks training the same subnet form a SUBNET group
+(gradients averaged every step); ranks at the same TP/PP position and replica
+index across subnets form an AGGREGATION group (weights exchanged only at the
+end of a round). A single process (no torchrun) is the dp=1 case of the
 same code, which is what makes the single-process run a bit-exact reference
 for the multi-rank one.
 
@@ -26,21 +27,98 @@ from ..cpu_shim import apply_cpu_shim, cuda_absent
 
 
 @dataclass(frozen=True)
+class ParallelLayout:
+    """world = tensor x pipeline x data parallel; data parallel = subnet slots x replicas.
+
+    With at least as many data-parallel ranks as subnets, each subnet is trained
+    by ``replicas = dp / num_subnets`` ranks (ordinary data parallel among them).
+    With fewer, each rank trains ``num_subnets / dp`` subnets in turn.
+    """
+
+    tensor_parallel: int
+    pipeline_parallel: int
+    data_parallel: int
+    num_subnets: int
+
+    @property
+    def replicas(self) -> int:
+        return max(1, self.data_parallel // self.num_subnets)
+
+    @property
+    def subnets_per_rank(self) -> int:
+        return max(1, self.num_subnets // self.data_parallel)
+
+    @classmethod
+    def for_world(cls, world_size: int, num_subnets: int, tensor_parallel: int = 1,
+                  pipeline_parallel: int = 1) -> "ParallelLayout":
+        """Validate a layout before any group exists; the error says how to fix it."""
+        mp = tensor_parallel * pipeline_parallel
+        if tensor_parallel < 1 or pipeline_parallel < 1:
+            raise ConfigError("tensor and pipeline parallel sizes must be at least 1")
+        if world_size % mp:
+            raise ConfigError(
+                f"{world_size} ranks do not divide into tensor parallel {tensor_parallel} x pipeline parallel "
+                f"{pipeline_parallel}; launch a multiple of {mp} ranks"
+            )
+        dp = world_size // mp
+        if dp >= num_subnets and dp % num_subnets:
+            raise ConfigError(
+                f"{dp} data-parallel ranks do not divide into {num_subnets} subnets; launch "
+                f"{mp * num_subnets * max(1, dp // num_subnets)} ranks or use a number of subnets that divides {dp}"
+            )
+        if dp < num_subnets and num_subnets % dp:
+            raise ConfigError(
+                f"--num-subnets {num_subnets} does not divide over {dp} data-parallel ranks; "
+                f"use a multiple of {dp} subnets or launch {num_subnets * mp} ranks"
+            )
+        return cls(tensor_parallel, pipeline_parallel, dp, num_subnets)
+
+
+@dataclass(frozen=True)
 class TwistGroups:
-    """Who trains which subnet and who exchanges weights at aggregation."""
+    """This rank's place in the layout and the groups TwIST communicates over.
+
+    subnet_group:       ranks training the same subnet at the same TP/PP position
+                        (gradients are averaged among them every step); None without replicas.
+    aggregation_group:  ranks at the same TP/PP position and replica index across subnets;
+                        weights are exchanged among them only at the end of a round.
+    """
 
     rank: int
     world_size: int
+    layout: ParallelLayout
+    tp_rank: int
+    pp_rank: int
     dp_rank: int
-    dp_size: int
     aggregation_group: Optional[dist.ProcessGroup]
+    subnet_group: Optional[dist.ProcessGroup] = None
 
-    def local_subnets(self, num_subnets: int) -> tuple:
-        return assign_subnets(num_subnets, self.dp_rank, self.dp_size)
+    @property
+    def dp_size(self) -> int:
+        return self.layout.data_parallel
+
+    @property
+    def tp_size(self) -> int:
+        return self.layout.tensor_parallel
+
+    @property
+    def pp_size(self) -> int:
+        return self.layout.pipeline_parallel
+
+    @property
+    def replica_index(self) -> int:
+        return self.dp_rank % self.layout.replicas
 
     @property
     def is_logging_rank(self) -> bool:
         return self.rank == 0
+
+    def local_subnets(self, num_subnets: int) -> tuple:
+        if num_subnets != self.layout.num_subnets:
+            raise ConfigError(f"groups were built for {self.layout.num_subnets} subnets, not {num_subnets}")
+        if self.layout.data_parallel >= num_subnets:
+            return (self.dp_rank // self.layout.replicas,)
+        return assign_subnets(num_subnets, self.dp_rank, self.layout.data_parallel)
 
 
 def assign_subnets(num_subnets: int, dp_rank: int, dp_size: int) -> tuple:
@@ -74,24 +152,44 @@ def init_distributed(timeout_s: float = 300.0) -> None:
 
 
 def build_twist_groups(twist: TwistConfig, tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1) -> TwistGroups:
-    """Initialise Megatron's parallel_state and derive TwIST's groups from it."""
-    if tensor_parallel_size != 1 or pipeline_parallel_size != 1:
-        raise ConfigError("this release runs TwIST with tensor and pipeline parallel size 1")
+    """Initialise Megatron's parallel_state and build TwIST's groups on top of it (once).
+
+    Every rank learns every rank's (tp, pp, dp) coordinates with one all-gather,
+    so group membership does not depend on Megatron's internal rank order; all
+    ranks then create all groups in the same order, as torch.distributed requires.
+    """
     world = dist.get_world_size()
-    # Validate before creating any group so a bad layout costs nothing.
-    assign_subnets(twist.num_subnets, 0, world)
+    layout = ParallelLayout.for_world(world, twist.num_subnets, tensor_parallel_size, pipeline_parallel_size)
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(tensor_parallel_size, pipeline_parallel_size)
-    dp_group = parallel_state.get_data_parallel_group()
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     dp_rank = parallel_state.get_data_parallel_rank()
-    dp_size = parallel_state.get_data_parallel_world_size()
-    return TwistGroups(
-        rank=dist.get_rank(),
-        world_size=world,
-        dp_rank=dp_rank,
-        dp_size=dp_size,
-        aggregation_group=dp_group,
-    )
+    rank = dist.get_rank()
+    dp_group = parallel_state.get_data_parallel_group()
+    if layout.replicas == 1:
+        return TwistGroups(rank, world, layout, tp_rank, pp_rank, dp_rank, aggregation_group=dp_group)
+
+    coords = all_gather_objects((rank, tp_rank, pp_rank, dp_rank))
+    by_position = {}
+    for r, t, p, d in coords:
+        by_position.setdefault((p, t), {})[d] = r
+    n, reps = layout.num_subnets, layout.replicas
+    my_subnet_group = my_aggregation_group = None
+    for position in sorted(by_position):
+        ranks_by_dp = by_position[position]
+        for s in range(n):  # replicas of one subnet
+            members = [ranks_by_dp[s * reps + r] for r in range(reps)]
+            g = dist.new_group(members)
+            if rank in members:
+                my_subnet_group = g
+        for r in range(reps):  # one replica of every subnet
+            members = [ranks_by_dp[s * reps + r] for s in range(n)]
+            g = dist.new_group(members)
+            if rank in members:
+                my_aggregation_group = g
+    return TwistGroups(rank, world, layout, tp_rank, pp_rank, dp_rank,
+                       aggregation_group=my_aggregation_group, subnet_group=my_subnet_group)
 
 
 def init_model_parallel(seed: int = 1234, tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1) -> None:

@@ -104,6 +104,8 @@ def transformer_config(
         persist_layer_norm=False,
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
+        # p2p buffers between pipeline stages need a dtype; unused without pipeline parallelism
+        pipeline_dtype=params_dtype,
     )
     if all(s == first for s in sizes):
         return TransformerConfig(**common)
@@ -122,8 +124,8 @@ def build_gpt_model(
     layer_sizes: Optional[Sequence[LayerSize]] = None,
     tensor_parallel_size: int = 1,
     pipeline_parallel_size: int = 1,
-    pre_process: bool = True,
-    post_process: bool = True,
+    pre_process: Optional[bool] = None,
+    post_process: Optional[bool] = None,
     params_dtype: torch.dtype = torch.float32,
     device: Optional[torch.device] = None,
 ) -> GPTModel:
@@ -132,7 +134,14 @@ def build_gpt_model(
     Weights are initialised on the CPU (``use_cpu_initialization``: identical on every
     rank and device for a seed) and then moved.
     """
+    from megatron.core import parallel_state
+
     apply_cpu_shim()
+    # A pipeline stage builds only its own layers; first/last stages hold embedding/output layer.
+    if pre_process is None:
+        pre_process = parallel_state.is_pipeline_first_stage()
+    if post_process is None:
+        post_process = parallel_state.is_pipeline_last_stage()
     config = transformer_config(model, layer_sizes, tensor_parallel_size, pipeline_parallel_size, params_dtype)
     spec = get_gpt_layer_local_spec(normalization="RMSNorm" if model.family == "llama" else "LayerNorm")
     gpt = GPTModel(

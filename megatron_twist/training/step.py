@@ -2,29 +2,118 @@
 
 Dense training and every TwIST subnet call this same function, so the two
 differ only in what model and optimizer state they are handed.
+
+Parallel context (:class:`StepParallelism`), all optional:
+* pipeline parallel: forward/backward go through Megatron-core's 1F1B
+  schedule (``get_forward_backward_func``); the loss is broadcast from the
+  last stage so every stage reports it;
+* replicas of a subnet: gradients are averaged over the subnet group;
+* tensor/pipeline parallel: the gradient norm for clipping is summed over
+  the model-parallel groups (sharded parameters once, replicated ones once).
+Without any of these the step is plain PyTorch (and bit-identical to it).
 """
 from __future__ import annotations
 
-from typing import Dict
+from dataclasses import dataclass
+from functools import partial
+from typing import Dict, Optional, Sequence
 
 import torch
+import torch.distributed as dist
 
 from ..model.gpt import gpt_forward
 from .optim import set_schedule_step
+
+
+@dataclass(frozen=True)
+class StepParallelism:
+    subnet_group: Optional[dist.ProcessGroup] = None  # replicas of this subnet: average gradients
+    norm_groups: Sequence[dist.ProcessGroup] = ()  # TP and PP groups: sum squared grad norms
+    pipeline_group: Optional[dist.ProcessGroup] = None  # set when PP > 1
+    pipeline_last_rank: int = 0  # global rank of the last stage in this rank's pipeline
+
+    @property
+    def trivial(self) -> bool:
+        return self.subnet_group is None and not self.norm_groups and self.pipeline_group is None
 
 
 def masked_mean_loss(per_token_loss: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
     return (per_token_loss.float() * loss_mask).sum() / loss_mask.sum().clamp(min=1.0)
 
 
-def train_step(model, optimizer, scheduler, batch: Dict[str, torch.Tensor], global_step: int, clip_grad: float) -> float:
+def train_step(model, optimizer, scheduler, batch: Dict[str, torch.Tensor], global_step: int, clip_grad: float,
+               parallel: Optional[StepParallelism] = None) -> float:
     set_schedule_step(scheduler, global_step)
     device = next(model.parameters()).device
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
     optimizer.zero_grad(set_to_none=True)
-    loss = masked_mean_loss(gpt_forward(model, batch["tokens"], batch["labels"]), batch["loss_mask"])
-    loss.backward()
+    parallel = parallel or StepParallelism()
+    if parallel.pipeline_group is not None:
+        loss = _pipelined_forward_backward(model, batch, parallel)
+    else:
+        loss_t = masked_mean_loss(gpt_forward(model, batch["tokens"], batch["labels"]), batch["loss_mask"])
+        loss_t.backward()
+        loss = loss_t.item()
+    params = [p for p in model.parameters() if p.grad is not None]
+    if parallel.subnet_group is not None:
+        _average_gradients(params, parallel.subnet_group)
     if clip_grad > 0:
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], clip_grad)
+        if parallel.norm_groups:
+            _clip_by_global_norm(params, clip_grad, parallel.norm_groups)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, clip_grad)
     optimizer.step()
+    return loss
+
+
+def _forward_step(data_iterator, model):
+    batch = next(data_iterator)
+    output = gpt_forward(model, batch["tokens"], batch["labels"])
+    return output, partial(_loss_func, batch["loss_mask"])
+
+
+def _loss_func(loss_mask, output_tensor):
+    loss = masked_mean_loss(output_tensor, loss_mask)
+    return loss, {"loss": loss.detach()}
+
+
+def _pipelined_forward_backward(model, batch, parallel: StepParallelism) -> float:
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    b, s = batch["tokens"].shape
+    losses = get_forward_backward_func()(
+        forward_step_func=_forward_step, data_iterator=iter([batch]), model=[model], num_microbatches=1,
+        seq_length=s, micro_batch_size=b, forward_only=False,
+    )
+    loss = torch.zeros(1, dtype=torch.float64, device=batch["tokens"].device)
+    if parallel_state.is_pipeline_last_stage():
+        loss[0] = sum(x["loss"].item() for x in losses) / len(losses)
+    dist.broadcast(loss, src=parallel.pipeline_last_rank, group=parallel.pipeline_group)
     return loss.item()
+
+
+@torch.no_grad()
+def _average_gradients(params, group) -> None:
+    grads = [p.grad for p in params]
+    flat = torch._utils._flatten_dense_tensors(grads)
+    dist.all_reduce(flat, group=group)
+    flat /= dist.get_world_size(group)
+    for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+        g.copy_(synced)
+
+
+@torch.no_grad()
+def _clip_by_global_norm(params, max_norm: float, groups) -> None:
+    """torch.nn.utils.clip_grad_norm_'s rule, with the norm taken over all model-parallel shards."""
+    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+
+    sq = torch.zeros(1, dtype=torch.float32, device=params[0].device)
+    for p in params:
+        if param_is_not_tensor_parallel_duplicate(p):
+            sq += p.grad.float().pow(2).sum()
+    for g in groups:
+        dist.all_reduce(sq, group=g)
+    coef = torch.clamp(max_norm / (sq.sqrt() + 1e-6), max=1.0)
+    for p in params:
+        p.grad.mul_(coef.to(p.grad.dtype))

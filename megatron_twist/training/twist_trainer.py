@@ -18,7 +18,10 @@ from typing import Callable, List, Optional
 import torch
 import torch.distributed as dist
 
-from ..config import ModelConfig, TrainConfig, TwistConfig
+from ..config import ConfigError, ModelConfig, TrainConfig, TwistConfig
+from ..distributed.full_state import layer_range
+from ..twist.sharding import local_model_view, local_plan
+from .step import StepParallelism
 from ..cpu_shim import seed_everything
 from ..distributed.runtime import TwistGroups
 from ..model.gpt import build_gpt_model, count_parameters
@@ -38,7 +41,8 @@ class RoundRecord:
     losses: List[List[float]]  # [subnet][local step], complete on every rank
     seconds: float
     tokens: int
-    aggregation_bytes: int
+    aggregation_bytes: int  # payload this rank all-reduced at aggregation (counted at the collective)
+    dense_dp_bytes: int  # what dense data parallel would all-reduce in the same steps (gradients, every step)
 
     def mean_loss(self) -> float:
         flat = [x for row in self.losses for x in row]
@@ -59,10 +63,27 @@ class TrainResult:
         return out
 
 
-def build_central(model: ModelConfig, seed: int) -> CentralModel:
+def build_central(model: ModelConfig, seed: int, tensor_parallel_size: int = 1,
+                  pipeline_parallel_size: int = 1) -> CentralModel:
     # Same seed on every rank before building: CPU init draws from the default RNG.
     seed_everything(seed)
-    return CentralModel(model, build_gpt_model(model))
+    return CentralModel(model, build_gpt_model(model, tensor_parallel_size=tensor_parallel_size,
+                                               pipeline_parallel_size=pipeline_parallel_size))
+
+
+def check_model_layout(model: ModelConfig, twist: TwistConfig, tensor_parallel_size: int,
+                       pipeline_parallel_size: int) -> None:
+    """Refuse a model that cannot be split over the parallel layout (before any work)."""
+    twist.check_against_model(model, tensor_parallel_size)
+    if model.vocab_size % tensor_parallel_size:
+        raise ConfigError(f"vocabulary {model.vocab_size} does not divide over tensor parallel size "
+                          f"{tensor_parallel_size}; use a vocabulary size that is a multiple of it")
+    if model.num_layers % pipeline_parallel_size:
+        raise ConfigError(f"{model.num_layers} layers do not divide over pipeline parallel size "
+                          f"{pipeline_parallel_size}; use a layer count that is a multiple of it")
+    if pipeline_parallel_size > 1 and model.family == "gpt2":
+        raise ConfigError("the gpt2 family ties embedding and output weights, which this release does not "
+                          "support across pipeline stages; use pipeline parallel size 1 or the llama family")
 
 
 class TwistTrainer:
@@ -79,13 +100,20 @@ class TwistTrainer:
         self.model_config, self.twist, self.train, self.groups = model, twist, train, groups
         self.batches = batches
         self.log = log if groups.is_logging_rank else (lambda _msg: None)
+        tp, pp = groups.tp_size, groups.pp_size
+        check_model_layout(model, twist, tp, pp)
         self.local_subnets = groups.local_subnets(twist.num_subnets)
-        self.sampler = SubnetSampler(model, twist)
-        self.central = central if central is not None else build_central(model, train.seed)
-        self.worker = SubnetWorker(model, twist, train, self.sampler.subnet_layer_sizes())
+        self.sampler = SubnetSampler(model, twist, tp)
+        # This rank's shard of every model: TP shard tp_rank, PP stage pp_rank (twist/sharding.py).
+        self.first_layer, self.num_local_layers = layer_range(model, groups.pp_rank, pp)
+        self.geometry = local_model_view(model, tp, self.first_layer, self.num_local_layers)
+        self.central = central if central is not None else build_central(model, train.seed, tp, pp)
+        self.worker = SubnetWorker(model, twist, train, self.sampler.subnet_layer_sizes(), geometry=self.geometry,
+                                   tensor_parallel_size=tp, pipeline_parallel_size=pp,
+                                   parallel=step_parallelism(groups))
         fields = ("param",) + (ADAM_MOMENTS if twist.optimizer_state == "aggregate" else ())
         self.device = next(self.central.module.parameters()).device
-        self.aggregator = RoundAggregator(model, self.central.shapes(), fields, device=self.device)
+        self.aggregator = RoundAggregator(self.geometry, self.central.shapes(), fields, device=self.device)
         self.fields = fields
 
     def describe(self) -> str:
@@ -98,19 +126,44 @@ class TwistTrainer:
             f"aggregation payload {self.aggregator.payload_bytes() / 2**20:.1f} MiB per round"
         )
 
+    def local(self, plan):
+        g = self.groups
+        return local_plan(plan, self.model_config, g.tp_rank, g.tp_size, self.first_layer, self.num_local_layers)
+
+    def full_central_state(self):
+        """(weights, moments) of the whole central model, gathered over TP/PP (a collective)."""
+        from megatron.core import parallel_state
+
+        from ..distributed.full_state import gather_full_state
+
+        g = self.groups
+        if g.tp_size == 1 and g.pp_size == 1:
+            return dict(self.central.params), self.central.moments
+        tp_group = parallel_state.get_tensor_model_parallel_group() if g.tp_size > 1 else None
+        pp_group = parallel_state.get_pipeline_model_parallel_group() if g.pp_size > 1 else None
+
+        def gather(tensors):
+            return gather_full_state(tensors, self.model_config, g.tp_rank, g.tp_size, self.first_layer,
+                                     tp_group, pp_group)
+
+        return gather(self.central.params), {m: gather(t) for m, t in self.central.moments.items()}
+
     def run_round(self) -> RoundRecord:
         central, twist = self.central, self.twist
         first = central.step
         steps = min(twist.local_steps, self.train.train_iters - first)
-        plans = self.sampler.sample(central.round)
+        plans = [self.local(p) for p in self.sampler.sample(central.round)]
         self.aggregator.begin_round(plans)
         # on the model's device: NCCL reduces only CUDA tensors
         losses = torch.zeros(twist.num_subnets, steps, dtype=torch.float64, device=self.device)
         t0 = time.perf_counter()
         for s in self.local_subnets:
             self.worker.load(central, plans[s])
+            # Replicas of a subnet read disjoint data (slot s * replicas + replica).
+            reps = self.groups.layout.replicas
+            slot, num_slots = s * reps + self.groups.replica_index, twist.num_subnets * reps
             for t in range(steps):
-                batch = self.batches.get(first + t, s, twist.num_subnets)
+                batch = self.batches.get(first + t, slot, num_slots)
                 loss = self.worker.step(batch, first + t)
                 if not math.isfinite(loss):
                     raise FloatingPointError(f"subnet {s} loss is {loss} at step {first + t}")
@@ -127,32 +180,55 @@ class TwistTrainer:
         central.step += steps
         central.round += 1
         seconds = time.perf_counter() - t0
-        tokens = steps * twist.num_subnets * self.train.micro_batch_size * self.model_config.seq_length
-        return RoundRecord(
-            central.round - 1, first, steps, losses.tolist(), seconds, tokens, self.aggregator.bytes_reduced - before
-        )
+        tokens = (steps * twist.num_subnets * self.groups.layout.replicas * self.train.micro_batch_size
+                  * self.model_config.seq_length)
+        dense_dp = 0
+        if self.groups.dp_size > 1:  # dense DP all-reduces this rank's gradient shard at every step
+            dense_dp = steps * sum(p.numel() * p.element_size() for p in central.params.values())
+        return RoundRecord(central.round - 1, first, steps, losses.tolist(), seconds, tokens,
+                           self.aggregator.bytes_reduced - before, dense_dp)
 
     def run(self, on_round_end: Optional[Callable[[RoundRecord], None]] = None) -> TrainResult:
         result = TrainResult(self.central)
         self.log(self.describe())
         total_rounds = math.ceil(self.train.train_iters / self.twist.local_steps)
         start = time.perf_counter()
-        while self.central.step < self.train.train_iters:
+        stop_at = min(self.train.train_iters, self.train.exit_interval or self.train.train_iters)
+        while self.central.step < stop_at:
             rec = self.run_round()
             result.rounds.append(rec)
             if on_round_end is not None:
                 on_round_end(rec)
             if (rec.round + 1) % max(1, self.train.log_interval // self.twist.local_steps) == 0 or \
-                    self.central.step >= self.train.train_iters:
+                    self.central.step >= stop_at:
                 per_subnet = " ".join(f"{sum(r) / len(r):.3f}" for r in rec.losses)
                 self.log(
                     f"[twist] round {rec.round + 1}/{total_rounds} step {self.central.step}/{self.train.train_iters} "
                     f"| loss {rec.mean_loss():.4f} (subnets {per_subnet}) "
                     f"| lr {self.worker.optimizer.param_groups[0]['lr']:.2e} "
                     f"| {rec.tokens / rec.seconds:,.0f} tok/s | agg {rec.aggregation_bytes / 2**20:.1f} MiB "
+                    f"(dense DP {rec.dense_dp_bytes / 2**20:.1f} MiB) "
                     f"| {time.perf_counter() - start:.0f}s"
                 )
         return result
+
+
+def step_parallelism(groups: TwistGroups) -> StepParallelism:
+    """What one training step must synchronise, given this rank's place in the layout."""
+    if groups.tp_size == 1 and groups.pp_size == 1 and groups.subnet_group is None:
+        return StepParallelism()
+    from megatron.core import parallel_state
+
+    norm_groups = []
+    if groups.tp_size > 1:
+        norm_groups.append(parallel_state.get_tensor_model_parallel_group())
+    pipeline_group, last = None, 0
+    if groups.pp_size > 1:
+        pipeline_group = parallel_state.get_pipeline_model_parallel_group()
+        norm_groups.append(pipeline_group)
+        last = parallel_state.get_pipeline_model_parallel_last_rank()
+    return StepParallelism(subnet_group=groups.subnet_group, norm_groups=tuple(norm_groups),
+                           pipeline_group=pipeline_group, pipeline_last_rank=last)
 
 
 def train_dense(model: ModelConfig, train: TrainConfig, batches: BatchSource, log: Callable[[str], None] = print):

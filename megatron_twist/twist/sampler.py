@@ -97,7 +97,8 @@ class SubnetSampler:
         twist.check_against_model(model, tensor_parallel_size)
         self.model = model
         self.twist = twist
-        self.tp = tensor_parallel_size
+        # Balance blocks: a property of the run (not of the layout), see TwistConfig.balance_shards.
+        self.tp = twist.shards_for(tensor_parallel_size)
         self.whole = twist.whole_layer_set(model.num_layers)
 
     def _rng(self, round_index: int, layer: int, kind: int) -> np.random.Generator:

@@ -14,7 +14,7 @@ import torch
 from ..config import ModelConfig, TrainConfig, TwistConfig
 from ..model.gpt import build_gpt_model
 from ..training.optim import ADAM_MOMENTS, build_optimizer, build_scheduler, read_adam_state, write_adam_state
-from ..training.step import train_step
+from ..training.step import StepParallelism, train_step
 from .central import CentralModel
 from .hooks import attach_correction, correction_scales, remove_hooks
 from .sampler import SubnetPlan
@@ -22,11 +22,18 @@ from .slicing import slice_for, take
 
 
 class SubnetWorker:
-    def __init__(self, model: ModelConfig, twist: TwistConfig, train: TrainConfig, layer_sizes):
-        self.model_config = model
+    """``model`` and ``layer_sizes`` are global (what to build); ``geometry`` is this rank's
+    TP shard / PP stage of the central model (how to slice), see twist/sharding.py."""
+
+    def __init__(self, model: ModelConfig, twist: TwistConfig, train: TrainConfig, layer_sizes,
+                 geometry: ModelConfig = None, tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
+                 parallel: StepParallelism = None):
+        self.model_config = geometry or model
         self.twist = twist
         self.train = train
-        self.module = build_gpt_model(model, layer_sizes)
+        self.parallel = parallel
+        self.module = build_gpt_model(model, layer_sizes, tensor_parallel_size=tensor_parallel_size,
+                                      pipeline_parallel_size=pipeline_parallel_size)
         self.optimizer = build_optimizer(self.module, train)
         self.scheduler = build_scheduler(self.optimizer, train)
         self.plan: SubnetPlan = None
@@ -34,7 +41,7 @@ class SubnetWorker:
 
     @torch.no_grad()
     def load(self, central: CentralModel, plan: SubnetPlan) -> None:
-        """Refill weights (and moments) from the central model for ``plan``."""
+        """Refill weights (and moments) from the central model for ``plan`` (in this rank's local indices)."""
         self.plan = plan
         moments = {m: {} for m in ADAM_MOMENTS}
         for name, p in self.module.named_parameters():
@@ -51,7 +58,8 @@ class SubnetWorker:
         self._hooks = attach_correction(self.module, correction_scales(self.model_config, self.twist, plan))
 
     def step(self, batch: Dict[str, torch.Tensor], global_step: int) -> float:
-        return train_step(self.module, self.optimizer, self.scheduler, batch, global_step, self.train.clip_grad)
+        return train_step(self.module, self.optimizer, self.scheduler, batch, global_step, self.train.clip_grad,
+                          self.parallel)
 
     def contribution(self) -> Dict[str, Dict[str, torch.Tensor]]:
         """What this subnet hands to aggregation: weights, and moments if they are aggregated."""
