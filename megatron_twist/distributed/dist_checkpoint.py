@@ -1,10 +1,11 @@
 """Central-model checkpoints in Megatron's ``dist_checkpointing`` format (TP resharding).
 
-A checkpoint written here at tensor-parallel size ``k`` loads at any
-tensor-parallel size ``j`` that divides the model: Megatron stores every
+A checkpoint written here at tensor/pipeline-parallel sizes ``k``/``p`` loads
+at any sizes ``j``/``q`` that divide the model: Megatron stores every
 parameter as one *global* tensor (``ShardedTensor`` / ``ShardedTensorFactory``
-entries from ``GPTModel.sharded_state_dict()``) and each rank reads back just
-the slice its current layout needs.
+entries from ``GPTModel.sharded_state_dict()``; layers stacked along a
+prepended axis indexed by the GLOBAL layer number) and each rank reads back
+just the slice its current layout needs.
 
 What is in a checkpoint directory (backend ``torch_dist``, common ``torch``)::
 
@@ -33,7 +34,7 @@ stale temporary directory is removed by the next save. One writer per path.
 
 Both functions are collective: every rank of the default process group calls
 them. ``parallel_state`` must be initialised (``init_model_parallel``) with the
-tensor-parallel size passed to :func:`load_central_dist`.
+sizes passed to :func:`load_central_dist`.
 """
 from __future__ import annotations
 
@@ -349,34 +350,42 @@ def check_model_matches(saved: dict, model: ModelConfig, path) -> None:
                               "model config it was saved with (common['model'] in the checkpoint)")
 
 
-def _check_layout(model: ModelConfig, tensor_parallel_size: int) -> None:
-    tp = tensor_parallel_size
+def _check_layout(model: ModelConfig, tensor_parallel_size: int, pipeline_parallel_size: int) -> None:
+    tp, pp = tensor_parallel_size, pipeline_parallel_size
     if not parallel_state.model_parallel_is_initialized():
-        raise ConfigError("Megatron's parallel_state is not initialised: call megatron_twist.distributed."
-                          f"runtime.init_model_parallel(seed, tensor_parallel_size={tp}) before loading")
-    current = parallel_state.get_tensor_model_parallel_world_size()
-    if current != tp:
-        raise ConfigError(f"tensor_parallel_size {tp} differs from parallel_state's tensor-parallel size "
-                          f"{current}; initialise parallel_state with the size you load at")
+        raise ConfigError("Megatron's parallel_state is not initialised: call megatron_twist.distributed.runtime."
+                          f"init_model_parallel(seed, tensor_parallel_size={tp}, pipeline_parallel_size={pp}) "
+                          "before loading")
+    current = (parallel_state.get_tensor_model_parallel_world_size(),
+               parallel_state.get_pipeline_model_parallel_world_size())
+    if current != (tp, pp):
+        raise ConfigError(f"tensor/pipeline parallel sizes {tp}/{pp} differ from parallel_state's {current[0]}/"
+                          f"{current[1]}; initialise parallel_state with the sizes you load at")
     for name in ("num_attention_heads", "num_query_groups", "ffn_hidden_size", "vocab_size"):
         if getattr(model, name) % tp:
             raise CheckpointError(f"{name} {getattr(model, name)} does not divide over tensor-parallel size "
                                   f"{tp}; load at a tensor-parallel size that divides it")
+    if model.num_layers % pp:
+        raise CheckpointError(f"num_layers {model.num_layers} does not divide over pipeline-parallel size {pp}; "
+                              "load at a pipeline-parallel size that divides it")
 
 
-def load_central_dist(path, model: ModelConfig, tensor_parallel_size: int
+def load_central_dist(path, model: ModelConfig, tensor_parallel_size: int, pipeline_parallel_size: int = 1
                       ) -> Tuple[CentralModel, TwistConfig, TrainConfig, dict]:
     """Collective: build the central model for the current layout and load ``path`` into it.
 
-    Returns ``(central, twist, train, common)``; ``common`` is the saved common
-    state (step, round, configs, the sizes it was saved with, ``extra``).
+    The layout (``parallel_state``, initialised by the caller with these sizes)
+    may differ from the one the checkpoint was saved with. A pipeline stage
+    loads only its own layers. Returns ``(central, twist, train, common)``;
+    ``common`` is the saved common state (step, round, configs, the sizes it
+    was saved with, ``extra``).
     """
     error: Optional[Exception] = None
     try:
         common = read_common(path)
         _require_process_group()
         check_model_matches(common["model"], model, path)
-        _check_layout(model, tensor_parallel_size)
+        _check_layout(model, tensor_parallel_size, pipeline_parallel_size)
         try:
             twist = TwistConfig.from_dict(common["twist"])
             train = TrainConfig(**common["train"])
@@ -389,7 +398,8 @@ def load_central_dist(path, model: ModelConfig, tensor_parallel_size: int
     # Every rank refuses together, so none is left waiting in the collective load below.
     _agree(error is None, str(error or ""), own_error=error)
 
-    central = CentralModel(model, build_gpt_model(model, tensor_parallel_size=tensor_parallel_size))
+    central = CentralModel(model, build_gpt_model(model, tensor_parallel_size=tensor_parallel_size,
+                                                  pipeline_parallel_size=pipeline_parallel_size))
     request = central_sharded_state_dict(central)
     try:
         # A fresh strategy per load: the registered default instance keeps the last metadata.

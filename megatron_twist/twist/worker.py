@@ -39,6 +39,20 @@ class SubnetWorker:
         self.plan: SubnetPlan = None
         self._hooks: list = []
 
+    @classmethod
+    def attach(cls, module: torch.nn.Module, optimizer: torch.optim.Optimizer, model: ModelConfig,
+               twist: TwistConfig, geometry: ModelConfig = None) -> "SubnetWorker":
+        """Wrap a subnet model and torch optimizer built elsewhere (e.g. by Megatron-LM).
+
+        Only load() and contribution() are used then; the training loop is the host's.
+        """
+        worker = cls.__new__(cls)
+        worker.model_config = geometry or model
+        worker.twist, worker.train, worker.parallel = twist, None, None
+        worker.module, worker.optimizer, worker.scheduler = module, optimizer, None
+        worker.plan, worker._hooks = None, []
+        return worker
+
     @torch.no_grad()
     def load(self, central: CentralModel, plan: SubnetPlan) -> None:
         """Refill weights (and moments) from the central model for ``plan`` (in this rank's local indices)."""

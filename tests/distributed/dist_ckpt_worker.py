@@ -19,6 +19,7 @@ the SwiGLU fc1 weight gives [gate_r; up_r].
 from __future__ import annotations
 
 import json
+import re
 import sys
 import zlib
 from pathlib import Path
@@ -121,14 +122,20 @@ def full_tensors(central) -> dict:
     return out
 
 
-def compare_to_full(central, full: dict, exact: bool = True):
+def global_name(local_name: str, first_layer: int) -> str:
+    """A pipeline stage numbers its layers from 0; the full model from ``first_layer``."""
+    m = re.match(r"^decoder\.layers\.(\d+)\.(.+)$", local_name)
+    return f"decoder.layers.{int(m.group(1)) + first_layer}.{m.group(2)}" if m else local_name
+
+
+def compare_to_full(central, full: dict, exact: bool = True, first_layer: int = 0):
     """Every local parameter and moment shard against the slice of the full reference."""
     rank, tp = _tp()
     bad = []
     for name, p in central.params.items():
         pairs = [("param", p.detach())] + [(m, central.moments[m][name]) for m in central.moments]
         for kind, local in pairs:
-            want = local_slice(p, full[f"{kind}/{name}"], rank, tp)
+            want = local_slice(p, full[f"{kind}/{global_name(name, first_layer)}"], rank, tp)
             ok = torch.equal(local, want) if exact else torch.allclose(local, want, atol=1e-6, rtol=0)
             if not ok:
                 bad.append(f"{kind}/{name}")
@@ -342,6 +349,24 @@ def phase_load_tp2(out: Path) -> dict:
     res["dp2/save_load_round_trip"] = compare_to_full(back, full)
     res["dp2/common"] = ((back.step, common2["tensor_parallel_size"], common2["world_size"]) == (31, 1, 2)
                          or str(common2))
+
+    # pipeline parallelism: TP=1 x PP=2 (each rank one stage), load and save; then that checkpoint at TP=2
+    parallel_state.destroy_model_parallel()
+    init_model_parallel(seed=OTHER_SEED, tensor_parallel_size=1, pipeline_parallel_size=2)
+    staged, twist2, train2, _ = dc.load_central_dist(out / "llama_tp1", _cfg("tiny"), 1, 2)
+    layers_per_stage = _cfg("tiny").num_layers // 2
+    first = parallel_state.get_pipeline_model_parallel_rank() * layers_per_stage
+    res["pp2/load_tp1_checkpoint"] = compare_to_full(staged, full, first_layer=first)
+    local_layers = {n.split(".")[2] for n in staged.params if n.startswith("decoder.layers.")}
+    res["pp2/stage_holds_only_its_layers"] = len(local_layers) == layers_per_stage or str(sorted(local_layers))
+    staged.step = 32
+    dc.save_central_dist(out / "llama_pp2", staged, twist2, train2)
+    parallel_state.destroy_model_parallel()
+    init_model_parallel(seed=OTHER_SEED, tensor_parallel_size=2)
+    back, _, _, common3 = dc.load_central_dist(out / "llama_pp2", _cfg("tiny"), 2)
+    res["pp2_to_tp2/local_shards_equal_slices"] = compare_to_full(back, full)
+    res["pp2_to_tp2/common"] = ((back.step, common3["tensor_parallel_size"], common3["pipeline_parallel_size"])
+                                == (32, 1, 2) or str(common3))
     return res
 
 

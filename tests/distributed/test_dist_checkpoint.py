@@ -14,7 +14,8 @@ Three real launches (each phase is one process group; see dist_ckpt_worker.py):
 3. torchrun, 2 ranks, TP=2: load the TP=1 checkpoint; each rank's shards equal
    the slices of the full tensors; logits equal the TP=1 logits. Then TwIST's own
    layout (TP=1, 2 data-parallel replicas): load it whole on both ranks, save
-   from both replicas and load that back.
+   from both replicas and load that back. Then TP=1 x PP=2: each stage loads
+   its layers, saves; that checkpoint loads at TP=2.
 
 Each launch pays ~8 s of imports, so the checks are grouped per launch and
 reported as named results.
@@ -80,5 +81,7 @@ def test_dist_checkpoint_reshards_between_tp_sizes(tmp_path, run_torchrun):
     for check in ("fresh_tp2_build_is_slice_of_tp1_build", "local_shards_equal_slices",  # (b)
                   "logits_equal_tp1_logits", "central_step_round", "common/step_round",
                   "common/saved_layout", "common/extra", "common/train_config", "refused_on_every_rank",
-                  "dp2/load_tp1_checkpoint", "dp2/save_load_round_trip", "dp2/common"):
+                  "dp2/load_tp1_checkpoint", "dp2/save_load_round_trip", "dp2/common",
+                  "pp2/load_tp1_checkpoint", "pp2/stage_holds_only_its_layers",
+                  "pp2_to_tp2/local_shards_equal_slices", "pp2_to_tp2/common"):
         assert check in loaded2, f"{check} was not run"
