@@ -110,6 +110,9 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     g.add_argument("--exit-interval", type=int, default=None,
                    help="stop after the round that reaches this step (then --save); resume with --load")
     g.add_argument("--metrics-file", default=None, help="JSON file for per-round losses and timings (rank 0)")
+    g.add_argument("--ckpt-format", choices=("safetensors", "torch_dist"), default="safetensors",
+                   help="--save format: 'safetensors' (one file set, gathered on rank 0) or 'torch_dist' "
+                        "(Megatron dist_checkpointing: sharded, reshards to any TP/PP on --load)")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     return parser

@@ -72,12 +72,9 @@ def cmd_train(args) -> int:
     data_meta, batches_factory, vocab = _data_for_training(args)
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     if args.load:
-        from .checkpointing import load_checkpoint
         from .config import TwistConfig
-        from .model_io import _model_config
 
-        saved = load_checkpoint(args.load, kind="central")[0]
-        model = _model_config(saved, args.load)
+        saved, model = _read_central_meta(args.load)
         # A resumed run keeps its identity: TwIST settings (sampler seed, balance shards, ...) come
         # from the checkpoint, so it continues exactly as the uninterrupted run would.
         twist = TwistConfig.from_dict(saved["twist"])
@@ -102,11 +99,19 @@ def cmd_train(args) -> int:
     init_distributed()
     try:
         groups = build_twist_groups(twist, tp, pp)
+        from .cpu_shim import seed_everything
+
+        seed_everything(train.seed)  # Megatron's RNG tracker, whichever way the central model is made
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))))
         from .training.twist_trainer import TwistTrainer, build_central
 
-        central = build_central(model, train.seed, tp, pp)
-        if args.load:
+        if args.load and _is_dist_checkpoint(args.load):
+            from .distributed.dist_checkpoint import load_central_dist
+
+            central = load_central_dist(args.load, model, tp, pp)[0]  # Megatron reshards to this layout
+        else:
+            central = build_central(model, train.seed, tp, pp)
+        if args.load and not _is_dist_checkpoint(args.load):
             from .distributed.full_state import layer_range
             from .model_io import fill_central
 
@@ -115,9 +120,16 @@ def cmd_train(args) -> int:
         trainer = TwistTrainer(model, twist, train, groups, batches, central=central, log=_log)
         records = []
         result = trainer.run(on_round_end=records.append)
-        full_state = trainer.full_central_state() if args.save else None  # a collective on sharded runs
+        if args.save and args.ckpt_format == "torch_dist":
+            from .distributed.dist_checkpoint import save_central_dist
+
+            save_central_dist(args.save, result.central, twist, train, extra={"data": data_meta})  # collective
+            _log(f"[twist] saved central model (torch_dist) to {args.save}")
+        full_state = None
+        if args.save and args.ckpt_format == "safetensors":
+            full_state = trainer.full_central_state()  # a collective on sharded runs
         if groups.is_logging_rank:
-            if args.save:
+            if full_state is not None:
                 from .model_io import save_central
 
                 save_central(args.save, result.central, twist, train, data=data_meta, full_state=full_state)
@@ -132,6 +144,26 @@ def cmd_train(args) -> int:
     finally:
         shutdown()
     return 0
+
+
+def _is_dist_checkpoint(path: str) -> bool:
+    """Megatron dist_checkpointing writes metadata.json; megatron-twist's safetensors format meta.json."""
+    return (Path(path) / "metadata.json").is_file() and not (Path(path) / "meta.json").is_file()
+
+
+def _read_central_meta(path: str):
+    """(meta dict, ModelConfig) of a central checkpoint in either format, without building anything."""
+    from .model_io import _model_config
+
+    if _is_dist_checkpoint(path):
+        from .distributed.dist_checkpoint import read_common
+
+        common = read_common(path)
+        return common, _model_config(common, path)
+    from .checkpointing import load_checkpoint
+
+    meta = load_checkpoint(path, kind="central")[0]
+    return meta, _model_config(meta, path)
 
 
 def _data_for_training(args):

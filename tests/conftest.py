@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -43,11 +44,23 @@ def subprocess_env() -> dict:
     return env
 
 
+def run_process_group(cmd, timeout: float, cwd=None) -> subprocess.CompletedProcess:
+    """Run ``cmd`` in its own session; on timeout kill the WHOLE group (torchrun's workers too)."""
+    with subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env=subprocess_env(), cwd=cwd or REPO, start_new_session=True) as p:
+        try:
+            out, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            out, err = p.communicate()
+            raise AssertionError(f"timed out after {timeout}s: {cmd}\n{out[-2000:]}\n{err[-3000:]}") from None
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
+
+
 def torchrun(nproc: int, args, timeout: float = 240, cwd=None, check: bool = True) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
            "--master_addr=127.0.0.1", f"--master_port={free_port()}", *map(str, args)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=subprocess_env(),
-                          cwd=cwd or REPO)
+    proc = run_process_group(cmd, timeout, cwd)
     if check:
         assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc
@@ -69,8 +82,7 @@ def run_twist():
     """The `twist` command in a fresh process (so each run owns its process group)."""
 
     def run(args, timeout: float = 240, check: bool = True) -> subprocess.CompletedProcess:
-        proc = subprocess.run([sys.executable, "-m", "megatron_twist", *map(str, args)], capture_output=True,
-                              text=True, timeout=timeout, env=subprocess_env(), cwd=REPO)
+        proc = run_process_group([sys.executable, "-m", "megatron_twist", *args], timeout)
         if check:
             assert proc.returncode == 0, f"twist {args[0]} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
         return proc

@@ -71,13 +71,18 @@ def _compare_to_reference(root, name):
     return got
 
 
+def _run_layout(reference, run_torchrun, name):
+    nproc, flags = LAYOUTS[name]
+    return run_torchrun(nproc, ["-m", "megatron_twist", "train", "--model-preset", "tiny", *BASE, *flags,
+                                "--train-iters", "16", "--load", reference / "init", "--save", reference / name,
+                                "--metrics-file", reference / f"{name}.json"], timeout=300)
+
+
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_layout_matches_single_process_reference(reference, run_torchrun, name):
-    nproc, flags = LAYOUTS[name]
-    proc = run_torchrun(nproc, ["-m", "megatron_twist", "train", "--model-preset", "tiny", *BASE, *flags,
-                                "--train-iters", "16", "--load", reference / "init", "--save", reference / name,
-                                "--metrics-file", reference / f"{name}.json"], timeout=300)
+    nproc, _ = LAYOUTS[name]
+    proc = _run_layout(reference, run_torchrun, name)
     got = _compare_to_reference(reference, name)
     assert got["world_size"] == nproc
     rounds = got["rounds"]
@@ -107,12 +112,25 @@ def test_resume_is_bitwise_identical_to_uninterrupted_run(reference, run_twist):
 
 
 @pytest.mark.multiprocess
-def test_tp2_checkpoint_resumes_at_tp1(reference, run_twist):
-    """The TP=2 run's checkpoint (gathered) continues on one process, and the reverse is the fixture's init."""
-    run_twist(["train", "--model-preset", "tiny", *BASE, "--train-iters", "20", "--load", reference / "tp2",
-               "--metrics-file", reference / "tp2-then-tp1.json"])
-    curve = json.loads((reference / "tp2-then-tp1.json").read_text())["loss_curve"]
-    assert len(curve) == 4 and all(c == c for c in curve)
+def test_tp2_checkpoint_resumes_at_tp1_in_both_formats(reference, run_twist, run_torchrun):
+    """A TP=2 run saved as Megatron dist_checkpointing (resharded on load) and as the gathered
+    safetensors checkpoint both resume at TP=1, and continue identically."""
+    run_torchrun(2, ["-m", "megatron_twist", "train", "--model-preset", "tiny", *BASE, "--train-iters", "16",
+                     "--tensor-model-parallel-size", "2", "--load", reference / "init",
+                     "--ckpt-format", "torch_dist", "--save", reference / "tp2-dist"], timeout=300)
+    assert (reference / "tp2-dist" / "metadata.json").is_file()
+    if not (reference / "tp2").is_dir():  # normally written by test_layout_matches_single_process_reference
+        _run_layout(reference, run_torchrun, "tp2")
+    for source in ("tp2", "tp2-dist"):
+        run_twist(["train", "--model-preset", "tiny", *BASE, "--train-iters", "20", "--load", reference / source,
+                   "--save", reference / f"{source}-then-tp1", "--metrics-file", reference / f"{source}-then-tp1.json"])
+    a = json.loads((reference / "tp2-then-tp1.json").read_text())["loss_curve"]
+    b = json.loads((reference / "tp2-dist-then-tp1.json").read_text())["loss_curve"]
+    assert len(a) == 4 and a == b
+    wa = load_file(str(reference / "tp2-then-tp1" / "model.safetensors"))
+    wb = load_file(str(reference / "tp2-dist-then-tp1" / "model.safetensors"))
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
 
 
 @pytest.mark.multiprocess
