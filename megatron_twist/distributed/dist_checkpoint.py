@@ -59,7 +59,7 @@ from megatron.core.dist_checkpointing.strategies.torch import (
 from megatron.core.dist_checkpointing.validation import StrictHandling
 from torch.distributed.checkpoint.api import CheckpointException as TorchCheckpointException
 
-from ..checkpointing import CheckpointError
+from ..checkpointing import CheckpointError, fsync_dir
 from ..config import ConfigError, ModelConfig, TrainConfig, TwistConfig
 from ..model.gpt import build_gpt_model
 from ..training.optim import ADAM_MOMENTS
@@ -204,14 +204,6 @@ def old_path(final: Path) -> Path:
     return final.parent / f".{final.name}.dist-old"
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def publish_checkpoint(tmp: Path, final: Path) -> None:
     """Rename a complete checkpoint ``tmp`` to ``final`` (not collective; rank 0 calls it).
 
@@ -226,7 +218,7 @@ def publish_checkpoint(tmp: Path, final: Path) -> None:
             shutil.rmtree(old)
         os.replace(final, old)
     os.replace(tmp, final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
     if old.exists():  # also one left by a save interrupted between the two renames
         shutil.rmtree(old)
 
