@@ -113,6 +113,10 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     g.add_argument("--ckpt-format", choices=("safetensors", "torch_dist"), default="safetensors",
                    help="--save format: 'safetensors' (one file set, gathered on rank 0) or 'torch_dist' "
                         "(Megatron dist_checkpointing: sharded, reshards to any TP/PP on --load)")
+    # DeepSpeed's own flag names (deepspeed.add_config_arguments), declared here so that parsing
+    # the command line does not import DeepSpeed.
+    g.add_argument("--deepspeed", action="store_true", help="train each subnet with a DeepSpeed engine (ZeRO 0-3)")
+    g.add_argument("--deepspeed_config", default=None, help="ds_config JSON; its \"twist\" section sets TwIST")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     return parser

@@ -68,6 +68,18 @@ def _as_dict(obj):
 def cmd_train(args) -> int:
     # Everything the user typed is validated first; Megatron (seconds to import) comes after.
     twist = validate_twist_args(args)
+    ds_config = None
+    if args.deepspeed or args.deepspeed_config:
+        from .integrations.ds_config import twist_config_from_ds, twist_section
+
+        if not (args.deepspeed and args.deepspeed_config):
+            raise ConfigError("DeepSpeed needs both --deepspeed and --deepspeed_config FILE")
+        twist_section(args.deepspeed_config)  # refuses a missing or invalid file, naming it
+        ds_config = json.loads(Path(args.deepspeed_config).read_text())
+        twist = twist_config_from_ds(args.deepspeed_config, args, args.parser)
+        if args.load or args.tensor_model_parallel_size > 1 or args.pipeline_model_parallel_size > 1:
+            raise ConfigError("with --deepspeed this release supports neither --load nor TP/PP > 1 "
+                              "(DeepSpeed checkpoints and parallel layouts are issue #4's remainder)")
     train = train_config_from_args(args)
     data_meta, batches_factory, vocab = _data_for_training(args)
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
@@ -117,6 +129,8 @@ def cmd_train(args) -> int:
 
             fill_central(central, args.load, groups.tp_rank, tp, layer_range(model, groups.pp_rank, pp)[0])
         batches = batches_factory(model, train, twist)
+        if ds_config is not None:
+            return _train_deepspeed(args, model, twist, train, groups, batches, ds_config, data_meta)
         trainer = TwistTrainer(model, twist, train, groups, batches, central=central, log=_log)
         records = []
         result = trainer.run(on_round_end=records.append)
@@ -144,6 +158,31 @@ def cmd_train(args) -> int:
     finally:
         shutdown()
     return 0
+
+
+def _train_deepspeed(args, model, twist, train, groups, batches, ds_config, data_meta) -> int:
+    from .training.deepspeed_trainer import train_with_deepspeed
+
+    central, losses, engine = train_with_deepspeed(model, twist, train, groups, batches, ds_config, log=_log)
+    all_losses = _gather(losses)
+    if groups.is_logging_rank:
+        _log(f"[twist-ds] done: ZeRO {engine.zero_optimization_stage()}, final loss per rank "
+             f"{[round(x[-1], 4) for x in all_losses]}")
+        if args.save:
+            from .model_io import save_central
+
+            save_central(args.save, central, twist, train, data=data_meta)
+            _log(f"[twist] saved central model to {args.save}")
+        if args.metrics_file:
+            _write_json(args.metrics_file, {"losses_per_rank": all_losses, "twist": twist.to_dict(),
+                                            "zero_stage": engine.zero_optimization_stage()})
+    return 0
+
+
+def _gather(obj):
+    from .distributed.runtime import all_gather_objects
+
+    return all_gather_objects(obj)
 
 
 def _is_dist_checkpoint(path: str) -> bool:
@@ -292,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_prepare_data)
 
     t = sub.add_parser("train", help="train with TwIST (run under torchrun for one subnet group per rank)")
+    p.train_parser = t
     add_model_args(t)
     add_training_args(t)
     add_twist_args(t)
@@ -321,7 +361,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     # Megatron-core announces at import that optional CUDA libraries are absent; not actionable here.
     warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|full scope is deprecated).*")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.parser = parser.train_parser  # to tell flags the user set from defaults (ds_config conflicts)
     from .checkpointing import CheckpointError
 
     try:

@@ -6,4 +6,6 @@ bash scripts/setup_env.sh
 # shellcheck disable=SC1091
 . .venv/bin/activate
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} GLOO_SOCKET_IFNAME=${GLOO_SOCKET_IFNAME:-lo} DS_ACCELERATOR=cpu
+# DeepSpeed JIT-compiles a shared-memory comm op once (~20 s); keep it with the venv.
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.venv/torch_extensions}
 exec python -m pytest -q --durations=15 "$@"

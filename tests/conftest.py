@@ -38,7 +38,10 @@ def free_port() -> int:
 
 def subprocess_env() -> dict:
     env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", MASTER_ADDR="127.0.0.1", PYTHONUNBUFFERED="1")
+    env.update(OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", MASTER_ADDR="127.0.0.1", PYTHONUNBUFFERED="1",
+               DS_ACCELERATOR="cpu")
+    # DeepSpeed JIT-compiles a shared-memory comm op once; keep it in a stable place (the venv).
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".venv" / "torch_extensions"))
     env.pop("RANK", None)
     env.pop("WORLD_SIZE", None)
     return env

@@ -79,7 +79,8 @@ class TwistGroups:
     """This rank's place in the layout and the groups TwIST communicates over.
 
     subnet_group:       ranks training the same subnet at the same TP/PP position
-                        (gradients are averaged among them every step); None without replicas.
+                        (gradients are averaged among them every step; DeepSpeed's data-parallel
+                        group); a single rank without replicas; None when ranks take subnets in turn.
     aggregation_group:  ranks at the same TP/PP position and replica index across subnets;
                         weights are exchanged among them only at the end of a round.
     """
@@ -167,7 +168,7 @@ def build_twist_groups(twist: TwistConfig, tensor_parallel_size: int = 1, pipeli
     dp_rank = parallel_state.get_data_parallel_rank()
     rank = dist.get_rank()
     dp_group = parallel_state.get_data_parallel_group()
-    if layout.replicas == 1:
+    if layout.data_parallel < layout.num_subnets:  # subnets taken in turn: no per-subnet group exists
         return TwistGroups(rank, world, layout, tp_rank, pp_rank, dp_rank, aggregation_group=dp_group)
 
     coords = all_gather_objects((rank, tp_rank, pp_rank, dp_rank))

@@ -38,7 +38,9 @@ from ..twist.worker import SubnetWorker
 
 class TwistRoundHook:
     def __init__(self, model: ModelConfig, twist: TwistConfig, groups: TwistGroups, central: CentralModel,
-                 subnet_module: torch.nn.Module, optimizer: torch.optim.Optimizer):
+                 subnet_module: torch.nn.Module, optimizer: torch.optim.Optimizer, worker=None):
+        """``worker``: how to read/refill the subnet; default: plain parameters + torch optimizer state
+        (a DeepSpeed engine passes a ZeroSubnetWorker)."""
         subnets = groups.local_subnets(twist.num_subnets)
         if len(subnets) != 1:
             raise ConfigError(
@@ -50,7 +52,7 @@ class TwistRoundHook:
         self.sampler = SubnetSampler(model, twist, groups.tp_size)
         self.first_layer, self.num_layers = layer_range(model, groups.pp_rank, groups.pp_size)
         geometry = local_model_view(model, groups.tp_size, self.first_layer, self.num_layers)
-        self.worker = SubnetWorker.attach(subnet_module, optimizer, model, twist, geometry)
+        self.worker = worker or SubnetWorker.attach(subnet_module, optimizer, model, twist, geometry)
         fields = ("param",) + (ADAM_MOMENTS if twist.optimizer_state == "aggregate" else ())
         device = next(central.module.parameters()).device
         self.aggregator = RoundAggregator(geometry, central.shapes(), fields, device=device)

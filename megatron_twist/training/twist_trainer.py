@@ -215,7 +215,8 @@ class TwistTrainer:
 
 def step_parallelism(groups: TwistGroups) -> StepParallelism:
     """What one training step must synchronise, given this rank's place in the layout."""
-    if groups.tp_size == 1 and groups.pp_size == 1 and groups.subnet_group is None:
+    replicas = groups.subnet_group if groups.layout.replicas > 1 else None
+    if groups.tp_size == 1 and groups.pp_size == 1 and replicas is None:
         return StepParallelism()
     from megatron.core import parallel_state
 
@@ -227,7 +228,7 @@ def step_parallelism(groups: TwistGroups) -> StepParallelism:
         pipeline_group = parallel_state.get_pipeline_model_parallel_group()
         norm_groups.append(pipeline_group)
         last = parallel_state.get_pipeline_model_parallel_last_rank()
-    return StepParallelism(subnet_group=groups.subnet_group, norm_groups=tuple(norm_groups),
+    return StepParallelism(subnet_group=replicas, norm_groups=tuple(norm_groups),
                            pipeline_group=pipeline_group, pipeline_last_rank=last)
 
 

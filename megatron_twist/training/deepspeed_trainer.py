@@ -1,0 +1,59 @@
+"""TwIST with a DeepSpeed engine training each rank's subnet (ZeRO stage 0-3).
+
+Same model, data addressing, optimizer, schedule and round hook as
+`twist train`; only the step goes through the engine (``engine.backward``,
+``engine.step``: ZeRO partitioning, gradient reduction over the subnet's
+replicas, gradient clipping from the ds_config).
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable, List
+
+import torch
+import torch.distributed as dist
+
+from ..config import ModelConfig, TrainConfig, TwistConfig
+from ..distributed.runtime import TwistGroups
+from ..integrations.deepspeed_engine import TwistMpu, ZeroSubnetWorker
+from ..integrations.ds_config import strip_twist_section
+from ..integrations.round_hook import TwistRoundHook
+from ..model.gpt import build_gpt_model, gpt_forward
+from ..twist.sampler import SubnetSampler
+from .optim import build_optimizer, build_scheduler, set_schedule_step
+from .step import masked_mean_loss
+from .twist_trainer import build_central
+
+
+def train_with_deepspeed(model: ModelConfig, twist: TwistConfig, train: TrainConfig, groups: TwistGroups, batches,
+                         ds_config: dict, log: Callable[[str], None] = print):
+    """Returns (central model, per-step losses of this rank's subnet)."""
+    import deepspeed
+
+    central = build_central(model, train.seed, groups.tp_size, groups.pp_size)
+    subnet = build_gpt_model(model, SubnetSampler(model, twist, groups.tp_size).subnet_layer_sizes(),
+                             tensor_parallel_size=groups.tp_size)
+    client_optimizer = build_optimizer(subnet, train)
+    scheduler = build_scheduler(client_optimizer, train)
+    engine, _, _, _ = deepspeed.initialize(model=subnet, optimizer=client_optimizer,
+                                           config=strip_twist_section(ds_config), mpu=TwistMpu(groups))
+    worker = ZeroSubnetWorker(engine, model, twist)
+    hook = TwistRoundHook(model, twist, groups, central, engine.module, client_optimizer, worker=worker)
+    reps = groups.layout.replicas
+    slot, num_slots = hook.subnet * reps + groups.replica_index, twist.num_subnets * reps
+    losses: List[float] = []
+    t0 = time.perf_counter()
+    for it in range(train.train_iters):
+        moved = hook.on_iteration_start(it)
+        set_schedule_step(scheduler, it)
+        batch = batches.get(it, slot, num_slots)
+        loss = masked_mean_loss(gpt_forward(engine, batch["tokens"], batch["labels"]), batch["loss_mask"])
+        engine.backward(loss)
+        engine.step()
+        worker.after_first_step()
+        losses.append(loss.item())
+        if moved is not None and groups.is_logging_rank:
+            log(f"[twist-ds] round {central.round} step {it}/{train.train_iters} | loss {losses[-1]:.4f} | "
+                f"ZeRO {engine.zero_optimization_stage()} | agg {moved / 2**20:.1f} MiB | {time.perf_counter() - t0:.0f}s")
+    hook.finish(train.train_iters)
+    return central, losses, engine

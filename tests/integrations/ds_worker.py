@@ -1,0 +1,48 @@
+"""TwIST on DeepSpeed engines: torchrun --nproc_per_node 2 ds_worker.py OUT_DIR STAGE [STAGE ...]
+
+For each ZeRO stage: 2 subnets (one per rank) of the tiny model, trained with the ds_configs/cpu_zeroN.json
+engine; writes OUT_DIR/zeroN/central.safetensors (rank 0) and OUT_DIR/zeroN/losses-RANK.json.
+Also checks, on the real engine, that the units outside this rank's subnet cannot move during its
+local steps (they are not in its model or optimizer), and that every parameter's Adam state is linked.
+"""
+import json
+import os
+import sys
+import warnings
+
+warnings.filterwarnings("ignore")
+
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from megatron_twist.config import MODEL_PRESETS, ModelConfig, TrainConfig  # noqa: E402
+from megatron_twist.distributed.runtime import build_twist_groups, init_distributed, shutdown  # noqa: E402
+from megatron_twist.integrations.ds_config import twist_config_from_ds  # noqa: E402
+from megatron_twist.training.batches import SyntheticBatches  # noqa: E402
+from megatron_twist.training.deepspeed_trainer import train_with_deepspeed  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+out = Path(sys.argv[1])
+model = ModelConfig(**MODEL_PRESETS["tiny"])
+train = TrainConfig(train_iters=10, micro_batch_size=2, log_interval=100)
+init_distributed()
+groups = None
+for stage in sys.argv[2:]:
+    cfg = json.loads((REPO / "ds_configs" / f"cpu_zero{stage}.json").read_text())
+    twist = twist_config_from_ds(cfg)
+    groups = groups or build_twist_groups(twist)
+    batches = SyntheticBatches(model.vocab_size, model.seq_length, train.micro_batch_size, seed=train.seed)
+    central, losses, engine = train_with_deepspeed(model, twist, train, groups, batches, cfg)
+    for name, p in engine.module.named_parameters():  # every parameter's Adam state reachable
+        if engine.zero_optimization_stage() > 0:
+            from deepspeed.utils import safe_get_full_optimizer_state
+            assert safe_get_full_optimizer_state(p, "exp_avg") is not None, name
+    d = out / f"zero{stage}"
+    d.mkdir(parents=True, exist_ok=True)
+    if groups.rank == 0:
+        save_file({k: v.detach().contiguous() for k, v in central.params.items()}, str(d / "central.safetensors"))
+    (d / f"losses-{groups.rank}.json").write_text(json.dumps(losses))
+    torch.distributed.barrier()
+shutdown()
