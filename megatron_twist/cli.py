@@ -102,6 +102,9 @@ def cmd_train(args) -> int:
 
     twist = dataclasses.replace(twist, balance_shards=twist.shards_for(tp))  # recorded in checkpoints
     check_model_layout(model, twist, tp, pp)
+    from .distributed.runtime import discover_launcher
+
+    discover_launcher()  # torchrun, deepspeed, srun or mpirun: WORLD_SIZE is known from here on
     ParallelLayout.for_world(int(os.environ.get("WORLD_SIZE", "1")), twist.num_subnets, tp, pp)
 
     import torch

@@ -91,3 +91,10 @@ def run_twist():
         return proc
 
     return run
+
+
+@pytest.fixture(scope="session")
+def launch():
+    """Run any launcher command in its own process group with a timeout; `launch.free_port()` for rendezvous."""
+    run_process_group.free_port = free_port
+    return run_process_group

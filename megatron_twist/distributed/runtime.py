@@ -135,6 +135,54 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+_MPI_RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")
+
+
+def discover_launcher() -> str:
+    """Set RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT for launchers that don't.
+
+    torchrun and the ``deepspeed`` launcher set them. ``srun`` sets SLURM_PROCID /
+    SLURM_NTASKS / SLURM_LOCALID (MASTER_ADDR must come from the sbatch script, which
+    takes it from ``scontrol show hostnames``). ``mpirun`` sets its own variables: ranks
+    are read through mpi4py, and rank 0 chooses MASTER_ADDR (unless set; local runs set
+    127.0.0.1) and a free MASTER_PORT, broadcast over MPI. Returns the launcher's name.
+    """
+    env = os.environ
+    if launched_by_torchrun():
+        return "torchrun"
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        if "MASTER_ADDR" not in env:
+            raise ConfigError("under srun, export MASTER_ADDR (the first host of `scontrol show hostnames "
+                              "$SLURM_JOB_NODELIST`) before launching")
+        env.update(RANK=env["SLURM_PROCID"], WORLD_SIZE=env["SLURM_NTASKS"],
+                   LOCAL_RANK=env.get("SLURM_LOCALID", "0"))
+        env.setdefault("MASTER_PORT", "29500")
+        return "srun"
+    if any(v in env for v in _MPI_RANK_VARS):
+        from mpi4py import MPI  # the MPI library that launched us (mpich / Open MPI)
+
+        comm = MPI.COMM_WORLD
+        if comm.Get_size() == 1:
+            return "single"
+        rank = comm.Get_rank()
+        local_rank = comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
+        addr, port = None, None
+        if rank == 0:
+            import socket
+
+            addr = env.get("MASTER_ADDR") or socket.gethostbyname(socket.gethostname())
+            port = env.get("MASTER_PORT")
+            if port is None:
+                with socket.socket() as s:
+                    s.bind((addr, 0))
+                    port = str(s.getsockname()[1])
+        addr, port = comm.bcast((addr, port), root=0)
+        env.update(RANK=str(rank), WORLD_SIZE=str(comm.Get_size()), LOCAL_RANK=str(local_rank),
+                   MASTER_ADDR=addr, MASTER_PORT=port)
+        return "mpirun"
+    return "single"
+
+
 def init_distributed(timeout_s: float = 300.0) -> None:
     """Create the default process group: from torchrun's env, or a 1-rank group in-process."""
     if dist.is_initialized():
@@ -143,7 +191,7 @@ def init_distributed(timeout_s: float = 300.0) -> None:
     if cuda_absent():
         apply_cpu_shim()
     timeout = datetime.timedelta(seconds=timeout_s)
-    if launched_by_torchrun():
+    if discover_launcher() != "single":
         if not cuda_absent():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group(backend, timeout=timeout)
