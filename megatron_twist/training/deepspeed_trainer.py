@@ -45,6 +45,8 @@ def train_with_deepspeed(model: ModelConfig, twist: TwistConfig, train: TrainCon
     t0 = time.perf_counter()
     for it in range(train.train_iters):
         moved = hook.on_iteration_start(it)
+        if moved is not None:
+            record_round(engine, groups, central, hook.subnet, losses, moved)
         set_schedule_step(scheduler, it)
         batch = batches.get(it, slot, num_slots)
         loss = masked_mean_loss(gpt_forward(engine, batch["tokens"], batch["labels"]), batch["loss_mask"])
@@ -55,5 +57,28 @@ def train_with_deepspeed(model: ModelConfig, twist: TwistConfig, train: TrainCon
         if moved is not None and groups.is_logging_rank:
             log(f"[twist-ds] round {central.round} step {it}/{train.train_iters} | loss {losses[-1]:.4f} | "
                 f"ZeRO {engine.zero_optimization_stage()} | agg {moved / 2**20:.1f} MiB | {time.perf_counter() - t0:.0f}s")
-    hook.finish(train.train_iters)
+    moved = hook.finish(train.train_iters)
+    if moved is not None:
+        record_round(engine, groups, central, hook.subnet, losses, moved)
     return central, losses, engine
+
+
+def record_round(engine, groups: TwistGroups, central, subnet: int, losses, moved_bytes: int) -> None:
+    """TwIST's own metrics through DeepSpeed's monitors (tensorboard / csv_monitor / wandb blocks).
+
+    DeepSpeed's monitors write on global rank 0 only, so every subnet's last loss is gathered
+    there first (a small collective every rank joins); rank 0 then writes each subnet's loss,
+    the round number and the aggregation bytes (counted at the collective), at the global step.
+    """
+    from ..distributed.runtime import all_gather_objects
+
+    monitor = getattr(engine, "monitor", None)
+    if monitor is None or not monitor.enabled:
+        return
+    last = dict(all_gather_objects((subnet, losses[-1])))  # every rank joins, even if its monitor is off
+    if groups.rank != 0:
+        return
+    step = central.step
+    events = [(f"Twist/subnet_{s}/loss", loss, step) for s, loss in sorted(last.items())]
+    events += [("Twist/round", central.round, step), ("Twist/aggregation_bytes", moved_bytes, step)]
+    monitor.write_events(events)

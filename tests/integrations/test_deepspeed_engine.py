@@ -40,7 +40,10 @@ def test_zero_stages_match_twist_without_deepspeed(tmp_path, run_torchrun):
 def test_cli_deepspeed_run_and_conflicting_flag(tmp_path, run_torchrun, run_twist):
     """`twist train --deepspeed --deepspeed_config ds_configs/cpu_zero2.json` under torchrun, and a
     flag that contradicts the ds_config's "twist" section refused with both names."""
-    config = HERE.parents[1] / "ds_configs" / "cpu_zero2.json"
+    config = json.loads((HERE.parents[1] / "ds_configs" / "cpu_zero2.json").read_text())
+    config["csv_monitor"] = {"enabled": True, "output_path": str(tmp_path / "monitor"), "job_name": "twist"}
+    (tmp_path / "zero2.json").write_text(json.dumps(config))
+    config = tmp_path / "zero2.json"
     proc = run_torchrun(2, ["-m", "megatron_twist", "train", "--model-preset", "tiny", "--mock-data",
                             "--train-iters", "8", "--micro-batch-size", "2", "--deepspeed", "--deepspeed_config",
                             config, "--metrics-file", tmp_path / "m.json"], timeout=300)
@@ -48,6 +51,12 @@ def test_cli_deepspeed_run_and_conflicting_flag(tmp_path, run_torchrun, run_twis
     assert metrics["zero_stage"] == 2 and metrics["twist"]["local_steps"] == 4  # from the ds_config
     assert all(len(r) == 8 and r[-1] < r[0] for r in metrics["losses_per_rank"])
     assert "[twist-ds] round" in proc.stdout
+    # TwIST's metrics went through DeepSpeed's csv_monitor: one row per round (steps 4 and 8)
+    logs = {p.name: p.read_text() for p in (tmp_path / "monitor").rglob("*.csv")}
+    rounds = [line.split(",") for line in logs["Twist_round.csv"].strip().splitlines()[1:]]
+    assert [(int(s), float(v)) for s, v in rounds] == [(4, 1.0), (8, 2.0)]
+    assert "Twist_subnet_0_loss.csv" in logs and "Twist_subnet_1_loss.csv" in logs
+    assert all(float(v) > 0 for _, v in (l.split(",") for l in logs["Twist_aggregation_bytes.csv"].splitlines()[1:]))
     bad = run_twist(["train", "--model-preset", "tiny", "--mock-data", "--deepspeed", "--deepspeed_config", config,
                      "--keep-ratio", "0.25", "--num-subnets", "4"], check=False)
     assert bad.returncode == 2
