@@ -77,16 +77,15 @@ def cmd_train(args) -> int:
         twist_section(args.deepspeed_config)  # refuses a missing or invalid file, naming it
         ds_config = json.loads(Path(args.deepspeed_config).read_text())
         twist = twist_config_from_ds(args.deepspeed_config, args, args.parser)
-        if args.load or args.tensor_model_parallel_size > 1 or args.pipeline_model_parallel_size > 1:
-            raise ConfigError("with --deepspeed this release supports neither --load nor TP/PP > 1 "
-                              "(DeepSpeed checkpoints and parallel layouts are issue #4's remainder)")
+        if args.tensor_model_parallel_size > 1 or args.pipeline_model_parallel_size > 1:
+            raise ConfigError("with --deepspeed this release supports TP/PP size 1 only (issue #4's remainder)")
     train = train_config_from_args(args)
     data_meta, batches_factory, vocab = _data_for_training(args)
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     if args.load:
         from .config import TwistConfig
 
-        saved, model = _read_central_meta(args.load)
+        saved, model = _read_central_meta(os.path.join(args.load, "central") if ds_config is not None else args.load)
         # A resumed run keeps its identity: TwIST settings (sampler seed, balance shards, ...) come
         # from the checkpoint, so it continues exactly as the uninterrupted run would.
         twist = TwistConfig.from_dict(saved["twist"])
@@ -120,6 +119,9 @@ def cmd_train(args) -> int:
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))))
         from .training.twist_trainer import TwistTrainer, build_central
 
+        batches = batches_factory(model, train, twist)
+        if ds_config is not None:  # the engine path builds and loads its own central model
+            return _train_deepspeed(args, model, twist, train, groups, batches, ds_config, data_meta)
         if args.load and _is_dist_checkpoint(args.load):
             from .distributed.dist_checkpoint import load_central_dist
 
@@ -131,9 +133,6 @@ def cmd_train(args) -> int:
             from .model_io import fill_central
 
             fill_central(central, args.load, groups.tp_rank, tp, layer_range(model, groups.pp_rank, pp)[0])
-        batches = batches_factory(model, train, twist)
-        if ds_config is not None:
-            return _train_deepspeed(args, model, twist, train, groups, batches, ds_config, data_meta)
         trainer = TwistTrainer(model, twist, train, groups, batches, central=central, log=_log)
         records = []
         result = trainer.run(on_round_end=records.append)
@@ -166,16 +165,14 @@ def cmd_train(args) -> int:
 def _train_deepspeed(args, model, twist, train, groups, batches, ds_config, data_meta) -> int:
     from .training.deepspeed_trainer import train_with_deepspeed
 
-    central, losses, engine = train_with_deepspeed(model, twist, train, groups, batches, ds_config, log=_log)
+    central, losses, engine = train_with_deepspeed(model, twist, train, groups, batches, ds_config, log=_log,
+                                                   load=args.load, save=args.save, data_meta=data_meta)
     all_losses = _gather(losses)
     if groups.is_logging_rank:
-        _log(f"[twist-ds] done: ZeRO {engine.zero_optimization_stage()}, final loss per rank "
+        _log(f"[twist-ds] done at step {central.step}: ZeRO {engine.zero_optimization_stage()}, final loss per rank "
              f"{[round(x[-1], 4) for x in all_losses]}")
         if args.save:
-            from .model_io import save_central
-
-            save_central(args.save, central, twist, train, data=data_meta)
-            _log(f"[twist] saved central model to {args.save}")
+            _log(f"[twist] saved engine checkpoint and central model to {args.save}")
         if args.metrics_file:
             _write_json(args.metrics_file, {"losses_per_rank": all_losses, "twist": twist.to_dict(),
                                             "zero_stage": engine.zero_optimization_stage()})

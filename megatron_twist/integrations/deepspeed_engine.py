@@ -136,6 +136,11 @@ class ZeroSubnetWorker:
         else:
             safe_set_full_optimizer_state(p, value, moment)
 
+    def mark_state_present(self) -> None:
+        """After engine.load_checkpoint: Adam state exists, link it to the fragments."""
+        relink_optimizer_state(self.engine)
+        self._stepped = True
+
     def after_first_step(self) -> None:
         if not self._stepped:
             relink_optimizer_state(self.engine)

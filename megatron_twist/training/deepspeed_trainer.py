@@ -7,13 +7,14 @@ replicas, gradient clipping from the ds_config).
 """
 from __future__ import annotations
 
+import os
 import time
-from typing import Callable, List
+from typing import Callable, List, Optional
 
 import torch
 import torch.distributed as dist
 
-from ..config import ModelConfig, TrainConfig, TwistConfig
+from ..config import ConfigError, ModelConfig, TrainConfig, TwistConfig
 from ..distributed.runtime import TwistGroups
 from ..integrations.deepspeed_engine import TwistMpu, ZeroSubnetWorker
 from ..integrations.ds_config import strip_twist_section
@@ -26,11 +27,23 @@ from .twist_trainer import build_central
 
 
 def train_with_deepspeed(model: ModelConfig, twist: TwistConfig, train: TrainConfig, groups: TwistGroups, batches,
-                         ds_config: dict, log: Callable[[str], None] = print):
-    """Returns (central model, per-step losses of this rank's subnet)."""
+                         ds_config: dict, log: Callable[[str], None] = print, load: Optional[str] = None,
+                         save: Optional[str] = None, data_meta: Optional[dict] = None):
+    """Returns (central model, per-step losses of this rank's subnet, engine).
+
+    ``save``: at the end (or at ``train.exit_interval``, a round boundary) a checkpoint directory
+    with the engine's own checkpoint (``engine/``: ``engine.save_checkpoint``, DeepSpeed's
+    ``global_stepN`` + ``latest``) and the central model alongside (``central/``, which holds
+    TwIST's state: weights, Adam moments, step, round, TwIST config = the sampler's state).
+    ``load``: such a directory; training continues exactly as the uninterrupted run.
+    """
     import deepspeed
 
     central = build_central(model, train.seed, groups.tp_size, groups.pp_size)
+    if load is not None:
+        from ..model_io import fill_central
+
+        fill_central(central, os.path.join(load, "central"))
     subnet = build_gpt_model(model, SubnetSampler(model, twist, groups.tp_size).subnet_layer_sizes(),
                              tensor_parallel_size=groups.tp_size)
     client_optimizer = build_optimizer(subnet, train)
@@ -38,12 +51,21 @@ def train_with_deepspeed(model: ModelConfig, twist: TwistConfig, train: TrainCon
     engine, _, _, _ = deepspeed.initialize(model=subnet, optimizer=client_optimizer,
                                            config=strip_twist_section(ds_config), mpu=TwistMpu(groups))
     worker = ZeroSubnetWorker(engine, model, twist)
+    if load is not None:
+        # The engine's checkpoint brings the optimizer-state structure; the round hook then refills
+        # weights and moments from the central model at the round boundary we stopped at.
+        engine.load_checkpoint(os.path.join(load, "engine"))
+        worker.mark_state_present()
     hook = TwistRoundHook(model, twist, groups, central, engine.module, client_optimizer, worker=worker)
     reps = groups.layout.replicas
     slot, num_slots = hook.subnet * reps + groups.replica_index, twist.num_subnets * reps
     losses: List[float] = []
     t0 = time.perf_counter()
-    for it in range(train.train_iters):
+    stop_at = min(train.train_iters, train.exit_interval or train.train_iters)
+    if stop_at % twist.local_steps and stop_at != train.train_iters:
+        raise ConfigError(f"--exit-interval {stop_at} must be a multiple of --local-steps {twist.local_steps} "
+                          "with DeepSpeed (checkpoints are taken at round boundaries)")
+    for it in range(central.step, stop_at):
         moved = hook.on_iteration_start(it)
         if moved is not None:
             record_round(engine, groups, central, hook.subnet, losses, moved)
@@ -57,10 +79,24 @@ def train_with_deepspeed(model: ModelConfig, twist: TwistConfig, train: TrainCon
         if moved is not None and groups.is_logging_rank:
             log(f"[twist-ds] round {central.round} step {it}/{train.train_iters} | loss {losses[-1]:.4f} | "
                 f"ZeRO {engine.zero_optimization_stage()} | agg {moved / 2**20:.1f} MiB | {time.perf_counter() - t0:.0f}s")
-    moved = hook.finish(train.train_iters)
+    moved = hook.finish(stop_at)
     if moved is not None:
         record_round(engine, groups, central, hook.subnet, losses, moved)
+    if save is not None:
+        save_deepspeed_checkpoint(save, engine, central, twist, train, groups, data_meta)
     return central, losses, engine
+
+
+def save_deepspeed_checkpoint(path: str, engine, central, twist, train, groups: TwistGroups,
+                              data_meta: Optional[dict] = None) -> None:
+    """engine.save_checkpoint (collective) + the central model (rank 0, atomic), at a round boundary."""
+    from ..model_io import save_central
+
+    engine.save_checkpoint(os.path.join(path, "engine"), tag=f"global_step{central.step}",
+                           client_state={"twist_step": central.step, "twist_round": central.round})
+    if groups.rank == 0:
+        save_central(os.path.join(path, "central"), central, twist, train, data=data_meta)
+    dist.barrier()
 
 
 def record_round(engine, groups: TwistGroups, central, subnet: int, losses, moved_bytes: int) -> None:

@@ -39,6 +39,14 @@ for stage in sys.argv[2:]:
         if engine.zero_optimization_stage() > 0:
             from deepspeed.utils import safe_get_full_optimizer_state
             assert safe_get_full_optimizer_state(p, "exp_avg") is not None, name
+    # The engine's optimizer holds exactly this subnet's units: units outside it have no optimizer
+    # state on this rank, so they cannot move during its local steps (no frozen-parameter drift).
+    from megatron_twist.model.gpt import count_parameters
+    subnet_params = count_parameters(engine.module)
+    assert subnet_params < count_parameters(central.module)
+    if engine.zero_optimization_stage() in (1, 2):
+        held = sum(t.numel() for t in engine.optimizer.single_partition_of_fp32_groups)
+        assert held == subnet_params, (held, subnet_params)  # one rank per subnet: the whole subnet
     d = out / f"zero{stage}"
     d.mkdir(parents=True, exist_ok=True)
     if groups.rank == 0:

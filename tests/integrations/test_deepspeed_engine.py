@@ -61,3 +61,22 @@ def test_cli_deepspeed_run_and_conflicting_flag(tmp_path, run_torchrun, run_twis
                      "--keep-ratio", "0.25", "--num-subnets", "4"], check=False)
     assert bad.returncode == 2
     assert "--keep-ratio 0.25 conflicts with" in bad.stderr and "keep_ratio" in bad.stderr
+
+
+@pytest.mark.multiprocess
+def test_deepspeed_checkpoint_resume_is_exact(tmp_path, run_torchrun):
+    """engine.save_checkpoint + central model at a round boundary; resuming equals the straight run, bit for bit."""
+    job = ["-m", "megatron_twist", "train", "--model-preset", "tiny", "--mock-data", "--train-iters", "12",
+           "--micro-batch-size", "2", "--deepspeed", "--deepspeed_config", HERE.parents[1] / "ds_configs" / "cpu_zero2.json"]
+    run_torchrun(2, [*job, "--save", tmp_path / "straight", "--metrics-file", tmp_path / "straight.json"])
+    run_torchrun(2, [*job, "--exit-interval", "8", "--save", tmp_path / "half"])
+    assert (tmp_path / "half" / "engine" / "latest").read_text().strip() == "global_step8"
+    run_torchrun(2, [*job, "--load", tmp_path / "half", "--save", tmp_path / "resumed",
+                     "--metrics-file", tmp_path / "resumed.json"])
+    straight = json.loads((tmp_path / "straight.json").read_text())["losses_per_rank"]
+    resumed = json.loads((tmp_path / "resumed.json").read_text())["losses_per_rank"]
+    assert [r[8:] for r in straight] == resumed
+    a = load_file(str(tmp_path / "straight" / "central" / "model.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "central" / "model.safetensors"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
