@@ -128,6 +128,8 @@ class ZeroSubnetWorker:
             if self.zero_stage < 3:
                 p.data.copy_(value.to(p.dtype))  # the working copy the next forward uses
             else:  # ZeRO-3: the working copy is partitioned too; write this rank's partition
+                if p.data.numel() == value.numel():  # persistent (small) params stay whole in p.data
+                    p.data.copy_(value.reshape(p.data.shape).to(p.dtype))
                 part = p.ds_tensor
                 offset = self.engine.mpu.get_data_parallel_rank() * part.numel()
                 flat = value.reshape(-1).to(part.dtype)

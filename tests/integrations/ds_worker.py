@@ -46,7 +46,11 @@ for stage in sys.argv[2:]:
     assert subnet_params < count_parameters(central.module)
     if engine.zero_optimization_stage() in (1, 2):
         held = sum(t.numel() for t in engine.optimizer.single_partition_of_fp32_groups)
-        assert held == subnet_params, (held, subnet_params)  # one rank per subnet: the whole subnet
+        reps = groups.layout.replicas
+        if reps == 1:
+            assert held == subnet_params, (held, subnet_params)  # one rank per subnet: the whole subnet
+        else:  # ZeRO partitions the subnet over its replicas: this rank holds ~1/replicas of it
+            assert held < subnet_params <= held * reps, (held, subnet_params, reps)
     d = out / f"zero{stage}"
     d.mkdir(parents=True, exist_ok=True)
     if groups.rank == 0:
