@@ -29,12 +29,16 @@ model = ModelConfig(**MODEL_PRESETS["tiny"])
 train = TrainConfig(train_iters=10, micro_batch_size=2, log_interval=100)
 init_distributed()
 groups = None
-for stage in sys.argv[2:]:
-    cfg = json.loads((REPO / "ds_configs" / f"cpu_zero{stage}.json").read_text())
+for stage in sys.argv[2:]:  # "2" = ds_configs/cpu_zero2.json; "2bf16" = the same with bf16 enabled
+    cfg = json.loads((REPO / "ds_configs" / f"cpu_zero{stage[0]}.json").read_text())
+    if stage.endswith("bf16"):
+        cfg["bf16"] = {"enabled": True}
     twist = twist_config_from_ds(cfg)
     groups = groups or build_twist_groups(twist)
     batches = SyntheticBatches(model.vocab_size, model.seq_length, train.micro_batch_size, seed=train.seed)
     central, losses, engine = train_with_deepspeed(model, twist, train, groups, batches, cfg)
+    expected_dtype = torch.bfloat16 if stage.endswith("bf16") else torch.float32
+    assert next(engine.module.parameters()).dtype == expected_dtype  # the engine computes in bf16
     for name, p in engine.module.named_parameters():  # every parameter's Adam state reachable
         if engine.zero_optimization_stage() > 0:
             from deepspeed.utils import safe_get_full_optimizer_state

@@ -1,0 +1,144 @@
+"""Peak memory per rank: TwIST (kappa 0.5, 2 subnets) against dense training, same ZeRO stage, side by side.
+
+    python benchmarks/deepspeed_memory.py [--stages 0 1 2 3] [--out runs/bench-memory]
+
+For each ZeRO stage, two 2-rank jobs on the same model and ds_config (fp32, CPU):
+* dense: DeepSpeed trains the full model; its data-parallel group is both ranks, so ZeRO
+  partitions over 2 ranks;
+* twist: `train_with_deepspeed`, one subnet per rank (its own data-parallel group of 1, so
+  ZeRO has nothing to partition) PLUS TwIST's central model on every rank (weights and two
+  Adam moments, full size).
+Memory is the peak resident set (VmHWM) of each rank after model building and 4 optimizer
+steps, minus the resident set after imports and process-group set-up (the peak is reset
+there through /proc/self/clear_refs). Prints a table of MiB per rank and ratios; writes
+OUT/memory.json and OUT/memory.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL = dict(family="llama", num_layers=8, hidden_size=512, num_attention_heads=8, num_query_groups=4,
+             ffn_hidden_size=1408, vocab_size=8192, seq_length=256)
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def worker(kind: str, stage: int, out: Path) -> None:
+    warnings.filterwarnings("ignore")
+    import torch
+    import torch.distributed as dist
+
+    from megatron_twist.config import ModelConfig, TrainConfig, TwistConfig
+    from megatron_twist.distributed.runtime import build_twist_groups, init_distributed, shutdown
+    from megatron_twist.model.gpt import build_gpt_model, gpt_forward
+    from megatron_twist.training.batches import SyntheticBatches
+    from megatron_twist.training.optim import build_optimizer
+    from megatron_twist.training.step import masked_mean_loss
+
+    model = ModelConfig(**MODEL)
+    train = TrainConfig(train_iters=4, micro_batch_size=2, log_interval=100)
+    ds_config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
+                 "gradient_clipping": 1.0, "zero_optimization": {"stage": stage}}
+    twist = TwistConfig(keep_ratio=0.5 if kind == "twist" else 1.0, num_subnets=2 if kind == "twist" else 1,
+                        local_steps=2, coverage=True)
+    init_distributed()
+    groups = build_twist_groups(twist)
+    from megatron_twist.cpu_shim import seed_everything
+
+    seed_everything(train.seed)
+    import deepspeed  # noqa: F401  (imported before the baseline so its import is not counted)
+
+    dist.barrier()
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
+    base = _status_kib("VmRSS")
+    batches = SyntheticBatches(model.vocab_size, model.seq_length, train.micro_batch_size, seed=0)
+    if kind == "twist":
+        from megatron_twist.training.deepspeed_trainer import train_with_deepspeed
+
+        train_with_deepspeed(model, twist, train, groups, batches, ds_config, log=lambda m: None)
+    else:
+        module = build_gpt_model(model)
+        engine, _, _, _ = deepspeed.initialize(model=module, optimizer=build_optimizer(module, train),
+                                               config=ds_config)
+        for it in range(train.train_iters):
+            b = batches.get(it, groups.rank, groups.world_size)
+            loss = masked_mean_loss(gpt_forward(engine, b["tokens"], b["labels"]), b["loss_mask"])
+            engine.backward(loss)
+            engine.step()
+    peak = _status_kib("VmHWM")
+    (out / f"{kind}-zero{stage}-rank{groups.rank}.json").write_text(
+        json.dumps({"peak_mib": (peak - base) / 1024, "baseline_mib": base / 1024}))
+    shutdown()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stages", type=int, nargs="+", default=[0, 1, 2, 3])
+    p.add_argument("--out", default="runs/bench-memory")
+    p.add_argument("--worker", nargs=2, metavar=("KIND", "STAGE"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.worker:
+        worker(args.worker[0], int(args.worker[1]), out)
+        return 0
+    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", DS_ACCELERATOR="cpu")
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".venv" / "torch_extensions"))
+    rows = []
+    for stage in args.stages:
+        row = {"stage": stage}
+        for kind in ("dense", "twist"):  # alternate inside one run, same machine state
+            print(f"[bench] ZeRO {stage}: {kind} ...", flush=True)
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+                   f"--master_port={_free_port()}", __file__, "--out", str(out), "--worker", kind, str(stage)]
+            subprocess.run(cmd, check=True, env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
+            peaks = [json.loads((out / f"{kind}-zero{stage}-rank{r}.json").read_text())["peak_mib"] for r in (0, 1)]
+            row[kind] = max(peaks)
+        row["ratio"] = row["twist"] / row["dense"]
+        rows.append(row)
+    print(f"\n{'ZeRO':>4s} {'dense MiB/rank':>15s} {'TwIST MiB/rank':>15s} {'TwIST/dense':>12s}")
+    for r in rows:
+        print(f"{r['stage']:>4d} {r['dense']:15.1f} {r['twist']:15.1f} {r['ratio']:12.2f}")
+    (out / "memory.json").write_text(json.dumps({"model": MODEL, "rows": rows}, indent=1))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        xs = range(len(rows))
+        ax.bar([x - 0.2 for x in xs], [r["dense"] for r in rows], 0.4, label="dense")
+        ax.bar([x + 0.2 for x in xs], [r["twist"] for r in rows], 0.4, label="TwIST kappa 0.5")
+        ax.set_xticks(list(xs), [f"ZeRO {r['stage']}" for r in rows])
+        ax.set_ylabel("peak MiB per rank (above baseline)")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "memory.png", dpi=120)
+        print(f"plot: {out / 'memory.png'}")
+    except ImportError:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
