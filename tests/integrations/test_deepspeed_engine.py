@@ -15,34 +15,32 @@ from safetensors.torch import load_file
 HERE = __import__("pathlib").Path(__file__).resolve().parent
 
 
+def _assert_engine_run_matches(ref_dir, run_dir, ranks, subnet_of, loss_tol, weight_tol):
+    """Losses of ``ranks`` (rank r trains subnet ``subnet_of(r)``) and the central model of ``run_dir``
+    against the non-DeepSpeed reference run in ``ref_dir``."""
+    ref = json.loads((ref_dir / "ref.json").read_text())
+    for rank in ranks:
+        got = json.loads((run_dir / f"losses-{rank}.json").read_text())
+        expected = [x for r in ref["rounds"] for x in r["losses"][subnet_of(rank)]]
+        assert len(got) == len(expected) == 10
+        assert max(abs(a - b) for a, b in zip(got, expected)) <= loss_tol, (run_dir.name, rank, got, expected)
+    want = load_file(str(ref_dir / "ref" / "model.safetensors"))
+    central = load_file(str(run_dir / "central.safetensors"))
+    for k in want:
+        torch.testing.assert_close(central[k], want[k], atol=weight_tol, rtol=0, msg=f"{run_dir.name}: {k}")
+
+
 @pytest.mark.multiprocess
 def test_zero_stages_match_twist_without_deepspeed(tmp_path, run_torchrun):
     run_torchrun(2, ["-m", "megatron_twist", "train", "--model-preset", "tiny", "--mock-data", "--train-iters", "10",
                      "--local-steps", "4", "--micro-batch-size", "2", "--num-subnets", "2", "--keep-ratio", "0.5",
                      "--save", tmp_path / "ref", "--metrics-file", tmp_path / "ref.json"], timeout=240)
     run_torchrun(2, [HERE / "ds_worker.py", tmp_path, "0", "1", "2", "3", "2bf16"], timeout=600)
-    ref = json.loads((tmp_path / "ref.json").read_text())
-    want = load_file(str(tmp_path / "ref" / "model.safetensors"))
     for stage in range(4):
-        d = tmp_path / f"zero{stage}"
-        for rank in (0, 1):
-            got = json.loads((d / f"losses-{rank}.json").read_text())
-            expected = [x for r in ref["rounds"] for x in r["losses"][rank]]
-            assert len(got) == len(expected) == 10
-            for a, b in zip(got, expected):
-                assert abs(a - b) <= 1e-5, (stage, rank, got, expected)
-        central = load_file(str(d / "central.safetensors"))
-        for k in want:
-            torch.testing.assert_close(central[k], want[k], atol=1e-4, rtol=0, msg=f"ZeRO {stage}: {k}")
+        _assert_engine_run_matches(tmp_path, tmp_path / f"zero{stage}", (0, 1), lambda r: r, 1e-5, 1e-4)
     # bf16 (ZeRO-2): bf16 forward/backward with fp32 master weights; bf16 keeps ~3 significant digits,
-    # so it follows the fp32 run loosely: losses within 2e-2, central weights within 2e-2
-    d = tmp_path / "zero2bf16"
-    for rank in (0, 1):
-        got = json.loads((d / f"losses-{rank}.json").read_text())
-        expected = [x for r in ref["rounds"] for x in r["losses"][rank]]
-        assert max(abs(a - b) for a, b in zip(got, expected)) <= 2e-2
-    central = load_file(str(d / "central.safetensors"))
-    assert max((central[k] - want[k]).abs().max().item() for k in want) <= 2e-2
+    # so it follows the fp32 run loosely
+    _assert_engine_run_matches(tmp_path, tmp_path / "zero2bf16", (0, 1), lambda r: r, 2e-2, 2e-2)
 
 
 @pytest.mark.multiprocess
@@ -99,26 +97,7 @@ def test_zero_partitions_subnet_over_its_replicas(tmp_path, run_torchrun):
                      "--local-steps", "4", "--micro-batch-size", "2", "--num-subnets", "2", "--keep-ratio", "0.5",
                      "--save", tmp_path / "ref", "--metrics-file", tmp_path / "ref.json"], timeout=300)
     run_torchrun(4, [HERE / "ds_worker.py", tmp_path, "2", "3"], timeout=600)
-    ref = json.loads((tmp_path / "ref.json").read_text())
-    want = load_file(str(tmp_path / "ref" / "model.safetensors"))
     for stage in (2, 3):
-        d = tmp_path / f"zero{stage}"
         # ranks 0,1 train subnet 0 (replicas 0,1), ranks 2,3 subnet 1; the reference's loss table is
         # replica 0's (rank 0 reports its aggregation group), so compare ranks 0 and 2
-        for rank in (0, 2):
-            got = json.loads((d / f"losses-{rank}.json").read_text())
-            expected = [v for r in ref["rounds"] for v in r["losses"][rank // 2]]
-            assert len(got) == len(expected) == 10
-            assert max(abs(a - b) for a, b in zip(got, expected)) <= 1e-5, (stage, rank, got, expected)
-        central = load_file(str(d / "central.safetensors"))
-        for k in want:
-            torch.testing.assert_close(central[k], want[k], atol=1e-4, rtol=0, msg=f"ZeRO {stage}: {k}")
-    # bf16 (ZeRO-2): bf16 forward/backward with fp32 master weights; bf16 keeps ~3 significant digits,
-    # so it follows the fp32 run loosely: losses within 2e-2, central weights within 2e-2
-    d = tmp_path / "zero2bf16"
-    for rank in (0, 1):
-        got = json.loads((d / f"losses-{rank}.json").read_text())
-        expected = [x for r in ref["rounds"] for x in r["losses"][rank]]
-        assert max(abs(a - b) for a, b in zip(got, expected)) <= 2e-2
-    central = load_file(str(d / "central.safetensors"))
-    assert max((central[k] - want[k]).abs().max().item() for k in want) <= 2e-2
+        _assert_engine_run_matches(tmp_path, tmp_path / f"zero{stage}", (0, 2), lambda r: r // 2, 1e-5, 1e-4)
