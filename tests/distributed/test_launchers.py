@@ -49,6 +49,9 @@ def test_mpirun_and_deepspeed_launchers(tmp_path, run_torchrun, launch):
 
 
 def test_srun_environment_is_discovered(monkeypatch):
+    # discover_launcher writes RANK/WORLD_SIZE/... into os.environ: give it a private copy so
+    # nothing leaks into later tests of this process
+    monkeypatch.setattr(os, "environ", dict(os.environ))
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "PMI_RANK", "OMPI_COMM_WORLD_RANK"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("SLURM_PROCID", "5")
