@@ -1,8 +1,8 @@
 """The central model: full-size weights, their Adam moments, and the round clock.
 
-Every data-parallel rank holds an identical copy (tensor/pipeline parallel
-size 1 in this release). It changes only at aggregation, so ranks stay in
-lock-step without broadcasting it.
+Every data-parallel rank holds an identical copy of ITS tensor-parallel shard
+and pipeline stage of the central model (the whole model at TP = PP = 1). It
+changes only at aggregation, so ranks stay in lock-step without broadcasting it.
 """
 from __future__ import annotations
 
