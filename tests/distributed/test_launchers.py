@@ -37,15 +37,21 @@ def test_mpirun_and_deepspeed_launchers(tmp_path, run_torchrun, launch):
     got = json.loads((tmp_path / "mpirun.json").read_text())
     assert got["world_size"] == 2 and got["loss_curve"] == ref["loss_curve"]
 
-    ds = launch([_venv_tool("deepspeed"), "--num_gpus", "2", "--master_addr", "127.0.0.1",
-                            "--master_port", str(launch.free_port()), "--no_local_rank", "--module", *JOB[1:],
-                            "--deepspeed", "--deepspeed_config", REPO / "ds_configs" / "cpu_zero1.json",
-                            "--metrics-file", tmp_path / "deepspeed.json"], timeout=300)
-    assert ds.returncode == 0, ds.stderr[-3000:]
-    per_rank = json.loads((tmp_path / "deepspeed.json").read_text())["losses_per_rank"]
-    for rank, losses in enumerate(per_rank):
-        expected = [x for r in ref["rounds"] for x in r["losses"][rank]]
-        assert max(abs(a - b) for a, b in zip(losses, expected)) <= 1e-5
+    # the deepspeed launcher, with --num_gpus and with a hostfile (`localhost slots=2`, no ssh)
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=2\n")
+    for name, placement in (("num_gpus", ["--num_gpus", "2"]),
+                            ("hostfile", ["--hostfile", str(hostfile), "--no_ssh_check"])):
+        ds = launch([_venv_tool("deepspeed"), *placement, "--master_addr", "127.0.0.1",
+                     "--master_port", str(launch.free_port()), "--no_local_rank", "--module", *JOB[1:],
+                     "--deepspeed", "--deepspeed_config", REPO / "ds_configs" / "cpu_zero1.json",
+                     "--metrics-file", tmp_path / f"deepspeed-{name}.json"], timeout=300)
+        assert ds.returncode == 0, ds.stderr[-3000:]
+        per_rank = json.loads((tmp_path / f"deepspeed-{name}.json").read_text())["losses_per_rank"]
+        assert len(per_rank) == 2
+        for rank, losses in enumerate(per_rank):
+            expected = [x for r in ref["rounds"] for x in r["losses"][rank]]
+            assert max(abs(a - b) for a, b in zip(losses, expected)) <= 1e-5, name
 
 
 def test_srun_environment_is_discovered(monkeypatch):
