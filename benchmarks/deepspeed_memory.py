@@ -1,13 +1,13 @@
 """Peak memory per rank: TwIST (kappa 0.5, 2 subnets) against dense training, same ZeRO stage, side by side.
 
-    python benchmarks/deepspeed_memory.py [--stages 0 1 2 3] [--out runs/bench-memory]
+    python benchmarks/deepspeed_memory.py [--ranks 2 4] [--stages 0 1 2 3] [--out runs/bench-memory]
 
-For each ZeRO stage, two 2-rank jobs on the same model and ds_config (fp32, CPU):
-* dense: DeepSpeed trains the full model; its data-parallel group is both ranks, so ZeRO
-  partitions over 2 ranks;
-* twist: `train_with_deepspeed`, one subnet per rank (its own data-parallel group of 1, so
-  ZeRO has nothing to partition) PLUS TwIST's central model on every rank (weights and two
-  Adam moments, full size).
+For each rank count and ZeRO stage, two jobs on the same model and ds_config (fp32, CPU):
+* dense: DeepSpeed trains the full model; its data-parallel group is every rank, so ZeRO
+  partitions over all of them;
+* twist: `train_with_deepspeed` with 2 subnets: each subnet is trained by ranks/2 replicas
+  (its own data-parallel group, over which ZeRO partitions it) PLUS TwIST's central model,
+  sharded over every rank (weights and two Adam moments, 1/ranks each).
 Memory is the peak resident set (VmHWM) of each rank after model building and 4 optimizer
 steps, minus the resident set after imports and process-group set-up (the peak is reset
 there through /proc/self/clear_refs). Prints a table of MiB per rank and ratios; writes
@@ -36,7 +36,7 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def worker(kind: str, stage: int, out: Path) -> None:
+def worker(kind: str, stage: int, out: Path, ranks: int) -> None:
     warnings.filterwarnings("ignore")
     import torch
     import torch.distributed as dist
@@ -79,7 +79,7 @@ def worker(kind: str, stage: int, out: Path) -> None:
             engine.backward(loss)
             engine.step()
     peak = _status_kib("VmHWM")
-    (out / f"{kind}-zero{stage}-rank{groups.rank}.json").write_text(
+    (out / f"{kind}-zero{stage}-n{ranks}-rank{groups.rank}.json").write_text(
         json.dumps({"peak_mib": (peak - base) / 1024, "baseline_mib": base / 1024}))
     shutdown()
 
@@ -93,31 +93,35 @@ def _free_port() -> int:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stages", type=int, nargs="+", default=[0, 1, 2, 3])
+    p.add_argument("--ranks", type=int, nargs="+", default=[2, 4], help="processes per job (even)")
     p.add_argument("--out", default="runs/bench-memory")
-    p.add_argument("--worker", nargs=2, metavar=("KIND", "STAGE"), help=argparse.SUPPRESS)
+    p.add_argument("--worker", nargs=3, metavar=("KIND", "STAGE", "RANKS"), help=argparse.SUPPRESS)
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.worker:
-        worker(args.worker[0], int(args.worker[1]), out)
+        worker(args.worker[0], int(args.worker[1]), out, int(args.worker[2]))
         return 0
     env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", DS_ACCELERATOR="cpu")
     env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".venv" / "torch_extensions"))
     rows = []
-    for stage in args.stages:
-        row = {"stage": stage}
-        for kind in ("dense", "twist"):  # alternate inside one run, same machine state
-            print(f"[bench] ZeRO {stage}: {kind} ...", flush=True)
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-                   f"--master_port={_free_port()}", __file__, "--out", str(out), "--worker", kind, str(stage)]
-            subprocess.run(cmd, check=True, env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
-            peaks = [json.loads((out / f"{kind}-zero{stage}-rank{r}.json").read_text())["peak_mib"] for r in (0, 1)]
-            row[kind] = max(peaks)
-        row["ratio"] = row["twist"] / row["dense"]
-        rows.append(row)
-    print(f"\n{'ZeRO':>4s} {'dense MiB/rank':>15s} {'TwIST MiB/rank':>15s} {'TwIST/dense':>12s}")
+    for ranks in args.ranks:
+        for stage in args.stages:
+            row = {"ranks": ranks, "stage": stage}
+            for kind in ("dense", "twist"):  # alternate inside one run, same machine state
+                print(f"[bench] {ranks} ranks, ZeRO {stage}: {kind} ...", flush=True)
+                cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}",
+                       "--master_addr=127.0.0.1", f"--master_port={_free_port()}", __file__, "--out", str(out),
+                       "--worker", kind, str(stage), str(ranks)]
+                subprocess.run(cmd, check=True, env=env, cwd=REPO, capture_output=True, text=True, timeout=1800)
+                peaks = [json.loads((out / f"{kind}-zero{stage}-n{ranks}-rank{r}.json").read_text())["peak_mib"]
+                         for r in range(ranks)]
+                row[kind] = max(peaks)
+            row["ratio"] = row["twist"] / row["dense"]
+            rows.append(row)
+    print(f"\n{'ranks':>5s} {'ZeRO':>4s} {'dense MiB/rank':>15s} {'TwIST MiB/rank':>15s} {'TwIST/dense':>12s}")
     for r in rows:
-        print(f"{r['stage']:>4d} {r['dense']:15.1f} {r['twist']:15.1f} {r['ratio']:12.2f}")
+        print(f"{r['ranks']:>5d} {r['stage']:>4d} {r['dense']:15.1f} {r['twist']:15.1f} {r['ratio']:12.2f}")
     (out / "memory.json").write_text(json.dumps({"model": MODEL, "rows": rows}, indent=1))
     try:
         import matplotlib
@@ -125,11 +129,11 @@ def main() -> int:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(6, 3.5))
+        fig, ax = plt.subplots(figsize=(1.2 * len(rows) + 2, 3.5))
         xs = range(len(rows))
         ax.bar([x - 0.2 for x in xs], [r["dense"] for r in rows], 0.4, label="dense")
         ax.bar([x + 0.2 for x in xs], [r["twist"] for r in rows], 0.4, label="TwIST kappa 0.5")
-        ax.set_xticks(list(xs), [f"ZeRO {r['stage']}" for r in rows])
+        ax.set_xticks(list(xs), [f"{r['ranks']}r ZeRO {r['stage']}" for r in rows], fontsize=8)
         ax.set_ylabel("peak MiB per rank (above baseline)")
         ax.legend()
         fig.tight_layout()

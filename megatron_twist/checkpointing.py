@@ -33,7 +33,7 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names the file and the fix."""
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -50,22 +50,18 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(path: str, meta: dict, tensors: Dict[str, Dict[str, torch.Tensor]]) -> Path:
-    """Atomically write ``{file stem: {name: tensor}}`` plus meta.json into ``path``."""
-    final = Path(path).resolve()
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    files = {}
-    for stem, named in tensors.items():
-        file = tmp / f"{stem}.safetensors"
-        save_file({k: v.detach().contiguous().cpu() for k, v in named.items()}, str(file))
-        with open(file, "rb") as f:
-            os.fsync(f.fileno())
-        files[file.name] = _sha256(file)
-    meta = dict(meta, format=FORMAT, format_version=FORMAT_VERSION, files=files)
+def write_tensor_file(file: Path, named: Dict[str, torch.Tensor]) -> str:
+    """Write one safetensors file durably; returns its sha256 for meta.json."""
+    save_file({k: v.detach().contiguous().cpu() for k, v in named.items()}, str(file))
+    with open(file, "rb") as f:
+        os.fsync(f.fileno())
+    return sha256_file(file)
+
+
+def publish_directory(tmp: Path, final: Path, meta: dict) -> None:
+    """Write meta.json (with the format stamp) into the complete directory ``tmp`` and swap it in for
+    ``final``: readers see the old checkpoint or the new one, never a half-written one."""
+    meta = dict(meta, format=FORMAT, format_version=FORMAT_VERSION)
     with open(tmp / "meta.json", "w") as f:
         json.dump(meta, f, indent=2, sort_keys=True)
         f.flush()
@@ -79,11 +75,29 @@ def save_checkpoint(path: str, meta: dict, tensors: Dict[str, Dict[str, torch.Te
     fsync_dir(final.parent)
     if old is not None:
         shutil.rmtree(old)
+
+
+def save_checkpoint(path: str, meta: dict, tensors: Dict[str, Dict[str, torch.Tensor]]) -> Path:
+    """Atomically write ``{file stem: {name: tensor}}`` plus meta.json into ``path``."""
+    final = Path(path).resolve()
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    files = {}
+    for stem, named in tensors.items():
+        file = tmp / f"{stem}.safetensors"
+        files[file.name] = write_tensor_file(file, named)
+    publish_directory(tmp, final, dict(meta, files=files))
     return final
 
 
-def load_checkpoint(path: str, kind: Optional[str] = None) -> Tuple[dict, Dict[str, Dict[str, torch.Tensor]]]:
-    """Read and verify a checkpoint. Returns (meta, {file stem: {name: tensor}})."""
+def load_checkpoint(path: str, kind: Optional[str] = None,
+                    tensors: bool = True) -> Tuple[dict, Dict[str, Dict[str, torch.Tensor]]]:
+    """Read and verify a checkpoint. Returns (meta, {file stem: {name: tensor}}).
+
+    ``tensors=False``: check meta.json only and return no tensors (callers that read one file)."""
     root = Path(path)
     if not root.is_dir():
         raise CheckpointError(f"checkpoint directory {root} does not exist; pass the directory `twist train --save` wrote")
@@ -103,11 +117,13 @@ def load_checkpoint(path: str, kind: Optional[str] = None) -> Tuple[dict, Dict[s
     if kind is not None and meta.get("kind") != kind:
         raise CheckpointError(f"{root} holds a {meta.get('kind')!r} model, this command needs a {kind!r} one")
     out = {}
+    if not tensors:
+        return meta, out
     for name, digest in meta.get("files", {}).items():
         file = root / name
         if not file.is_file():
             raise CheckpointError(f"{file} is missing from the checkpoint")
-        if _sha256(file) != digest:
+        if sha256_file(file) != digest:
             raise CheckpointError(f"{file} does not match its checksum in meta.json: the file is corrupt or truncated")
         try:
             out[file.name[: -len(".safetensors")]] = load_file(str(file))

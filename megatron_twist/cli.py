@@ -78,7 +78,8 @@ def cmd_train(args) -> int:
         ds_config = json.loads(Path(args.deepspeed_config).read_text())
         twist = twist_config_from_ds(args.deepspeed_config, args, args.parser)
         if args.tensor_model_parallel_size > 1 or args.pipeline_model_parallel_size > 1:
-            raise ConfigError("with --deepspeed this release supports TP/PP size 1 only (issue #4's remainder)")
+            raise ConfigError("with --deepspeed this release supports TP/PP size 1 only; for tensor or pipeline "
+                              "parallel layouts use `twist train` without --deepspeed (Megatron-core's own path)")
     train = train_config_from_args(args)
     data_meta, batches_factory, vocab = _data_for_training(args)
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
@@ -201,7 +202,7 @@ def _read_central_meta(path: str):
         return common, _model_config(common, path)
     from .checkpointing import load_checkpoint
 
-    meta = load_checkpoint(path, kind="central")[0]
+    meta = load_checkpoint(path, kind="central", tensors=False)[0]
     return meta, _model_config(meta, path)
 
 

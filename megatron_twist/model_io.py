@@ -49,8 +49,14 @@ def save_central(path: str, central: CentralModel, twist: TwistConfig, train: Tr
 
 
 def read_central(path: str) -> Tuple[dict, Dict[str, torch.Tensor], Dict[str, Dict[str, torch.Tensor]]]:
-    """(meta, full weights, full Adam moments) of a single-file central checkpoint."""
+    """(meta, full weights, full Adam moments) of a central checkpoint; a sharded one (written by the
+    DeepSpeed path, distributed/sharded_central.py) is consolidated."""
     meta, tensors = load_checkpoint(path, kind="central")
+    if meta.get("sharded"):
+        from .distributed.sharded_central import consolidate
+
+        full = consolidate(meta, tensors)
+        return meta, full["param"], {m: full[m] for m in ADAM_MOMENTS}
     optimizer = tensors.get("optimizer", {})
     moments = {m: {k[len(m) + 1:]: v for k, v in optimizer.items() if k.startswith(m + "/")} for m in ADAM_MOMENTS}
     return meta, tensors["model"], moments
@@ -88,16 +94,15 @@ class _ParamsView(torch.nn.Module):
 
 
 def load_central(path: str) -> Tuple[CentralModel, TwistConfig, dict]:
-    meta, tensors = load_checkpoint(path, kind="central")
+    meta, weights, moments = read_central(path)
     model = _model_config(meta, path)
     central = CentralModel(model, build_gpt_model(model))
-    _load_weights(central.module, tensors["model"], path)
+    _load_weights(central.module, weights, path)
     for m in ADAM_MOMENTS:
         for n in central.moments[m]:
-            key = f"{m}/{n}"
-            if key not in tensors.get("optimizer", {}):
-                raise CheckpointError(f"{path}: optimizer state {key} is missing")
-            central.moments[m][n].copy_(tensors["optimizer"][key])
+            if n not in moments[m]:
+                raise CheckpointError(f"{path}: optimizer state {m}/{n} is missing")
+            central.moments[m][n].copy_(moments[m][n])
     central.step, central.round = int(meta["step"]), int(meta["round"])
     return central, TwistConfig.from_dict(meta["twist"]), meta
 

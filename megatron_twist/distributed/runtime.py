@@ -83,6 +83,8 @@ class TwistGroups:
                         group); a single rank without replicas; None when ranks take subnets in turn.
     aggregation_group:  ranks at the same TP/PP position and replica index across subnets;
                         weights are exchanged among them only at the end of a round.
+    data_parallel_group: every data-parallel rank at this TP/PP position (subnets x replicas);
+                        the DeepSpeed path shards its central model over it.
     """
 
     rank: int
@@ -93,6 +95,7 @@ class TwistGroups:
     dp_rank: int
     aggregation_group: Optional[dist.ProcessGroup]
     subnet_group: Optional[dist.ProcessGroup] = None
+    data_parallel_group: Optional[dist.ProcessGroup] = None
 
     @property
     def dp_size(self) -> int:
@@ -217,7 +220,8 @@ def build_twist_groups(twist: TwistConfig, tensor_parallel_size: int = 1, pipeli
     rank = dist.get_rank()
     dp_group = parallel_state.get_data_parallel_group()
     if layout.data_parallel < layout.num_subnets:  # subnets taken in turn: no per-subnet group exists
-        return TwistGroups(rank, world, layout, tp_rank, pp_rank, dp_rank, aggregation_group=dp_group)
+        return TwistGroups(rank, world, layout, tp_rank, pp_rank, dp_rank, aggregation_group=dp_group,
+                           data_parallel_group=dp_group)
 
     coords = all_gather_objects((rank, tp_rank, pp_rank, dp_rank))
     by_position = {}
@@ -238,7 +242,8 @@ def build_twist_groups(twist: TwistConfig, tensor_parallel_size: int = 1, pipeli
             if rank in members:
                 my_aggregation_group = g
     return TwistGroups(rank, world, layout, tp_rank, pp_rank, dp_rank,
-                       aggregation_group=my_aggregation_group, subnet_group=my_subnet_group)
+                       aggregation_group=my_aggregation_group, subnet_group=my_subnet_group,
+                       data_parallel_group=dp_group)
 
 
 def init_model_parallel(seed: int = 1234, tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1) -> None:

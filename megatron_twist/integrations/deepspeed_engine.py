@@ -5,14 +5,22 @@
   ZeRO partitions a subnet's master weights and Adam moments over its own
   replicas only, and gradients are reduced among them every step. Model
   parallel is Megatron's tensor-parallel group.
-* ``ZeroSubnetWorker``: what the round hook (round_hook.py) needs from a
-  worker, through DeepSpeed's public tensor-fragment API
-  (``safe_get_full_fp32_param`` / ``safe_set_full_fp32_param`` and the
-  optimizer-state variants). ``get`` assembles a parameter over the subnet
-  group only (never across subnets: with one rank per subnet it is local);
-  ``set`` writes each rank's own fragment from the full value, locally.
-  Master weights AND the module's working copy are refilled, so the next
-  forward sees the new round's weights at every ZeRO stage.
+* ``EngineFragments``: which part of each subnet parameter THIS rank holds,
+  and how to write it, at every ZeRO stage, through DeepSpeed's tensor
+  fragment API:
+    - ZeRO 1/2 (and the bf16 optimizer): ``param._hp_mapping``, the
+      fragment of the flattened parameter in this rank's partition
+      (``lp_fragment_address``: start, numel) with its fp32 master copy
+      (``get_hp_fragment``) and Adam state (``get_optim_state_fragment``);
+    - ZeRO 3: ``safe_get/set_local_fp32_param`` and
+      ``safe_get/set_local_optimizer_state``, the rank's partition
+      [q*ps, (q+1)*ps) of each parameter, q = rank in the subnet group;
+    - ZeRO 0 (plain tensors, torch optimizer state): every replica holds the
+      whole parameter; replica q contributes the q-th of R equal ranges so
+      each element is still contributed once.
+  The round hook (zero_round_hook.py) aggregates these fragments straight
+  into the sharded central model: no rank assembles a full parameter of its
+  subnet, let alone the full model, to aggregate.
 
 The frozen-parameter trap (../shared notes): a subnet's optimizer only ever
 holds the units of its subnet, so nothing outside it can drift; units of the
@@ -25,18 +33,12 @@ links them again after the first step (a documented workaround).
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
-from ..config import ModelConfig, TwistConfig
 from ..distributed.runtime import TwistGroups
-from ..training.optim import ADAM_MOMENTS
-from ..twist.central import CentralModel
-from ..twist.hooks import attach_correction, correction_scales, remove_hooks
-from ..twist.sampler import SubnetPlan
-from ..twist.slicing import slice_for, take
 
 
 class TwistMpu:
@@ -93,87 +95,89 @@ def _torch_optimizer(engine):
     return getattr(opt, "optimizer", opt)
 
 
-class ZeroSubnetWorker:
-    """Round-hook worker for a DeepSpeed engine (ZeRO stage 0-3)."""
+class EngineFragments:
+    """This rank's fragments of the engine's parameters (weights and Adam moments), ZeRO stage 0-3."""
 
-    def __init__(self, engine, model: ModelConfig, twist: TwistConfig, geometry: Optional[ModelConfig] = None):
+    def __init__(self, engine):
         self.engine = engine
-        self.module = engine.module
-        self.model_config = geometry or model
-        self.twist = twist
         self.zero_stage = engine.zero_optimization_stage()
-        self.plan: Optional[SubnetPlan] = None
-        self._hooks: list = []
-        self._stepped = False
+        mpu = engine.mpu
+        self.replica_rank = mpu.get_data_parallel_rank()
+        self.replicas = mpu.get_data_parallel_world_size()
 
-    # The fragment API needs a ZeRO optimizer; stage 0 keeps plain tensors and torch state.
-    def _get(self, p: torch.nn.Parameter, moment: Optional[str] = None) -> torch.Tensor:
-        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+    @staticmethod
+    def _kind(p: torch.nn.Parameter) -> str:
+        if hasattr(p, "ds_id"):
+            return "zero3"
+        if hasattr(p, "_hp_mapping"):
+            return "fragment"
+        return "whole"
 
-        if self.zero_stage == 0:
-            return (p if moment is None else _torch_optimizer(self.engine).state[p][moment]).detach().float()
-        t = safe_get_full_fp32_param(p) if moment is None else safe_get_full_optimizer_state(p, moment)
-        return t.reshape(p.ds_shape if hasattr(p, "ds_shape") else p.shape)
+    def _whole_range(self, numel: int):
+        chunk = -(-numel // self.replicas)
+        start = min(numel, self.replica_rank * chunk)
+        return start, min(numel, start + chunk) - start
+
+    def _zero3_range(self, p):
+        ps = p.ds_tensor.numel()
+        start = min(p.ds_numel, self.replica_rank * ps)
+        return start, min(p.ds_numel, start + ps) - start
+
+    def held(self, p: torch.nn.Parameter, field: str = "param") -> Optional[Tuple[int, torch.Tensor]]:
+        """(start, values) of the range of flattened ``p`` (or of its Adam moment ``field``) that this
+        rank contributes; None if it holds none of it."""
+        kind = self._kind(p)
+        if kind == "fragment":
+            mapping = p._hp_mapping
+            if mapping is None:
+                return None
+            values = mapping.get_hp_fragment() if field == "param" else mapping.get_optim_state_fragment(field)
+            return mapping.lp_fragment_address.start, values.detach().reshape(-1).float()
+        if kind == "zero3":
+            from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state
+
+            start, n = self._zero3_range(p)
+            part = safe_get_local_fp32_param(p) if field == "param" else safe_get_local_optimizer_state(p, field)
+            return (start, part.detach().reshape(-1)[:n].float()) if n > 0 else None
+        full = p if field == "param" else _torch_optimizer(self.engine).state[p][field]
+        start, n = self._whole_range(p.numel())
+        return (start, full.detach().reshape(-1)[start: start + n].float()) if n > 0 else None
 
     @torch.no_grad()
-    def _set(self, p: torch.nn.Parameter, value: torch.Tensor, moment: Optional[str] = None) -> None:
-        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
-        if self.zero_stage == 0:
-            target = p if moment is None else _torch_optimizer(self.engine).state[p][moment]
-            target.copy_(value)
+    def write(self, p: torch.nn.Parameter, value: torch.Tensor, field: str = "param") -> None:
+        """Set ``p`` (or its Adam moment ``field``) to ``value`` (full subnet shape): this rank's
+        fragment of the fp32 master copy / state, and the working copy the next forward uses."""
+        kind = self._kind(p)
+        flat = value.reshape(-1).float()
+        if kind == "whole":
+            target = p if field == "param" else _torch_optimizer(self.engine).state[p][field]
+            target.copy_(value.reshape(target.shape))
             return
-        if moment is None:
-            safe_set_full_fp32_param(p, value)  # this rank's fragment of the fp32 master weights
-            if self.zero_stage < 3:
-                p.data.copy_(value.to(p.dtype))  # the working copy the next forward uses
-            else:  # ZeRO-3: the working copy is partitioned too; write this rank's partition
-                if p.data.numel() == value.numel():  # persistent (small) params stay whole in p.data
-                    p.data.copy_(value.reshape(p.data.shape).to(p.dtype))
-                part = p.ds_tensor
-                offset = self.engine.mpu.get_data_parallel_rank() * part.numel()
-                flat = value.reshape(-1).to(part.dtype)
-                n = max(0, min(part.numel(), flat.numel() - offset))
-                part.data[:n].copy_(flat[offset: offset + n])
+        if kind == "fragment":
+            if field == "param":
+                p.data.copy_(value.reshape(p.shape).to(p.dtype))  # ZeRO 1/2 keep the working copy whole
+            mapping = p._hp_mapping
+            if mapping is not None:
+                a = mapping.lp_fragment_address
+                target = mapping.get_hp_fragment() if field == "param" else mapping.get_optim_state_fragment(field)
+                target.copy_(flat[a.start: a.start + a.numel])
+            return
+        from deepspeed.utils import safe_set_local_fp32_param, safe_set_local_optimizer_state
+
+        start, n = self._zero3_range(p)
+        part = torch.zeros(p.ds_tensor.numel())
+        part[:n] = flat[start: start + n]
+        if field == "param":
+            safe_set_local_fp32_param(p, part)
+            p.ds_tensor.data.copy_(part.to(p.ds_tensor.dtype))  # the partitioned working copy
+            if p.data.numel() == flat.numel():  # a persistent (small) parameter stays whole in p.data
+                p.data.copy_(value.reshape(p.data.shape).to(p.dtype))
         else:
-            safe_set_full_optimizer_state(p, value, moment)
+            safe_set_local_optimizer_state(p, part, field)
 
-    def mark_state_present(self) -> None:
-        """After engine.load_checkpoint: Adam state exists, link it to the fragments."""
-        relink_optimizer_state(self.engine)
-        self._stepped = True
-
-    def after_first_step(self) -> None:
-        if not self._stepped:
-            relink_optimizer_state(self.engine)
-            self._stepped = True
-
-    @torch.no_grad()
-    def load(self, central: CentralModel, plan: SubnetPlan) -> None:
-        self.plan = plan
-        has_state = self._stepped  # before the first step Adam has no state yet: it starts at zero anyway
-        if not has_state and central.step > 0:
-            raise NotImplementedError("resuming a DeepSpeed TwIST run from a central checkpoint is not supported yet")
-        for name, p in self.module.named_parameters():
-            spec = slice_for(self.model_config, name, plan)
-            self._set(p, take(central.params[name], spec))
-            if has_state:
-                for m in ADAM_MOMENTS:
-                    value = (take(central.moments[m][name], spec) if self.twist.optimizer_state == "aggregate"
-                             else torch.zeros_like(self._get(p, m)))
-                    self._set(p, value, m)
-        if has_state:
-            step = central.step if self.twist.optimizer_state == "aggregate" else 0
-            for state in _torch_optimizer(self.engine).state.values():
-                if "step" in state:
-                    state["step"] = torch.tensor(float(step), dtype=torch.float32) \
-                        if isinstance(state["step"], torch.Tensor) else step
-        remove_hooks(self._hooks)
-        self._hooks = attach_correction(self.module, correction_scales(self.model_config, self.twist, plan))
-
-    def contribution(self) -> Dict[str, Dict[str, torch.Tensor]]:
-        out = {"param": {n: self._get(p) for n, p in self.module.named_parameters()}}
-        if self.twist.optimizer_state == "aggregate":
-            for m in ADAM_MOMENTS:
-                out[m] = {n: self._get(p, m) for n, p in self.module.named_parameters()}
-        return out
+    def set_step(self, step: int) -> None:
+        """Adam's step count (bias correction) in every state of the torch optimizer."""
+        for state in _torch_optimizer(self.engine).state.values():
+            if "step" in state:
+                state["step"] = torch.tensor(float(step), dtype=torch.float32) \
+                    if isinstance(state["step"], torch.Tensor) else step

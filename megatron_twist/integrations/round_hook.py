@@ -40,7 +40,7 @@ class TwistRoundHook:
     def __init__(self, model: ModelConfig, twist: TwistConfig, groups: TwistGroups, central: CentralModel,
                  subnet_module: torch.nn.Module, optimizer: torch.optim.Optimizer, worker=None):
         """``worker``: how to read/refill the subnet; default: plain parameters + torch optimizer state
-        (a DeepSpeed engine passes a ZeroSubnetWorker)."""
+        (the DeepSpeed path uses integrations/zero_round_hook.py instead)."""
         subnets = groups.local_subnets(twist.num_subnets)
         if len(subnets) != 1:
             raise ConfigError(

@@ -11,52 +11,50 @@ import os
 import time
 from typing import Callable, List, Optional
 
-import torch
 import torch.distributed as dist
 
 from ..config import ConfigError, ModelConfig, TrainConfig, TwistConfig
+from ..cpu_shim import seed_everything
 from ..distributed.runtime import TwistGroups
-from ..integrations.deepspeed_engine import TwistMpu, ZeroSubnetWorker
+from ..distributed.sharded_central import ShardedCentral
+from ..integrations.deepspeed_engine import TwistMpu
 from ..integrations.ds_config import strip_twist_section
-from ..integrations.round_hook import TwistRoundHook
+from ..integrations.zero_round_hook import ZeroRoundHook
 from ..model.gpt import build_gpt_model, gpt_forward
 from ..twist.sampler import SubnetSampler
 from .optim import build_optimizer, build_scheduler, set_schedule_step
 from .step import masked_mean_loss
-from .twist_trainer import build_central
 
 
 def train_with_deepspeed(model: ModelConfig, twist: TwistConfig, train: TrainConfig, groups: TwistGroups, batches,
                          ds_config: dict, log: Callable[[str], None] = print, load: Optional[str] = None,
                          save: Optional[str] = None, data_meta: Optional[dict] = None):
-    """Returns (central model, per-step losses of this rank's subnet, engine).
+    """Returns (sharded central model, per-step losses of this rank's subnet, engine).
 
+    The central model is sharded over every data-parallel rank (distributed/sharded_central.py).
     ``save``: at the end (or at ``train.exit_interval``, a round boundary) a checkpoint directory
     with the engine's own checkpoint (``engine/``: ``engine.save_checkpoint``, DeepSpeed's
-    ``global_stepN`` + ``latest``) and the central model alongside (``central/``, which holds
-    TwIST's state: weights, Adam moments, step, round, TwIST config = the sampler's state).
+    ``global_stepN`` + ``latest``) and the central model alongside (``central/``, one shard file
+    per rank + meta.json: weights, Adam moments, step, round, TwIST config = the sampler's state).
     ``load``: such a directory; training continues exactly as the uninterrupted run.
     """
     import deepspeed
 
-    central = build_central(model, train.seed, groups.tp_size, groups.pp_size)
+    central = build_sharded_central(model, train.seed, groups.data_parallel_group)
     if load is not None:
-        from ..model_io import fill_central
-
-        fill_central(central, os.path.join(load, "central"))
+        central.load(os.path.join(load, "central"))
     subnet = build_gpt_model(model, SubnetSampler(model, twist, groups.tp_size).subnet_layer_sizes(),
                              tensor_parallel_size=groups.tp_size)
     client_optimizer = build_optimizer(subnet, train)
     scheduler = build_scheduler(client_optimizer, train)
     engine, _, _, _ = deepspeed.initialize(model=subnet, optimizer=client_optimizer,
                                            config=strip_twist_section(ds_config), mpu=TwistMpu(groups))
-    worker = ZeroSubnetWorker(engine, model, twist)
+    hook = ZeroRoundHook(model, twist, groups, central, engine)
     if load is not None:
         # The engine's checkpoint brings the optimizer-state structure; the round hook then refills
         # weights and moments from the central model at the round boundary we stopped at.
         engine.load_checkpoint(os.path.join(load, "engine"))
-        worker.mark_state_present()
-    hook = TwistRoundHook(model, twist, groups, central, engine.module, client_optimizer, worker=worker)
+        hook.mark_state_present()
     reps = groups.layout.replicas
     slot, num_slots = hook.subnet * reps + groups.replica_index, twist.num_subnets * reps
     losses: List[float] = []
@@ -74,7 +72,7 @@ def train_with_deepspeed(model: ModelConfig, twist: TwistConfig, train: TrainCon
         loss = masked_mean_loss(gpt_forward(engine, batch["tokens"], batch["labels"]), batch["loss_mask"])
         engine.backward(loss)
         engine.step()
-        worker.after_first_step()
+        hook.after_step()
         losses.append(loss.item())
         if moved is not None and groups.is_logging_rank:
             log(f"[twist-ds] round {central.round} step {it}/{train.train_iters} | loss {losses[-1]:.4f} | "
@@ -87,15 +85,23 @@ def train_with_deepspeed(model: ModelConfig, twist: TwistConfig, train: TrainCon
     return central, losses, engine
 
 
-def save_deepspeed_checkpoint(path: str, engine, central, twist, train, groups: TwistGroups,
-                              data_meta: Optional[dict] = None) -> None:
-    """engine.save_checkpoint (collective) + the central model (rank 0, atomic), at a round boundary."""
-    from ..model_io import save_central
+def build_sharded_central(model: ModelConfig, seed: int, group) -> ShardedCentral:
+    """The initial central model, sharded. Every rank builds the same full model from the seed (the
+    initialisation draws from one RNG stream), keeps its shard and frees the rest: a transient full
+    copy of the weights (no moments) at start-up only."""
+    seed_everything(seed)
+    module = build_gpt_model(model)
+    central = ShardedCentral.from_full(model, dict(module.named_parameters()), group)
+    del module
+    return central
 
+
+def save_deepspeed_checkpoint(path: str, engine, central: ShardedCentral, twist, train, groups: TwistGroups,
+                              data_meta: Optional[dict] = None) -> None:
+    """engine.save_checkpoint + the sharded central model (both collective, atomic), at a round boundary."""
     engine.save_checkpoint(os.path.join(path, "engine"), tag=f"global_step{central.step}",
                            client_state={"twist_step": central.step, "twist_round": central.round})
-    if groups.rank == 0:
-        save_central(os.path.join(path, "central"), central, twist, train, data=data_meta)
+    central.save(os.path.join(path, "central"), twist, train, data=data_meta)
     dist.barrier()
 
 

@@ -119,3 +119,34 @@ def holder_count(model: ModelConfig, name: str, shape: torch.Size, plans) -> tor
     view = [1] * dims
     view[counts_dim] = shape[counts_dim]
     return counts.view(view)
+
+
+def central_flat_index(spec: SliceSpec, central_shape: torch.Size, start: int, numel: int) -> torch.Tensor:
+    """Flat positions in the central tensor of elements [start, start + numel) of the subnet's
+    flattened copy (what a ZeRO fragment holds: a contiguous range of the flattened parameter)."""
+    k = torch.arange(start, start + numel, dtype=torch.long)
+    if spec is None:
+        return k
+    dim, index = spec
+    inner = 1
+    for size in central_shape[dim + 1:]:
+        inner *= size
+    kept = len(index)
+    outer, coord, rem = k // (kept * inner), (k // inner) % kept, k % inner
+    return outer * (central_shape[dim] * inner) + index.to(torch.long)[coord] * inner + rem
+
+
+def holder_count_at(model: ModelConfig, name: str, shape: torch.Size, plans, positions: torch.Tensor) -> torch.Tensor:
+    """holder_count at flat positions of the central tensor (positions past its end count 0)."""
+    counts = holder_count(model, name, shape, plans)
+    numel = shape.numel()
+    valid = positions < numel
+    if counts.numel() == 1:
+        out = torch.full(positions.shape, float(counts.reshape(-1)[0]))
+    else:
+        dim = next(d for d, s in enumerate(counts.shape) if s != 1)
+        inner = 1
+        for size in shape[dim + 1:]:
+            inner *= size
+        out = counts.reshape(-1)[(positions.clamp(max=numel - 1) // inner) % shape[dim]]
+    return torch.where(valid, out, torch.zeros_like(out))

@@ -47,7 +47,11 @@ for stage in sys.argv[2:]:  # "2" = ds_configs/cpu_zero2.json; "2bf16" = the sam
     # state on this rank, so they cannot move during its local steps (no frozen-parameter drift).
     from megatron_twist.model.gpt import count_parameters
     subnet_params = count_parameters(engine.module)
-    assert subnet_params < count_parameters(central.module)
+    assert subnet_params < central.num_parameters()
+    # The central model is sharded over the ranks: this rank keeps ~1/W of every tensor, nothing more.
+    world = torch.distributed.get_world_size()
+    held = sum(t.numel() for t in central.shards["param"].values())
+    assert held == sum(-(-s.numel() // world) for s in central.shapes.values()), held
     if engine.zero_optimization_stage() in (1, 2):
         held = sum(t.numel() for t in engine.optimizer.single_partition_of_fp32_groups)
         reps = groups.layout.replicas
@@ -57,8 +61,9 @@ for stage in sys.argv[2:]:  # "2" = ds_configs/cpu_zero2.json; "2bf16" = the sam
             assert held < subnet_params <= held * reps, (held, subnet_params, reps)
     d = out / f"zero{stage}"
     d.mkdir(parents=True, exist_ok=True)
+    weights, _ = central.full_state()  # collective: consolidated for the comparison
     if groups.rank == 0:
-        save_file({k: v.detach().contiguous() for k, v in central.params.items()}, str(d / "central.safetensors"))
+        save_file({k: v.detach().contiguous() for k, v in weights.items()}, str(d / "central.safetensors"))
     (d / f"losses-{groups.rank}.json").write_text(json.dumps(losses))
     torch.distributed.barrier()
 shutdown()

@@ -71,8 +71,10 @@ def test_cli_deepspeed_run_and_conflicting_flag(tmp_path, run_torchrun, run_twis
 
 
 @pytest.mark.multiprocess
-def test_deepspeed_checkpoint_resume_is_exact(tmp_path, run_torchrun):
-    """engine.save_checkpoint + central model at a round boundary; resuming equals the straight run, bit for bit."""
+def test_deepspeed_checkpoint_resume_is_exact(tmp_path, run_torchrun, run_twist):
+    """engine.save_checkpoint + the sharded central model at a round boundary; resuming equals the
+    straight run, bit for bit. The sharded central checkpoint is also read by single-process tools
+    (consolidated), reshards to another shard count, and a corrupt shard is refused."""
     job = ["-m", "megatron_twist", "train", "--model-preset", "tiny", "--mock-data", "--train-iters", "12",
            "--micro-batch-size", "2", "--deepspeed", "--deepspeed_config", HERE.parents[1] / "ds_configs" / "cpu_zero2.json"]
     run_torchrun(2, [*job, "--save", tmp_path / "straight", "--metrics-file", tmp_path / "straight.json"])
@@ -83,10 +85,13 @@ def test_deepspeed_checkpoint_resume_is_exact(tmp_path, run_torchrun):
     straight = json.loads((tmp_path / "straight.json").read_text())["losses_per_rank"]
     resumed = json.loads((tmp_path / "resumed.json").read_text())["losses_per_rank"]
     assert [r[8:] for r in straight] == resumed
-    a = load_file(str(tmp_path / "straight" / "central" / "model.safetensors"))
-    b = load_file(str(tmp_path / "resumed" / "central" / "model.safetensors"))
+    from megatron_twist.model_io import read_central
+
+    _, a, a_moments = read_central(str(tmp_path / "straight" / "central"))  # sharded: consolidated on read
+    _, b, b_moments = read_central(str(tmp_path / "resumed" / "central"))
     for k in a:
         assert torch.equal(a[k], b[k]), k
+        assert torch.equal(a_moments["exp_avg_sq"][k], b_moments["exp_avg_sq"][k]), k
 
 
 @pytest.mark.multiprocess
@@ -101,3 +106,29 @@ def test_zero_partitions_subnet_over_its_replicas(tmp_path, run_torchrun):
         # ranks 0,1 train subnet 0 (replicas 0,1), ranks 2,3 subnet 1; the reference's loss table is
         # replica 0's (rank 0 reports its aggregation group), so compare ranks 0 and 2
         _assert_engine_run_matches(tmp_path, tmp_path / f"zero{stage}", (0, 2), lambda r: r // 2, 1e-5, 1e-4)
+
+    # One shard file per rank, nothing else holding tensors.
+    assert sorted(p.name for p in (tmp_path / "straight" / "central").iterdir()) == [
+        "meta.json", "shard-00000-of-00002.safetensors", "shard-00001-of-00002.safetensors"]
+    # Reshard 2 -> 1 (a single process, no group): equals the consolidated checkpoint.
+    from megatron_twist.distributed.sharded_central import ShardedCentral
+    from megatron_twist.model_io import _model_config
+    from megatron_twist.checkpointing import load_checkpoint
+
+    meta = load_checkpoint(str(tmp_path / "straight" / "central"), tensors=False)[0]
+    one = ShardedCentral(_model_config(meta, "x"), {k: v.shape for k, v in a.items()}, None)
+    one.load(str(tmp_path / "straight" / "central"))
+    assert one.step == 12 and one.round == 3
+    for k in a:
+        assert torch.equal(one.gather(k), a[k]) and torch.equal(one.gather(k, "exp_avg_sq"), a_moments["exp_avg_sq"][k])
+    # `twist extract` reads the sharded central directly.
+    run_twist(["extract", "--load", tmp_path / "straight" / "central", "--keep-ratio", "0.5",
+               "--save", tmp_path / "cut"])
+    assert (tmp_path / "cut" / "meta.json").is_file()
+    # A truncated shard is refused, naming the file.
+    shard = tmp_path / "straight" / "central" / "shard-00001-of-00002.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-100])
+    from megatron_twist.checkpointing import CheckpointError
+
+    with pytest.raises(CheckpointError, match="shard-00001-of-00002.safetensors does not match its checksum"):
+        one.load(str(tmp_path / "straight" / "central"))

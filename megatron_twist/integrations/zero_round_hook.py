@@ -1,0 +1,153 @@
+"""TwIST's round boundary on a DeepSpeed engine, working on ZeRO partitions.
+
+The same rule as twist/aggregation.py (each central element becomes the
+average over the subnets that held it; unheld elements keep their value),
+computed without any rank holding the full model:
+
+close a round, for each parameter (in the same order on every rank) and
+each field (weights, and Adam's two moments when they are aggregated):
+  1. scatter-add the fragment THIS rank holds (EngineFragments.held: its
+     ZeRO partition of the subnet parameter) into a zero buffer shaped like
+     the central parameter, at the central positions the subnet's slice maps
+     it to (slicing.central_flat_index);
+  2. reduce-scatter the buffer over the shard group: each rank receives the
+     sums for its own shard of the central parameter;
+  3. divide by the holder counts of its shard positions (no communication:
+     every rank knows every subnet's plan) and write the shard.
+open a round: sample the next plans; for each parameter all-gather its
+central shards (one parameter at a time), take this subnet's slice and write
+this rank's fragment of weights and moments (EngineFragments.write).
+
+Each element of a subnet is contributed exactly once (replicas hold disjoint
+ZeRO fragments), so the sums equal those of the replicated path. Memory per
+rank: 3N/W for the central shards (N central parameters, W ranks) plus one
+parameter-sized buffer at a time. Traffic per round: one reduce-scatter and
+one all-gather of the central model per field, as much on the wire as the
+all-reduce it replaces.
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+import torch.distributed as dist
+
+from ..config import ConfigError, ModelConfig, TwistConfig
+from ..distributed.runtime import TwistGroups
+from ..distributed.sharded_central import ShardedCentral
+from ..training.optim import ADAM_MOMENTS
+from ..twist.hooks import attach_correction, correction_scales, remove_hooks
+from ..twist.sampler import SubnetPlan, SubnetSampler
+from ..twist.slicing import central_flat_index, holder_count_at, slice_for, take
+from .deepspeed_engine import EngineFragments, relink_optimizer_state
+
+
+class ZeroRoundHook:
+    """``on_iteration_start(it)`` before every engine step, ``finish(it)`` after the last one."""
+
+    def __init__(self, model: ModelConfig, twist: TwistConfig, groups: TwistGroups, central: ShardedCentral,
+                 engine, fragments: Optional[EngineFragments] = None):
+        if groups.tp_size != 1 or groups.pp_size != 1:
+            raise ConfigError("TwIST on DeepSpeed supports tensor/pipeline parallel size 1; use `twist train` "
+                              "without --deepspeed for TP/PP layouts")
+        subnets = groups.local_subnets(twist.num_subnets)
+        if len(subnets) != 1:
+            raise ConfigError(f"DeepSpeed trains one subnet per rank, but this rank would hold {len(subnets)}; "
+                              f"launch at least {twist.num_subnets} data-parallel ranks (num_subnets x replicas)")
+        self.subnet = subnets[0]
+        self.model, self.twist, self.central, self.engine = model, twist, central, engine
+        self.module = engine.module
+        self.fragments = fragments or EngineFragments(engine)
+        self.sampler = SubnetSampler(model, twist, groups.tp_size)
+        self.fields = ("param",) + (ADAM_MOMENTS if twist.optimizer_state == "aggregate" else ())
+        self.plans: List[SubnetPlan] = []
+        self.has_state = False  # Adam state exists once the engine stepped (or loaded a checkpoint)
+        self._round_open = False
+        self._hooks: list = []
+        self.bytes_moved = 0  # reduce-scatter input + all-gather output, per rank
+
+    # -- state of the engine's optimizer --------------------------------------------------------------------
+    def mark_state_present(self) -> None:
+        """After engine.load_checkpoint: Adam state exists; link it to the fragments."""
+        relink_optimizer_state(self.engine)
+        self.has_state = True
+
+    def after_step(self) -> None:
+        if not self.has_state:
+            relink_optimizer_state(self.engine)
+            self.has_state = True
+
+    # -- round boundary -------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _open_round(self) -> None:
+        if not self.has_state and self.central.step > 0:
+            raise ConfigError("resuming needs the engine's checkpoint: pass the directory a DeepSpeed run saved")
+        self.plans = list(self.sampler.sample(self.central.round))
+        plan = self.plans[self.subnet]
+        # Before the first step Adam has no state: it starts from zero moments, as the central's are.
+        fields = self.fields if self.has_state else ("param",)
+        for name, p in self.module.named_parameters():
+            spec = slice_for(self.model, name, plan)
+            for field in fields:
+                full = self.central.gather(name, field)
+                self.bytes_moved += full.numel() * full.element_size()
+                self.fragments.write(p, take(full, spec), field)
+                del full
+            if self.has_state and self.twist.optimizer_state == "reset":
+                for m in ADAM_MOMENTS:
+                    self.fragments.write(p, torch.zeros(p.ds_shape if hasattr(p, "ds_shape") else p.shape), m)
+        if self.has_state:
+            self.fragments.set_step(self.central.step if self.twist.optimizer_state == "aggregate" else 0)
+        remove_hooks(self._hooks)
+        self._hooks = attach_correction(self.module, correction_scales(self.model, self.twist, plan))
+        self._round_open = True
+
+    @torch.no_grad()
+    def _close_round(self, steps_taken: int) -> int:
+        before = self.bytes_moved
+        plan = self.plans[self.subnet]
+        c = self.central
+        for name, p in self.module.named_parameters():
+            shape = c.shapes[name]
+            spec = slice_for(self.model, name, plan)
+            positions = c.shard_positions(name)
+            counts = holder_count_at(self.model, name, shape, self.plans, positions)
+            for field in self.fields:
+                buffer = torch.zeros(c.shard_numel(name) * c.shard_count)
+                held = self.fragments.held(p, field)
+                if held is not None:
+                    start, values = held
+                    buffer.index_add_(0, central_flat_index(spec, shape, start, values.numel()), values)
+                total = self._reduce_scatter(buffer)
+                shard = c.shards[field][name]
+                shard.copy_(torch.where(counts > 0, total / counts.clamp(min=1.0), shard))
+        c.step += steps_taken
+        c.round += 1
+        self._round_open = False
+        return self.bytes_moved - before
+
+    def _reduce_scatter(self, buffer: torch.Tensor) -> torch.Tensor:
+        c = self.central
+        self.bytes_moved += buffer.numel() * buffer.element_size()
+        if c.shard_count == 1:
+            return buffer
+        out = torch.empty(buffer.numel() // c.shard_count)
+        dist.reduce_scatter_tensor(out, buffer, op=dist.ReduceOp.SUM, group=c.group)
+        return out
+
+    def on_iteration_start(self, iteration: int) -> Optional[int]:
+        """Returns the bytes a round closed with (reduce-scatter + all-gather since the last close)."""
+        moved = None
+        if self._round_open and iteration > self.central.step and iteration % self.twist.local_steps == 0:
+            moved = self._close_round(iteration - self.central.step)
+        if not self._round_open:
+            before = self.bytes_moved
+            self._open_round()
+            if moved is not None:
+                moved += self.bytes_moved - before
+        return moved
+
+    def finish(self, iteration: int) -> Optional[int]:
+        if self._round_open and iteration > self.central.step:
+            return self._close_round(iteration - self.central.step)
+        return None
