@@ -12,6 +12,7 @@ INSTALL_REQUIRES = [
     "accelerate==1.15.0",
     "sentencepiece==0.2.3",
     "safetensors>=0.4",
+    "protobuf>=4",  # transformers reads sentencepiece models with it (tokenizer export to HF)
     "numpy>=1.26",
     "mpich==5.0.2",
     "mpi4py==4.1.2",
@@ -27,6 +28,8 @@ setup(
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6.100"],
         "plot": ["matplotlib>=3.8"],
+        # lm-evaluation-harness on exported models (examples/lm_eval); tested in the suite
+        "eval": ["lm-eval==0.4.13"],
     },
     entry_points={"console_scripts": ["twist=megatron_twist.cli:main"]},
 )

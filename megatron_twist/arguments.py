@@ -66,7 +66,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--model-preset", choices=sorted(MODEL_PRESETS), default="small")
     g.add_argument("--model-family", choices=("llama", "gpt2"), default=None)
     for flag in ("num-layers", "hidden-size", "num-attention-heads", "num-query-groups", "ffn-hidden-size",
-                 "seq-length"):
+                 "seq-length", "kv-channels"):
         g.add_argument(f"--{flag}", type=int, default=None)
     return parser
 
@@ -81,6 +81,7 @@ def model_config_from_args(args: argparse.Namespace, vocab_size: int) -> ModelCo
         "num_query_groups": args.num_query_groups,
         "ffn_hidden_size": args.ffn_hidden_size,
         "seq_length": args.seq_length,
+        "kv_channels": args.kv_channels,  # head size, when heads x head size != hidden size
     }
     values.update({k: v for k, v in overrides.items() if v is not None})
     if values["family"] == "gpt2" and args.num_query_groups is None:  # MHA: one group per head

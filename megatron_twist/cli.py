@@ -2,6 +2,7 @@
 
     twist prepare-data  corpus -> sentencepiece tokenizer + Megatron indexed dataset
     twist train         TwIST training (single process, or one subnet per rank under torchrun)
+    twist plan          check a layout and size it per GPU before a job is queued (same flags as train)
     twist extract       cut a dense smaller model out of a central checkpoint
     twist eval          held-out perplexity; the last line printed is a JSON object
 
@@ -31,7 +32,12 @@ def cmd_prepare_data(args) -> int:
     from .data import prepare_data, stdlib_documents, text_documents
 
     if args.input:
-        docs = list(text_documents(args.input, json_field=args.json_field))
+        docs = text_documents(args.input, json_field=args.json_field)
+        if args.split_paragraphs:
+            from .data.corpus import paragraph_documents
+
+            docs = paragraph_documents(docs)
+        docs = list(docs)
         train_docs, valid_docs = _split_documents(docs, args.valid_fraction)
         source = f"{len(args.input)} input path(s)"
     else:
@@ -39,9 +45,12 @@ def cmd_prepare_data(args) -> int:
         valid_docs = stdlib_documents("valid", max_bytes=None)
         source = "python standard library"
     _log(f"[prepare-data] {source}: {len(train_docs)} train / {len(valid_docs)} valid documents")
+    if args.tokenizer_model and args.hf_tokenizer:
+        raise ConfigError("pass either --tokenizer-model or --hf-tokenizer, not both")
+    reuse = args.tokenizer_model or args.hf_tokenizer
     manifest = prepare_data(args.output, train_docs, valid_docs,
-                            vocab_size=None if args.tokenizer_model else args.vocab_size,
-                            tokenizer_model=args.tokenizer_model)
+                            vocab_size=None if reuse else args.vocab_size,
+                            tokenizer_model=args.tokenizer_model, hf_tokenizer=args.hf_tokenizer)
     _log(f"[prepare-data] wrote {args.output}: {json.dumps(_as_dict(manifest), default=str)}")
     return 0
 
@@ -87,12 +96,20 @@ def cmd_train(args) -> int:
         from .config import TwistConfig
 
         saved, model = _read_central_meta(os.path.join(args.load, "central") if ds_config is not None else args.load)
-        # A resumed run keeps its identity: TwIST settings (sampler seed, balance shards, ...) come
-        # from the checkpoint, so it continues exactly as the uninterrupted run would.
-        twist = TwistConfig.from_dict(saved["twist"])
-        _log(f"[twist] resuming {args.load} at step {saved['step']}; TwIST settings from the checkpoint")
-        if vocab is not None and vocab != model.vocab_size:
-            raise ConfigError(f"{args.load} has vocabulary {model.vocab_size}, the data {vocab}: wrong tokenizer?")
+        imported = saved.get("origin", {}).get("format") == "huggingface" and saved["step"] == 0
+        if imported:
+            # An imported pretrained model: the starting weights; TwIST settings come from this command.
+            _log(f"[twist] starting from the imported model {args.load}")
+        else:
+            # A resumed run keeps its identity: TwIST settings (sampler seed, balance shards, ...) come
+            # from the checkpoint, so it continues exactly as the uninterrupted run would.
+            twist = TwistConfig.from_dict(saved["twist"])
+            _log(f"[twist] resuming {args.load} at step {saved['step']}; TwIST settings from the checkpoint")
+        # A pretrained model's embedding table may be padded beyond its tokenizer; ours match exactly.
+        if vocab is not None and (vocab > model.vocab_size if imported else vocab != model.vocab_size):
+            raise ConfigError(f"{args.load} has vocabulary {model.vocab_size}, the data {vocab}: wrong tokenizer? "
+                              "Prepare the data with the model's tokenizer (`twist prepare-data --hf-tokenizer "
+                              "DIR` for an imported model)")
     else:
         model = model_config_from_args(args, vocab)
     from .distributed.runtime import ParallelLayout
@@ -267,6 +284,36 @@ def cmd_extract(args) -> int:
     return 0
 
 
+# -------------------------------------------------------------- HuggingFace
+def cmd_import_hf(args) -> int:
+    from .distributed.runtime import init_distributed, init_model_parallel, shutdown
+    from .hf.io import import_hf
+
+    init_distributed()
+    try:
+        init_model_parallel()
+        model = import_hf(args.path, args.save, args.seq_length)
+        _log(f"[import-hf] {args.path} -> central checkpoint {args.save} ({model.family}, {model.num_layers} layers, "
+             f"hidden {model.hidden_size}, {model.num_attention_heads} heads / {model.num_query_groups} KV groups, "
+             f"FFN {model.ffn_hidden_size}, vocab {model.vocab_size}); continue it with `twist train --load "
+             f"{args.save}`")
+    finally:
+        shutdown()
+    return 0
+
+
+def cmd_export_hf(args) -> int:
+    from .hf.io import export_hf
+
+    summary = export_hf(args.load, args.save, args.tokenizer)
+    sizes = summary["layer_sizes"][0]
+    _log(f"[export-hf] {args.load} ({summary['kind']}, keep ratio {summary['keep_ratio']}) -> {args.save}: "
+         f"{summary['family']}, {sizes['num_attention_heads']} heads / {sizes['num_query_groups']} KV heads, "
+         f"FFN {sizes['ffn_hidden_size']}; tokenizer {summary['tokenizer']['kind']} "
+         f"({summary['tokenizer']['vocab_size']} tokens)")
+    return 0
+
+
 # ----------------------------------------------------------------------- eval
 def cmd_eval(args) -> int:
     from .distributed.runtime import init_distributed, init_model_parallel, shutdown
@@ -276,10 +323,20 @@ def cmd_eval(args) -> int:
     init_distributed()
     try:
         init_model_parallel()
-        module, meta = load_model(args.load)
+        forward = {}
+        from .hf.io import is_hf_directory
+
+        if is_hf_directory(args.load):  # an exported (or any local Llama / GPT-2) HuggingFace directory
+            from .hf.io import hf_forward, load_hf_model
+
+            module, meta = load_hf_model(args.load)
+            forward = {"forward": hf_forward}
+        else:
+            module, meta = load_model(args.load)
         tokens, seq_length, data_info = _eval_tokens(args, meta)
         t0 = time.perf_counter()
-        result = perplexity(module, tokens, seq_length, batch_size=args.batch_size, max_tokens=args.max_tokens)
+        result = perplexity(module, tokens, seq_length, batch_size=args.batch_size, max_tokens=args.max_tokens,
+                            **forward)
         result.update(kind=meta["kind"], keep_ratio=meta.get("keep_ratio", 1.0), checkpoint=args.load,
                       seconds=round(time.perf_counter() - t0, 2), **data_info)
         print(json.dumps(result), flush=True)
@@ -315,6 +372,16 @@ def _eval_tokens(args, meta):
     return load_token_stream(args.data_path, args.split), seq_length, {"split": args.split}
 
 
+
+# ----------------------------------------------------------------------- plan
+def _plan(args) -> int:
+    """Check a layout and size it per GPU (no GPU, no process group); refusals exit 2 like train's."""
+    from .planning import format_plan, plan_from_args
+
+    plan = plan_from_args(args)
+    print(json.dumps(plan.to_dict()) if args.json else format_plan(plan), flush=True)
+    return 0
+
 # ----------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="twist", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -327,7 +394,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--json-field", default="text", help="field of JSON-lines records holding the text")
     d.add_argument("--vocab-size", type=int, default=4096, help="vocabulary of the tokenizer to train")
     d.add_argument("--tokenizer-model", default=None, help="use this sentencepiece model instead of training one")
-    d.add_argument("--valid-fraction", type=float, default=0.1, help="share of --input documents held out")
+    d.add_argument("--hf-tokenizer", default=None, help="use this HuggingFace tokenizer directory (e.g. the model "
+                   "directory given to `twist import-hf`) instead of training one")
+    d.add_argument("--valid-fraction", type=float, default=0.1, help="share of --input documents held out "
+                   "(every k-th document, k = round(1 / fraction))")
+    d.add_argument("--split-paragraphs", action="store_true", help="cut plain-text inputs into one document per "
+                   "paragraph (blank-line separated), e.g. for a corpus that is one long file")
     d.add_argument("--max-bytes", type=int, default=None, help="cap on the standard-library training text")
     d.set_defaults(func=cmd_prepare_data)
 
@@ -338,6 +410,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_twist_args(t)
     t.set_defaults(func=cmd_train)
 
+    pl = sub.add_parser("plan", help="check a layout and size memory, compute and traffic per GPU (no GPU needed)")
+    from .planning import add_plan_args
+
+    add_model_args(pl)
+    add_training_args(pl)
+    add_twist_args(pl)
+    add_plan_args(pl)
+    pl.set_defaults(func=_plan)
+
     e = sub.add_parser("extract", help="cut a dense smaller model from a central checkpoint")
     e.add_argument("--load", required=True, help="central checkpoint (from `twist train --save`)")
     e.add_argument("--save", required=True, help="directory for the cut-out model")
@@ -345,7 +426,21 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--method", default="magnitude", help="'magnitude' (default) or 'random:SEED'")
     e.set_defaults(func=cmd_extract)
 
-    v = sub.add_parser("eval", help="held-out perplexity of a central or cut-out model (last line: JSON)")
+    i = sub.add_parser("import-hf", help="a local HuggingFace Llama / GPT-2 checkpoint -> a central checkpoint")
+    i.add_argument("path", help="HF model directory (config.json + safetensors)")
+    i.add_argument("--save", required=True, help="central checkpoint directory to write (`twist train --load` it)")
+    i.add_argument("--seq-length", type=int, default=None, help="training sequence length (Llama; default: "
+                   "the model's max_position_embeddings)")
+
+    x = sub.add_parser("export-hf", help="a central or cut-out model -> a HuggingFace directory")
+    x.add_argument("--load", required=True, help="central or cut-out checkpoint directory")
+    x.add_argument("--save", required=True, help="HF directory to write")
+    x.add_argument("--tokenizer", default=None, help="sentencepiece .model, `twist prepare-data` directory or HF "
+                   "tokenizer directory (default: the training data's tokenizer, recorded in the checkpoint)")
+    i.set_defaults(func=cmd_import_hf)
+    x.set_defaults(func=cmd_export_hf)
+
+    v = sub.add_parser("eval", help="held-out perplexity of a central, cut-out or HF model (last line: JSON)")
     v.add_argument("--load", required=True, help="model checkpoint directory")
     v.add_argument("--data-path", default=None)
     v.add_argument("--mock-data", action="store_true")

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
 MODEL_FAMILIES = ("llama", "gpt2")
+ACTIVATIONS = {"llama": ("silu",), "gpt2": ("gelu", "gelu_tanh")}  # first: the family's default
 SPLIT_UNITS = ("heads", "mlp", "both")
 CORRECTIONS = ("rescale", "none")
 OPTIMIZER_STATE_POLICIES = ("aggregate", "reset")
@@ -46,6 +47,9 @@ class ModelConfig:
     norm_epsilon: float = 1e-5
     rotary_base: int = 10000
     kv_channels: Optional[int] = None  # head size; None: hidden_size // num_attention_heads
+    # MLP activation; None: the family's (llama: 'silu' gated, gpt2: 'gelu'). gpt2 also takes
+    # 'gelu_tanh' (HF GPT-2's 'gelu_new'), so an imported GPT-2 computes what it was trained with.
+    activation: Optional[str] = None
 
     def __post_init__(self):
         if self.family not in MODEL_FAMILIES:
@@ -55,7 +59,7 @@ class ModelConfig:
         for name in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "vocab_size", "seq_length"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.hidden_size % self.num_attention_heads:
+        if self.kv_channels is None and self.hidden_size % self.num_attention_heads:
             raise ConfigError(
                 f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
                 f"{self.num_attention_heads}; choose a head count that divides it"
@@ -67,6 +71,12 @@ class ModelConfig:
             )
         if self.family == "gpt2" and self.num_query_groups != self.num_attention_heads:
             raise ConfigError("the gpt2 family uses multi-head attention: leave num_query_groups unset")
+        allowed = ACTIVATIONS[self.family]
+        if self.activation is None:
+            object.__setattr__(self, "activation", allowed[0])
+        elif self.activation not in allowed:
+            raise ConfigError(f"activation {self.activation!r} is not available for the {self.family} family; "
+                              f"use one of {allowed}")
 
     @property
     def head_dim(self) -> int:

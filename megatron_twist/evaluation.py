@@ -19,7 +19,9 @@ from .model.gpt import count_parameters, gpt_forward
 
 @torch.no_grad()
 def perplexity(model, tokens: torch.Tensor, seq_length: int, batch_size: int = 8,
-               max_tokens: Optional[int] = None) -> dict:
+               max_tokens: Optional[int] = None, forward=gpt_forward) -> dict:
+    """``forward(model, tokens, labels) -> per-token NLL [b, s]``: gpt_forward for Megatron models,
+    hf.io.hf_forward for HuggingFace ones; the windows are the same."""
     model.eval()
     tokens = tokens.long().flatten().to(next(model.parameters()).device)
     if max_tokens is not None:
@@ -36,7 +38,7 @@ def perplexity(model, tokens: torch.Tensor, seq_length: int, batch_size: int = 8
         idx = torch.arange(start, min(start + batch_size, n_windows), device=tokens.device)
         offsets = idx[:, None] * seq_length + torch.arange(seq_length + 1, device=tokens.device)[None, :]
         chunk = windows[offsets]
-        nll = gpt_forward(model, chunk[:, :-1].contiguous(), chunk[:, 1:].contiguous())
+        nll = forward(model, chunk[:, :-1].contiguous(), chunk[:, 1:].contiguous())
         total_nll += nll.double().sum().item()
         total += nll.numel()
     model.train()

@@ -30,8 +30,9 @@ def plan_from_json(layers: list) -> SubnetPlan:
 
 
 def save_central(path: str, central: CentralModel, twist: TwistConfig, train: TrainConfig,
-                 data: Optional[dict] = None, full_state=None) -> None:
-    """``full_state``: (weights, moments) gathered from a sharded run; default: the central's own."""
+                 data: Optional[dict] = None, full_state=None, extra: Optional[dict] = None) -> None:
+    """``full_state``: (weights, moments) gathered from a sharded run; default: the central's own.
+    ``extra``: more meta.json entries (e.g. ``origin`` of an imported model)."""
     weights, moments = full_state if full_state is not None else (dict(central.params), central.moments)
     meta = {
         "kind": "central",
@@ -42,6 +43,7 @@ def save_central(path: str, central: CentralModel, twist: TwistConfig, train: Tr
         "round": central.round,
         "layer_sizes": [dataclasses.asdict(s) for s in full_layer_sizes(central.config)],
         "data": data or {},
+        **(extra or {}),
     }
     tensors = {"model": weights}
     tensors["optimizer"] = {f"{m}/{n}": t for m in ADAM_MOMENTS for n, t in moments[m].items()}

@@ -21,7 +21,7 @@ PYCHECK
 
 stamp=".venv/.twist-installed-$(cat setup.py scripts/setup_env.sh | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
-  echo "[setup] installing the pinned stack into .venv (first time: about 1-2 minutes)"
+  echo "[setup] installing the pinned stack into .venv (first time: about 2-4 minutes)"
   t0=$(date +%s)
   # torch FIRST and pinned: otherwise a later resolver step may pull a multi-GB CUDA build.
   if [ -n "${TWIST_TORCH_INDEX:-}" ]; then
@@ -29,7 +29,7 @@ if [ ! -f "$stamp" ]; then
   else
     pip install -q torch==2.13.0
   fi
-  pip install -q torch==2.13.0 -e ".[test,plot]"
+  pip install -q torch==2.13.0 -e ".[test,plot,eval]"
   rm -f .venv/.twist-installed-*
   touch "$stamp"
   echo "[setup] done in $(( $(date +%s) - t0 ))s"

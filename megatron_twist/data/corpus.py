@@ -367,3 +367,20 @@ def text_documents(
     """
     files = _resolve_input_files(paths)
     return _iter_documents(files, json_field or "text")
+
+
+def paragraph_documents(documents: Iterable[Document]) -> Iterator[Document]:
+    """Cut each plain-text document at blank lines: one document per paragraph.
+
+    For a corpus that is one long file (a play, a book), so that it can be split into train and
+    validation documents; JSON-lines documents (``name`` ends in ``:LINE``) pass through whole.
+    """
+    import re
+
+    for doc in documents:
+        if re.search(r":\d+$", doc.name):
+            yield doc
+            continue
+        for i, part in enumerate(re.split(r"\n[ \t]*\n", doc.text)):
+            if part.strip():
+                yield Document(name=f"{doc.name}#{i}", text=part.strip("\n") + "\n")

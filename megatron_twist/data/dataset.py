@@ -36,6 +36,7 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from .errors import DataError
 from .prepare import CACHE_DIR, check_tokenizer, load_manifest
+from .hf_tokenizer import open_tokenizer
 from .tokenizer import SentencePieceTokenizer
 
 
@@ -90,7 +91,7 @@ def build_gpt_dataset(
         raise DataError(f"num_samples must be at least 1, got {num_samples}")
     manifest = load_manifest(data_dir)
     if tokenizer is None:
-        tokenizer = SentencePieceTokenizer(manifest.tokenizer_path)
+        tokenizer = open_tokenizer(manifest.tokenizer_path)
     check_tokenizer(manifest, tokenizer)
 
     # Absolute: the prefix is part of Megatron's cache key, so every rank must

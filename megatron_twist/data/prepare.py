@@ -36,11 +36,13 @@ from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder,
 
 from .corpus import SPLITS, Document
 from .errors import DataError
+from .hf_tokenizer import open_tokenizer
 from .tokenizer import DEFAULT_TOKENIZER_SEED, SentencePieceTokenizer, atomic_write_bytes, train_sentencepiece
 
 MANIFEST_FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 TOKENIZER_FILE = "tokenizer.model"
+HF_TOKENIZER_DIR = "hf_tokenizer"  # instead of tokenizer.model when prepared with --hf-tokenizer
 CACHE_DIR = "cache"
 DEFAULT_PROGRESS_EVERY = 200  # documents between progress lines
 
@@ -71,6 +73,7 @@ class Manifest:
     splits: Dict[str, SplitStats]
     source: str
     data_dir: str = field(default="", compare=False)  # not serialised
+    tokenizer_file: str = TOKENIZER_FILE  # or HF_TOKENIZER_DIR
 
     # -- paths
     def prefix(self, split: str) -> str:
@@ -81,7 +84,7 @@ class Manifest:
 
     @property
     def tokenizer_path(self) -> str:
-        return os.path.join(self.data_dir, TOKENIZER_FILE)
+        return os.path.join(self.data_dir, self.tokenizer_file)
 
     @property
     def fingerprint(self) -> str:
@@ -99,7 +102,7 @@ class Manifest:
             "format_version": self.format_version,
             "vocab_size": self.vocab_size,
             "eod_id": self.eod_id,
-            "tokenizer_file": TOKENIZER_FILE,
+            "tokenizer_file": self.tokenizer_file,
             "tokenizer_sha256": self.tokenizer_sha256,
             "dtype": self.dtype,
             "splits": {
@@ -167,7 +170,14 @@ class Manifest:
             splits=splits,
             source=d["source"],
             data_dir=data_dir,
+            tokenizer_file=_tokenizer_file(d.get("tokenizer_file", TOKENIZER_FILE), bad),
         )
+
+
+def _tokenizer_file(name, bad) -> str:
+    if name not in (TOKENIZER_FILE, HF_TOKENIZER_DIR):
+        raise bad(f"tokenizer_file {name!r} is neither {TOKENIZER_FILE!r} nor {HF_TOKENIZER_DIR!r}")
+    return name
 
 
 class _Progress:
@@ -248,6 +258,7 @@ def prepare_data(
     tokenizer_model: Optional[str] = None,
     progress: bool = True,
     *,
+    hf_tokenizer: Optional[str] = None,
     source: Optional[str] = None,
     seed: int = DEFAULT_TOKENIZER_SEED,
     progress_every: int = DEFAULT_PROGRESS_EVERY,
@@ -260,7 +271,9 @@ def prepare_data(
         vocab_size: train a new tokenizer of this size on ``train_docs``
             (``train_docs`` is then held in memory, as it is read twice).
         tokenizer_model: instead, copy this existing SentencePiece model.
-            Exactly one of ``vocab_size`` / ``tokenizer_model`` must be given.
+        hf_tokenizer: or use this HuggingFace tokenizer directory (e.g. of a
+            model imported with `twist import-hf`); copied to DIR/hf_tokenizer.
+            Exactly one of ``vocab_size`` / ``tokenizer_model`` / ``hf_tokenizer`` must be given.
         progress: print progress lines on stderr.
         source: free-text provenance stored in the manifest.
         seed: tokenizer-training seed.
@@ -269,10 +282,10 @@ def prepare_data(
     Raises:
         DataError: bad arguments, an unusable tokenizer, or an empty split.
     """
-    if (vocab_size is None) == (tokenizer_model is None):
+    if sum(x is not None for x in (vocab_size, tokenizer_model, hf_tokenizer)) != 1:
         raise DataError(
-            "give exactly one of vocab_size (train a new tokenizer, --vocab-size N) or "
-            "tokenizer_model (reuse one, --tokenizer PATH)"
+            "give exactly one of vocab_size (train a new tokenizer, --vocab-size N), "
+            "tokenizer_model (reuse one, --tokenizer-model PATH) or hf_tokenizer (--hf-tokenizer DIR)"
         )
     out_dir = os.fspath(out_dir)
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
@@ -284,8 +297,18 @@ def prepare_data(
     if os.path.exists(manifest_path):
         os.unlink(manifest_path)
 
-    tokenizer_path = os.path.join(out_dir, TOKENIZER_FILE)
-    if vocab_size is not None:
+    tokenizer_path = os.path.join(out_dir, TOKENIZER_FILE if hf_tokenizer is None else HF_TOKENIZER_DIR)
+    if hf_tokenizer is not None:
+        import shutil
+
+        from .hf_tokenizer import HFTokenizer
+
+        tmp_dir = os.path.join(out_dir, f".hf_tokenizer.tmp-{os.getpid()}")
+        HFTokenizer(hf_tokenizer).save(tmp_dir)  # validates it first
+        if os.path.isdir(tokenizer_path):
+            shutil.rmtree(tokenizer_path)
+        os.replace(tmp_dir, tokenizer_path)
+    elif vocab_size is not None:
         train_docs = list(train_docs)  # read twice: tokenizer training, then tokenization
         t0 = time.perf_counter()
         tmp_model = train_sentencepiece(
@@ -303,7 +326,7 @@ def prepare_data(
         source_tokenizer = SentencePieceTokenizer(tokenizer_model)  # validates it is a model
         with open(source_tokenizer.model_path, "rb") as f:
             atomic_write_bytes(tokenizer_path, f.read())
-    tokenizer = SentencePieceTokenizer(tokenizer_path)
+    tokenizer = open_tokenizer(tokenizer_path)
     dtype = DType.optimal_dtype(tokenizer.vocab_size)
 
     splits = {
@@ -319,6 +342,7 @@ def prepare_data(
         splits=splits,
         source=source if source is not None else "documents passed to prepare_data",
         data_dir=out_dir,
+        tokenizer_file=os.path.basename(tokenizer_path),
     )
     text = json.dumps(manifest.to_dict(), indent=2, sort_keys=True) + "\n"
     atomic_write_bytes(manifest_path, text.encode("utf-8"))  # last: the commit marker
@@ -354,7 +378,7 @@ def load_manifest(data_dir: str) -> Manifest:
     for split in SPLITS:
         required += [get_bin_path(manifest.prefix(split)), get_idx_path(manifest.prefix(split))]
     for path in required:
-        if not os.path.isfile(path):
+        if not os.path.exists(path):
             raise DataError(f"{path!r} is missing from the prepared data; {_rerun_hint(data_dir)}")
     itemsize = numpy.dtype(manifest.dtype).itemsize
     for split in SPLITS:
@@ -401,6 +425,6 @@ def check_tokenizer(manifest: Manifest, tokenizer: SentencePieceTokenizer) -> No
 def load_tokenizer(data_dir: str) -> SentencePieceTokenizer:
     """The prepared directory's own tokenizer, checked against its manifest."""
     manifest = load_manifest(data_dir)
-    tokenizer = SentencePieceTokenizer(manifest.tokenizer_path)
+    tokenizer = open_tokenizer(manifest.tokenizer_path)
     check_tokenizer(manifest, tokenizer)
     return tokenizer

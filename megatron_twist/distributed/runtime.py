@@ -24,54 +24,7 @@ from megatron.core import parallel_state
 
 from ..config import ConfigError, TwistConfig
 from ..cpu_shim import apply_cpu_shim, cuda_absent
-
-
-@dataclass(frozen=True)
-class ParallelLayout:
-    """world = tensor x pipeline x data parallel; data parallel = subnet slots x replicas.
-
-    With at least as many data-parallel ranks as subnets, each subnet is trained
-    by ``replicas = dp / num_subnets`` ranks (ordinary data parallel among them).
-    With fewer, each rank trains ``num_subnets / dp`` subnets in turn.
-    """
-
-    tensor_parallel: int
-    pipeline_parallel: int
-    data_parallel: int
-    num_subnets: int
-
-    @property
-    def replicas(self) -> int:
-        return max(1, self.data_parallel // self.num_subnets)
-
-    @property
-    def subnets_per_rank(self) -> int:
-        return max(1, self.num_subnets // self.data_parallel)
-
-    @classmethod
-    def for_world(cls, world_size: int, num_subnets: int, tensor_parallel: int = 1,
-                  pipeline_parallel: int = 1) -> "ParallelLayout":
-        """Validate a layout before any group exists; the error says how to fix it."""
-        mp = tensor_parallel * pipeline_parallel
-        if tensor_parallel < 1 or pipeline_parallel < 1:
-            raise ConfigError("tensor and pipeline parallel sizes must be at least 1")
-        if world_size % mp:
-            raise ConfigError(
-                f"{world_size} ranks do not divide into tensor parallel {tensor_parallel} x pipeline parallel "
-                f"{pipeline_parallel}; launch a multiple of {mp} ranks"
-            )
-        dp = world_size // mp
-        if dp >= num_subnets and dp % num_subnets:
-            raise ConfigError(
-                f"{dp} data-parallel ranks do not divide into {num_subnets} subnets; launch "
-                f"{mp * num_subnets * max(1, dp // num_subnets)} ranks or use a number of subnets that divides {dp}"
-            )
-        if dp < num_subnets and num_subnets % dp:
-            raise ConfigError(
-                f"--num-subnets {num_subnets} does not divide over {dp} data-parallel ranks; "
-                f"use a multiple of {dp} subnets or launch {num_subnets * mp} ranks"
-            )
-        return cls(tensor_parallel, pipeline_parallel, dp, num_subnets)
+from .layout import ParallelLayout, twist_group_members  # pure arithmetic, shared with `twist plan`
 
 
 @dataclass(frozen=True)
@@ -224,22 +177,13 @@ def build_twist_groups(twist: TwistConfig, tensor_parallel_size: int = 1, pipeli
                            data_parallel_group=dp_group)
 
     coords = all_gather_objects((rank, tp_rank, pp_rank, dp_rank))
-    by_position = {}
-    for r, t, p, d in coords:
-        by_position.setdefault((p, t), {})[d] = r
-    n, reps = layout.num_subnets, layout.replicas
     my_subnet_group = my_aggregation_group = None
-    for position in sorted(by_position):
-        ranks_by_dp = by_position[position]
-        for s in range(n):  # replicas of one subnet
-            members = [ranks_by_dp[s * reps + r] for r in range(reps)]
-            g = dist.new_group(members)
-            if rank in members:
+    for kind, members in twist_group_members(layout, coords):  # the same order on every rank
+        g = dist.new_group(members)
+        if rank in members:
+            if kind == "subnet":
                 my_subnet_group = g
-        for r in range(reps):  # one replica of every subnet
-            members = [ranks_by_dp[s * reps + r] for s in range(n)]
-            g = dist.new_group(members)
-            if rank in members:
+            else:
                 my_aggregation_group = g
     return TwistGroups(rank, world, layout, tp_rank, pp_rank, dp_rank,
                        aggregation_group=my_aggregation_group, subnet_group=my_subnet_group,

@@ -321,7 +321,7 @@ def check_batch_consistency(ds_config: DsConfig, micro_batch_size: Optional[int]
     Returns ``{"train_batch_size", "train_micro_batch_size_per_gpu",
     "gradient_accumulation_steps", "data_parallel_size"}``.
     """
-    from ..distributed.runtime import ParallelLayout  # Megatron imports: only when needed
+    from ..distributed.layout import ParallelLayout  # pure arithmetic, no torch
 
     ds, name = _load(ds_config)
     layout = ParallelLayout.for_world(world_size, twist.num_subnets, tensor_parallel, pipeline_parallel)

@@ -23,6 +23,14 @@ from ..config import ModelConfig
 from ..cpu_shim import apply_cpu_shim
 
 
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU with the tanh approximation (HF GPT-2's 'gelu_new')."""
+    return F.gelu(x, approximate="tanh")
+
+
+ACTIVATION_FUNCS = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": gelu_tanh}
+
+
 @dataclass(frozen=True)
 class LayerSize:
     """Sizes of one transformer layer: query heads, key-value groups, MLP neurons."""
@@ -89,7 +97,7 @@ def transformer_config(
         layernorm_epsilon=model.norm_epsilon,
         normalization="RMSNorm" if llama else "LayerNorm",
         gated_linear_unit=llama,
-        activation_func=F.silu if llama else F.gelu,
+        activation_func=ACTIVATION_FUNCS[model.activation],
         add_bias_linear=not llama,
         add_qkv_bias=not llama,
         hidden_dropout=0.0,

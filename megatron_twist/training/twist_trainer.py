@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from ..config import ConfigError, ModelConfig, TrainConfig, TwistConfig
 from ..distributed.full_state import layer_range
+from ..distributed.layout import check_model_layout  # noqa: F401  (re-exported: cli, tests)
 from ..twist.sharding import local_model_view, local_plan
 from .step import StepParallelism
 from ..cpu_shim import seed_everything
@@ -69,21 +70,6 @@ def build_central(model: ModelConfig, seed: int, tensor_parallel_size: int = 1,
     seed_everything(seed)
     return CentralModel(model, build_gpt_model(model, tensor_parallel_size=tensor_parallel_size,
                                                pipeline_parallel_size=pipeline_parallel_size))
-
-
-def check_model_layout(model: ModelConfig, twist: TwistConfig, tensor_parallel_size: int,
-                       pipeline_parallel_size: int) -> None:
-    """Refuse a model that cannot be split over the parallel layout (before any work)."""
-    twist.check_against_model(model, tensor_parallel_size)
-    if model.vocab_size % tensor_parallel_size:
-        raise ConfigError(f"vocabulary {model.vocab_size} does not divide over tensor parallel size "
-                          f"{tensor_parallel_size}; use a vocabulary size that is a multiple of it")
-    if model.num_layers % pipeline_parallel_size:
-        raise ConfigError(f"{model.num_layers} layers do not divide over pipeline parallel size "
-                          f"{pipeline_parallel_size}; use a layer count that is a multiple of it")
-    if pipeline_parallel_size > 1 and model.family == "gpt2":
-        raise ConfigError("the gpt2 family ties embedding and output weights, which this release does not "
-                          "support across pipeline stages; use pipeline parallel size 1 or the llama family")
 
 
 class TwistTrainer:

@@ -60,10 +60,22 @@ def select_plan(
         return SubnetSampler(model, dataclasses.replace(cut, seed=int(seed or twist.seed))).sample(0)[0]
     if method != "magnitude":
         raise ConfigError(f"extraction method {method!r} is unknown; use 'magnitude' or 'random:SEED'")
+    return plan_from_scores(model, twist, keep_ratio,
+                            [_unit_scores(model, params, layer) for layer in range(model.num_layers)])
+
+
+def plan_from_scores(model: ModelConfig, twist: TwistConfig, keep_ratio: float,
+                     scores: List[Tuple[torch.Tensor, torch.Tensor]]) -> SubnetPlan:
+    """Keep the best-scoring units per bucket: ``scores[layer] = (head scores, neuron scores)``.
+
+    The buckets (KV groups, TP-balance blocks) and whole layers are the sampler's, so any score
+    (weights only here; activation-aware ones in benchmarks/) gives a GQA-valid, TP-balanced cut.
+    """
+    sampler = SubnetSampler(model, dataclasses.replace(twist, keep_ratio=keep_ratio, num_subnets=1, coverage=False))
     layers: List[LayerUnits] = []
     for layer in range(model.num_layers):
         whole = layer in sampler.whole
-        head_scores, neuron_scores = _unit_scores(model, params, layer)
+        head_scores, neuron_scores = scores[layer]
         heads = list(range(model.num_attention_heads))
         if twist.splits_heads and not whole:
             heads = _top_per_bucket(head_scores, sampler.head_buckets(), keep_ratio)

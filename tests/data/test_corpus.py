@@ -184,3 +184,13 @@ def test_non_utf8_file_is_named(tmp_path):
 
 def test_document_size_is_utf8_bytes():
     assert Document("x", "é").nbytes == 2
+
+
+def test_paragraph_documents_cut_plain_text_at_blank_lines_only(tmp_path):
+    from megatron_twist.data.corpus import paragraph_documents
+
+    (tmp_path / "play.txt").write_text("A:\nHello.\n\nB:\nHi.\n  \n\n\nC:\nBye.\n")
+    (tmp_path / "records.jsonl").write_text('{"text": "one\\n\\ntwo"}\n')
+    docs = list(paragraph_documents(text_documents([tmp_path / "play.txt", tmp_path / "records.jsonl"])))
+    assert [d.text for d in docs] == ["A:\nHello.\n", "B:\nHi.\n", "C:\nBye.\n", "one\n\ntwo"]
+    assert docs[0].name.endswith("play.txt#0") and docs[3].name.endswith("records.jsonl:1")

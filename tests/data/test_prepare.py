@@ -222,3 +222,14 @@ def test_load_manifest_errors_name_the_fix(tmp_path, prepared):
         json.dump(raw, f)
     with pytest.raises(DataError, match="format_version 99"):
         load_manifest(data_dir)
+
+
+def test_hf_tokenizer_directory_that_is_not_one_is_refused(tmp_path, small_docs):
+    (tmp_path / "not-a-tokenizer").mkdir()
+    train, valid = small_docs
+    with pytest.raises(DataError, match="is not a HuggingFace tokenizer directory"):
+        prepare_data(str(tmp_path / "out"), train, valid, hf_tokenizer=str(tmp_path / "not-a-tokenizer"),
+                     progress=False)
+    with pytest.raises(DataError, match="exactly one of"):
+        prepare_data(str(tmp_path / "out"), train, valid, vocab_size=300, hf_tokenizer=str(tmp_path),
+                     progress=False)

@@ -1,0 +1,301 @@
+"""Quality of the cut-out model against post-training pruning and a small dense model, same tokens.
+
+    python benchmarks/quality.py [--corpora stdlib shakespeare] [--steps 200] [--out runs/bench-quality]
+    python benchmarks/quality.py --smoke      # seconds-long version (CI): tiny model, few steps
+
+For each corpus (the standard-library corpus of the main job; tinyshakespeare, if its file is
+found: --shakespeare PATH, default ../shared/data/tinyshakespeare.txt) every model is trained on
+the same tokens (same steps, ranks, micro batch, sequence length, data order seed) and evaluated
+on the same held-out tokens (`twist eval`'s windows):
+  a. TwIST (2 subnets at kappa 0.5 on 2 ranks), cut at kappa 0.25 / 0.5 / 0.75 (magnitude, zero cost);
+  b. the dense model trained normally, then structured magnitude pruning of heads and neurons to
+     the same sizes (the same weight-only score as (a)'s cut), no calibration;
+  c. the same dense model pruned with an activation-aware structured score (Wanda-style:
+     |W| x ||X|| per unit, from 128 calibration sequences of the training split), no retraining;
+  d. a dense model of the cut-out size trained from scratch (the honest control);
+  e. the dense full model (reference) and TwIST's central model.
+Also: perplexity spread of 10 random kappa-0.5 subnets of the TwIST model against 10 of the dense
+model (the "golden ticket" claim), and TwIST with the activation-shift correction on ('rescale').
+TwIST is trained once, at kappa 0.5, and cut at every kappa (training per kappa would cost 2 more
+runs per corpus). Writes OUT/quality.json, OUT/quality.png and prints the tables.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Dict, List
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+KAPPAS = (0.25, 0.5, 0.75)  # --smoke: 0.5 only
+# 8 query heads in 2 KV groups: kappa 0.25 keeps 1 head per group, so every kappa is a whole cut.
+FULL = dict(family="llama", num_layers=4, hidden_size=256, num_attention_heads=8, num_query_groups=2,
+            ffn_hidden_size=704, seq_length=256)
+SMOKE = dict(family="llama", num_layers=2, hidden_size=64, num_attention_heads=8, num_query_groups=2,
+             ffn_hidden_size=128, seq_length=64)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", PYTHONUNBUFFERED="1")
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def _model_flags(model: dict, kappa: float = 1.0) -> List[str]:
+    head_dim = model["hidden_size"] // model["num_attention_heads"]
+    return ["--num-layers", str(model["num_layers"]), "--hidden-size", str(model["hidden_size"]),
+            "--num-attention-heads", str(int(model["num_attention_heads"] * kappa)),
+            "--num-query-groups", str(model["num_query_groups"]), "--kv-channels", str(head_dim),
+            "--ffn-hidden-size", str(int(model["ffn_hidden_size"] * kappa)), "--seq-length", str(model["seq_length"])]
+
+
+def train(name: str, data: Path, out: Path, flags: List[str], args) -> Path:
+    """One `twist train` run (torchrun with --nproc ranks, or one process); returns its checkpoint."""
+    ckpt = out / name
+    if (ckpt / "meta.json").is_file() and not args.retrain:
+        print(f"[quality] {name}: reusing {ckpt}", flush=True)
+        return ckpt
+    launcher = [sys.executable, "-m", "megatron_twist"] if args.nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}", "--master_addr=127.0.0.1",
+        f"--master_port={_free_port()}", "-m", "megatron_twist"]
+    cmd = [*launcher, "train", "--data-path", str(data), "--train-iters", str(args.steps), "--micro-batch-size",
+           str(args.micro_batch), "--lr", str(args.lr), "--local-steps", str(args.local_steps), "--log-interval",
+           str(max(1, args.steps // 4)), *flags, "--save", str(ckpt)]
+    t0 = time.perf_counter()
+    print(f"[quality] {name}: training ({args.steps} steps) ...", flush=True)
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    print(f"[quality] {name}: done in {time.perf_counter() - t0:.0f} s", flush=True)
+    return ckpt
+
+
+def activation_scores(module, model, calib) -> list:
+    """Wanda-style structured scores: per unit, ||W[:, unit columns]|| x ||X[unit columns]|| summed over
+    the calibration tokens, at the inputs of linear_proj (heads) and linear_fc2 (neurons)."""
+    import torch
+
+    from megatron_twist.model.gpt import gpt_forward
+    from megatron_twist.twist.slicing import proj_columns
+
+    sq = {}
+    hooks = []
+    for i, layer in enumerate(module.decoder.layers):
+        for kind, sub in (("proj", layer.self_attention.linear_proj), ("fc2", layer.mlp.linear_fc2)):
+            def hook(mod, inputs, key=(i, kind)):
+                x = inputs[0].detach().float()
+                sq[key] = sq.get(key, 0) + x.pow(2).reshape(-1, x.shape[-1]).sum(0)
+            hooks.append(sub.register_forward_pre_hook(hook))
+    module.eval()
+    with torch.no_grad():
+        for start in range(0, len(calib), 8):
+            gpt_forward(module, calib[start: start + 8])
+    for h in hooks:
+        h.remove()
+    scores = []
+    for i, layer in enumerate(module.decoder.layers):
+        w_proj = layer.self_attention.linear_proj.weight.detach().float()
+        w_fc2 = layer.mlp.linear_fc2.weight.detach().float()
+        col_proj = w_proj.norm(dim=0) * sq[(i, "proj")].sqrt()
+        heads = torch.stack([col_proj[proj_columns(model, [h])].sum() for h in range(model.num_attention_heads)])
+        neurons = w_fc2.norm(dim=0) * sq[(i, "fc2")].sqrt()
+        scores.append((heads, neurons))
+    return scores
+
+
+def evaluate(args, corpus: str, data: Path, out: Path) -> Dict:
+    import torch
+
+    from megatron_twist.config import TwistConfig
+    from megatron_twist.data import load_token_stream
+    from megatron_twist.evaluation import perplexity
+    from megatron_twist.model.gpt import count_parameters
+    from megatron_twist.model_io import load_central, load_model
+    from megatron_twist.twist.extraction import cut_model, plan_from_scores, select_plan
+
+    tokens = load_token_stream(str(data), "valid")
+    seq = args.model["seq_length"]
+
+    def ppl(module):
+        r = perplexity(module, tokens, seq, max_tokens=args.eval_tokens)
+        return {"perplexity": r["perplexity"], "parameters": count_parameters(module), "tokens": r["tokens"]}
+
+    res: Dict = {"corpus": corpus}
+    twist_central, twist_cfg, _ = load_central(str(out / "twist"))
+    dense_central, _, _ = load_central(str(out / "dense"))
+    cut_cfg = TwistConfig(keep_ratio=0.5, num_subnets=1, coverage=False)  # split heads and MLP, no correction
+    res["e_dense_full"] = ppl(dense_central.module)
+    res["e_twist_central"] = ppl(twist_central.module)
+    train_tokens = load_token_stream(str(data), "train")
+    n_calib = args.calib_sequences
+    calib = train_tokens[: n_calib * seq].long().view(n_calib, seq)
+    act_scores = activation_scores(dense_central.module, dense_central.config, calib)
+    for kappa in KAPPAS:
+        k = str(kappa)
+        plan = select_plan(twist_central.config, twist_cfg, twist_central.params, kappa)
+        res.setdefault("a_twist_cut", {})[k] = ppl(cut_model(twist_central.config, twist_cfg, twist_central.params, plan)[0])
+        plan = select_plan(dense_central.config, cut_cfg, dense_central.params, kappa)
+        res.setdefault("b_dense_magnitude", {})[k] = ppl(cut_model(dense_central.config, cut_cfg, dense_central.params, plan)[0])
+        plan = plan_from_scores(dense_central.config, cut_cfg, kappa, act_scores)
+        res.setdefault("c_dense_activation", {})[k] = ppl(cut_model(dense_central.config, cut_cfg, dense_central.params, plan)[0])
+        small, _ = load_model(str(out / f"small-{kappa}"))
+        res.setdefault("d_small_from_scratch", {})[k] = ppl(small)
+        print(f"[quality] {corpus} kappa {kappa}: TwIST cut {res['a_twist_cut'][k]['perplexity']:.2f}, "
+              f"magnitude {res['b_dense_magnitude'][k]['perplexity']:.2f}, activation "
+              f"{res['c_dense_activation'][k]['perplexity']:.2f}, small {res['d_small_from_scratch'][k]['perplexity']:.2f}",
+              flush=True)
+    for label, central, cfg in (("twist", twist_central, twist_cfg), ("dense", dense_central, cut_cfg)):
+        values = []
+        for seed in range(args.random_subnets):
+            plan = select_plan(central.config, cfg, central.params, 0.5, f"random:{seed}")
+            values.append(ppl(cut_model(central.config, cfg, central.params, plan)[0])["perplexity"])
+        res.setdefault("golden_ticket", {})[label] = values
+    if (out / "twist-rescale" / "meta.json").is_file():
+        central, cfg, _ = load_central(str(out / "twist-rescale"))
+        plan = select_plan(central.config, cfg, central.params, 0.5)
+        res["correction_rescale"] = {"central": ppl(central.module),
+                                     "cut_0.5": ppl(cut_model(central.config, cfg, central.params, plan)[0])}
+    return res
+
+
+def run_corpus(args, corpus: str) -> Dict:
+    from megatron_twist.data import prepare_data, stdlib_documents, text_documents
+    from megatron_twist.data.corpus import paragraph_documents
+
+    out = Path(args.out) / corpus
+    data = out / "data"
+    if not (data / "manifest.json").is_file():
+        if corpus == "stdlib":
+            train_docs = stdlib_documents("train", max_bytes=args.stdlib_bytes)
+            valid_docs = stdlib_documents("valid", max_bytes=None if not args.smoke else 150_000)
+        else:
+            docs = list(paragraph_documents(text_documents(args.shakespeare)))
+            train_docs = [d for i, d in enumerate(docs) if i % 10 != 9]
+            valid_docs = [d for i, d in enumerate(docs) if i % 10 == 9]
+        prepare_data(str(data), train_docs, valid_docs, vocab_size=args.vocab, progress=False, source=corpus)
+    m = args.model
+    train("twist", data, out, [*_model_flags(m), "--num-subnets", "2", "--keep-ratio", "0.5"], args)
+    train("dense", data, out, [*_model_flags(m), "--num-subnets", "1", "--keep-ratio", "1.0"], args)
+    for kappa in KAPPAS:
+        train(f"small-{kappa}", data, out, [*_model_flags(m, kappa), "--num-subnets", "1", "--keep-ratio", "1.0"], args)
+    if not args.no_correction_run:
+        train("twist-rescale", data, out, [*_model_flags(m), "--num-subnets", "2", "--keep-ratio", "0.5",
+                                           "--activation-correction", "rescale"], args)
+    return evaluate(args, corpus, data, out)
+
+
+def report(results: List[Dict], args) -> None:
+    for r in results:
+        print(f"\n== {r['corpus']}: held-out perplexity (parameters) ==")
+        print(f"{'kappa':>6s} {'(a) TwIST cut':>18s} {'(b) magnitude':>18s} {'(c) activation':>18s} "
+              f"{'(d) small dense':>18s} {'a vs best(b,c)':>15s} {'a vs d':>8s}")
+        for k in map(str, KAPPAS):
+            a, b, c, d = (r[key][k] for key in ("a_twist_cut", "b_dense_magnitude", "c_dense_activation",
+                                                 "d_small_from_scratch"))
+            best = min(b["perplexity"], c["perplexity"])
+            print(f"{k:>6s} " + " ".join(f"{x['perplexity']:9.2f} ({x['parameters'] / 1e6:4.2f}M)" for x in (a, b, c, d))
+                  + f" {a['perplexity'] / best - 1:+14.1%} {a['perplexity'] / d['perplexity'] - 1:+7.1%}")
+        print(f"(e) dense full {r['e_dense_full']['perplexity']:.2f} ({r['e_dense_full']['parameters'] / 1e6:.2f}M), "
+              f"TwIST central {r['e_twist_central']['perplexity']:.2f}")
+        for label, values in r["golden_ticket"].items():
+            mean = sum(values) / len(values)
+            std = math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
+            print(f"random kappa-0.5 subnets of the {label:5s} model: mean {mean:9.2f}, std {std:8.2f}, "
+                  f"min {min(values):9.2f}, max {max(values):9.2f} (n={len(values)})")
+        if "correction_rescale" in r:
+            cr = r["correction_rescale"]
+            print(f"correction 'rescale': central {cr['central']['perplexity']:.2f}, cut 0.5 "
+                  f"{cr['cut_0.5']['perplexity']:.2f} (vs 'none': {r['e_twist_central']['perplexity']:.2f}, "
+                  f"{r['a_twist_cut']['0.5']['perplexity']:.2f})")
+    out = Path(args.out)
+    (out / "quality.json").write_text(json.dumps({"model": args.model, "steps": args.steps, "nproc": args.nproc,
+                                                  "micro_batch": args.micro_batch, "results": results}, indent=1))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 3.8), squeeze=False)
+        for ax, r in zip(axes[0], results):
+            labels = [("a_twist_cut", "TwIST cut"), ("b_dense_magnitude", "dense + magnitude"),
+                      ("c_dense_activation", "dense + activation"), ("d_small_from_scratch", "small dense")]
+            for j, (key, label) in enumerate(labels):
+                ax.bar([i + 0.2 * (j - 1.5) for i in range(len(KAPPAS))],
+                       [r[key][str(k)]["perplexity"] for k in KAPPAS], 0.2, label=label)
+            ax.axhline(r["e_dense_full"]["perplexity"], color="k", ls="--", lw=1, label="dense full")
+            ax.set_xticks(range(len(KAPPAS)), [f"kappa {k}" for k in KAPPAS])
+            ax.set_yscale("log")
+            ax.set_title(r["corpus"])
+            ax.set_ylabel("held-out perplexity (log)")
+        axes[0][0].legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "quality.png", dpi=120)
+        print(f"\nplot: {out / 'quality.png'}; data: {out / 'quality.json'}")
+    except ImportError:
+        print(f"\ndata: {out / 'quality.json'} (matplotlib missing: no plot)")
+
+
+def main() -> int:
+    warnings.filterwarnings("ignore")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--corpora", nargs="+", default=["stdlib", "shakespeare"], choices=["stdlib", "shakespeare"])
+    p.add_argument("--shakespeare", default=str(REPO.parent / "shared" / "data" / "tinyshakespeare.txt"))
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--micro-batch", type=int, default=8)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--local-steps", type=int, default=15)
+    p.add_argument("--vocab", type=int, default=2048)
+    p.add_argument("--stdlib-bytes", type=int, default=None, help="cap on the stdlib training text")
+    p.add_argument("--eval-tokens", type=int, default=32768)
+    p.add_argument("--calib-sequences", type=int, default=128)
+    p.add_argument("--random-subnets", type=int, default=10)
+    p.add_argument("--no-correction-run", action="store_true")
+    p.add_argument("--retrain", action="store_true", help="train again even if a checkpoint exists")
+    p.add_argument("--out", default="runs/bench-quality")
+    p.add_argument("--smoke", action="store_true", help="seconds-long version: tiny model, few steps (CI)")
+    args = p.parse_args()
+    args.model = SMOKE if args.smoke else FULL
+    if args.smoke:
+        args.steps, args.nproc, args.micro_batch, args.local_steps, args.vocab = 4, 1, 2, 2, 512
+        args.stdlib_bytes, args.eval_tokens, args.calib_sequences, args.random_subnets = 60_000, 2048, 8, 2
+        args.no_correction_run = True
+        args.corpora = ["stdlib"]
+        global KAPPAS
+        KAPPAS = (0.5,)
+    corpora = [c for c in args.corpora if c != "shakespeare" or Path(args.shakespeare).is_file()]
+    if len(corpora) < len(args.corpora):
+        print(f"[quality] {args.shakespeare} not found: tinyshakespeare skipped", flush=True)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    from megatron_twist.distributed.runtime import init_distributed, init_model_parallel, shutdown
+
+    t0 = time.perf_counter()
+    init_distributed()  # this process evaluates: a single-rank group in memory (no port)
+    try:
+        init_model_parallel()
+        results = [run_corpus(args, c) for c in corpora]
+    finally:
+        shutdown()
+    report(results, args)
+    print(f"total {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""Seconds-long versions of every benchmark (`--smoke`), so they cannot rot.
+
+The full runs and their measured output are in docs/RESULTS.md; here the scripts run end to end on a
+tiny model and what they report must be self-consistent.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _run(launch, script, out, timeout=300):
+    proc = launch([sys.executable, REPO / "benchmarks" / script, "--smoke", "--out", out], timeout=timeout)
+    assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    return proc
+
+
+@pytest.mark.multiprocess
+def test_quality_benchmark_smoke(tmp_path, launch):
+    proc = _run(launch, "quality.py", tmp_path)
+    result = json.loads((tmp_path / "quality.json").read_text())["results"][0]
+    cut, small = result["a_twist_cut"]["0.5"], result["d_small_from_scratch"]["0.5"]
+    # same sizes compared: the cut model and the small dense model have the same parameter count
+    assert cut["parameters"] == small["parameters"] == result["b_dense_magnitude"]["0.5"]["parameters"]
+    assert cut["parameters"] < result["e_dense_full"]["parameters"]
+    assert all(math.isfinite(v["perplexity"]) for k in ("a_twist_cut", "b_dense_magnitude", "c_dense_activation",
+                                                        "d_small_from_scratch") for v in result[k].values())
+    assert len(result["golden_ticket"]["twist"]) == 2
+    assert (tmp_path / "quality.png").is_file() and "(a) TwIST cut" in proc.stdout
+
+
+@pytest.mark.multiprocess
+def test_speed_benchmark_smoke_counts_traffic_at_the_collectives(tmp_path, launch):
+    _run(launch, "speed.py", tmp_path, timeout=400)
+    summary = json.loads((tmp_path / "speed.json").read_text())
+    assert summary["tokens_per_s"]["dense"] > 0 and summary["tokens_per_s"]["twist"] > 0
+    # counted bytes agree with the theory: weights + 2 Adam moments once per round (local_steps=2)
+    # against the gradient once per step; small extras (loss reductions) keep it from being exact
+    assert summary["traffic_ratio"]["twist"] == pytest.approx(3 / summary["local_steps"], rel=0.05)
+    assert summary["speedup_ideal_flops"] > 1
+    assert (tmp_path / "speed.png").is_file()
+
+
+def test_deployment_benchmark_smoke(tmp_path, launch):
+    _run(launch, "deployment.py", tmp_path)
+    rows = json.loads((tmp_path / "deployment.json").read_text())
+    assert rows["parameters"]["cut"] < rows["parameters"]["dense"]
+    for key in ("latency_ms_batch1", "latency_ms_batch8", "peak_mib_batch8"):
+        assert rows[key]["dense"] > 0 and rows[key]["cut"] > 0
+    assert (tmp_path / "deployment.png").is_file()

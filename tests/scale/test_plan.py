@@ -1,0 +1,271 @@
+"""`twist plan`: its numbers recomputed here from the model sizes, its parameter counts against real
+Megatron models (whole and TP x PP shards), its traffic against a real run (test_slurm_script.py),
+and its refusals.
+
+The arithmetic below is written out from the sizes on purpose (no planner function is called to
+get an expected value): 70B = Llama 3 70B's shape, whose parameter count is public.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megatron_twist.config import MODEL_PRESETS, ConfigError, ModelConfig, TrainConfig, TwistConfig
+from megatron_twist.planning import make_plan, stage_params, subnet_layer_shapes
+
+REPO = Path(__file__).resolve().parents[2]
+GIB = 2 ** 30
+# Llama 3 70B (the issue's sizes); 70,553,706,496 parameters is its published count
+L, H_, Q, G, F, V = 80, 8192, 64, 8, 28672, 128256
+LLAMA3_70B_PARAMS = 70_553_706_496
+
+
+def layer_shard(h, heads, groups, ffn, d, tp):
+    """One Llama layer on one TP shard: QKV, output projection, SwiGLU (3 matrices), two RMSNorms."""
+    return (h * (heads + 2 * groups) * d + heads * d * h + 3 * h * ffn) // tp + 2 * h
+
+
+def llama_stage(layers, h, heads, groups, ffn, vocab, tp, pp, k, d):
+    n = layers // pp * layer_shard(h, heads, groups, ffn, d, tp)
+    if k == 0:
+        n += vocab * h // tp  # word embeddings (vocab-parallel)
+    if k == pp - 1:
+        n += h + vocab * h // tp  # final norm + output layer
+    return n
+
+
+def llama_activations(layers, h, heads, groups, ffn, vocab, tp, pp, k, d, seq, mbs, e=4):
+    per_layer = seq * mbs * (4 * h + (heads + 2 * groups) * d // tp + heads * d // tp + 3 * ffn // tp) \
+        + mbs * (heads // tp) * seq * seq
+    n = layers // pp * per_layer
+    if k == pp - 1:
+        n += 2 * seq * mbs * h + 2 * seq * mbs * vocab // tp
+    return e * n
+
+
+def llama_flops(layers, h, heads, groups, ffn, vocab, tp, pp, k, d, seq, mbs):
+    matmul = (h * (heads + 2 * groups) * d + heads * d * h + 3 * h * ffn) // tp
+    fwd = layers // pp * (2 * seq * mbs * matmul + 4 * mbs * seq * seq * (heads // tp) * d)
+    if k == pp - 1:
+        fwd += 2 * seq * mbs * h * vocab / tp
+    return 3 * fwd
+
+
+def megatron_peak(tp, pp, kappa=0.5, seq=4096, mbs=1):
+    """Bytes on the fullest GPU of the Megatron path for the 70B model (fp32 everything)."""
+    d = H_ // Q
+    worst = 0
+    for k in {0, pp // 2, pp - 1}:
+        nc = llama_stage(L, H_, Q, G, F, V, tp, pp, k, d)
+        ns = llama_stage(L, H_, int(Q * kappa), G, int(F * kappa), V, tp, pp, k, d)
+        act = llama_activations(L, H_, int(Q * kappa), G, int(F * kappa), V, tp, pp, k, d, seq, mbs)
+        worst = max(worst, 4 * nc + 8 * nc + 12 * nc + 16 * ns + act)
+    return worst
+
+
+def test_70b_script_plan_matches_independent_arithmetic(script_plan, run_script):
+    plan = script_plan("twist_70b.sh")
+    m = plan["model"]
+    assert (m["num_layers"], m["hidden_size"], m["num_attention_heads"], m["num_query_groups"], m["ffn_hidden_size"],
+            m["vocab_size"], m["family"]) == (L, H_, Q, G, F, V, "llama")
+    seq, mbs, n, kappa, steps = m["seq_length"], plan["micro_batch_size"], 2, 0.5, plan["local_steps"]
+    assert plan["twist"]["num_subnets"] == n and plan["twist"]["keep_ratio"] == kappa
+    T, P, W, d = 8, 8, 256, H_ // Q
+    D = W // (T * P)
+    assert (plan["world_size"], plan["tensor_parallel"], plan["pipeline_parallel"]) == (W, T, P)
+    assert (plan["data_parallel"], plan["replicas"], plan["aggregation_group_size"]) == (D, D // n, n)
+    assert plan["tokens_per_step"] == mbs * seq * D  # every data-parallel rank trains one micro-batch
+
+    total = L * layer_shard(H_, Q, G, F, d, 1) + 2 * V * H_ + H_
+    assert plan["central_params_total"] == total == LLAMA3_70B_PARAMS
+    kq, kf = int(Q * kappa), int(F * kappa)  # 32 query heads (4 of 8 in every KV group), 14336 neurons
+    assert plan["subnet_layer"] == {"heads": kq, "groups": G, "ffn": kf}
+    assert plan["subnet_params_total"] == L * layer_shard(H_, kq, G, kf, d, 1) + 2 * V * H_ + H_
+
+    assert set(plan["stages"]) == {"first", "middle", "last"}
+    for kind, k in (("first", 0), ("middle", 1), ("last", P - 1)):
+        st = plan["stages"][kind]
+        nc = llama_stage(L, H_, Q, G, F, V, T, P, k, d)
+        ns = llama_stage(L, H_, kq, G, kf, V, T, P, k, d)
+        assert (st["central_params"], st["subnet_params"]) == (nc, ns)
+        act = llama_activations(L, H_, kq, G, kf, V, T, P, k, d, seq, mbs)
+        expected = {"central weights": 4 * nc, "central Adam moments": 8 * nc, "aggregation buffer": 12 * nc,
+                    "subnet weights": 4 * ns, "subnet gradients": 4 * ns, "subnet Adam moments": 8 * ns,
+                    "activations (estimate)": act}
+        expected["total"] = sum(expected.values())
+        assert st["memory"] == expected
+        assert st["total_memory"] < 80 * GIB  # the recipe's PP 8 fits 80 GiB GPUs
+        dense_act = llama_activations(L, H_, Q, G, F, V, T, P, k, d, seq, mbs)
+        assert st["dense_memory"] == 16 * nc + dense_act
+        assert st["subnet_flops_per_step"] == pytest.approx(llama_flops(L, H_, kq, G, kf, V, T, P, k, d, seq, mbs))
+        assert st["dense_flops_per_step"] == pytest.approx(llama_flops(L, H_, Q, G, F, V, T, P, k, d, seq, mbs))
+        assert 0.45 < st["subnet_flops_per_step"] / st["dense_flops_per_step"] < 0.6
+        # one all-reduce of weights + 2 moments over the 2-rank aggregation group per round ...
+        assert st["aggregation_bytes_per_round"] == 3 * 4 * nc
+        assert st["aggregation_wire_bytes_per_round"] == 3 * 4 * nc * 2 * (n - 1) // n
+        # ... plus the subnet's gradients among its 2 replicas every step, against dense DP's every step
+        assert st["replica_grad_bytes_per_round"] == steps * 4 * ns
+        assert st["dense_dp_bytes_per_step"] == 4 * nc
+    assert plan["peak_stage"] == "last"
+
+    table = run_script("twist_70b.sh", "--plan")
+    assert table.returncode == 0, table.stderr
+    last = plan["stages"]["last"]
+    assert "256 GPUs (32 nodes x 8) = TP 8 x PP 8 x DP 4" in table.stdout
+    assert f"{last['total_memory'] / GIB:.2f}" in table.stdout
+    assert f"{LLAMA3_70B_PARAMS:,} parameters" in table.stdout
+
+
+def _cli_plan(*args):
+    return subprocess.run([sys.executable, "-m", "megatron_twist", "plan", *map(str, args)], capture_output=True,
+                          text=True, timeout=120, cwd=REPO)
+
+
+def _model70(**kw) -> ModelConfig:
+    sizes = dict(family="llama", num_layers=L, hidden_size=H_, num_attention_heads=Q, num_query_groups=G,
+                 ffn_hidden_size=F, vocab_size=V, seq_length=4096)
+    sizes.update(kw)
+    return ModelConfig(**sizes)
+
+
+def test_refuses_tp_that_does_not_divide_the_heads_kept():
+    # multi-head attention, 48 heads, kappa 0.25: a subnet keeps 12 heads, which 8 TP shards cannot share
+    model = _model70(hidden_size=6144, num_attention_heads=48, num_query_groups=48, ffn_hidden_size=16384)
+    twist = TwistConfig(keep_ratio=0.25, num_subnets=4)
+    train = TrainConfig(micro_batch_size=1)
+    with pytest.raises(ConfigError) as e:
+        make_plan(model, twist, train, world_size=256, tensor_parallel=8, pipeline_parallel=8)
+    msg = str(e.value)
+    assert "tensor parallel size 8 does not divide the 12 query heads a subnet keeps per layer" in msg
+    # the suggested sizes: TP up to a node's 8 GPUs dividing heads, kept heads, FFN, kept FFN and vocab
+    good = [t for t in (1, 2, 4, 8) if 48 % t == 0 and 12 % t == 0 and 16384 % t == 0 and 4096 % t == 0
+            and V % t == 0 and (48 // t) % 4 == 0]
+    assert good == [1, 2, 4] and "suggested fix: use --tensor-model-parallel-size in {1, 2, 4}" in msg
+    make_plan(model, twist, train, world_size=256, tensor_parallel=4, pipeline_parallel=8, gpu_memory_gib=0)
+
+    # the same through the command line: exit code 2, the reason and the fix on stderr
+    proc = _cli_plan("--model-family", "llama", "--num-layers", 80, "--hidden-size", 6144, "--num-attention-heads", 48,
+                     "--num-query-groups", 48, "--ffn-hidden-size", 16384, "--vocab-size", V, "--seq-length", 4096,
+                     "--mock-data", "--keep-ratio", 0.25, "--num-subnets", 4, "--micro-batch-size", 1,
+                     "--tensor-model-parallel-size", 8, "--pipeline-model-parallel-size", 8, "--nodes", 32)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.startswith("twist plan: error: tensor parallel size 8 does not divide the 12 query heads")
+    assert "suggested fix: use --tensor-model-parallel-size in {1, 2, 4}" in proc.stderr
+
+
+def test_refuses_impossible_70b_layouts_with_a_fix(run_script):
+    model, twist, train = _model70(), TwistConfig(keep_ratio=0.5, num_subnets=2), TrainConfig(micro_batch_size=1)
+
+    def refusal(**kw):
+        args = dict(world_size=256, tensor_parallel=8, pipeline_parallel=8)
+        args.update(kw)
+        with pytest.raises(ConfigError) as e:
+            make_plan(model, args.pop("twist", twist), train, **args)
+        return str(e.value)
+
+    assert "8 key-value heads do not divide over tensor parallel size 16" in refusal(tensor_parallel=16)
+    assert "80 layers do not divide over pipeline parallel size 3" in refusal(pipeline_parallel=3)
+    msg = refusal(twist=TwistConfig(keep_ratio=0.5, num_subnets=3))
+    assert "4 data-parallel ranks do not divide into 3 subnets" in msg and "suggested fix" in msg
+    assert "do not divide into TP 8 x PP 8" in refusal(world_size=96)
+
+    # PP 4 does not fit 80 GiB; the fix is the smallest TP x PP that divides and fits, found here independently
+    assert megatron_peak(8, 4) > 80 * GIB
+    msg = refusal(pipeline_parallel=4)
+    assert f"needs {megatron_peak(8, 4) / GIB:.1f} GiB" in msg
+    fits = sorted((t * p, p, t) for t in (1, 2, 4, 8) for p in (1, 2, 4, 5, 8, 10, 16, 20, 40, 80)
+                  if 256 % (t * p) == 0 and 256 // (t * p) % 2 == 0 and megatron_peak(t, p) <= 80 * GIB)
+    _, p, t = fits[0]
+    assert (t, p) == (8, 8)
+    assert f"suggested fix: --tensor-model-parallel-size {t} --pipeline-model-parallel-size {p}" in msg
+
+    # through the script: exit code 2 before anything starts
+    proc = run_script("twist_70b.sh", "--plan", TP=16)
+    assert proc.returncode == 2
+    assert "twist plan: error: 8 key-value heads do not divide over tensor parallel size 16" in proc.stderr
+
+
+def test_the_planner_needs_no_torch():
+    code = ("import sys, megatron_twist.planning, megatron_twist.distributed.layout; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO, timeout=60).returncode == 0
+
+
+CASES = {
+    "tiny": (MODEL_PRESETS["tiny"], dict(keep_ratio=0.5)),
+    "small": (MODEL_PRESETS["small"], dict(keep_ratio=0.5)),
+    "small-whole-ends": (MODEL_PRESETS["small"], dict(keep_ratio=0.5, whole_layers=(0, -1))),
+    "small-mlp-0.75": (MODEL_PRESETS["small"], dict(keep_ratio=0.75, split="mlp")),
+}
+
+
+def test_parameter_counts_equal_built_models(mcore):
+    from megatron_twist.model.gpt import build_gpt_model, count_parameters
+    from megatron_twist.planning import LayerShape
+    from megatron_twist.twist.sampler import SubnetSampler
+
+    cases = dict(CASES, **{"tiny-gpt2": (MODEL_PRESETS["tiny-gpt2"], dict(keep_ratio=0.5)),
+                           "small-gpt2-heads": (MODEL_PRESETS["small-gpt2"], dict(keep_ratio=0.25, num_subnets=4,
+                                                                                 split="heads"))})
+    for name, (sizes, tw) in cases.items():
+        model, twist = ModelConfig(**sizes), TwistConfig(**tw)
+        layer_sizes = SubnetSampler(model, twist, 1).subnet_layer_sizes()
+        shapes = subnet_layer_shapes(model, twist, 1)
+        assert [(s.num_attention_heads, s.num_query_groups, s.ffn_hidden_size) for s in layer_sizes] == \
+            [(s.heads, s.groups, s.ffn) for s in shapes], name
+        full = [LayerShape(model.num_attention_heads, model.num_query_groups, model.ffn_hidden_size)] * model.num_layers
+        assert stage_params(model, full, 1, 1, 0) == count_parameters(build_gpt_model(model)), name
+        assert stage_params(model, shapes, 1, 1, 0) == count_parameters(build_gpt_model(model, layer_sizes)), name
+
+
+@pytest.mark.multiprocess
+def test_shard_counts_equal_megatron_shards(tmp_path, run_torchrun):
+    """TP 2 x PP 2 on 4 ranks: every rank's central and subnet shard, first and last stage."""
+    from megatron_twist.planning import LayerShape
+
+    run_torchrun(4, [REPO / "tests" / "scale" / "shard_count_worker.py", 2, 2, tmp_path], timeout=300)
+    ranks = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in range(4)]
+    assert sorted((r["tp_rank"], r["pp_rank"]) for r in ranks) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    for r in ranks:
+        for name, (sizes, tw) in CASES.items():
+            model, twist = ModelConfig(**sizes), TwistConfig(**tw)
+            full = [LayerShape(model.num_attention_heads, model.num_query_groups,
+                               model.ffn_hidden_size)] * model.num_layers
+            sub = subnet_layer_shapes(model, twist, 2)
+            assert r["cases"][name]["central"] == stage_params(model, full, 2, 2, r["pp_rank"]), (name, r)
+            assert r["cases"][name]["subnet"] == stage_params(model, sub, 2, 2, r["pp_rank"]), (name, r)
+
+
+def test_deepspeed_path_arithmetic(tmp_path):
+    """8B recipe's DeepSpeed variant: ZeRO-3 bf16 over 8 replicas per subnet, central sharded 16 ways."""
+    L8, h, q, g, f = 32, 4096, 32, 8, 14336
+    model = ModelConfig(family="llama", num_layers=L8, hidden_size=h, num_attention_heads=q, num_query_groups=g,
+                        ffn_hidden_size=f, vocab_size=V, seq_length=4096)
+    twist, train = TwistConfig(keep_ratio=0.5, num_subnets=2, local_steps=20), TrainConfig(micro_batch_size=1)
+    ds = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "bf16": {"enabled": True},
+          "zero_optimization": {"stage": 3}}
+    plan = make_plan(model, twist, train, world_size=16, path="deepspeed", ds_config=ds, gpus_per_node=8)
+    d, W, R = h // q, 16, 8
+    assert plan.central_params_total == 8_030_261_248  # Llama 3 8B's published count
+    tensors = [h * (q + 2 * g) * d, q * d * h, 2 * h * f, f * h, h, h] * L8 + [V * h, h, V * h]
+    padded = sum(-(-n // W) * W for n in tensors)
+    ns = L8 * layer_shard(h, 16, g, 7168, d, 1) + 2 * V * h + h
+    st = plan.stages[0]
+    assert st.subnet_params == ns
+    assert st.memory["central shard (weights + 2 moments)"] == 3 * 4 * padded // W
+    assert st.memory["round transient (2 tensors)"] == 2 * 4 * V * h  # the embedding is the largest tensor
+    assert st.memory["subnet weights"] == 2 * ns // R and st.memory["subnet gradients"] == 2 * ns // R
+    assert st.memory["subnet optimizer (master + Adam)"] == 12 * ns // R
+    assert st.memory["activations (estimate)"] == llama_activations(L8, h, 16, g, 7168, V, 1, 1, 0, d, 4096, 1, e=2)
+    assert st.memory["start-up peak: full central weights, fp32"] == 4 * plan.central_params_total
+    steady = sum(v for k, v in st.memory.items() if k not in ("total", "start-up peak: full central weights, fp32"))
+    assert st.total_memory == max(steady, 4 * plan.central_params_total)
+    assert st.aggregation_bytes_per_round == 2 * 3 * 4 * padded  # all-gather at refill + reduce-scatter
+    with pytest.raises(ConfigError, match="supports TP/PP size 1 only"):
+        make_plan(model, twist, train, world_size=16, tensor_parallel=8, path="deepspeed", ds_config=ds)
+    with pytest.raises(ConfigError, match="conflicts with train_micro_batch_size_per_gpu"):
+        make_plan(model, twist, TrainConfig(micro_batch_size=2), world_size=16, path="deepspeed", ds_config=ds)
