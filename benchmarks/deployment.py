@@ -4,7 +4,7 @@
     python benchmarks/deployment.py --smoke      # seconds-long version (CI)
 
 Both models are Megatron-core GPTModels of the benchmark's Llama-style architecture (the `small`
-preset: 4 layers, hidden 256, 8 heads in 4 KV groups, FFN 704, vocab 2048): the dense central model
+preset: 4 layers, hidden 256, 8 heads in 4 KV groups, FFN 704, vocab 4096): the dense central model
 and the dense kappa-0.5 model cut from it by `twist extract`'s code (4 heads, FFN 352; the
 embedding and output layer keep their size). Weight values do not change the speed, so the central
 model is freshly initialised. Latency: inference forward (no grad) of batch 1 and batch 8 at
