@@ -92,21 +92,6 @@ def test_deepspeed_checkpoint_resume_is_exact(tmp_path, run_torchrun, run_twist)
     for k in a:
         assert torch.equal(a[k], b[k]), k
         assert torch.equal(a_moments["exp_avg_sq"][k], b_moments["exp_avg_sq"][k]), k
-
-
-@pytest.mark.multiprocess
-def test_zero_partitions_subnet_over_its_replicas(tmp_path, run_torchrun):
-    """4 ranks = 2 subnets x 2 replicas: ZeRO 2 and 3 partition each subnet over its 2 replicas
-    (DeepSpeed's data-parallel group is the subnet group) and still match TwIST without DeepSpeed."""
-    run_torchrun(4, ["-m", "megatron_twist", "train", "--model-preset", "tiny", "--mock-data", "--train-iters", "10",
-                     "--local-steps", "4", "--micro-batch-size", "2", "--num-subnets", "2", "--keep-ratio", "0.5",
-                     "--save", tmp_path / "ref", "--metrics-file", tmp_path / "ref.json"], timeout=300)
-    run_torchrun(4, [HERE / "ds_worker.py", tmp_path, "2", "3"], timeout=600)
-    for stage in (2, 3):
-        # ranks 0,1 train subnet 0 (replicas 0,1), ranks 2,3 subnet 1; the reference's loss table is
-        # replica 0's (rank 0 reports its aggregation group), so compare ranks 0 and 2
-        _assert_engine_run_matches(tmp_path, tmp_path / f"zero{stage}", (0, 2), lambda r: r // 2, 1e-5, 1e-4)
-
     # One shard file per rank, nothing else holding tensors.
     assert sorted(p.name for p in (tmp_path / "straight" / "central").iterdir()) == [
         "meta.json", "shard-00000-of-00002.safetensors", "shard-00001-of-00002.safetensors"]
@@ -132,3 +117,17 @@ def test_zero_partitions_subnet_over_its_replicas(tmp_path, run_torchrun):
 
     with pytest.raises(CheckpointError, match="shard-00001-of-00002.safetensors does not match its checksum"):
         one.load(str(tmp_path / "straight" / "central"))
+
+
+@pytest.mark.multiprocess
+def test_zero_partitions_subnet_over_its_replicas(tmp_path, run_torchrun):
+    """4 ranks = 2 subnets x 2 replicas: ZeRO 2 and 3 partition each subnet over its 2 replicas
+    (DeepSpeed's data-parallel group is the subnet group) and still match TwIST without DeepSpeed."""
+    run_torchrun(4, ["-m", "megatron_twist", "train", "--model-preset", "tiny", "--mock-data", "--train-iters", "10",
+                     "--local-steps", "4", "--micro-batch-size", "2", "--num-subnets", "2", "--keep-ratio", "0.5",
+                     "--save", tmp_path / "ref", "--metrics-file", tmp_path / "ref.json"], timeout=300)
+    run_torchrun(4, [HERE / "ds_worker.py", tmp_path, "2", "3"], timeout=600)
+    for stage in (2, 3):
+        # ranks 0,1 train subnet 0 (replicas 0,1), ranks 2,3 subnet 1; the reference's loss table is
+        # replica 0's (rank 0 reports its aggregation group), so compare ranks 0 and 2
+        _assert_engine_run_matches(tmp_path, tmp_path / f"zero{stage}", (0, 2), lambda r: r // 2, 1e-5, 1e-4)
