@@ -18,22 +18,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import warnings
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import free_port, status_kib  # noqa: E402
 MODEL = dict(family="llama", num_layers=8, hidden_size=512, num_attention_heads=8, num_query_groups=4,
              ffn_hidden_size=1408, vocab_size=8192, seq_length=256)
-
-
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def worker(kind: str, stage: int, out: Path, ranks: int) -> None:
@@ -63,7 +57,7 @@ def worker(kind: str, stage: int, out: Path, ranks: int) -> None:
 
     dist.barrier()
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
-    base = _status_kib("VmRSS")
+    base = status_kib("VmRSS")
     batches = SyntheticBatches(model.vocab_size, model.seq_length, train.micro_batch_size, seed=0)
     if kind == "twist":
         from megatron_twist.training.deepspeed_trainer import train_with_deepspeed
@@ -78,16 +72,10 @@ def worker(kind: str, stage: int, out: Path, ranks: int) -> None:
             loss = masked_mean_loss(gpt_forward(engine, b["tokens"], b["labels"]), b["loss_mask"])
             engine.backward(loss)
             engine.step()
-    peak = _status_kib("VmHWM")
+    peak = status_kib("VmHWM")
     (out / f"{kind}-zero{stage}-n{ranks}-rank{groups.rank}.json").write_text(
         json.dumps({"peak_mib": (peak - base) / 1024, "baseline_mib": base / 1024}))
     shutdown()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> int:
@@ -111,7 +99,7 @@ def main() -> int:
             for kind in ("dense", "twist"):  # alternate inside one run, same machine state
                 print(f"[bench] {ranks} ranks, ZeRO {stage}: {kind} ...", flush=True)
                 cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}",
-                       "--master_addr=127.0.0.1", f"--master_port={_free_port()}", __file__, "--out", str(out),
+                       "--master_addr=127.0.0.1", f"--master_port={free_port()}", __file__, "--out", str(out),
                        "--worker", kind, str(stage), str(ranks)]
                 subprocess.run(cmd, check=True, env=env, cwd=REPO, capture_output=True, text=True, timeout=1800)
                 peaks = [json.loads((out / f"{kind}-zero{stage}-n{ranks}-rank{r}.json").read_text())["peak_mib"]

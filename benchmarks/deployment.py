@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import status_kib  # noqa: E402
 sys.path.insert(0, str(REPO))
 SMOKE = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=128,
              vocab_size=512, seq_length=64)
@@ -45,13 +47,6 @@ def _models(smoke: bool):
     return model, dense, cut.eval()
 
 
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(field)
-
-
 def memory_worker(which: str, batch: int, smoke: bool, out: Path) -> None:
     """Peak memory of building one model and running one forward, in this fresh process."""
     import torch
@@ -68,11 +63,11 @@ def memory_worker(which: str, batch: int, smoke: bool, out: Path) -> None:
         SubnetSampler(model, TwistConfig(keep_ratio=0.5, num_subnets=1, coverage=False)).subnet_layer_sizes()
     tokens = torch.randint(0, model.vocab_size, (batch, model.seq_length))
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak to the current resident set
-    base = _status_kib("VmRSS")
+    base = status_kib("VmRSS")
     module = build_gpt_model(model, sizes).eval()
     with torch.no_grad():
         gpt_forward(module, tokens)
-    (out / f"mem-{which}.json").write_text(json.dumps({"peak_mib": (_status_kib("VmHWM") - base) / 1024}))
+    (out / f"mem-{which}.json").write_text(json.dumps({"peak_mib": (status_kib("VmHWM") - base) / 1024}))
 
 
 def main() -> int:

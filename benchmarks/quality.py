@@ -25,7 +25,6 @@ import argparse
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -34,6 +33,8 @@ from pathlib import Path
 from typing import Dict, List
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import free_port  # noqa: E402
 sys.path.insert(0, str(REPO))
 KAPPAS = (0.25, 0.5, 0.75)  # --smoke: 0.5 only
 # 8 query heads in 2 KV groups: kappa 0.25 keeps 1 head per group, so every kappa is a whole cut.
@@ -41,12 +42,6 @@ FULL = dict(family="llama", num_layers=4, hidden_size=256, num_attention_heads=8
             ffn_hidden_size=704, seq_length=256)
 SMOKE = dict(family="llama", num_layers=2, hidden_size=64, num_attention_heads=8, num_query_groups=2,
              ffn_hidden_size=128, seq_length=64)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env() -> dict:
@@ -72,7 +67,7 @@ def train(name: str, data: Path, out: Path, flags: List[str], args) -> Path:
         return ckpt
     launcher = [sys.executable, "-m", "megatron_twist"] if args.nproc == 1 else [
         sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}", "--master_addr=127.0.0.1",
-        f"--master_port={_free_port()}", "-m", "megatron_twist"]
+        f"--master_port={free_port()}", "-m", "megatron_twist"]
     cmd = [*launcher, "train", "--data-path", str(data), "--train-iters", str(args.steps), "--micro-batch-size",
            str(args.micro_batch), "--lr", str(args.lr), "--local-steps", str(args.local_steps), "--log-interval",
            str(max(1, args.steps // 4)), *flags, "--save", str(ckpt)]

@@ -23,13 +23,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import free_port  # noqa: E402
 sys.path.insert(0, str(REPO))
 MODEL = dict(family="llama", num_layers=4, hidden_size=256, num_attention_heads=8, num_query_groups=4,
              ffn_hidden_size=704, vocab_size=2048, seq_length=256)
@@ -128,12 +129,6 @@ def worker(kind: str, out: Path, steps: int, local_steps: int, micro_batch: int,
     shutdown()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=60)
@@ -159,7 +154,7 @@ def main() -> int:
     for rep in range(args.repeats):
         for kind in jobs:  # alternated: dense, twist, masked, twist-reset, dense, ...
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-                   f"--master_port={_free_port()}", __file__, "--out", str(out), "--worker", kind,
+                   f"--master_port={free_port()}", __file__, "--out", str(out), "--worker", kind,
                    "--steps", str(args.steps), "--local-steps", str(args.local_steps),
                    "--micro-batch", str(args.micro_batch)] + (["--smoke"] if args.smoke else [])
             t0 = time.perf_counter()
