@@ -111,6 +111,19 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     g.add_argument("--exit-interval", type=int, default=None,
                    help="stop after the round that reaches this step (then --save); resume with --load")
     g.add_argument("--metrics-file", default=None, help="JSON file for per-round losses and timings (rank 0)")
+    # Reliability (docs/ARCHITECTURE.md "Reliability")
+    g.add_argument("--save-interval", type=int, default=None,
+                   help="also save every N steps (a multiple of --local-steps): --save DIR becomes a directory of "
+                        "DIR/iter_XXXXXXX checkpoints and a latest_checkpointed_iteration.txt pointer, moved only "
+                        "after a complete write; --load DIR resumes from what it names")
+    g.add_argument("--keep-checkpoints", type=int, default=0,
+                   help="with --save-interval: keep the newest K checkpoints (default 0: keep all)")
+    g.add_argument("--distributed-timeout-minutes", type=float, default=10.0,
+                   help="bound on any collective wait and on a silent rank (heartbeat); a lost rank stops the "
+                        "others with a message naming it (exit code 75)")
+    g.add_argument("--nonfinite-policy", choices=("skip", "stop"), default=d.nonfinite_policy,
+                   help="a subnet whose loss or gradient becomes non-finite: 'skip' (default) leaves it out of its "
+                        "round's aggregation, 'stop' stops the run with the central model of the previous round")
     g.add_argument("--ckpt-format", choices=("safetensors", "torch_dist"), default="safetensors",
                    help="--save format: 'safetensors' (one file set, gathered on rank 0) or 'torch_dist' "
                         "(Megatron dist_checkpointing: sharded, reshards to any TP/PP on --load)")
@@ -137,6 +150,7 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
         save=args.save,
         seed=args.seed,
         exit_interval=args.exit_interval,
+        nonfinite_policy=getattr(args, "nonfinite_policy", "skip"),
     )
 
 

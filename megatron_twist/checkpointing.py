@@ -25,6 +25,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from . import faults
+
 FORMAT = "megatron-twist"
 FORMAT_VERSION = 1
 
@@ -89,6 +91,7 @@ def save_checkpoint(path: str, meta: dict, tensors: Dict[str, Dict[str, torch.Te
     for stem, named in tensors.items():
         file = tmp / f"{stem}.safetensors"
         files[file.name] = write_tensor_file(file, named)
+    faults.checkpoint_write_point("files-written")  # fault injection (tests/reliability); a no-op otherwise
     publish_directory(tmp, final, dict(meta, files=files))
     return final
 

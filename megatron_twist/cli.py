@@ -4,6 +4,8 @@
     twist train         TwIST training (single process, or one subnet per rank under torchrun)
     twist plan          check a layout and size it per GPU before a job is queued (same flags as train)
     twist extract       cut a dense smaller model out of a central checkpoint
+    twist import-hf     a local HuggingFace Llama / GPT-2 checkpoint -> a central checkpoint to train on
+    twist export-hf     a central or cut-out model -> a HuggingFace directory (config, safetensors, tokenizer)
     twist eval          held-out perplexity; the last line printed is a JSON object
 
 Every command validates its inputs before it starts any work.
@@ -11,6 +13,7 @@ Every command validates its inputs before it starts any work.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -29,7 +32,7 @@ def _log(msg: str) -> None:
 
 # ---------------------------------------------------------------- prepare-data
 def cmd_prepare_data(args) -> int:
-    from .data import prepare_data, stdlib_documents, text_documents
+    from .data import stdlib_documents, text_documents  # light: a bad corpus is refused before Megatron loads
 
     if args.input:
         docs = text_documents(args.input, json_field=args.json_field)
@@ -48,6 +51,8 @@ def cmd_prepare_data(args) -> int:
     if args.tokenizer_model and args.hf_tokenizer:
         raise ConfigError("pass either --tokenizer-model or --hf-tokenizer, not both")
     reuse = args.tokenizer_model or args.hf_tokenizer
+    from .data import prepare_data
+
     manifest = prepare_data(args.output, train_docs, valid_docs,
                             vocab_size=None if reuse else args.vocab_size,
                             tokenizer_model=args.tokenizer_model, hf_tokenizer=args.hf_tokenizer)
@@ -60,7 +65,8 @@ def _split_documents(docs, valid_fraction: float):
     if not 0 < valid_fraction < 1:
         raise ConfigError(f"--valid-fraction must lie in (0, 1), got {valid_fraction}")
     if len(docs) < 2:
-        raise ConfigError("need at least 2 documents to make a train/validation split")
+        raise ConfigError(f"need at least 2 documents to make a train/validation split, the input has {len(docs)}; "
+                          "pass more text (each file is a document; with --split-paragraphs each paragraph is one)")
     every = max(2, round(1 / valid_fraction))
     valid = [d for i, d in enumerate(docs) if i % every == every - 1]
     train = [d for i, d in enumerate(docs) if i % every != every - 1]
@@ -92,11 +98,18 @@ def cmd_train(args) -> int:
     train = train_config_from_args(args)
     data_meta, batches_factory, vocab = _data_for_training(args)
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    series = _series_mode(args, ds_config is not None)
+    if args.load and ds_config is None:
+        args.load = _resolve_load(args, series)  # a save directory's latest pointer; None: nothing saved yet
     if args.load:
         from .config import TwistConfig
+        from .resume import check_resume, explicit_dests
 
         saved, model = _read_central_meta(os.path.join(args.load, "central") if ds_config is not None else args.load)
         imported = saved.get("origin", {}).get("format") == "huggingface" and saved["step"] == 0
+        # Flags that contradict the checkpoint, data from another tokenizer: refused before anything runs.
+        check_resume(saved, args.load, args, explicit_dests(args.parser, _train_argv(args)), data_meta,
+                     twist_from_checkpoint=not imported)
         if imported:
             # An imported pretrained model: the starting weights; TwIST settings come from this command.
             _log(f"[twist] starting from the imported model {args.load}")
@@ -112,72 +125,184 @@ def cmd_train(args) -> int:
                               "DIR` for an imported model)")
     else:
         model = model_config_from_args(args, vocab)
-    from .distributed.runtime import ParallelLayout
-    from .training.twist_trainer import check_model_layout
+    from .distributed.layout import ParallelLayout, check_model_layout  # pure arithmetic, no Megatron import
 
     import dataclasses
 
-    twist = dataclasses.replace(twist, balance_shards=twist.shards_for(tp))  # recorded in checkpoints
-    check_model_layout(model, twist, tp, pp)
+    try:
+        twist = dataclasses.replace(twist, balance_shards=twist.shards_for(tp))  # recorded in checkpoints
+        check_model_layout(model, twist, tp, pp)
+    except ConfigError as e:
+        if not args.load:
+            raise
+        raise ConfigError(f"--load {args.load} cannot continue at tensor parallel {tp} x pipeline parallel {pp}: {e} "
+                          f"(the checkpoint's subnets are balanced over {twist.balance_shards or tp} shard(s); "
+                          "choose sizes that divide the saved model and that number)") from None
+    _check_reliability_flags(args, twist, series, ds_config is not None)
+    _check_data_fits(args, model)
     from .distributed.runtime import discover_launcher
 
     discover_launcher()  # torchrun, deepspeed, srun or mpirun: WORLD_SIZE is known from here on
     ParallelLayout.for_world(int(os.environ.get("WORLD_SIZE", "1")), twist.num_subnets, tp, pp)
 
-    import torch
+    from .distributed.runtime import init_distributed, shutdown
 
-    from .distributed.runtime import build_twist_groups, init_distributed, shutdown
+    init_distributed(timeout_s=args.distributed_timeout_minutes * 60)
+    from .distributed.watchdog import Watchdog
 
-    init_distributed()
+    watchdog = Watchdog.for_job(args.distributed_timeout_minutes * 60)  # heartbeats; None for one process
     try:
-        groups = build_twist_groups(twist, tp, pp)
-        from .cpu_shim import seed_everything
-
-        seed_everything(train.seed)  # Megatron's RNG tracker, whichever way the central model is made
-        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))))
-        from .training.twist_trainer import TwistTrainer, build_central
-
-        batches = batches_factory(model, train, twist)
-        if ds_config is not None:  # the engine path builds and loads its own central model
-            return _train_deepspeed(args, model, twist, train, groups, batches, ds_config, data_meta)
-        if args.load and _is_dist_checkpoint(args.load):
-            from .distributed.dist_checkpoint import load_central_dist
-
-            central = load_central_dist(args.load, model, tp, pp)[0]  # Megatron reshards to this layout
-        else:
-            central = build_central(model, train.seed, tp, pp)
-        if args.load and not _is_dist_checkpoint(args.load):
-            from .distributed.full_state import layer_range
-            from .model_io import fill_central
-
-            fill_central(central, args.load, groups.tp_rank, tp, layer_range(model, groups.pp_rank, pp)[0])
-        trainer = TwistTrainer(model, twist, train, groups, batches, central=central, log=_log)
-        records = []
-        result = trainer.run(on_round_end=records.append)
-        if args.save and args.ckpt_format == "torch_dist":
-            from .distributed.dist_checkpoint import save_central_dist
-
-            save_central_dist(args.save, result.central, twist, train, extra={"data": data_meta})  # collective
-            _log(f"[twist] saved central model (torch_dist) to {args.save}")
-        full_state = None
-        if args.save and args.ckpt_format == "safetensors":
-            full_state = trainer.full_central_state()  # a collective on sharded runs
-        if groups.is_logging_rank:
-            if full_state is not None:
-                from .model_io import save_central
-
-                save_central(args.save, result.central, twist, train, data=data_meta, full_state=full_state)
-                _log(f"[twist] saved central model to {args.save}")
-            if args.metrics_file:
-                _write_json(args.metrics_file, {
-                    "rounds": [r.__dict__ for r in records],
-                    "loss_curve": result.loss_curve(),
-                    "model": model.to_dict(), "twist": twist.to_dict(), "train": train.to_dict(),
-                    "world_size": groups.world_size,
-                })
+        with watchdog.guard() if watchdog is not None else contextlib.nullcontext():
+            return _train_in_group(args, model, twist, train, tp, pp, ds_config, data_meta, batches_factory, series,
+                                   watchdog)
     finally:
         shutdown()
+
+
+def _train_in_group(args, model, twist, train, tp, pp, ds_config, data_meta, batches_factory, series,
+                    watchdog) -> int:
+    """Everything that runs inside the process group (under the watchdog's guard on multi-rank jobs)."""
+    import torch
+
+    from .cpu_shim import seed_everything
+    from .distributed.runtime import build_twist_groups
+    from .training.twist_trainer import TwistTrainer, build_central
+
+    groups = build_twist_groups(twist, tp, pp)
+    seed_everything(train.seed)  # Megatron's RNG tracker, whichever way the central model is made
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))))
+    batches = batches_factory(model, train, twist)
+    if ds_config is not None:  # the engine path builds and loads its own central model
+        return _train_deepspeed(args, model, twist, train, groups, batches, ds_config, data_meta)
+    if args.load and _is_dist_checkpoint(args.load):
+        from .distributed.dist_checkpoint import load_central_dist
+
+        central = load_central_dist(args.load, model, tp, pp)[0]  # Megatron reshards to this layout
+    else:
+        central = build_central(model, train.seed, tp, pp)
+    if args.load and not _is_dist_checkpoint(args.load):
+        from .distributed.full_state import layer_range
+        from .model_io import fill_central
+
+        fill_central(central, args.load, groups.tp_rank, tp, layer_range(model, groups.pp_rank, pp)[0])
+    trainer = TwistTrainer(model, twist, train, groups, batches, central=central, log=_log, watchdog=watchdog)
+    records, saved_at = [], [None]
+
+    def on_round_end(rec):
+        records.append(rec)
+        if series and args.save_interval and trainer.central.step % args.save_interval == 0:
+            _save_central(args, trainer, twist, train, data_meta, groups, series)  # collective
+            saved_at[0] = trainer.central.step
+
+    result = trainer.run(on_round_end=on_round_end)
+    if args.save and saved_at[0] != result.central.step:
+        _save_central(args, trainer, twist, train, data_meta, groups, series)  # collective
+    if groups.is_logging_rank and args.metrics_file:
+        _write_json(args.metrics_file, {
+            "rounds": [r.__dict__ for r in records],
+            "loss_curve": result.loss_curve(),
+            "model": model.to_dict(), "twist": twist.to_dict(), "train": train.to_dict(),
+            "world_size": groups.world_size,
+        })
     return 0
+
+
+def _save_central(args, trainer, twist, train, data_meta, groups, series: bool) -> None:
+    """Collective: the central model to --save, a plain checkpoint directory or (``series``) the next
+    SAVE_DIR/iter_XXXXXXX, after which the latest pointer moves (checkpoint_series.py)."""
+    from . import checkpoint_series
+
+    central, step = trainer.central, trainer.central.step
+    target = checkpoint_series.iteration_dir(args.save, step) if series else Path(args.save)
+    if args.ckpt_format == "torch_dist":
+        from .distributed.dist_checkpoint import save_central_dist
+
+        if series and groups.is_logging_rank:
+            checkpoint_series.prepare(args.save)
+        save_central_dist(target, central, twist, train, extra={"data": data_meta})  # collective, atomic
+        if series and groups.is_logging_rank:
+            checkpoint_series.publish(args.save, step, args.keep_checkpoints)
+        if groups.is_logging_rank:
+            _log(f"[twist] saved central model (torch_dist) to {target}")
+        return
+    full_state = trainer.full_central_state()  # a collective on sharded runs
+    if groups.is_logging_rank:
+        from .model_io import save_central
+
+        def write(path):
+            save_central(str(path), central, twist, train, data=data_meta, full_state=full_state)
+
+        if series:
+            checkpoint_series.save_iteration(args.save, step, write, args.keep_checkpoints)
+        else:
+            write(target)
+        _log(f"[twist] saved central model to {target}")
+
+
+def _series_mode(args, deepspeed: bool) -> bool:
+    """--save is a directory of iter_ checkpoints with a latest pointer (not one checkpoint)."""
+    if not args.save or deepspeed:
+        return False
+    from .checkpoint_series import is_series
+
+    return args.save_interval is not None or is_series(args.save)
+
+
+def _resolve_load(args, series: bool) -> Optional[str]:
+    """The checkpoint --load means: a save directory's latest, the directory itself, or None when
+    --load and --save name the same series with nothing saved yet (Megatron-LM's restart idiom)."""
+    from .checkpoint_series import POINTER, read_pointer, resolve_load
+
+    root = Path(args.load)
+    if read_pointer(root) is not None:
+        target = resolve_load(root)
+        _log(f"[twist] {root}: the latest complete checkpoint is {target.name}")
+        return str(target)
+    fresh = not (root / "meta.json").exists() and not (root / "metadata.json").exists()
+    if series and fresh and args.save and root.resolve() == Path(args.save).resolve():
+        _log(f"[twist] {root} holds no complete checkpoint yet (no {POINTER}): starting at step 0")
+        return None
+    return str(root)
+
+
+def _check_reliability_flags(args, twist, series: bool, deepspeed: bool) -> None:
+    if args.distributed_timeout_minutes <= 0:
+        raise ConfigError(f"--distributed-timeout-minutes must be positive, got {args.distributed_timeout_minutes}")
+    if args.keep_checkpoints < 0:
+        raise ConfigError(f"--keep-checkpoints must be 0 (keep all) or more, got {args.keep_checkpoints}")
+    if args.save_interval is None:
+        return
+    if deepspeed:
+        raise ConfigError("--save-interval is not supported with --deepspeed (the engine path saves DIR/engine and "
+                          "DIR/central at the end); use --exit-interval N to stop and save, then --load DIR")
+    if not args.save:
+        raise ConfigError("--save-interval needs --save DIR (the directory of the periodic checkpoints)")
+    k = twist.local_steps
+    if args.save_interval < 1 or args.save_interval % k:
+        raise ConfigError(f"--save-interval {args.save_interval} must be a positive multiple of --local-steps {k}: "
+                          f"checkpoints are taken at round boundaries (e.g. --save-interval {k * max(1, round(args.save_interval / k))})")
+    if (Path(args.save) / "meta.json").exists() or (Path(args.save) / "metadata.json").exists():
+        raise ConfigError(f"--save {args.save} is a checkpoint, not a save directory; with --save-interval pass a new "
+                          "or existing save directory (it will hold iter_XXXXXXX checkpoints and a latest pointer)")
+
+
+def _check_data_fits(args, model) -> None:
+    """One training sample needs seq_length + 1 tokens (refused before any process group exists)."""
+    if args.mock_data or not args.data_path:
+        return
+    from .data import load_manifest
+    from .data.errors import DataError
+
+    tokens = load_manifest(args.data_path).splits["train"].tokens
+    if tokens < model.seq_length + 1:
+        raise DataError(f"the training data in {args.data_path!r} has {tokens} tokens, fewer than seq_length + 1 = "
+                        f"{model.seq_length + 1} needed for one sample; use a shorter --seq-length or prepare more text")
+
+
+def _train_argv(args) -> List[str]:
+    """The command-line words after `train` (to tell flags the user typed from defaults)."""
+    argv = list(getattr(args, "argv", None) or sys.argv[1:])
+    return argv[argv.index("train") + 1:] if "train" in argv else argv
 
 
 def _train_deepspeed(args, model, twist, train, groups, batches, ds_config, data_meta) -> int:
@@ -210,7 +335,14 @@ def _is_dist_checkpoint(path: str) -> bool:
 
 def _read_central_meta(path: str):
     """(meta dict, ModelConfig) of a central checkpoint in either format, without building anything."""
-    from .model_io import _model_config
+    from .checkpointing import CheckpointError
+    from .config import ModelConfig
+
+    def _model_config(meta, where):  # model_io._model_config without importing Megatron: refusals stay fast
+        try:
+            return ModelConfig.from_dict(meta["model"])
+        except (KeyError, TypeError, ConfigError) as e:
+            raise CheckpointError(f"{where}/meta.json has no valid model config ({e})") from None
 
     if _is_dist_checkpoint(path):
         from .distributed.dist_checkpoint import read_common
@@ -245,6 +377,10 @@ def _data_for_training(args):
         dataset = build_gpt_dataset(args.data_path, model.seq_length, num_samples, seed=train.seed)
         return MegatronBatches(dataset, train.micro_batch_size)
 
+    if args.vocab_size is not None and args.vocab_size != manifest.vocab_size:
+        raise ConfigError(f"--vocab-size {args.vocab_size} contradicts the data: {args.data_path} was tokenized with a "
+                          f"{manifest.vocab_size}-token vocabulary, which the model takes from the data; drop "
+                          "--vocab-size (it sizes --mock-data only)")
     data_meta = {"path": str(Path(args.data_path).resolve()), "tokenizer_sha256": manifest.tokenizer_sha256,
                  "vocab_size": manifest.vocab_size}
     return data_meta, factory, manifest.vocab_size
@@ -459,6 +595,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|full scope is deprecated).*")
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # to tell typed flags from defaults (--load)
     args.parser = parser.train_parser  # to tell flags the user set from defaults (ds_config conflicts)
     from .checkpointing import CheckpointError
 
@@ -466,11 +603,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .data.errors import DataError
     except ImportError:  # pragma: no cover
         DataError = ConfigError
+    from .config import TrainingError
+
     try:
         return args.func(args)
     except (ConfigError, CheckpointError, DataError) as e:
         print(f"twist {args.command}: error: {e}", file=sys.stderr, flush=True)
         return 2
+    except TrainingError as e:  # e.g. every subnet of a round non-finite; the last checkpoint is intact
+        print(f"twist {args.command}: stopped: {e}", file=sys.stderr, flush=True)
+        return 1
 
 
 if __name__ == "__main__":

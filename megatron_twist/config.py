@@ -19,10 +19,16 @@ ACTIVATIONS = {"llama": ("silu",), "gpt2": ("gelu", "gelu_tanh")}  # first: the 
 SPLIT_UNITS = ("heads", "mlp", "both")
 CORRECTIONS = ("rescale", "none")
 OPTIMIZER_STATE_POLICIES = ("aggregate", "reset")
+NONFINITE_POLICIES = ("skip", "stop")  # a subnet whose loss/gradient turns non-finite (docs: Reliability)
 
 
 class ConfigError(ValueError):
     """A configuration value that cannot work; the message says how to fix it."""
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (e.g. every subnet of a round non-finite); raised on every rank together,
+    with the last checkpoint intact. `twist` exits with code 1."""
 
 
 @dataclass(frozen=True)
@@ -278,6 +284,7 @@ class TrainConfig:
     eval_iters: int = 20
     seed: int = 1234
     exit_interval: Optional[int] = None  # stop (and save) after the round that reaches this step
+    nonfinite_policy: str = "skip"  # 'skip': leave a non-finite subnet out of its round; 'stop': stop the run
 
 
     def __post_init__(self):
@@ -287,6 +294,8 @@ class TrainConfig:
             raise ConfigError(f"--micro-batch-size must be at least 1, got {self.micro_batch_size}")
         if self.lr <= 0:
             raise ConfigError(f"--lr must be positive, got {self.lr}")
+        if self.nonfinite_policy not in NONFINITE_POLICIES:
+            raise ConfigError(f"--nonfinite-policy must be one of {NONFINITE_POLICIES}, got {self.nonfinite_policy!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -40,8 +40,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import json
 import os
+import pickle
 import queue
 import shutil
 from pathlib import Path
@@ -52,6 +54,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 from megatron.core.dist_checkpointing.strategies import filesystem_async
+from megatron.core.dist_checkpointing.strategies.common import COMMON_STATE_FNAME
 from megatron.core.dist_checkpointing.strategies.torch import (
     TorchDistLoadShardedStrategy,
     TorchDistSaveShardedStrategy,
@@ -310,10 +313,13 @@ def read_common(path) -> dict:
                               "a megatron-twist safetensors checkpoint loads with model_io.load_central, "
                               "otherwise pass the directory save_central_dist wrote")
     try:
-        state = dist_checkpointing.load_common_state_dict(str(root))
+        # weights_only=True here, whatever torch's default or TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD say
+        # (Megatron's own load_common_state_dict leaves it to the default).
+        state = torch.load(root / COMMON_STATE_FNAME, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - corrupt/missing common.pt, unpicklable content
-        raise CheckpointError(f"{root}/common.pt cannot be read ({type(e).__name__}: {e}); "
-                              "the checkpoint is incomplete or corrupt: re-create it") from None
+        raise CheckpointError(f"{root}/common.pt cannot be read ({type(e).__name__}: {_first_line(e)}); "
+                              "the checkpoint is incomplete, corrupt or not plain data: re-create it") from None
+    vet_pickled_parts(root)
     common = state.get(COMMON_KEY) if isinstance(state, dict) else None
     if not isinstance(common, dict) or common.get("format") != FORMAT:
         raise CheckpointError(f"{root} is a Megatron distributed checkpoint but not a megatron-twist central "
@@ -324,6 +330,65 @@ def read_common(path) -> dict:
     if common.get("kind") != "central":
         raise CheckpointError(f"{root} holds a {common.get('kind')!r} model, a 'central' one is needed")
     return common
+
+
+# What torch.distributed.checkpoint's .metadata pickle may name: its own metadata classes, torch.Size,
+# dtypes and layouts. torch reads .metadata with plain pickle.load, so it is vetted first.
+_METADATA_GLOBALS = {
+    "torch.distributed.checkpoint.metadata": None,  # any class of this module
+    "torch.distributed.checkpoint.planner": {"SavePlan", "TensorWriteData", "WriteItem", "WriteItemType"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size"},
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles only the classes a checkpoint's .metadata legitimately holds; anything else (os.system,
+    builtins.eval, ...) is refused before it is called."""
+
+    def find_class(self, module, name):
+        allowed = _METADATA_GLOBALS.get(module, set())
+        is_dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        if not (is_dtype or allowed is None or name in allowed):
+            raise pickle.UnpicklingError(f"{module}.{name} is not allowed in checkpoint metadata")
+        return super().find_class(module, name)
+
+
+def vet_pickled_parts(root) -> None:
+    """Refuse a torch_dist checkpoint whose pickled parts hold anything but plain data.
+
+    torch.distributed.checkpoint reads ``.metadata`` with ``pickle.load`` and byte items (Megatron's
+    ``_extra_state`` objects) with ``torch.load(weights_only=False)``: both could run arbitrary code
+    from a checkpoint made by someone else. Before Megatron touches the directory, ``.metadata`` is
+    read with an allow-list unpickler and every byte item with ``torch.load(weights_only=True)``."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    root = Path(root)
+    try:
+        with open(root / ".metadata", "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+        byte_items = [(idx, info) for idx, info in metadata.storage_data.items()
+                      if isinstance(metadata.state_dict_metadata.get(idx.fqn), BytesStorageMetadata)]
+    except Exception as e:  # noqa: BLE001 - missing, truncated or hostile metadata
+        raise CheckpointError(f"{root}/.metadata cannot be read safely ({type(e).__name__}: {_first_line(e)}); "
+                              "the checkpoint is incomplete, corrupt or not a torch_dist checkpoint written by "
+                              "megatron-twist: it is not loaded") from None
+    for idx, info in byte_items:
+        try:
+            if getattr(info, "transform_descriptors", None):
+                raise ValueError(f"transformed byte item ({info.transform_descriptors})")
+            with open(root / info.relative_path, "rb") as f:
+                f.seek(info.offset)
+                torch.load(io.BytesIO(f.read(info.length)), map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"{root}: the object {idx.fqn} in {info.relative_path} is not plain data "
+                                  f"({type(e).__name__}: {_first_line(e)}); it is not loaded") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else "")[:300]
 
 
 def check_model_matches(saved: dict, model: ModelConfig, path) -> None:

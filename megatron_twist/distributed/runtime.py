@@ -139,10 +139,23 @@ def discover_launcher() -> str:
     return "single"
 
 
+_timeout_s: Optional[float] = None  # the job's collective timeout, for every group made after init
+
+
+def collective_timeout() -> Optional[datetime.timedelta]:
+    """The timeout given to init_distributed (None before it): Megatron's and TwIST's groups use it too."""
+    return None if _timeout_s is None else datetime.timedelta(seconds=_timeout_s)
+
+
 def init_distributed(timeout_s: float = 300.0) -> None:
-    """Create the default process group: from torchrun's env, or a 1-rank group in-process."""
+    """Create the default process group: from torchrun's env, or a 1-rank group in-process.
+
+    ``timeout_s`` bounds every collective wait (``twist train --distributed-timeout-minutes``), on
+    this group and on the groups created later (Megatron's, TwIST's subnet and aggregation groups)."""
+    global _timeout_s
     if dist.is_initialized():
         return
+    _timeout_s = float(timeout_s)
     backend = "gloo" if cuda_absent() else "nccl"
     if cuda_absent():
         apply_cpu_shim()
@@ -166,7 +179,7 @@ def build_twist_groups(twist: TwistConfig, tensor_parallel_size: int = 1, pipeli
     world = dist.get_world_size()
     layout = ParallelLayout.for_world(world, twist.num_subnets, tensor_parallel_size, pipeline_parallel_size)
     if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(tensor_parallel_size, pipeline_parallel_size)
+        _initialize_megatron(tensor_parallel_size, pipeline_parallel_size)
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     dp_rank = parallel_state.get_data_parallel_rank()
@@ -179,7 +192,7 @@ def build_twist_groups(twist: TwistConfig, tensor_parallel_size: int = 1, pipeli
     coords = all_gather_objects((rank, tp_rank, pp_rank, dp_rank))
     my_subnet_group = my_aggregation_group = None
     for kind, members in twist_group_members(layout, coords):  # the same order on every rank
-        g = dist.new_group(members)
+        g = dist.new_group(members, timeout=collective_timeout())
         if rank in members:
             if kind == "subnet":
                 my_subnet_group = g
@@ -195,8 +208,14 @@ def init_model_parallel(seed: int = 1234, tensor_parallel_size: int = 1, pipelin
     from ..cpu_shim import seed_everything
 
     if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(tensor_parallel_size, pipeline_parallel_size)
+        _initialize_megatron(tensor_parallel_size, pipeline_parallel_size)
     seed_everything(seed)
+
+
+def _initialize_megatron(tensor_parallel_size: int, pipeline_parallel_size: int) -> None:
+    timeout = collective_timeout()
+    extra = {} if timeout is None else {"distributed_timeout_minutes": timeout.total_seconds() / 60}
+    parallel_state.initialize_model_parallel(tensor_parallel_size, pipeline_parallel_size, **extra)
 
 
 def all_gather_objects(obj, group=None) -> List:

@@ -42,7 +42,9 @@ def masked_mean_loss(per_token_loss: torch.Tensor, loss_mask: torch.Tensor) -> t
 
 
 def train_step(model, optimizer, scheduler, batch: Dict[str, torch.Tensor], global_step: int, clip_grad: float,
-               parallel: Optional[StepParallelism] = None) -> float:
+               parallel: Optional[StepParallelism] = None, stats: Optional[dict] = None) -> float:
+    """Returns the loss. ``stats``: if given, receives ``grad_norm``, the gradient norm before clipping
+    (over TP/PP shards, after replica averaging: the same value on every rank of the subnet)."""
     set_schedule_step(scheduler, global_step)
     device = next(model.parameters()).device
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
@@ -57,11 +59,16 @@ def train_step(model, optimizer, scheduler, batch: Dict[str, torch.Tensor], glob
     params = [p for p in model.parameters() if p.grad is not None]
     if parallel.subnet_group is not None:
         _average_gradients(params, parallel.subnet_group)
+    norm = None
     if clip_grad > 0:
         if parallel.norm_groups:
-            _clip_by_global_norm(params, clip_grad, parallel.norm_groups)
+            norm = _clip_by_global_norm(params, clip_grad, parallel.norm_groups)
         else:
-            torch.nn.utils.clip_grad_norm_(params, clip_grad)
+            norm = torch.nn.utils.clip_grad_norm_(params, clip_grad)
+    elif stats is not None and params:
+        norm = _global_norm(params, parallel.norm_groups)
+    if stats is not None:
+        stats["grad_norm"] = float(norm) if norm is not None else 0.0
     optimizer.step()
     return loss
 
@@ -104,8 +111,10 @@ def _average_gradients(params, group) -> None:
 
 
 @torch.no_grad()
-def _clip_by_global_norm(params, max_norm: float, groups) -> None:
-    """torch.nn.utils.clip_grad_norm_'s rule, with the norm taken over all model-parallel shards."""
+def _global_norm(params, groups) -> torch.Tensor:
+    """The gradient norm over all model-parallel shards (each sharded parameter once)."""
+    if not groups:
+        return torch.nn.utils.get_total_norm([p.grad for p in params])
     from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 
     sq = torch.zeros(1, dtype=torch.float32, device=params[0].device)
@@ -114,6 +123,14 @@ def _clip_by_global_norm(params, max_norm: float, groups) -> None:
             sq += p.grad.float().pow(2).sum()
     for g in groups:
         dist.all_reduce(sq, group=g)
-    coef = torch.clamp(max_norm / (sq.sqrt() + 1e-6), max=1.0)
+    return sq.sqrt()
+
+
+@torch.no_grad()
+def _clip_by_global_norm(params, max_norm: float, groups) -> torch.Tensor:
+    """torch.nn.utils.clip_grad_norm_'s rule, with the norm taken over all model-parallel shards."""
+    norm = _global_norm(params, groups)
+    coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
     for p in params:
         p.grad.mul_(coef.to(p.grad.dtype))
+    return norm

@@ -7,6 +7,13 @@ Control flow of one round r (docs/ARCHITECTURE.md has the picture):
    scatter-add its weights (and moments) into the aggregation buffer;
 3. one all-reduce of the buffer over the aggregation group;
 4. every rank writes the per-unit averages into its central copy.
+
+Non-finite subnets (docs/ARCHITECTURE.md "Reliability"): a subnet whose loss or gradient norm is
+not finite stops for the rest of its round and adds nothing to the buffer; one small all-reduce
+(MAX, over all ranks) of a per-subnet flag vector makes every rank leave the same subnets out of
+the holder counts. ``--nonfinite-policy skip`` (default) goes on with the others; ``stop`` raises
+:class:`NonFiniteError` with the central model as it was before the round; if every subnet of a
+round is non-finite, both policies stop.
 """
 from __future__ import annotations
 
@@ -18,7 +25,8 @@ from typing import Callable, List, Optional
 import torch
 import torch.distributed as dist
 
-from ..config import ConfigError, ModelConfig, TrainConfig, TwistConfig
+from .. import faults
+from ..config import ConfigError, ModelConfig, TrainConfig, TrainingError, TwistConfig
 from ..distributed.full_state import layer_range
 from ..distributed.layout import check_model_layout  # noqa: F401  (re-exported: cli, tests)
 from ..twist.sharding import local_model_view, local_plan
@@ -44,10 +52,16 @@ class RoundRecord:
     tokens: int
     aggregation_bytes: int  # payload this rank all-reduced at aggregation (counted at the collective)
     dense_dp_bytes: int  # what dense data parallel would all-reduce in the same steps (gradients, every step)
+    excluded: List[int] = field(default_factory=list)  # non-finite subnets left out of the aggregation
 
     def mean_loss(self) -> float:
-        flat = [x for row in self.losses for x in row]
-        return sum(flat) / len(flat)
+        """Mean over subnets and steps; an excluded subnet's NaN entries are left out."""
+        flat = [x for row in self.losses for x in row if math.isfinite(x)]
+        return sum(flat) / len(flat) if flat else math.nan
+
+
+class NonFiniteError(TrainingError):
+    """A round's subnets became non-finite and the policy (or their number) says stop."""
 
 
 @dataclass
@@ -60,7 +74,8 @@ class TrainResult:
         out = []
         for r in self.rounds:
             for t in range(r.steps):
-                out.append(sum(row[t] for row in r.losses) / len(r.losses))
+                finite = [row[t] for row in r.losses if math.isfinite(row[t])]
+                out.append(sum(finite) / len(finite) if finite else math.nan)
         return out
 
 
@@ -82,8 +97,10 @@ class TwistTrainer:
         batches: BatchSource,
         central: Optional[CentralModel] = None,
         log: Callable[[str], None] = print,
+        watchdog=None,
     ):
         self.model_config, self.twist, self.train, self.groups = model, twist, train, groups
+        self.watchdog = watchdog  # distributed/watchdog.py: told the step, for the heartbeat
         self.batches = batches
         self.log = log if groups.is_logging_rank else (lambda _msg: None)
         tp, pp = groups.tp_size, groups.pp_size
@@ -142,6 +159,8 @@ class TwistTrainer:
         self.aggregator.begin_round(plans)
         # on the model's device: NCCL reduces only CUDA tensors
         losses = torch.zeros(twist.num_subnets, steps, dtype=torch.float64, device=self.device)
+        # 1 + the step at which a subnet became non-finite; 0: finite (agreed over all ranks below)
+        bad_at = torch.zeros(twist.num_subnets, dtype=torch.float64, device=self.device)
         t0 = time.perf_counter()
         for s in self.local_subnets:
             self.worker.load(central, plans[s])
@@ -149,12 +168,27 @@ class TwistTrainer:
             reps = self.groups.layout.replicas
             slot, num_slots = s * reps + self.groups.replica_index, twist.num_subnets * reps
             for t in range(steps):
+                if self.watchdog is not None:
+                    self.watchdog.beat(first + t)
+                faults.kill_at_step(self.groups.rank, first + t)
                 batch = self.batches.get(first + t, slot, num_slots)
+                undo = faults.poison_subnet(self.worker.module, s, first + t)
                 loss = self.worker.step(batch, first + t)
-                if not math.isfinite(loss):
-                    raise FloatingPointError(f"subnet {s} loss is {loss} at step {first + t}")
+                if undo is not None:
+                    undo()
                 losses[s, t] = loss
-            self.aggregator.add_subnet(plans[s], self.worker.contribution())
+                if not math.isfinite(loss) and not bad_at[s]:
+                    bad_at[s] = first + t + 1  # excluded; rank-local (replicas see their own loss)
+                if not math.isfinite(self.worker.last_grad_norm):
+                    # The gradient norm is the same on every rank of this subnet (TP/PP-global, after
+                    # replica averaging), so they all leave the loop here together: no collective
+                    # inside a step is left unmatched.
+                    bad_at[s] = bad_at[s] or first + t + 1
+                    losses[s, t + 1:] = math.nan
+                    break
+            if not bad_at[s]:
+                self.aggregator.add_subnet(plans[s], self.worker.contribution())
+        excluded = self._agree_on_nonfinite(bad_at, central.round)
         before = self.aggregator.bytes_reduced
         self.aggregator.all_reduce(self.groups.aggregation_group)
         for field_name in self.fields:
@@ -172,7 +206,30 @@ class TwistTrainer:
         if self.groups.dp_size > 1:  # dense DP all-reduces this rank's gradient shard at every step
             dense_dp = steps * sum(p.numel() * p.element_size() for p in central.params.values())
         return RoundRecord(central.round - 1, first, steps, losses.tolist(), seconds, tokens,
-                           self.aggregator.bytes_reduced - before, dense_dp)
+                           self.aggregator.bytes_reduced - before, dense_dp, excluded)
+
+    def _agree_on_nonfinite(self, bad_at: torch.Tensor, round_index: int) -> List[int]:
+        """Every rank learns which subnets went non-finite (MAX over all ranks), applies the policy,
+        and drops them from the holder counts. Returns the excluded subnets."""
+        if self.groups.world_size > 1:
+            dist.all_reduce(bad_at, op=dist.ReduceOp.MAX)
+        excluded = [s for s, v in enumerate(bad_at.tolist()) if v > 0]
+        if not excluded:
+            return []
+        where = ", ".join(f"subnet {s} at step {int(bad_at[s]) - 1}" for s in excluded)
+        policy = self.train.nonfinite_policy
+        if policy == "stop" or len(excluded) == self.twist.num_subnets:
+            why = ("--nonfinite-policy stop" if policy == "stop"
+                   else "every subnet of the round is non-finite, nothing is left to aggregate")
+            raise NonFiniteError(
+                f"non-finite loss or gradient in round {round_index} ({where}); {why}. The central model is "
+                f"left as it was before this round (step {self.central.step}). Resume from the latest checkpoint "
+                "(--load SAVE_DIR), e.g. with a lower --lr or a smaller --clip-grad"
+                + ("" if policy == "skip" else ", or use --nonfinite-policy skip to leave such subnets out"))
+        self.aggregator.drop_subnets(excluded)
+        self.log(f"[twist] round {round_index}: non-finite loss or gradient ({where}); left out of the "
+                 f"aggregation (--nonfinite-policy skip): {len(excluded)} of {self.twist.num_subnets} subnets")
+        return excluded
 
     def run(self, on_round_end: Optional[Callable[[RoundRecord], None]] = None) -> TrainResult:
         result = TrainResult(self.central)

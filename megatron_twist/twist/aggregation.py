@@ -53,6 +53,14 @@ class RoundAggregator:
         self.counts = {n: holder_count(self.model, n, s, self.plans).to(self.flat.device)
                        for n, s in self.shapes.items()}
 
+    def drop_subnets(self, subnets: Iterable[int]) -> None:
+        """Leave these subnets (indices into this round's plans) out of the average: holder counts are
+        recomputed from the remaining plans. Their tensors must not have been added (a non-finite
+        subnet, docs/ARCHITECTURE.md "Reliability"); every rank must drop the same ones."""
+        dropped = set(subnets)
+        kept = [p for i, p in enumerate(self.plans) if i not in dropped]
+        self.counts = {n: holder_count(self.model, n, s, kept).to(self.flat.device) for n, s in self.shapes.items()}
+
     def add(self, field: str, name: str, plan: SubnetPlan, value: torch.Tensor) -> None:
         put_add(self.views[(field, name)], slice_for(self.model, name, plan), value.detach().float())
 

@@ -72,8 +72,12 @@ class SubnetWorker:
         self._hooks = attach_correction(self.module, correction_scales(self.model_config, self.twist, plan))
 
     def step(self, batch: Dict[str, torch.Tensor], global_step: int) -> float:
-        return train_step(self.module, self.optimizer, self.scheduler, batch, global_step, self.train.clip_grad,
-                          self.parallel)
+        """One optimizer step; returns the loss, and leaves the gradient norm in ``last_grad_norm``."""
+        stats = {}
+        loss = train_step(self.module, self.optimizer, self.scheduler, batch, global_step, self.train.clip_grad,
+                          self.parallel, stats=stats)
+        self.last_grad_norm = stats["grad_norm"]
+        return loss
 
     def contribution(self) -> Dict[str, Dict[str, torch.Tensor]]:
         """What this subnet hands to aggregation: weights, and moments if they are aggregated."""
