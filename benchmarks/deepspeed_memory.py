@@ -1,6 +1,7 @@
 """Peak memory per rank: TwIST (kappa 0.5, 2 subnets) against dense training, same ZeRO stage, side by side.
 
     python benchmarks/deepspeed_memory.py [--ranks 2 4] [--stages 0 1 2 3] [--out runs/bench-memory]
+    python benchmarks/deepspeed_memory.py --smoke   # seconds-long version (CI): tiny model, 2 ranks, ZeRO 2
 
 For each rank count and ZeRO stage, two jobs on the same model and ds_config (fp32, CPU):
 * dense: DeepSpeed trains the full model; its data-parallel group is every rank, so ZeRO
@@ -28,9 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import free_port, status_kib  # noqa: E402
 MODEL = dict(family="llama", num_layers=8, hidden_size=512, num_attention_heads=8, num_query_groups=4,
              ffn_hidden_size=1408, vocab_size=8192, seq_length=256)
+SMOKE = dict(family="llama", num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
+             ffn_hidden_size=128, vocab_size=512, seq_length=32)
 
 
-def worker(kind: str, stage: int, out: Path, ranks: int) -> None:
+def worker(kind: str, stage: int, out: Path, ranks: int, sizes: dict) -> None:
     warnings.filterwarnings("ignore")
     import torch
     import torch.distributed as dist
@@ -42,7 +45,7 @@ def worker(kind: str, stage: int, out: Path, ranks: int) -> None:
     from megatron_twist.training.optim import build_optimizer
     from megatron_twist.training.step import masked_mean_loss
 
-    model = ModelConfig(**MODEL)
+    model = ModelConfig(**sizes)
     train = TrainConfig(train_iters=4, micro_batch_size=2, log_interval=100)
     ds_config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
                  "gradient_clipping": 1.0, "zero_optimization": {"stage": stage}}
@@ -83,14 +86,21 @@ def main() -> int:
     p.add_argument("--stages", type=int, nargs="+", default=[0, 1, 2, 3])
     p.add_argument("--ranks", type=int, nargs="+", default=[2, 4], help="processes per job (even)")
     p.add_argument("--out", default="runs/bench-memory")
+    p.add_argument("--smoke", action="store_true", help="seconds-long version: tiny model, 2 ranks, ZeRO 2 (CI)")
     p.add_argument("--worker", nargs=3, metavar=("KIND", "STAGE", "RANKS"), help=argparse.SUPPRESS)
     args = p.parse_args()
+    sizes = SMOKE if args.smoke else MODEL
+    if args.smoke:
+        args.ranks, args.stages = [2], [2]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.worker:
-        worker(args.worker[0], int(args.worker[1]), out, int(args.worker[2]))
+        worker(args.worker[0], int(args.worker[1]), out, int(args.worker[2]), sizes)
         return 0
-    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", DS_ACCELERATOR="cpu")
+    # A fixed glibc mmap threshold: freed large tensors leave the resident set at once, so VmHWM is
+    # the live tensors' peak and not an artefact of malloc's adaptive threshold (deployment.py).
+    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", DS_ACCELERATOR="cpu",
+               MALLOC_MMAP_THRESHOLD_="65536")
     env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".venv" / "torch_extensions"))
     rows = []
     for ranks in args.ranks:
@@ -100,7 +110,7 @@ def main() -> int:
                 print(f"[bench] {ranks} ranks, ZeRO {stage}: {kind} ...", flush=True)
                 cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}",
                        "--master_addr=127.0.0.1", f"--master_port={free_port()}", __file__, "--out", str(out),
-                       "--worker", kind, str(stage), str(ranks)]
+                       "--worker", kind, str(stage), str(ranks), *(["--smoke"] if args.smoke else [])]
                 subprocess.run(cmd, check=True, env=env, cwd=REPO, capture_output=True, text=True, timeout=1800)
                 peaks = [json.loads((out / f"{kind}-zero{stage}-n{ranks}-rank{r}.json").read_text())["peak_mib"]
                          for r in range(ranks)]
@@ -110,7 +120,7 @@ def main() -> int:
     print(f"\n{'ranks':>5s} {'ZeRO':>4s} {'dense MiB/rank':>15s} {'TwIST MiB/rank':>15s} {'TwIST/dense':>12s}")
     for r in rows:
         print(f"{r['ranks']:>5d} {r['stage']:>4d} {r['dense']:15.1f} {r['twist']:15.1f} {r['ratio']:12.2f}")
-    (out / "memory.json").write_text(json.dumps({"model": MODEL, "rows": rows}, indent=1))
+    (out / "memory.json").write_text(json.dumps({"model": sizes, "rows": rows}, indent=1))
     try:
         import matplotlib
 

@@ -173,7 +173,7 @@ def _train_in_group(args, model, twist, train, tp, pp, ds_config, data_meta, bat
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))))
     batches = batches_factory(model, train, twist)
     if ds_config is not None:  # the engine path builds and loads its own central model
-        return _train_deepspeed(args, model, twist, train, groups, batches, ds_config, data_meta)
+        return _train_deepspeed(args, model, twist, train, groups, batches, ds_config, data_meta, watchdog)
     if args.load and _is_dist_checkpoint(args.load):
         from .distributed.dist_checkpoint import load_central_dist
 
@@ -305,11 +305,12 @@ def _train_argv(args) -> List[str]:
     return argv[argv.index("train") + 1:] if "train" in argv else argv
 
 
-def _train_deepspeed(args, model, twist, train, groups, batches, ds_config, data_meta) -> int:
+def _train_deepspeed(args, model, twist, train, groups, batches, ds_config, data_meta, watchdog=None) -> int:
     from .training.deepspeed_trainer import train_with_deepspeed
 
     central, losses, engine = train_with_deepspeed(model, twist, train, groups, batches, ds_config, log=_log,
-                                                   load=args.load, save=args.save, data_meta=data_meta)
+                                                   load=args.load, save=args.save, data_meta=data_meta,
+                                                   watchdog=watchdog)
     all_losses = _gather(losses)
     if groups.is_logging_rank:
         _log(f"[twist-ds] done at step {central.step}: ZeRO {engine.zero_optimization_stage()}, final loss per rank "

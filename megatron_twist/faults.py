@@ -11,6 +11,10 @@ no production code path sets them. All hooks live in this one module.
 ``TWIST_FAULT_KILL_RANK=R`` and ``TWIST_FAULT_KILL_AT_STEP=T``
     global rank R sends itself SIGKILL just before global step T: no cleanup, no message, its
     sockets closed by the kernel (what a lost node looks like to the others).
+``TWIST_FAULT_HANG_RANK=R`` and ``TWIST_FAULT_HANG_AT_STEP=T``
+    global rank R stops making progress just before global step T, while staying alive (its main
+    thread sleeps forever; its heartbeat thread goes on): a rank stuck in I/O or a deadlock, which
+    the heartbeat cannot see and only the collective timeout reveals.
 ``TWIST_FAULT_KILL_IN_SAVE=POINT[:N]``
     the process sends itself SIGKILL the N-th time (default 1) it reaches checkpoint-write point
     POINT: ``files-written`` (tensor files complete in the temporary directory, meta.json not
@@ -47,6 +51,16 @@ def kill_at_step(rank: int, step: int) -> None:
         return
     if int(target) == rank and int(os.environ.get("TWIST_FAULT_KILL_AT_STEP", "0")) == step:
         _kill_self(f"rank {rank} before step {step}")
+
+
+def hang_at_step(rank: int, step: int) -> None:
+    """``TWIST_FAULT_HANG_RANK`` / ``TWIST_FAULT_HANG_AT_STEP``: stop making progress before this step."""
+    target = os.environ.get("TWIST_FAULT_HANG_RANK")
+    if target is None or int(target) != rank or int(os.environ.get("TWIST_FAULT_HANG_AT_STEP", "0")) != step:
+        return
+    print(f"[fault] rank {rank} hangs before step {step} at {time.time():.3f}", file=sys.stderr, flush=True)
+    while True:
+        time.sleep(3600)
 
 
 def checkpoint_write_point(point: str) -> None:

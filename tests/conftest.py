@@ -98,3 +98,16 @@ def launch():
     """Run any launcher command in its own process group with a timeout; `launch.free_port()` for rendezvous."""
     run_process_group.free_port = free_port
     return run_process_group
+
+
+@pytest.fixture(scope="session")
+def prepared_small(tmp_path_factory):
+    """A small real dataset (own sentencepiece tokenizer, vocabulary 400), prepared in-process once
+    per session: (its directory, its manifest)."""
+    from megatron_twist.data import prepare_data, stdlib_documents
+
+    out = tmp_path_factory.mktemp("prepared_small")
+    manifest = prepare_data(str(out), stdlib_documents("train", max_bytes=40_000),
+                            stdlib_documents("valid", max_bytes=150_000), vocab_size=400, progress=False,
+                            source="tests")
+    return out, manifest

@@ -16,18 +16,6 @@ import pytest
 TRAIN = ["train", "--model-preset", "tiny", "--train-iters", "2", "--local-steps", "1", "--micro-batch-size", "1"]
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    """A small prepared dataset (its own tokenizer, vocabulary 400)."""
-    from megatron_twist.data import prepare_data, stdlib_documents
-
-    out = tmp_path_factory.mktemp("edge_data")
-    manifest = prepare_data(str(out), stdlib_documents("train", max_bytes=40_000),
-                            stdlib_documents("valid", max_bytes=150_000), vocab_size=400, progress=False,
-                            source="edge-input tests")
-    return out, manifest
-
-
 def _refused(run_twist, args, *messages):
     t0 = time.perf_counter()
     proc = run_twist([str(a) for a in args], check=False, timeout=180)
@@ -51,16 +39,16 @@ def test_corpus_too_small_for_prepare_data(tmp_path, run_twist, text, message):
     assert not out.exists(), "nothing is written"
 
 
-def test_sequence_longer_than_the_data(tmp_path, run_twist, data):
-    path, manifest = data
+def test_sequence_longer_than_the_data(tmp_path, run_twist, prepared_small):
+    path, manifest = prepared_small
     tokens = manifest.splits["train"].tokens
     _refused(run_twist, [*TRAIN, "--data-path", path, "--seq-length", tokens + 10, "--save", tmp_path / "ckpt"],
              f"has {tokens} tokens, fewer than seq_length + 1 = {tokens + 11}", "use a shorter --seq-length")
     assert not (tmp_path / "ckpt").exists()
 
 
-def test_vocabulary_flag_contradicting_the_data(run_twist, data):
-    path, _ = data
+def test_vocabulary_flag_contradicting_the_data(run_twist, prepared_small):
+    path, _ = prepared_small
     _refused(run_twist, [*TRAIN, "--data-path", path, "--vocab-size", "1000"],
              "--vocab-size 1000 contradicts the data", "400-token vocabulary")
 

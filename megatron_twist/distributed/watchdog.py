@@ -15,7 +15,9 @@ launcher without saying why. Each rank instead
   peer's connection closes), or SIGTERM from the launcher (torchrun stops the surviving workers
   when one dies), leads to a diagnosis: the ``lost`` record if some rank already wrote one, else
   the ranks whose counter does not move over ``2.5 x interval`` and that did not exit cleanly.
-  The message names them with their last reported step; the rank exits with code 75.
+  The message names them with their last reported step; the rank exits with code 75. When a
+  collective TIMED OUT and no rank is lost, the ranks whose heartbeat moves but whose reported
+  step is behind this rank's are named as alive but stuck (a deadlock, a hung file system).
 
 Every rank that leaves writes ``.../exit/<rank>``: ``done`` after a normal run (so finishing
 first is not mistaken for dying); ``stopped: ...`` for a refusal or a training stop that every
@@ -23,7 +25,8 @@ rank raises together (ConfigError, CheckpointError, DataError, TrainingError: no
 ``error: ...`` for any other exception (its neighbour then stops too, naming it, instead of
 waiting in a collective). The heartbeat thread only proves the PROCESS is alive: a rank hung
 inside a collective keeps beating, and is caught by the process-group timeout
-(``--distributed-timeout-minutes``), whose error is re-raised and stops the others as above.
+(``--distributed-timeout-minutes``): the ranks waiting for it name it as stuck (above) and exit 75,
+and it then sees their exit markers and stops too.
 
 A single process (world size 1) runs no watchdog.
 """
@@ -217,6 +220,22 @@ class Watchdog:
                            + _steps(lost) + ")"] if lost else [])
         return "; ".join(parts), lost
 
+    def find_stuck(self) -> Optional[str]:
+        """After a collective timed out while every rank is alive: the ranks that stopped making
+        progress, i.e. whose heartbeat still moves (the process lives) but whose reported step is
+        behind this rank's. None if no rank is behind (then the timeout has another cause)."""
+        try:
+            snapshot = self._snapshot()
+        except Exception as e:  # noqa: BLE001
+            return self._store_lost(e)
+        behind = [(r, _step_of(hb)) for r, (hb, ex) in snapshot.items()
+                  if r != self.rank and ex is None and 0 <= _step_of(hb) < self.step]
+        if not behind:
+            return None
+        return (f"rank(s) {[r for r, _ in behind]} alive but stuck (heartbeat still moving; "
+                f"{', '.join(f'rank {r} at step {s}' for r, s in behind)}, while this rank waited at step "
+                f"{self.step} in a collective until the timeout of {self.timeout:g} s)")
+
     def _store_lost(self, e: BaseException) -> str:
         return (f"{self.store_host} was lost: the job's store it hosts ({self.store_address}) stopped answering "
                 f"({type(e).__name__}: {_first_line(e)})")
@@ -271,6 +290,8 @@ class Watchdog:
                 self.stop(f"stopped: {type(e).__name__}: {str(e)[:500]}")
                 raise
             text, _ = self.find_lost()
+            if text is None and _is_timeout(e):
+                text = self.find_stuck()
             if text is not None:
                 self._fail(f"{text} (seen here as {type(e).__name__}: {_first_line(e)})")
             self.stop(f"error: {type(e).__name__}: {str(e)[:500]}")
@@ -284,6 +305,12 @@ def _quiet_sigterm(in_main: bool) -> None:
     """From here on this rank is leaving anyway (in seconds): SIGTERM waits for it."""
     if in_main:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _is_timeout(e: BaseException) -> bool:
+    # gloo: "Timed out waiting ...ms for recv operation to complete"; NCCL's watchdog: "...timeout".
+    text = str(e).lower()
+    return "timed out" in text or "timeout" in text
 
 
 def _first_line(e: BaseException) -> str:

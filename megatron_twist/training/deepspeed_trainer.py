@@ -13,11 +13,13 @@ from typing import Callable, List, Optional
 
 import torch.distributed as dist
 
+from .. import faults
 from ..config import ConfigError, ModelConfig, TrainConfig, TwistConfig
 from ..cpu_shim import seed_everything
 from ..distributed.runtime import TwistGroups
 from ..distributed.sharded_central import ShardedCentral
 from ..integrations.deepspeed_engine import TwistMpu
+from ..integrations.ds_checkpoint_vetting import vet_deepspeed_checkpoint
 from ..integrations.ds_config import strip_twist_section
 from ..integrations.zero_round_hook import ZeroRoundHook
 from ..model.gpt import build_gpt_model, gpt_forward
@@ -28,7 +30,7 @@ from .step import masked_mean_loss
 
 def train_with_deepspeed(model: ModelConfig, twist: TwistConfig, train: TrainConfig, groups: TwistGroups, batches,
                          ds_config: dict, log: Callable[[str], None] = print, load: Optional[str] = None,
-                         save: Optional[str] = None, data_meta: Optional[dict] = None):
+                         save: Optional[str] = None, data_meta: Optional[dict] = None, watchdog=None):
     """Returns (sharded central model, per-step losses of this rank's subnet, engine).
 
     The central model is sharded over every data-parallel rank (distributed/sharded_central.py).
@@ -36,7 +38,9 @@ def train_with_deepspeed(model: ModelConfig, twist: TwistConfig, train: TrainCon
     with the engine's own checkpoint (``engine/``: ``engine.save_checkpoint``, DeepSpeed's
     ``global_stepN`` + ``latest``) and the central model alongside (``central/``, one shard file
     per rank + meta.json: weights, Adam moments, step, round, TwIST config = the sampler's state).
-    ``load``: such a directory; training continues exactly as the uninterrupted run.
+    ``load``: such a directory; training continues exactly as the uninterrupted run. Its engine
+    files are vetted before DeepSpeed unpickles them (integrations/ds_checkpoint_vetting.py).
+    ``watchdog``: distributed/watchdog.py, told the step for its heartbeat (as in TwistTrainer).
     """
     import deepspeed
 
@@ -53,6 +57,9 @@ def train_with_deepspeed(model: ModelConfig, twist: TwistConfig, train: TrainCon
     if load is not None:
         # The engine's checkpoint brings the optimizer-state structure; the round hook then refills
         # weights and moments from the central model at the round boundary we stopped at.
+        # DeepSpeed reads its files with torch.load(weights_only=False): vet them first (all ranks
+        # read, so all ranks vet; a refusal is raised by every rank together).
+        vet_deepspeed_checkpoint(os.path.join(load, "engine"))
         engine.load_checkpoint(os.path.join(load, "engine"))
         hook.mark_state_present()
     reps = groups.layout.replicas
@@ -68,6 +75,10 @@ def train_with_deepspeed(model: ModelConfig, twist: TwistConfig, train: TrainCon
         if moved is not None:
             record_round(engine, groups, central, hook.subnet, losses, moved)
         set_schedule_step(scheduler, it)
+        if watchdog is not None:
+            watchdog.beat(it)
+        faults.kill_at_step(groups.rank, it)  # fault injection (tests/reliability); a no-op otherwise
+        faults.hang_at_step(groups.rank, it)
         batch = batches.get(it, slot, num_slots)
         loss = masked_mean_loss(gpt_forward(engine, batch["tokens"], batch["labels"]), batch["loss_mask"])
         engine.backward(loss)

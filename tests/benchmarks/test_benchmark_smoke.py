@@ -51,6 +51,20 @@ def test_deployment_benchmark_smoke(tmp_path, launch):
     _run(launch, "deployment.py", tmp_path)
     rows = json.loads((tmp_path / "deployment.json").read_text())
     assert rows["parameters"]["cut"] < rows["parameters"]["dense"]
-    for key in ("latency_ms_batch1", "latency_ms_batch8", "peak_mib_batch8"):
+    for key in ("latency_ms_batch1", "latency_ms_batch8", "peak_mib_batch1", "peak_mib_batch8"):
         assert rows[key]["dense"] > 0 and rows[key]["cut"] > 0
     assert (tmp_path / "deployment.png").is_file()
+
+
+@pytest.mark.multiprocess
+def test_deepspeed_memory_benchmark_smoke(tmp_path, launch):
+    _run(launch, "deepspeed_memory.py", tmp_path)
+    rows = json.loads((tmp_path / "memory.json").read_text())["rows"]
+    assert [(r["ranks"], r["stage"]) for r in rows] == [(2, 2)]
+    row = rows[0]
+    # every rank of both jobs reported a peak above its own baseline; the table's ratio is theirs
+    for kind in ("dense", "twist"):
+        peaks = [json.loads((tmp_path / f"{kind}-zero2-n2-rank{r}.json").read_text())["peak_mib"] for r in range(2)]
+        assert all(p > 0 for p in peaks) and row[kind] == max(peaks)
+    assert row["ratio"] == pytest.approx(row["twist"] / row["dense"])
+    assert (tmp_path / "memory.png").is_file()

@@ -61,18 +61,6 @@ def rel():
                                  file_hashes=file_hashes, meta=meta)
 
 
-@pytest.fixture(scope="session")
-def prepared_small(tmp_path_factory):
-    """A small real dataset (own sentencepiece tokenizer, vocabulary 400), prepared in-process."""
-    from megatron_twist.data import prepare_data, stdlib_documents
-
-    out = tmp_path_factory.mktemp("prepared_small")
-    manifest = prepare_data(str(out), stdlib_documents("train", max_bytes=40_000),
-                            stdlib_documents("valid", max_bytes=150_000), vocab_size=400, progress=False,
-                            source="reliability tests")
-    return out, manifest
-
-
 @pytest.fixture
 def in_process_cli(monkeypatch, capsys):
     """`twist ...` in this process, for commands that must be refused BEFORE any process group exists:

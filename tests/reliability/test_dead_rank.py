@@ -67,16 +67,15 @@ def test_killed_rank_stops_the_job_and_restart_is_bitwise(tmp_path, rel, referen
     assert rel.meta(save / "iter_0000008")["step"] == 8
 
 
-@pytest.mark.multiprocess
-@pytest.mark.parametrize("victim", [1, 0], ids=["peer", "store-host"])
-def test_killed_rank_without_a_launcher(tmp_path, rel, launch, victim):
-    """Plain processes (no torchrun agent to tear the job down): the survivor finds out by itself."""
+def _plain_job(rel, launch, **fault_env):
+    """The 2-rank job as plain processes (no launcher: no agent tears the job down, each survivor
+    must find out by itself), with fault variables set. Returns (processes, outputs, end time)."""
     port = launch.free_port()
     procs = []
     for rank in range(2):
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                    MASTER_PORT=str(port), OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", PYTHONUNBUFFERED="1",
-                   TWIST_FAULT_KILL_RANK=str(victim), TWIST_FAULT_KILL_AT_STEP="6")
+                   **fault_env)
         cmd = [sys.executable, "-m", "megatron_twist", *map(str, rel.ARGS), "--distributed-timeout-minutes",
                str(TIMEOUT_MIN)]
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -89,7 +88,14 @@ def test_killed_rank_without_a_launcher(tmp_path, rel, launch, victim):
         for p in procs:
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
-    end = time.time()
+    return procs, outs, time.time()
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("victim", [1, 0], ids=["peer", "store-host"])
+def test_killed_rank_without_a_launcher(tmp_path, rel, launch, victim):
+    """Plain processes (no torchrun agent to tear the job down): the survivor finds out by itself."""
+    procs, outs, end = _plain_job(rel, launch, TWIST_FAULT_KILL_RANK=str(victim), TWIST_FAULT_KILL_AT_STEP="6")
     survivor = 1 - victim
     assert procs[victim].returncode == -signal.SIGKILL
     assert procs[survivor].returncode == EXIT_RANK_FAILURE, outs[survivor][-4000:]
@@ -163,3 +169,23 @@ def test_diagnosis_names_the_silent_rank():
     text, lost = a.find_lost()
     assert lost == [(2, 7)] and text.startswith("rank(s) [2] lost") and "rank 2 at step 7" in text
     b.stop(), a.stop()
+
+
+@pytest.mark.multiprocess
+def test_rank_alive_but_stuck_is_named_after_the_collective_timeout(rel, launch):
+    """Rank 1 stops making progress before step 6 but stays alive (its heartbeat goes on): only the
+    collective timeout reveals it. Rank 0, waiting for it at the end of the round, must name it as
+    stuck and exit 75; rank 1 must then stop too (it sees rank 0's exit) instead of hanging."""
+    procs, outs, end = _plain_job(rel, launch, TWIST_FAULT_HANG_RANK="1", TWIST_FAULT_HANG_AT_STEP="6")
+    m = re.search(r"\[fault\] rank 1 hangs before step 6 at ([0-9.]+)", outs[1])
+    assert m, outs[1][-3000:]
+    assert procs[0].returncode == EXIT_RANK_FAILURE, outs[0][-4000:]
+    assert "[twist] rank 0/2: rank(s) [1] alive but stuck (heartbeat still moving; rank 1 at step 6" in outs[0], \
+        outs[0][-4000:]
+    assert procs[1].returncode == EXIT_RANK_FAILURE, outs[1][-4000:]
+    # Rank 1 sees rank 0's exit marker, or (rank 0 hosts the job's store here) the store going away
+    # with it, whichever its watchdog thread meets first: either way it stops instead of hanging.
+    assert ("[twist] rank 1/2: rank 0 stopped: failed after: rank(s) [1] alive but stuck" in outs[1]
+            or "[twist] rank 1/2: rank 0 was lost: the job's store it hosts" in outs[1]), outs[1][-4000:]
+    # the collective timeout (15 s) plus the diagnosis, with margin
+    assert end - float(m.group(1)) < TIMEOUT_MIN * 60 + 60

@@ -1,0 +1,112 @@
+"""The reliability guarantees on the DeepSpeed path (issue #8, items 1 and 5).
+
+* A rank of a `twist train --deepspeed` job killed with SIGKILL mid-round: the survivor stops
+  within the timeout, naming the lost rank, with the rank-failure exit code (the same watchdog as
+  the Megatron path, distributed/watchdog.py, told the step by the DeepSpeed loop).
+* DeepSpeed reads its engine checkpoint with ``torch.load(weights_only=False)``: the files are
+  vetted first (integrations/ds_checkpoint_vetting.py). A real engine checkpoint passes; one whose
+  optimizer file would run code when unpickled is refused by name, the code never runs, and
+  nothing in the checkpoint changes.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_twist.checkpointing import CheckpointError
+from megatron_twist.distributed.watchdog import EXIT_RANK_FAILURE
+from megatron_twist.integrations.ds_checkpoint_vetting import vet_deepspeed_checkpoint
+
+REPO = Path(__file__).resolve().parents[2]
+TIMEOUT_MIN = 0.25
+
+
+class _Payload:
+    """Unpickling this creates the marker file: proof that code ran."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _ds_config(tmp_path: Path, subnets: int) -> Path:
+    config = json.loads((REPO / "ds_configs" / "cpu_zero2.json").read_text())
+    config["twist"].update(num_subnets=subnets, coverage=subnets > 1)
+    path = tmp_path / f"zero2_{subnets}.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+@pytest.mark.multiprocess
+def test_killed_rank_stops_a_deepspeed_job_naming_it(tmp_path, launch, monkeypatch):
+    monkeypatch.setenv("TWIST_FAULT_KILL_RANK", "1")
+    monkeypatch.setenv("TWIST_FAULT_KILL_AT_STEP", "6")  # round 2 of 4-step rounds: mid-round
+    proc = launch([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--max-restarts=0",
+                   "--master_addr=127.0.0.1", f"--master_port={launch.free_port()}", "-m", "megatron_twist",
+                   "train", "--model-preset", "tiny", "--mock-data", "--train-iters", "12", "--micro-batch-size", "2",
+                   "--deepspeed", "--deepspeed_config", _ds_config(tmp_path, 2),
+                   "--distributed-timeout-minutes", TIMEOUT_MIN], timeout=300)
+    end = time.time()
+    out = proc.stdout + proc.stderr
+    m = re.search(r"\[fault\] rank 1 before step 6: SIGKILL to pid \d+ at ([0-9.]+)", out)
+    assert m, f"the fault was not injected:\n{out[-3000:]}"
+    assert proc.returncode != 0
+    assert "[twist] rank 0/2: rank(s) [1] lost" in out, out[-4000:]
+    assert f"exitcode  : {EXIT_RANK_FAILURE}" in out, "the survivor exits with the rank-failure code"
+    assert end - float(m.group(1)) < TIMEOUT_MIN * 60 + 60
+
+
+@pytest.fixture(scope="module")
+def engine_checkpoint(tmp_path_factory, run_twist):
+    """A real DeepSpeed ZeRO-2 checkpoint (one process, one subnet, 4 steps)."""
+    tmp = tmp_path_factory.mktemp("ds_ckpt")
+    run_twist(["train", "--model-preset", "tiny", "--mock-data", "--train-iters", "4", "--micro-batch-size", "2",
+               "--deepspeed", "--deepspeed_config", _ds_config(tmp, 1), "--save", tmp / "save"], timeout=300)
+    return tmp / "save", _ds_config(tmp, 1)
+
+
+def test_real_engine_checkpoint_passes_vetting(engine_checkpoint):
+    save, _ = engine_checkpoint
+    names = sorted(p.name for p in vet_deepspeed_checkpoint(save / "engine"))
+    assert names == ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"]
+
+
+def test_hostile_engine_checkpoint_is_refused_and_never_executed(engine_checkpoint, tmp_path, run_twist):
+    save, config = engine_checkpoint
+    hostile = tmp_path / "hostile"
+    shutil.copytree(save, hostile)
+    marker = tmp_path / "code-ran"
+    optim = hostile / "engine" / "global_step4" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    torch.save({"optimizer_state_dict": _Payload(marker)}, optim)
+    before = {p: p.read_bytes() for p in hostile.rglob("*") if p.is_file()}
+    with pytest.raises(CheckpointError, match=r"zero_pp_rank_0_mp_rank_00_optim_states\.pt is not plain checkpoint"):
+        vet_deepspeed_checkpoint(hostile / "engine")
+    assert not marker.exists()
+    proc = run_twist(["train", "--model-preset", "tiny", "--mock-data", "--train-iters", "8", "--micro-batch-size",
+                      "2", "--deepspeed", "--deepspeed_config", config, "--load", hostile, "--save", hostile],
+                     timeout=300, check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "is not plain checkpoint data" in proc.stderr and "optim_states.pt" in proc.stderr, proc.stderr[-3000:]
+    assert not marker.exists(), "the hostile pickle ran"
+    assert {p: p.read_bytes() for p in hostile.rglob("*") if p.is_file()} == before, "a refused --load wrote"
+    # And the payload is live: unrestricted unpickling (what DeepSpeed would do) runs it.
+    torch.load(optim, weights_only=False)
+    assert marker.exists()
+
+
+def test_missing_latest_and_empty_tag_are_refused(tmp_path):
+    (tmp_path / "engine").mkdir()
+    with pytest.raises(CheckpointError, match="no 'latest' file"):
+        vet_deepspeed_checkpoint(tmp_path / "engine")
+    (tmp_path / "engine" / "latest").write_text("global_step4")
+    with pytest.raises(CheckpointError, match=r"holds no DeepSpeed checkpoint files"):
+        vet_deepspeed_checkpoint(tmp_path / "engine")
