@@ -42,8 +42,8 @@ def subprocess_env() -> dict:
                DS_ACCELERATOR="cpu")
     # DeepSpeed JIT-compiles a shared-memory comm op once; keep it in a stable place (the venv).
     env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".venv" / "torch_extensions"))
-    env.pop("RANK", None)
-    env.pop("WORLD_SIZE", None)
+    for leaked in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):  # set by in-process runs: not for children
+        env.pop(leaked, None)
     return env
 
 

@@ -119,7 +119,7 @@ def discover_launcher() -> str:
 
         comm = MPI.COMM_WORLD
         if comm.Get_size() == 1:
-            return _single_process(env)
+            return "single"
         rank = comm.Get_rank()
         local_rank = comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
         addr, port = None, None
@@ -136,13 +136,6 @@ def discover_launcher() -> str:
         env.update(RANK=str(rank), WORLD_SIZE=str(comm.Get_size()), LOCAL_RANK=str(local_rank),
                    MASTER_ADDR=addr, MASTER_PORT=port)
         return "mpirun"
-    return _single_process(env)
-
-
-def _single_process(env) -> str:
-    # DeepSpeed's engine reads LOCAL_RANK to choose its device and refuses to start without it;
-    # one process without a launcher is local rank 0.
-    env.setdefault("LOCAL_RANK", "0")
     return "single"
 
 

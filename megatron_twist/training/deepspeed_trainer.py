@@ -51,6 +51,12 @@ def train_with_deepspeed(model: ModelConfig, twist: TwistConfig, train: TrainCon
                              tensor_parallel_size=groups.tp_size)
     client_optimizer = build_optimizer(subnet, train)
     scheduler = build_scheduler(client_optimizer, train)
+    if groups.world_size == 1:
+        # DeepSpeed's engine reads LOCAL_RANK to choose its device and refuses to start without it;
+        # a single process without a launcher is local rank 0. Set here, only for the engine's sake:
+        # set earlier (at launcher discovery) it would leak into every child process (accelerate,
+        # for one, then tries an env:// rendezvous).
+        os.environ.setdefault("LOCAL_RANK", "0")
     engine, _, _, _ = deepspeed.initialize(model=subnet, optimizer=client_optimizer,
                                            config=strip_twist_section(ds_config), mpu=TwistMpu(groups))
     hook = ZeroRoundHook(model, twist, groups, central, engine)
