@@ -189,7 +189,7 @@ def run_corpus(args, corpus: str) -> Dict:
     train("dense", data, out, [*_model_flags(m), "--num-subnets", "1", "--keep-ratio", "1.0"], args)
     for kappa in KAPPAS:
         train(f"small-{kappa}", data, out, [*_model_flags(m, kappa), "--num-subnets", "1", "--keep-ratio", "1.0"], args)
-    if corpus in args.correction_corpora and not args.no_correction_run:
+    if corpus in args.correction_corpora:
         train("twist-rescale", data, out, [*_model_flags(m), "--num-subnets", "2", "--keep-ratio", "0.5",
                                            "--activation-correction", "rescale"], args)
     return evaluate(args, corpus, data, out)
@@ -265,8 +265,7 @@ def main() -> int:
     p.add_argument("--calib-sequences", type=int, default=128)
     p.add_argument("--random-subnets", type=int, default=10)
     p.add_argument("--correction-corpora", nargs="*", default=["stdlib"], choices=["stdlib", "shakespeare"],
-                   help="corpora on which TwIST is also trained with the 'rescale' correction")
-    p.add_argument("--no-correction-run", action="store_true")
+                   help="corpora on which TwIST is also trained with the 'rescale' correction (none: no such run)")
     p.add_argument("--retrain", action="store_true", help="train again even if a checkpoint exists")
     p.add_argument("--out", default="runs/bench-quality")
     p.add_argument("--smoke", action="store_true", help="seconds-long version: tiny model, few steps (CI)")
@@ -275,7 +274,7 @@ def main() -> int:
     if args.smoke:
         args.steps, args.nproc, args.micro_batch, args.local_steps, args.vocab = 4, 1, 2, 2, 512
         args.stdlib_bytes, args.eval_tokens, args.calib_sequences, args.random_subnets = 60_000, 2048, 8, 2
-        args.no_correction_run = True
+        args.correction_corpora = []
         args.corpora = ["stdlib"]
         global KAPPAS
         KAPPAS = (0.5,)

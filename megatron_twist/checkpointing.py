@@ -26,6 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import faults
+from .config import ConfigError, ModelConfig
 
 FORMAT = "megatron-twist"
 FORMAT_VERSION = 1
@@ -133,3 +134,12 @@ def load_checkpoint(path: str, kind: Optional[str] = None,
         except SafetensorError as e:
             raise CheckpointError(f"{file} is not a readable safetensors file ({e})") from None
     return meta, out
+
+
+def model_config_of(meta: dict, path) -> ModelConfig:
+    """The ModelConfig recorded in a checkpoint's meta.json (or torch_dist common state); a clear
+    CheckpointError if it is missing or invalid. No Megatron import: refusals stay fast."""
+    try:
+        return ModelConfig.from_dict(meta["model"])
+    except (KeyError, TypeError, ConfigError) as e:
+        raise CheckpointError(f"{path}/meta.json has no valid model config ({e})") from None

@@ -258,7 +258,7 @@ def _resolve_load(args, series: bool) -> Optional[str]:
         target = resolve_load(root)
         _log(f"[twist] {root}: the latest complete checkpoint is {target.name}")
         return str(target)
-    fresh = not (root / "meta.json").exists() and not (root / "metadata.json").exists()
+    fresh = not _holds_checkpoint(root)
     if series and fresh and args.save and root.resolve() == Path(args.save).resolve():
         _log(f"[twist] {root} holds no complete checkpoint yet (no {POINTER}): starting at step 0")
         return None
@@ -281,7 +281,7 @@ def _check_reliability_flags(args, twist, series: bool, deepspeed: bool) -> None
     if args.save_interval < 1 or args.save_interval % k:
         raise ConfigError(f"--save-interval {args.save_interval} must be a positive multiple of --local-steps {k}: "
                           f"checkpoints are taken at round boundaries (e.g. --save-interval {k * max(1, round(args.save_interval / k))})")
-    if (Path(args.save) / "meta.json").exists() or (Path(args.save) / "metadata.json").exists():
+    if _holds_checkpoint(args.save):
         raise ConfigError(f"--save {args.save} is a checkpoint, not a save directory; with --save-interval pass a new "
                           "or existing save directory (it will hold iter_XXXXXXX checkpoints and a latest pointer)")
 
@@ -329,6 +329,11 @@ def _gather(obj):
     return all_gather_objects(obj)
 
 
+def _holds_checkpoint(path) -> bool:
+    """A checkpoint directory of either format (not a save directory of iter_ checkpoints)."""
+    return (Path(path) / "meta.json").exists() or (Path(path) / "metadata.json").exists()
+
+
 def _is_dist_checkpoint(path: str) -> bool:
     """Megatron dist_checkpointing writes metadata.json; megatron-twist's safetensors format meta.json."""
     return (Path(path) / "metadata.json").is_file() and not (Path(path) / "meta.json").is_file()
@@ -336,24 +341,17 @@ def _is_dist_checkpoint(path: str) -> bool:
 
 def _read_central_meta(path: str):
     """(meta dict, ModelConfig) of a central checkpoint in either format, without building anything."""
-    from .checkpointing import CheckpointError
-    from .config import ModelConfig
-
-    def _model_config(meta, where):  # model_io._model_config without importing Megatron: refusals stay fast
-        try:
-            return ModelConfig.from_dict(meta["model"])
-        except (KeyError, TypeError, ConfigError) as e:
-            raise CheckpointError(f"{where}/meta.json has no valid model config ({e})") from None
+    from .checkpointing import model_config_of
 
     if _is_dist_checkpoint(path):
         from .distributed.dist_checkpoint import read_common
 
         common = read_common(path)
-        return common, _model_config(common, path)
+        return common, model_config_of(common, path)
     from .checkpointing import load_checkpoint
 
     meta = load_checkpoint(path, kind="central", tensors=False)[0]
-    return meta, _model_config(meta, path)
+    return meta, model_config_of(meta, path)
 
 
 def _data_for_training(args):

@@ -53,6 +53,12 @@ def kill_at_step(rank: int, step: int) -> None:
         _kill_self(f"rank {rank} before step {step}")
 
 
+def at_step(rank: int, step: int) -> None:
+    """The per-step fault points (kill, hang), called by the training loops before each step."""
+    kill_at_step(rank, step)
+    hang_at_step(rank, step)
+
+
 def hang_at_step(rank: int, step: int) -> None:
     """``TWIST_FAULT_HANG_RANK`` / ``TWIST_FAULT_HANG_AT_STEP``: stop making progress before this step."""
     target = os.environ.get("TWIST_FAULT_HANG_RANK")

@@ -12,7 +12,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from .checkpointing import CheckpointError, load_checkpoint, save_checkpoint
+from .checkpointing import CheckpointError, load_checkpoint, model_config_of, save_checkpoint
 from .config import ConfigError, ModelConfig, TrainConfig, TwistConfig
 from .model.gpt import LayerSize, build_gpt_model, full_layer_sizes
 from .twist.central import CentralModel
@@ -70,7 +70,7 @@ def fill_central(central: CentralModel, path: str, tp_rank: int = 0, tp: int = 1
     from .distributed.full_state import load_full_state
 
     meta, weights, moments = read_central(path)
-    saved = _model_config(meta, path)
+    saved = model_config_of(meta, path)
     if saved != central.config:
         raise CheckpointError(f"{path} holds a model of different sizes ({saved}) than requested ({central.config})")
     try:
@@ -97,7 +97,7 @@ class _ParamsView(torch.nn.Module):
 
 def load_central(path: str) -> Tuple[CentralModel, TwistConfig, dict]:
     meta, weights, moments = read_central(path)
-    model = _model_config(meta, path)
+    model = model_config_of(meta, path)
     central = CentralModel(model, build_gpt_model(model))
     _load_weights(central.module, weights, path)
     for m in ADAM_MOMENTS:
@@ -128,7 +128,7 @@ def save_extracted(path: str, module: torch.nn.Module, model: ModelConfig, twist
 def load_model(path: str) -> Tuple[torch.nn.Module, dict]:
     """Any megatron-twist model checkpoint (central or cut-out) as a ready GPTModel."""
     meta, tensors = load_checkpoint(path)
-    model = _model_config(meta, path)
+    model = model_config_of(meta, path)
     try:
         sizes = [LayerSize(**d) for d in meta["layer_sizes"]]
     except (KeyError, TypeError) as e:
@@ -136,13 +136,6 @@ def load_model(path: str) -> Tuple[torch.nn.Module, dict]:
     module = build_gpt_model(model, sizes)
     _load_weights(module, tensors["model"], path)
     return module, meta
-
-
-def _model_config(meta: dict, path: str) -> ModelConfig:
-    try:
-        return ModelConfig.from_dict(meta["model"])
-    except (KeyError, TypeError, ConfigError) as e:
-        raise CheckpointError(f"{path}/meta.json has no valid model config ({e})") from None
 
 
 def _load_weights(module: torch.nn.Module, tensors: dict, path: str) -> None:

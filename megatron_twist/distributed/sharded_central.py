@@ -142,11 +142,12 @@ class ShardedCentral:
     @torch.no_grad()
     def load(self, path: str) -> dict:
         """Fill this rank's shards from a central checkpoint (sharded with any shard count, or single-file)."""
-        from ..model_io import _model_config, read_central
+        from ..checkpointing import model_config_of
+        from ..model_io import read_central
 
         root = Path(path)
         meta = _read_meta(root)
-        saved = _model_config(meta, path)
+        saved = model_config_of(meta, path)
         if saved != self.config:
             raise CheckpointError(f"{path} holds a model of different sizes ({saved}) than requested ({self.config})")
         sharded = meta.get("sharded")

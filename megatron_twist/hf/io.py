@@ -112,9 +112,10 @@ def export_hf(load: str, out: str, tokenizer: Optional[str] = None) -> dict:
     meta, tensors = load_checkpoint(load)
     if meta.get("kind") not in ("central", "extracted"):
         raise CheckpointError(f"{load} holds a {meta.get('kind')!r} checkpoint; export a central or cut-out model")
-    from ..model_io import _model_config, read_central
+    from ..checkpointing import model_config_of
+    from ..model_io import read_central
 
-    model = _model_config(meta, load)
+    model = model_config_of(meta, load)
     if meta["kind"] == "central":
         weights = read_central(load)[1]  # consolidates a sharded (DeepSpeed) central checkpoint too
         sizes = full_layer_sizes(model)

@@ -83,8 +83,7 @@ def train_with_deepspeed(model: ModelConfig, twist: TwistConfig, train: TrainCon
         set_schedule_step(scheduler, it)
         if watchdog is not None:
             watchdog.beat(it)
-        faults.kill_at_step(groups.rank, it)  # fault injection (tests/reliability); a no-op otherwise
-        faults.hang_at_step(groups.rank, it)
+        faults.at_step(groups.rank, it)  # fault injection (tests/reliability); a no-op otherwise
         batch = batches.get(it, slot, num_slots)
         loss = masked_mean_loss(gpt_forward(engine, batch["tokens"], batch["labels"]), batch["loss_mask"])
         engine.backward(loss)

@@ -170,8 +170,7 @@ class TwistTrainer:
             for t in range(steps):
                 if self.watchdog is not None:
                     self.watchdog.beat(first + t)
-                faults.kill_at_step(self.groups.rank, first + t)
-                faults.hang_at_step(self.groups.rank, first + t)
+                faults.at_step(self.groups.rank, first + t)
                 batch = self.batches.get(first + t, slot, num_slots)
                 undo = faults.poison_subnet(self.worker.module, s, first + t)
                 loss = self.worker.step(batch, first + t)
