@@ -97,11 +97,11 @@ def test_deepspeed_checkpoint_resume_is_exact(tmp_path, run_torchrun, run_twist)
         "meta.json", "shard-00000-of-00002.safetensors", "shard-00001-of-00002.safetensors"]
     # Reshard 2 -> 1 (a single process, no group): equals the consolidated checkpoint.
     from megatron_twist.distributed.sharded_central import ShardedCentral
-    from megatron_twist.model_io import _model_config
+    from megatron_twist.checkpointing import model_config_of
     from megatron_twist.checkpointing import load_checkpoint
 
     meta = load_checkpoint(str(tmp_path / "straight" / "central"), tensors=False)[0]
-    one = ShardedCentral(_model_config(meta, "x"), {k: v.shape for k, v in a.items()}, None)
+    one = ShardedCentral(model_config_of(meta, "x"), {k: v.shape for k, v in a.items()}, None)
     one.load(str(tmp_path / "straight" / "central"))
     assert one.step == 12 and one.round == 3
     for k in a:
