@@ -18,3 +18,19 @@ def status_kib(field: str) -> int:
         if line.startswith(field + ":"):
             return int(line.split()[1])
     raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def prepare_out(path, worker: bool = False) -> Path:
+    """The benchmark's --out folder: new, empty, or one a benchmark made (marked); a user's own
+    non-empty folder is refused before any work (SystemExit naming the fix), never written into.
+    Worker processes get the folder their parent already claimed."""
+    from megatron_twist.outputs import OutputError, check_output, claim_directory
+
+    out = Path(path)
+    if worker:
+        return out
+    try:
+        check_output(out, ("benchmark",), "--out", overwrite_flag=None)
+    except OutputError as e:
+        raise SystemExit(f"error: {e}") from None
+    return claim_directory(out, "benchmark")

@@ -26,7 +26,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import free_port, status_kib  # noqa: E402
+from common import free_port, status_kib, prepare_out  # noqa: E402
 MODEL = dict(family="llama", num_layers=8, hidden_size=512, num_attention_heads=8, num_query_groups=4,
              ffn_hidden_size=1408, vocab_size=8192, seq_length=256)
 SMOKE = dict(family="llama", num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
@@ -92,8 +92,7 @@ def main() -> int:
     sizes = SMOKE if args.smoke else MODEL
     if args.smoke:
         args.ranks, args.stages = [2], [2]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_out(args.out, worker=bool(args.worker))
     if args.worker:
         worker(args.worker[0], int(args.worker[1]), out, int(args.worker[2]), sizes)
         return 0

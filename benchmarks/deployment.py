@@ -27,7 +27,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import status_kib  # noqa: E402
+from common import status_kib, prepare_out  # noqa: E402
 sys.path.insert(0, str(REPO))
 SMOKE = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=128,
              vocab_size=512, seq_length=64)
@@ -78,8 +78,7 @@ def main() -> int:
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--memory-worker", nargs=2, metavar=("WHICH", "BATCH"), help=argparse.SUPPRESS)
     args = p.parse_args()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_out(args.out, worker=bool(args.memory_worker))
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import warnings
 

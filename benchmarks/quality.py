@@ -35,7 +35,7 @@ from typing import Dict, List
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import free_port  # noqa: E402
+from common import free_port, prepare_out  # noqa: E402
 sys.path.insert(0, str(REPO))
 KAPPAS = (0.25, 0.5, 0.75)  # --smoke: 0.5 only
 # 8 query heads in 2 KV groups: kappa 0.25 keeps 1 head per group, so every kappa is a whole cut.
@@ -281,6 +281,7 @@ def main() -> int:
     corpora = [c for c in args.corpora if c != "shakespeare" or Path(args.shakespeare).is_file()]
     if len(corpora) < len(args.corpora):
         print(f"[quality] {args.shakespeare} not found: tinyshakespeare skipped", flush=True)
+    prepare_out(args.out)  # before any work: a user's own folder is refused
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     from megatron_twist.distributed.runtime import init_distributed, init_model_parallel, shutdown
 

@@ -16,8 +16,17 @@ bash scripts/setup_env.sh >/dev/null
 # shellcheck disable=SC1091
 . .venv/bin/activate
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" GLOO_SOCKET_IFNAME="${GLOO_SOCKET_IFNAME:-lo}"
-rm -rf "$OUT"
+# OUT is replaced only if this script made it (its marker); anything else of the user's is refused.
+MARK="$OUT/.megatron-twist-output"
+if [ -e "$OUT" ] && [ -n "$(ls -A "$OUT" 2>/dev/null)" ]; then
+  if ! grep -qs '"kind": "benchmark-all"' "$MARK"; then
+    echo "error: $OUT exists and was not made by benchmarks/run_all.sh; nothing was written. Pass another OUT" >&2
+    exit 2
+  fi
+  rm -rf "$OUT"
+fi
 mkdir -p "$OUT"
+echo '{"kind": "benchmark-all"}' > "$MARK"
 : > "$OUT/timings.txt"
 total_start=$(date +%s)
 run() {  # name, command...

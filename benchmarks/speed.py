@@ -30,7 +30,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import free_port  # noqa: E402
+from common import free_port, prepare_out  # noqa: E402
 sys.path.insert(0, str(REPO))
 MODEL = dict(family="llama", num_layers=4, hidden_size=256, num_attention_heads=8, num_query_groups=4,
              ffn_hidden_size=704, vocab_size=2048, seq_length=256)
@@ -143,8 +143,7 @@ def main() -> int:
     if args.smoke:
         args.steps, args.local_steps, args.micro_batch, args.repeats = 4, 2, 2, 1
         args.jobs = ["dense", "twist"]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_out(args.out, worker=bool(args.worker))
     if args.worker:
         worker(args.worker, out, args.steps, args.local_steps, args.micro_batch, args.smoke)
         return 0

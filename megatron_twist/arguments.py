@@ -111,6 +111,9 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     g.add_argument("--exit-interval", type=int, default=None,
                    help="stop after the round that reaches this step (then --save); resume with --load")
     g.add_argument("--metrics-file", default=None, help="JSON file for per-round losses and timings (rank 0)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="let --save / --metrics-file replace a non-empty directory or file that megatron-twist did "
+                        "not write (refused by default, before any work)")
     # Reliability (docs/ARCHITECTURE.md "Reliability")
     g.add_argument("--save-interval", type=int, default=None,
                    help="also save every N steps (a multiple of --local-steps): --save DIR becomes a directory of "

@@ -28,7 +28,7 @@ import shutil
 from pathlib import Path
 from typing import Callable, List, Optional
 
-from . import faults
+from . import faults, outputs
 from .checkpointing import CheckpointError, fsync_dir
 
 POINTER = "latest_checkpointed_iteration.txt"
@@ -92,33 +92,36 @@ def write_pointer(save_dir, iteration: int) -> None:
 
 
 def remove_stale_temporaries(save_dir) -> List[str]:
-    """Temporary directories of interrupted saves (``.iter_XXXXXXX.tmp-PID``, ``.dist-tmp``)."""
+    """Temporary directories of interrupted saves (``.iter_XXXXXXX.tmp-PID``, ``.dist-tmp``) that this
+    project made (marked, outputs.make_temporary); anything else is left alone."""
     removed = []
     root = Path(save_dir)
     if root.is_dir():
         for p in root.iterdir():
-            if p.is_dir() and _TEMPORARY.match(p.name):
-                shutil.rmtree(p, ignore_errors=True)
+            if p.is_dir() and _TEMPORARY.match(p.name) and (p / outputs.TEMPORARY_MARKER).is_file():
+                outputs.remove_temporary(p)
                 removed.append(p.name)
     return removed
 
 
 def prune(save_dir, keep: int, current: int) -> List[int]:
     """Remove checkpoints older than the newest ``keep`` (``keep <= 0``: keep all). Never ``current``
-    (what the pointer names) nor anything newer."""
+    (what the pointer names) nor anything newer, nor an ``iter_`` directory that is not a
+    megatron-twist central checkpoint."""
     if keep <= 0:
         return []
     older = [i for i in list_iterations(save_dir) if i < current]
-    doomed = older[: max(0, len(older) - (keep - 1))]
+    doomed = [i for i in older[: max(0, len(older) - (keep - 1))]
+              if outputs.output_kind(iteration_dir(save_dir, i)) == outputs.CENTRAL]
     for i in doomed:
         shutil.rmtree(iteration_dir(save_dir, i))
     return doomed
 
 
 def prepare(save_dir) -> Path:
-    """Step 1 of a save: the directory exists, temporaries of interrupted saves are gone."""
-    root = Path(save_dir)
-    root.mkdir(parents=True, exist_ok=True)
+    """Step 1 of a save: the directory exists (claimed as a save directory), temporaries of
+    interrupted saves are gone."""
+    root = outputs.claim_directory(save_dir, outputs.SAVE_DIR)
     remove_stale_temporaries(root)
     return root
 

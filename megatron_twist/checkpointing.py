@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
@@ -25,7 +24,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from . import faults
+from . import faults, outputs
 from .config import ConfigError, ModelConfig
 
 FORMAT = "megatron-twist"
@@ -61,39 +60,46 @@ def write_tensor_file(file: Path, named: Dict[str, torch.Tensor]) -> str:
     return sha256_file(file)
 
 
-def publish_directory(tmp: Path, final: Path, meta: dict) -> None:
+def swap_in(tmp: Path, final: Path) -> None:
+    """Rename the complete directory ``tmp`` to ``final``; an existing ``final`` (already checked with
+    ``outputs.check_replaceable``) is set aside first and removed only once the new one is in place."""
+    old = final.parent / f".{final.name}.old-{os.getpid()}"
+    if final.exists():
+        outputs.remove_temporary(old)  # a leftover of an interrupted swap (marked), never anything else
+        outputs.set_aside(final, old)
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
+    outputs.seal_temporary(final)
+    outputs.remove_temporary(old)
+
+
+def publish_directory(tmp: Path, final: Path, meta: dict, overwrite: bool = False) -> None:
     """Write meta.json (with the format stamp) into the complete directory ``tmp`` and swap it in for
-    ``final``: readers see the old checkpoint or the new one, never a half-written one."""
+    ``final``: readers see the old checkpoint or the new one, never a half-written one. ``final`` must
+    be absent, empty or a checkpoint of the same kind (``overwrite``: anything)."""
+    outputs.check_replaceable(final, meta["kind"], overwrite)
     meta = dict(meta, format=FORMAT, format_version=FORMAT_VERSION)
     with open(tmp / "meta.json", "w") as f:
         json.dump(meta, f, indent=2, sort_keys=True)
         f.flush()
         os.fsync(f.fileno())
     fsync_dir(tmp)
-    old = None
-    if final.exists():
-        old = final.parent / f".{final.name}.old-{os.getpid()}"
-        os.replace(final, old)
-    os.replace(tmp, final)
-    fsync_dir(final.parent)
-    if old is not None:
-        shutil.rmtree(old)
+    swap_in(tmp, final)
 
 
-def save_checkpoint(path: str, meta: dict, tensors: Dict[str, Dict[str, torch.Tensor]]) -> Path:
+def save_checkpoint(path: str, meta: dict, tensors: Dict[str, Dict[str, torch.Tensor]],
+                    overwrite: bool = False) -> Path:
     """Atomically write ``{file stem: {name: tensor}}`` plus meta.json into ``path``."""
     final = Path(path).resolve()
+    outputs.check_replaceable(final, meta["kind"], overwrite)  # before any work
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    tmp = outputs.make_temporary(final.parent / f".{final.name}.tmp-{os.getpid()}")
     files = {}
     for stem, named in tensors.items():
         file = tmp / f"{stem}.safetensors"
         files[file.name] = write_tensor_file(file, named)
     faults.checkpoint_write_point("files-written")  # fault injection (tests/reliability); a no-op otherwise
-    publish_directory(tmp, final, dict(meta, files=files))
+    publish_directory(tmp, final, dict(meta, files=files), overwrite)
     return final
 
 

@@ -23,6 +23,7 @@ from typing import List, Optional
 
 from .arguments import (add_model_args, add_training_args, add_twist_args, model_config_from_args,
                         train_config_from_args, validate_twist_args)
+from . import outputs
 from .config import ConfigError
 
 
@@ -33,6 +34,8 @@ def _log(msg: str) -> None:
 # ---------------------------------------------------------------- prepare-data
 def cmd_prepare_data(args) -> int:
     from .data import stdlib_documents, text_documents  # light: a bad corpus is refused before Megatron loads
+
+    outputs.check_output(args.output, (outputs.PREPARED_DATA,), "--output", args.overwrite)  # before any work
 
     if args.input:
         docs = text_documents(args.input, json_field=args.json_field)
@@ -55,7 +58,8 @@ def cmd_prepare_data(args) -> int:
 
     manifest = prepare_data(args.output, train_docs, valid_docs,
                             vocab_size=None if reuse else args.vocab_size,
-                            tokenizer_model=args.tokenizer_model, hf_tokenizer=args.hf_tokenizer)
+                            tokenizer_model=args.tokenizer_model, hf_tokenizer=args.hf_tokenizer,
+                            overwrite=args.overwrite)
     _log(f"[prepare-data] wrote {args.output}: {json.dumps(_as_dict(manifest), default=str)}")
     return 0
 
@@ -139,6 +143,7 @@ def cmd_train(args) -> int:
                           f"(the checkpoint's subnets are balanced over {twist.balance_shards or tp} shard(s); "
                           "choose sizes that divide the saved model and that number)") from None
     _check_reliability_flags(args, twist, series, ds_config is not None)
+    _check_train_outputs(args, series, ds_config is not None)  # nothing of the user's is replaced
     _check_data_fits(args, model)
     from .distributed.runtime import discover_launcher
 
@@ -219,7 +224,8 @@ def _save_central(args, trainer, twist, train, data_meta, groups, series: bool) 
 
         if series and groups.is_logging_rank:
             checkpoint_series.prepare(args.save)
-        save_central_dist(target, central, twist, train, extra={"data": data_meta})  # collective, atomic
+        save_central_dist(target, central, twist, train, extra={"data": data_meta},  # collective, atomic
+                          overwrite=args.overwrite and not series)
         if series and groups.is_logging_rank:
             checkpoint_series.publish(args.save, step, args.keep_checkpoints)
         if groups.is_logging_rank:
@@ -230,7 +236,8 @@ def _save_central(args, trainer, twist, train, data_meta, groups, series: bool) 
         from .model_io import save_central
 
         def write(path):
-            save_central(str(path), central, twist, train, data=data_meta, full_state=full_state)
+            save_central(str(path), central, twist, train, data=data_meta, full_state=full_state,
+                         overwrite=args.overwrite and not series)
 
         if series:
             checkpoint_series.save_iteration(args.save, step, write, args.keep_checkpoints)
@@ -263,6 +270,15 @@ def _resolve_load(args, series: bool) -> Optional[str]:
         _log(f"[twist] {root} holds no complete checkpoint yet (no {POINTER}): starting at step 0")
         return None
     return str(root)
+
+
+def _check_train_outputs(args, series: bool, deepspeed: bool) -> None:
+    """--save and --metrics-file may replace only what megatron-twist wrote there (or --overwrite)."""
+    if args.save:
+        kind = outputs.DEEPSPEED_SAVE if deepspeed else outputs.SAVE_DIR if series else outputs.CENTRAL
+        outputs.check_output(args.save, (kind,), "--save", args.overwrite)
+    if args.metrics_file:
+        outputs.check_output_file(args.metrics_file, "--metrics-file", args.overwrite)
 
 
 def _check_reliability_flags(args, twist, series: bool, deepspeed: bool) -> None:
@@ -386,10 +402,11 @@ def _data_for_training(args):
 
 
 def _write_json(path: str, obj) -> None:
+    """The metrics file, stamped so that a rerun may replace it (outputs.check_output_file)."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
+        json.dump({"megatron_twist": outputs.METRICS, **obj}, f, indent=1)
     os.replace(tmp, path)
 
 
@@ -400,6 +417,7 @@ def cmd_extract(args) -> int:
     from .model_io import load_central, save_extracted
     from .twist.extraction import cut_model, select_plan
 
+    outputs.check_output(args.save, (outputs.EXTRACTED,), "--save", args.overwrite)  # before any work
     init_distributed()
     try:
         init_model_parallel()
@@ -409,7 +427,7 @@ def cmd_extract(args) -> int:
         module, sizes = cut_model(central.config, twist, central.params, plan)
         save_extracted(args.save, module, central.config, twist, plan, keep, args.method,
                        source={"checkpoint": str(Path(args.load).resolve()), "step": meta["step"],
-                               "data": meta.get("data", {})})
+                               "data": meta.get("data", {})}, overwrite=args.overwrite)
         full, cut = count_parameters(central.module), count_parameters(module)
         _log(f"[extract] keep ratio {keep} ({args.method}): {full:,} -> {cut:,} parameters "
              f"({cut / full:.3f}x); layer sizes {[(s.num_attention_heads, s.ffn_hidden_size) for s in sizes]}; "
@@ -424,10 +442,11 @@ def cmd_import_hf(args) -> int:
     from .distributed.runtime import init_distributed, init_model_parallel, shutdown
     from .hf.io import import_hf
 
+    outputs.check_output(args.save, (outputs.CENTRAL,), "--save", args.overwrite)  # before any work
     init_distributed()
     try:
         init_model_parallel()
-        model = import_hf(args.path, args.save, args.seq_length)
+        model = import_hf(args.path, args.save, args.seq_length, overwrite=args.overwrite)
         _log(f"[import-hf] {args.path} -> central checkpoint {args.save} ({model.family}, {model.num_layers} layers, "
              f"hidden {model.hidden_size}, {model.num_attention_heads} heads / {model.num_query_groups} KV groups, "
              f"FFN {model.ffn_hidden_size}, vocab {model.vocab_size}); continue it with `twist train --load "
@@ -440,7 +459,7 @@ def cmd_import_hf(args) -> int:
 def cmd_export_hf(args) -> int:
     from .hf.io import export_hf
 
-    summary = export_hf(args.load, args.save, args.tokenizer)
+    summary = export_hf(args.load, args.save, args.tokenizer, overwrite=args.overwrite)
     sizes = summary["layer_sizes"][0]
     _log(f"[export-hf] {args.load} ({summary['kind']}, keep ratio {summary['keep_ratio']}) -> {args.save}: "
          f"{summary['family']}, {sizes['num_attention_heads']} heads / {sizes['num_query_groups']} KV heads, "
@@ -518,6 +537,10 @@ def _plan(args) -> int:
     return 0
 
 # ----------------------------------------------------------------------- main
+OVERWRITE_HELP = ("replace the target even if it is a non-empty directory that megatron-twist did not write "
+                  "(refused by default, before any work)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="twist", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -536,6 +559,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--split-paragraphs", action="store_true", help="cut plain-text inputs into one document per "
                    "paragraph (blank-line separated), e.g. for a corpus that is one long file")
     d.add_argument("--max-bytes", type=int, default=None, help="cap on the standard-library training text")
+    d.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     d.set_defaults(func=cmd_prepare_data)
 
     t = sub.add_parser("train", help="train with TwIST (run under torchrun for one subnet group per rank)")
@@ -559,6 +583,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--save", required=True, help="directory for the cut-out model")
     e.add_argument("--keep-ratio", type=float, default=None, help="default: the training keep ratio")
     e.add_argument("--method", default="magnitude", help="'magnitude' (default) or 'random:SEED'")
+    e.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     e.set_defaults(func=cmd_extract)
 
     i = sub.add_parser("import-hf", help="a local HuggingFace Llama / GPT-2 checkpoint -> a central checkpoint")
@@ -566,12 +591,14 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--save", required=True, help="central checkpoint directory to write (`twist train --load` it)")
     i.add_argument("--seq-length", type=int, default=None, help="training sequence length (Llama; default: "
                    "the model's max_position_embeddings)")
+    i.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
 
     x = sub.add_parser("export-hf", help="a central or cut-out model -> a HuggingFace directory")
     x.add_argument("--load", required=True, help="central or cut-out checkpoint directory")
     x.add_argument("--save", required=True, help="HF directory to write")
     x.add_argument("--tokenizer", default=None, help="sentencepiece .model, `twist prepare-data` directory or HF "
                    "tokenizer directory (default: the training data's tokenizer, recorded in the checkpoint)")
+    x.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     i.set_defaults(func=cmd_import_hf)
     x.set_defaults(func=cmd_export_hf)
 

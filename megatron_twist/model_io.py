@@ -30,7 +30,8 @@ def plan_from_json(layers: list) -> SubnetPlan:
 
 
 def save_central(path: str, central: CentralModel, twist: TwistConfig, train: TrainConfig,
-                 data: Optional[dict] = None, full_state=None, extra: Optional[dict] = None) -> None:
+                 data: Optional[dict] = None, full_state=None, extra: Optional[dict] = None,
+                 overwrite: bool = False) -> None:
     """``full_state``: (weights, moments) gathered from a sharded run; default: the central's own.
     ``extra``: more meta.json entries (e.g. ``origin`` of an imported model)."""
     weights, moments = full_state if full_state is not None else (dict(central.params), central.moments)
@@ -47,7 +48,7 @@ def save_central(path: str, central: CentralModel, twist: TwistConfig, train: Tr
     }
     tensors = {"model": weights}
     tensors["optimizer"] = {f"{m}/{n}": t for m in ADAM_MOMENTS for n, t in moments[m].items()}
-    save_checkpoint(path, meta, tensors)
+    save_checkpoint(path, meta, tensors, overwrite)
 
 
 def read_central(path: str) -> Tuple[dict, Dict[str, torch.Tensor], Dict[str, Dict[str, torch.Tensor]]]:
@@ -110,7 +111,7 @@ def load_central(path: str) -> Tuple[CentralModel, TwistConfig, dict]:
 
 
 def save_extracted(path: str, module: torch.nn.Module, model: ModelConfig, twist: TwistConfig, plan: SubnetPlan,
-                   keep_ratio: float, method: str, source: dict) -> None:
+                   keep_ratio: float, method: str, source: dict, overwrite: bool = False) -> None:
     meta = {
         "kind": "extracted",
         "model": model.to_dict(),
@@ -122,7 +123,7 @@ def save_extracted(path: str, module: torch.nn.Module, model: ModelConfig, twist
         "source": source,
         "data": source.get("data", {}),
     }
-    save_checkpoint(path, meta, {"model": dict(module.named_parameters())})
+    save_checkpoint(path, meta, {"model": dict(module.named_parameters())}, overwrite)
 
 
 def load_model(path: str) -> Tuple[torch.nn.Module, dict]:

@@ -34,6 +34,7 @@ from typing import Dict, Iterable, Optional
 import numpy
 from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder, get_bin_path, get_idx_path
 
+from .. import outputs
 from .corpus import SPLITS, Document
 from .errors import DataError
 from .hf_tokenizer import open_tokenizer
@@ -262,6 +263,7 @@ def prepare_data(
     source: Optional[str] = None,
     seed: int = DEFAULT_TOKENIZER_SEED,
     progress_every: int = DEFAULT_PROGRESS_EVERY,
+    overwrite: bool = False,
 ) -> Manifest:
     """Write a prepared data directory (see the module docstring) and return its manifest.
 
@@ -278,6 +280,8 @@ def prepare_data(
         source: free-text provenance stored in the manifest.
         seed: tokenizer-training seed.
         progress_every: documents between progress lines.
+        overwrite: write into ``out_dir`` even if it is a non-empty directory that is not a
+            prepared data directory (``--overwrite``); refused otherwise, before any work.
 
     Raises:
         DataError: bad arguments, an unusable tokenizer, or an empty split.
@@ -290,7 +294,9 @@ def prepare_data(
     out_dir = os.fspath(out_dir)
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise DataError(f"output path {out_dir!r} exists and is not a directory; choose another --output")
-    os.makedirs(out_dir, exist_ok=True)
+    # Files are written INTO the directory: refuse a user's own folder before any work (--overwrite).
+    outputs.check_output(out_dir, (outputs.PREPARED_DATA,), "--output", overwrite)
+    outputs.claim_directory(out_dir, outputs.PREPARED_DATA)  # an interrupted run stays ours: rerun it
     manifest_path = os.path.join(out_dir, MANIFEST_FILE)
     # Invalidate first: from here until the new manifest lands, the directory
     # is "not prepared", whatever happens.

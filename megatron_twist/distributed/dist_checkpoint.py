@@ -40,12 +40,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib
 import io
 import json
 import os
 import pickle
 import queue
-import shutil
 from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple
 
@@ -62,6 +62,7 @@ from megatron.core.dist_checkpointing.strategies.torch import (
 from megatron.core.dist_checkpointing.validation import StrictHandling
 from torch.distributed.checkpoint.api import CheckpointException as TorchCheckpointException
 
+from .. import outputs
 from ..checkpointing import CheckpointError, fsync_dir
 from ..config import ConfigError, ModelConfig, TrainConfig, TwistConfig
 from ..model.gpt import build_gpt_model
@@ -200,37 +201,43 @@ def _on_rank0(fn: Callable[[], None], what: str) -> None:
 
 
 def temporary_path(final: Path) -> Path:
+    """A marked directory (outputs.make_temporary) holding the checkpoint being written, as
+    ``checkpoint_in(temporary_path(final))``: Megatron writes into an empty directory of its own,
+    and only a directory carrying our marker is ever deleted."""
     return final.parent / f".{final.name}.dist-tmp"
+
+
+def checkpoint_in(tmp: Path) -> Path:
+    return tmp / "checkpoint"
 
 
 def old_path(final: Path) -> Path:
     return final.parent / f".{final.name}.dist-old"
 
 
-def publish_checkpoint(tmp: Path, final: Path) -> None:
-    """Rename a complete checkpoint ``tmp`` to ``final`` (not collective; rank 0 calls it).
+def publish_checkpoint(tmp: Path, final: Path, overwrite: bool = False) -> None:
+    """Rename the complete checkpoint in ``tmp`` to ``final`` (not collective; rank 0 calls it).
 
-    An existing ``final`` is moved to ``old_path(final)`` first and deleted
-    only after the new one is in place, so at every instant a complete
-    checkpoint exists under ``final`` or (between the two renames) under
+    An existing ``final`` (a megatron-twist central checkpoint, or anything with ``overwrite``) is
+    moved to ``old_path(final)`` first and deleted only after the new one is in place, so at every
+    instant a complete checkpoint exists under ``final`` or (between the two renames) under
     ``old_path(final)``, which :func:`read_common` points to.
     """
+    outputs.check_replaceable(final, outputs.CENTRAL, overwrite)
     old = old_path(final)
     if final.exists():
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(final, old)
-    os.replace(tmp, final)
+        outputs.remove_temporary(old)  # one left (marked) by a save interrupted between the renames
+        outputs.set_aside(final, old)
+    os.replace(checkpoint_in(tmp), final)
     fsync_dir(final.parent)
-    if old.exists():  # also one left by a save interrupted between the two renames
-        shutil.rmtree(old)
+    outputs.remove_temporary(old)  # also one left by a save interrupted between the two renames
+    outputs.remove_temporary(tmp)
 
 
-def _prepare_temporary(tmp: Path, final: Path) -> None:
+def _prepare_temporary(tmp: Path, final: Path, overwrite: bool) -> None:
+    outputs.check_replaceable(final, outputs.CENTRAL, overwrite)  # before any rank writes
     final.parent.mkdir(parents=True, exist_ok=True)
-    if tmp.exists():  # left by a crashed save
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    checkpoint_in(outputs.make_temporary(tmp)).mkdir()  # a leftover of a crashed save is removed
 
 
 # ----------------------------------------------------------------------------------------------
@@ -262,7 +269,7 @@ def _common_state(central: CentralModel, twist: TwistConfig, train: TrainConfig,
 
 
 def save_central_dist(path, central: CentralModel, twist: TwistConfig, train: TrainConfig,
-                      extra: Optional[dict] = None) -> Path:
+                      extra: Optional[dict] = None, overwrite: bool = False) -> Path:
     """Collective: write ``central`` (weights, Adam moments, step, round, configs) to ``path``.
 
     Every rank calls it with its own shards. Returns the final path.
@@ -281,21 +288,21 @@ def save_central_dist(path, central: CentralModel, twist: TwistConfig, train: Tr
         raise CheckpointError(f"ranks disagree on the checkpoint path ({sorted(set(paths))}); "
                               "pass the same path on every rank")
 
-    _on_rank0(lambda: _prepare_temporary(tmp, final), f"creating {tmp}")
+    _on_rank0(lambda: _prepare_temporary(tmp, final, overwrite), f"creating {tmp}")
     state = central_sharded_state_dict(central)
     state[COMMON_KEY] = common
     ok, msg = True, ""
     try:
         # A fresh strategy per save: the registered default instance caches save plans.
         with in_process_write_results_queue():
-            dist_checkpointing.save(state, str(tmp), sharded_strategy=TorchDistSaveShardedStrategy(BACKEND, 1))
+            dist_checkpointing.save(state, str(checkpoint_in(tmp)), sharded_strategy=TorchDistSaveShardedStrategy(BACKEND, 1))
     # torch's CheckpointException (a write failure on some rank, raised on every rank by Megatron's
     # finalize step) derives from BaseException, not Exception.
     except (Exception, TorchCheckpointException) as e:  # noqa: BLE001 - reported on every rank by _agree
         ok, msg = False, f"writing the distributed checkpoint into {tmp} failed: {type(e).__name__}: {e}"
     # Barrier: every rank has finished writing (Megatron's save ends with one too).
     _agree(ok, msg)
-    _on_rank0(lambda: publish_checkpoint(tmp, final), f"renaming {tmp} to {final}")
+    _on_rank0(lambda: publish_checkpoint(tmp, final, overwrite), f"renaming {tmp} to {final}")
     return final
 
 
@@ -332,27 +339,39 @@ def read_common(path) -> dict:
     return common
 
 
-# What torch.distributed.checkpoint's .metadata pickle may name: its own metadata classes, torch.Size,
-# dtypes and layouts. torch reads .metadata with plain pickle.load, so it is vetted first.
-_METADATA_GLOBALS = {
-    "torch.distributed.checkpoint.metadata": None,  # any class of this module
-    "torch.distributed.checkpoint.planner": {"SavePlan", "TensorWriteData", "WriteItem", "WriteItemType"},
-    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
-    "torch.serialization": {"_get_layout"},
-    "torch": {"Size"},
-}
+# What torch.distributed.checkpoint's .metadata pickle may name: EXACT (module, name) pairs, found by
+# logging find_class on the .metadata of real llama and gpt2 torch_dist checkpoints (torch 2.13), plus
+# torch's dtypes. No whole-module entries and no dotted names: a protocol-4 pickle can ask for
+# ``(allowed module, "os.system")``, which pickle's own find_class would walk to, and call. torch reads
+# .metadata with plain pickle.load, so it is vetted with this list first.
+_METADATA_GLOBALS = frozenset({
+    ("torch.distributed.checkpoint.metadata", "BytesStorageMetadata"),
+    ("torch.distributed.checkpoint.metadata", "ChunkStorageMetadata"),
+    ("torch.distributed.checkpoint.metadata", "Metadata"),
+    ("torch.distributed.checkpoint.metadata", "MetadataIndex"),
+    ("torch.distributed.checkpoint.metadata", "StorageMeta"),
+    ("torch.distributed.checkpoint.metadata", "TensorProperties"),
+    ("torch.distributed.checkpoint.metadata", "TensorStorageMetadata"),
+    ("torch.distributed.checkpoint.metadata", "_MEM_FORMAT_ENCODING"),  # an enum (memory format)
+    ("torch.distributed.checkpoint.planner", "SavePlan"),
+    ("torch.distributed.checkpoint.planner", "TensorWriteData"),
+    ("torch.distributed.checkpoint.planner", "WriteItem"),
+    ("torch.distributed.checkpoint.planner", "WriteItemType"),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch.serialization", "_get_layout"),  # layout from its name ("torch.strided"): torch's own
+    ("torch", "Size"),
+}) | frozenset(("torch", n) for n in dir(torch) if isinstance(getattr(torch, n, None), torch.dtype))
 
 
 class _MetadataUnpickler(pickle.Unpickler):
-    """Unpickles only the classes a checkpoint's .metadata legitimately holds; anything else (os.system,
-    builtins.eval, ...) is refused before it is called."""
+    """Unpickles only the exact globals a checkpoint's .metadata legitimately holds; anything else
+    (os.system, builtins.eval, a dotted path through an allowed module, ...) is refused before it is
+    looked up, let alone called."""
 
     def find_class(self, module, name):
-        allowed = _METADATA_GLOBALS.get(module, set())
-        is_dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
-        if not (is_dtype or allowed is None or name in allowed):
+        if (module, name) not in _METADATA_GLOBALS:
             raise pickle.UnpicklingError(f"{module}.{name} is not allowed in checkpoint metadata")
-        return super().find_class(module, name)
+        return getattr(importlib.import_module(module), name)  # one attribute: never a dotted walk
 
 
 def vet_pickled_parts(root) -> None:

@@ -24,13 +24,13 @@ when the shard count matches, and reshards otherwise.
 from __future__ import annotations
 
 import dataclasses
-import shutil
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
+from .. import outputs
 from ..checkpointing import CheckpointError, load_checkpoint, publish_directory, sha256_file, write_tensor_file
 from ..config import ModelConfig, TrainConfig, TwistConfig
 from ..training.optim import ADAM_MOMENTS
@@ -115,17 +115,17 @@ class ShardedCentral:
         return weights, moments
 
     # -- checkpoints ----------------------------------------------------------------------------------------
-    def save(self, path: str, twist: TwistConfig, train: TrainConfig, data: Optional[dict] = None) -> None:
+    def save(self, path: str, twist: TwistConfig, train: TrainConfig, data: Optional[dict] = None,
+             overwrite: bool = False) -> None:
         """Collective, atomic: each rank writes its shard; rank 0 publishes the directory when all are on disk."""
         from ..model.gpt import full_layer_sizes
 
         final = Path(path).resolve()
         tmp = final.parent / f".{final.name}.tmp-sharded"
+        outputs.check_replaceable(final, outputs.CENTRAL, overwrite)  # every rank, before any writes (shared fs)
         if self.shard_index == 0:
             final.parent.mkdir(parents=True, exist_ok=True)
-            if tmp.exists():  # left by a crash during an earlier save
-                shutil.rmtree(tmp)
-            tmp.mkdir()
+            outputs.make_temporary(tmp)  # also clears one left (marked) by a crash during an earlier save
         self._barrier()
         file = tmp / shard_file_name(self.shard_index, self.shard_count)
         digest = write_tensor_file(file, {f"{f}/{n}": t for f in FIELDS for n, t in self.shards[f].items()})
@@ -136,7 +136,7 @@ class ShardedCentral:
                 "step": self.step, "round": self.round, "data": data or {},
                 "layer_sizes": [dataclasses.asdict(s) for s in full_layer_sizes(self.config)],
                 "sharded": {"shard_count": self.shard_count, "shapes": {n: list(s) for n, s in self.shapes.items()}},
-                "files": dict(digests)})
+                "files": dict(digests)}, overwrite)
         self._barrier()
 
     @torch.no_grad()

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Dict, Optional
 
 import torch
 
-from ..checkpointing import CheckpointError, fsync_dir, load_checkpoint
+from .. import outputs
+from ..checkpointing import CheckpointError, fsync_dir, load_checkpoint, swap_in
 from ..config import ConfigError, ModelConfig, TrainConfig, TwistConfig
 from ..model.gpt import LayerSize, full_layer_sizes
 from .convert import from_hf_state, hf_config, model_config_from_hf, to_hf_state
@@ -78,8 +78,9 @@ def read_hf_weights(path: str) -> Dict[str, torch.Tensor]:
     return state
 
 
-def import_hf(path: str, out: str, seq_length: Optional[int] = None) -> ModelConfig:
+def import_hf(path: str, out: str, seq_length: Optional[int] = None, overwrite: bool = False) -> ModelConfig:
     """A HF checkpoint -> a megatron-twist central checkpoint (step 0, zero Adam moments)."""
+    outputs.check_output(out, (outputs.CENTRAL,), "--save", overwrite)  # before any work
     from ..model.gpt import build_gpt_model
     from ..model_io import save_central
     from ..twist.central import CentralModel
@@ -101,13 +102,16 @@ def import_hf(path: str, out: str, seq_length: Optional[int] = None) -> ModelCon
     save_central(out, central, TwistConfig(), TrainConfig(),
                  data={"hf_tokenizer": str(Path(path).resolve())} if tokenizer else None,
                  extra={"origin": {"format": "huggingface", "path": str(Path(path).resolve()),
-                                   "model_type": config.model_type}})
+                                   "model_type": config.model_type}}, overwrite=overwrite)
     return model
 
 
-def export_hf(load: str, out: str, tokenizer: Optional[str] = None) -> dict:
+def export_hf(load: str, out: str, tokenizer: Optional[str] = None, overwrite: bool = False) -> dict:
     """A central or cut-out megatron-twist checkpoint -> a HF directory. Returns a summary."""
     from transformers import AutoModelForCausalLM
+
+    final = Path(out).resolve()
+    outputs.check_output(final, (outputs.HF_EXPORT,), "--save", overwrite)  # before any work
 
     meta, tensors = load_checkpoint(load)
     if meta.get("kind") not in ("central", "extracted"):
@@ -142,11 +146,8 @@ def export_hf(load: str, out: str, tokenizer: Optional[str] = None) -> dict:
     if result.missing_keys or result.unexpected_keys:
         raise CheckpointError(f"{load}: weights do not fit the HF model (missing {result.missing_keys[:4]}, "
                               f"unexpected {result.unexpected_keys[:4]})")
-    final = Path(out).resolve()
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    tmp = outputs.make_temporary(final.parent / f".{final.name}.tmp-{os.getpid()}")
     hf_model.save_pretrained(str(tmp), safe_serialization=True)
     vocab = export_tokenizer(source_tokenizer, str(tmp), model.vocab_size,
                              expected_sha256=meta.get("data", {}).get("tokenizer_sha256"))
@@ -155,10 +156,8 @@ def export_hf(load: str, out: str, tokenizer: Optional[str] = None) -> dict:
                "data": meta.get("data", {})}
     (tmp / EXPORT_META).write_text(json.dumps(summary, indent=1))
     fsync_dir(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    fsync_dir(final.parent)
+    outputs.check_replaceable(final, outputs.HF_EXPORT, overwrite)
+    swap_in(tmp, final)
     return summary
 
 

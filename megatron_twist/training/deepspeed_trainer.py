@@ -13,7 +13,7 @@ from typing import Callable, List, Optional
 
 import torch.distributed as dist
 
-from .. import faults
+from .. import faults, outputs
 from ..config import ConfigError, ModelConfig, TrainConfig, TwistConfig
 from ..cpu_shim import seed_everything
 from ..distributed.runtime import TwistGroups
@@ -115,6 +115,8 @@ def build_sharded_central(model: ModelConfig, seed: int, group) -> ShardedCentra
 def save_deepspeed_checkpoint(path: str, engine, central: ShardedCentral, twist, train, groups: TwistGroups,
                               data_meta: Optional[dict] = None) -> None:
     """engine.save_checkpoint + the sharded central model (both collective, atomic), at a round boundary."""
+    if groups.rank == 0:  # the CLI checked that PATH is new, empty or ours; mark it ours
+        outputs.claim_directory(path, outputs.DEEPSPEED_SAVE)
     engine.save_checkpoint(os.path.join(path, "engine"), tag=f"global_step{central.step}",
                            client_state={"twist_step": central.step, "twist_round": central.round})
     central.save(os.path.join(path, "central"), twist, train, data=data_meta)

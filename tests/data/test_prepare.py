@@ -120,6 +120,7 @@ def test_prepare_writes_megatron_indexed_datasets_with_exact_ids(prepared, small
             assert stats.bin_sha256 == hashlib.sha256(f.read()).hexdigest()
         del dataset
     assert sorted(os.listdir(prepared.data_dir)) == [
+        ".megatron-twist-output",  # the claim marker: only prepare-data may rewrite this directory
         "manifest.json",
         "tokenizer.model",
         "train.bin",
@@ -186,7 +187,7 @@ def test_failed_prepare_leaves_no_manifest(tmp_path, small_docs, prepared):
     # The old manifest was withdrawn first, so the half-rewritten directory is refused.
     with pytest.raises(DataError, match="prepare-data"):
         load_manifest(data_dir)
-    assert not [n for n in os.listdir(data_dir) if n.startswith(".")]
+    assert not [n for n in os.listdir(data_dir) if n.startswith(".") and n != ".megatron-twist-output"]
 
 
 def test_load_manifest_errors_name_the_fix(tmp_path, prepared):

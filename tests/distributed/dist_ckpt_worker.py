@@ -191,7 +191,7 @@ def phase_save_tp2(out: Path) -> dict:
         torch.save(lg, out / "gpt2_logits.pt")
 
     # (e) a crash after every rank wrote its shards but before rank 0's rename
-    def crash(tmp, final):
+    def crash(tmp, final, *rest):
         raise OSError("simulated crash before the rename")
 
     real = dc.publish_checkpoint

@@ -79,7 +79,8 @@ def test_pointer_retention_and_refusals(tmp_path):
     for it in (2, 4, 6, 8):
         cs.save_iteration(save, it, _write(it), keep=2)
     assert cs.list_iterations(save) == [6, 8] and cs.read_pointer(save) == 8
-    assert sorted(p.name for p in save.iterdir()) == ["iter_0000006", "iter_0000008", cs.POINTER]
+    assert sorted(p.name for p in save.iterdir()) == [".megatron-twist-output", "iter_0000006", "iter_0000008",
+                                                      cs.POINTER]
     cs.save_iteration(save, 10, _write(10))  # keep=0: keep all
     assert cs.list_iterations(save) == [6, 8, 10]
     # A plain checkpoint directory is loaded as itself.
@@ -118,7 +119,8 @@ def test_torch_dist_checkpoints_follow_the_same_protocol(mcore, tmp_path):
     train = TrainConfig(train_iters=4, micro_batch_size=2, log_interval=100)
     trainer = TwistTrainer(model, twist, train, build_twist_groups(twist),
                            SyntheticBatches(model.vocab_size, model.seq_length, 2), log=lambda m: None)
-    args = SimpleNamespace(save=str(tmp_path / "save"), ckpt_format="torch_dist", keep_checkpoints=1)
+    args = SimpleNamespace(save=str(tmp_path / "save"), ckpt_format="torch_dist", keep_checkpoints=1,
+                           overwrite=False)
     for _ in range(2):
         trainer.run_round()
         _save_central(args, trainer, twist, train, {"mock": True}, trainer.groups, series=True)
