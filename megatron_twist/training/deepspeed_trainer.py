@@ -19,7 +19,7 @@ from ..cpu_shim import seed_everything
 from ..distributed.runtime import TwistGroups
 from ..distributed.sharded_central import ShardedCentral
 from ..integrations.deepspeed_engine import TwistMpu
-from ..integrations.ds_checkpoint_vetting import vet_deepspeed_checkpoint
+from ..integrations.ds_checkpoint_vetting import load_vetted
 from ..integrations.ds_config import strip_twist_section
 from ..integrations.zero_round_hook import ZeroRoundHook
 from ..model.gpt import build_gpt_model, gpt_forward
@@ -63,10 +63,10 @@ def train_with_deepspeed(model: ModelConfig, twist: TwistConfig, train: TrainCon
     if load is not None:
         # The engine's checkpoint brings the optimizer-state structure; the round hook then refills
         # weights and moments from the central model at the round boundary we stopped at.
-        # DeepSpeed reads its files with torch.load(weights_only=False): vet them first (all ranks
-        # read, so all ranks vet; a refusal is raised by every rank together).
-        vet_deepspeed_checkpoint(os.path.join(load, "engine"))
-        engine.load_checkpoint(os.path.join(load, "engine"))
+        # DeepSpeed reads its files with torch.load(weights_only=False): vet them first, then let
+        # DeepSpeed read only with the restricted unpickler (ds_checkpoint_vetting.load_vetted: the
+        # bytes it unpickles are vetted as they are read). All ranks read, so all ranks vet.
+        load_vetted(engine, os.path.join(load, "engine"))
         hook.mark_state_present()
     reps = groups.layout.replicas
     slot, num_slots = hook.subnet * reps + groups.replica_index, twist.num_subnets * reps

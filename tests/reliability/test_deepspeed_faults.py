@@ -103,6 +103,29 @@ def test_hostile_engine_checkpoint_is_refused_and_never_executed(engine_checkpoi
     assert marker.exists()
 
 
+def test_file_swapped_after_vetting_is_never_executed(engine_checkpoint, tmp_path, run_twist, monkeypatch):
+    """Vetting and loading are two reads: a vetted file replaced by a hostile pickle between them
+    (TWIST_FAULT_SWAP_AFTER_VET) must not run. DeepSpeed's own read is restricted too
+    (ds_checkpoint_vetting.load_vetted): the load is refused, the marker never appears."""
+    save, config = engine_checkpoint
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(save, ckpt)
+    marker = tmp_path / "code-ran"
+    swap = tmp_path / "swap" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    swap.parent.mkdir()
+    torch.save({"optimizer_state_dict": _Payload(marker)}, swap)
+    monkeypatch.setenv("TWIST_FAULT_SWAP_AFTER_VET", str(swap))  # run_twist hands os.environ on
+    proc = run_twist(["train", "--model-preset", "tiny", "--mock-data", "--train-iters", "8", "--micro-batch-size",
+                      "2", "--deepspeed", "--deepspeed_config", config, "--load", ckpt, "--save", tmp_path / "out"],
+                     timeout=300, check=False)
+    out = proc.stdout + proc.stderr
+    assert "[fault] swapped" in out, out[-3000:]
+    assert not marker.exists(), "a file swapped after vetting was unpickled with code execution"
+    assert proc.returncode == 2, out[-3000:]
+    assert "optim_states.pt" in proc.stderr and "not plain checkpoint data" in proc.stderr, proc.stderr[-3000:]
+    assert not (tmp_path / "out").exists()
+
+
 def test_missing_latest_and_empty_tag_are_refused(tmp_path):
     (tmp_path / "engine").mkdir()
     with pytest.raises(CheckpointError, match="no 'latest' file"):
