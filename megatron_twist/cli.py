@@ -96,6 +96,13 @@ def cmd_train(args) -> int:
             raise ConfigError("with --deepspeed this release supports TP/PP size 1 only; for tensor or pipeline "
                               "parallel layouts use `twist train` without --deepspeed (Megatron-core's own path)")
     train = train_config_from_args(args)
+    if ds_config is not None:
+        from .integrations.ds_config import engine_settings
+        from .resume import explicit_dests
+
+        # The config's optimizer, clipping, fp16, offload, scheduler: honoured or refused, never ignored.
+        explicit = explicit_dests(args.parser, _train_argv(args))
+        train = engine_settings(args.deepspeed_config, train, explicit)
     data_meta, batches_factory, vocab = _data_for_training(args)
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     series = _series_mode(args, ds_config is not None)
@@ -144,6 +151,8 @@ def cmd_train(args) -> int:
 
     discover_launcher()  # torchrun, deepspeed, srun or mpirun: WORLD_SIZE is known from here on
     ParallelLayout.for_world(int(os.environ.get("WORLD_SIZE", "1")), twist.num_subnets, tp, pp)
+    if ds_config is not None:
+        train, ds_config = _resolve_ds_batches(args, ds_config, train, twist, explicit)
 
     from .distributed.runtime import init_distributed, shutdown
 
@@ -171,9 +180,15 @@ def _train_in_group(args, model, twist, train, tp, pp, ds_config, data_meta, bat
     groups = build_twist_groups(twist, tp, pp)
     seed_everything(train.seed)  # Megatron's RNG tracker, whichever way the central model is made
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))))
-    batches = batches_factory(model, train, twist)
     if ds_config is not None:  # the engine path builds and loads its own central model
+        import dataclasses
+
+        # one batch of micro x accumulation samples per (step, subnet slot), split into micro-batches
+        ga = ds_config.get("gradient_accumulation_steps", 1)
+        batches = batches_factory(model, dataclasses.replace(train, micro_batch_size=train.micro_batch_size * ga),
+                                  twist)
         return _train_deepspeed(args, model, twist, train, groups, batches, ds_config, data_meta, watchdog)
+    batches = batches_factory(model, train, twist)
     if args.load and _is_dist_checkpoint(args.load):
         from .distributed.dist_checkpoint import load_central_dist
 
@@ -286,6 +301,25 @@ def _check_reliability_flags(args, twist, series: bool, deepspeed: bool) -> None
                           "or existing save directory (it will hold iter_XXXXXXX checkpoints and a latest pointer)")
 
 
+def _resolve_ds_batches(args, ds_config: dict, train, twist, explicit):
+    """DeepSpeed's batch sizes for this layout (ds_config.check_batch_consistency), before any work: the
+    micro-batch size comes from the config (an explicit --micro-batch-size that disagrees is refused);
+    gradient accumulation is honoured (a round is --local-steps OPTIMIZER steps, each of
+    gradient_accumulation_steps micro-batches). The resolved sizes are written into the config DeepSpeed
+    gets, so its arithmetic and TwIST's agree."""
+    import dataclasses
+
+    from .integrations.ds_config import check_batch_consistency
+
+    flag = train.micro_batch_size if ("micro_batch_size" in explicit or not (
+        {"train_micro_batch_size_per_gpu", "train_batch_size"} & set(ds_config))) else None
+    sizes = check_batch_consistency(args.deepspeed_config, flag, int(os.environ.get("WORLD_SIZE", "1")), twist)
+    train = dataclasses.replace(train, micro_batch_size=sizes["train_micro_batch_size_per_gpu"])
+    ds_config = dict(ds_config, **{k: sizes[k] for k in ("train_batch_size", "train_micro_batch_size_per_gpu",
+                                                         "gradient_accumulation_steps")})
+    return train, ds_config
+
+
 def _check_data_fits(args, model) -> None:
     """One training sample needs seq_length + 1 tokens (refused before any process group exists)."""
     if args.mock_data or not args.data_path:
@@ -318,8 +352,15 @@ def _train_deepspeed(args, model, twist, train, groups, batches, ds_config, data
         if args.save:
             _log(f"[twist] saved engine checkpoint and central model to {args.save}")
         if args.metrics_file:
+            from .integrations.deepspeed_engine import _torch_optimizer
+
+            group = _torch_optimizer(engine).param_groups[0]
             _write_json(args.metrics_file, {"losses_per_rank": all_losses, "twist": twist.to_dict(),
-                                            "zero_stage": engine.zero_optimization_stage()})
+                                            "zero_stage": engine.zero_optimization_stage(), "train": train.to_dict(),
+                                            "engine_global_steps": engine.global_steps,
+                                            "gradient_accumulation_steps": engine.gradient_accumulation_steps(),
+                                            "optimizer": {"betas": list(group["betas"]), "eps": group["eps"],
+                                                          "weight_decay": group["weight_decay"]}})
     return 0
 
 

@@ -60,6 +60,12 @@ def train_with_deepspeed(model: ModelConfig, twist: TwistConfig, train: TrainCon
     engine, _, _, _ = deepspeed.initialize(model=subnet, optimizer=client_optimizer,
                                            config=strip_twist_section(ds_config), mpu=TwistMpu(groups))
     hook = ZeroRoundHook(model, twist, groups, central, engine)
+    # Gradient accumulation: a step (of --train-iters, --local-steps, the LR schedule, Adam's count)
+    # is one OPTIMIZER step of `accumulation` micro-batches; the engine steps at the boundary only.
+    accumulation = engine.gradient_accumulation_steps()
+    if accumulation != ds_config.get("gradient_accumulation_steps", 1):
+        raise ConfigError(f"DeepSpeed resolved gradient_accumulation_steps {accumulation}, TwIST "
+                          f"{ds_config.get('gradient_accumulation_steps', 1)}: set it explicitly in the ds_config")
     if load is not None:
         # The engine's checkpoint brings the optimizer-state structure; the round hook then refills
         # weights and moments from the central model at the round boundary we stopped at.
@@ -84,12 +90,15 @@ def train_with_deepspeed(model: ModelConfig, twist: TwistConfig, train: TrainCon
         if watchdog is not None:
             watchdog.beat(it)
         faults.at_step(groups.rank, it)  # fault injection (tests/reliability); a no-op otherwise
-        batch = batches.get(it, slot, num_slots)
-        loss = masked_mean_loss(gpt_forward(engine, batch["tokens"], batch["labels"]), batch["loss_mask"])
-        engine.backward(loss)
-        engine.step()
+        batch = batches.get(it, slot, num_slots)  # micro x accumulation samples
+        step_losses = []
+        for micro in _micro_batches(batch, accumulation):
+            loss = masked_mean_loss(gpt_forward(engine, micro["tokens"], micro["labels"]), micro["loss_mask"])
+            engine.backward(loss)  # scaled by 1 / accumulation inside the engine
+            engine.step()  # the optimizer steps at the accumulation boundary only
+            step_losses.append(loss.item())
         hook.after_step()
-        losses.append(loss.item())
+        losses.append(step_losses[0] if accumulation == 1 else sum(step_losses) / accumulation)
         if moved is not None and groups.is_logging_rank:
             log(f"[twist-ds] round {central.round} step {it}/{train.train_iters} | loss {losses[-1]:.4f} | "
                 f"ZeRO {engine.zero_optimization_stage()} | agg {moved / 2**20:.1f} MiB | {time.perf_counter() - t0:.0f}s")
@@ -99,6 +108,17 @@ def train_with_deepspeed(model: ModelConfig, twist: TwistConfig, train: TrainCon
     if save is not None:
         save_deepspeed_checkpoint(save, engine, central, twist, train, groups, data_meta)
     return central, losses, engine
+
+
+def _micro_batches(batch: dict, accumulation: int):
+    """The batch of one optimizer step as ``accumulation`` equal micro-batches (rows in order)."""
+    if accumulation == 1:
+        yield batch
+        return
+    rows = batch["tokens"].shape[0]
+    mb = rows // accumulation
+    for j in range(accumulation):
+        yield {k: v[j * mb:(j + 1) * mb] for k, v in batch.items()}
 
 
 def build_sharded_central(model: ModelConfig, seed: int, group) -> ShardedCentral:
