@@ -33,7 +33,7 @@ from .checkpointing import CheckpointError, fsync_dir
 
 POINTER = "latest_checkpointed_iteration.txt"
 _ITER = re.compile(r"^iter_(\d{7,})$")
-_TEMPORARY = re.compile(r"^\.iter_\d{7,}\.(tmp-\d+|dist-tmp)$")
+_TEMPORARY = re.compile(r"^\.iter_\d{7,}\.(tmp-\d+|dist-tmp|ds-tmp)$")
 
 
 def iteration_dir(save_dir, iteration: int) -> Path:
@@ -92,7 +92,7 @@ def write_pointer(save_dir, iteration: int) -> None:
 
 
 def remove_stale_temporaries(save_dir) -> List[str]:
-    """Temporary directories of interrupted saves (``.iter_XXXXXXX.tmp-PID``, ``.dist-tmp``)."""
+    """Temporary directories of interrupted saves (``.iter_XXXXXXX.tmp-PID``, ``.dist-tmp``, ``.ds-tmp``)."""
     removed = []
     root = Path(save_dir)
     if root.is_dir():
@@ -134,7 +134,8 @@ def save_iteration(save_dir, iteration: int, write: Callable[[Path], None], keep
     """Write one checkpoint of the series from ONE process (the safetensors format: rank 0 writes).
 
     ``write(path)`` must write a complete checkpoint to ``path`` atomically. A collective writer
-    (torch_dist) calls :func:`prepare` on rank 0, writes on every rank, then :func:`publish` on rank 0."""
+    (torch_dist, the DeepSpeed path) calls :func:`prepare` on rank 0, writes on every rank, then
+    :func:`publish` on rank 0."""
     root = prepare(save_dir)
     target = iteration_dir(root, iteration)
     write(target)

@@ -105,8 +105,8 @@ def cmd_train(args) -> int:
         train = engine_settings(args.deepspeed_config, train, explicit)
     data_meta, batches_factory, vocab = _data_for_training(args)
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
-    series = _series_mode(args, ds_config is not None)
-    if args.load and ds_config is None:
+    series = _series_mode(args)
+    if args.load:
         args.load = _resolve_load(args, series)  # a save directory's latest pointer; None: nothing saved yet
     if args.load:
         from .config import TwistConfig
@@ -145,7 +145,7 @@ def cmd_train(args) -> int:
         raise ConfigError(f"--load {args.load} cannot continue at tensor parallel {tp} x pipeline parallel {pp}: {e} "
                           f"(the checkpoint's subnets are balanced over {twist.balance_shards or tp} shard(s); "
                           "choose sizes that divide the saved model and that number)") from None
-    _check_reliability_flags(args, twist, series, ds_config is not None)
+    _check_reliability_flags(args, twist, series)
     _check_data_fits(args, model)
     from .distributed.runtime import discover_launcher
 
@@ -187,7 +187,7 @@ def _train_in_group(args, model, twist, train, tp, pp, ds_config, data_meta, bat
         ga = ds_config.get("gradient_accumulation_steps", 1)
         batches = batches_factory(model, dataclasses.replace(train, micro_batch_size=train.micro_batch_size * ga),
                                   twist)
-        return _train_deepspeed(args, model, twist, train, groups, batches, ds_config, data_meta, watchdog)
+        return _train_deepspeed(args, model, twist, train, groups, batches, ds_config, data_meta, watchdog, series)
     batches = batches_factory(model, train, twist)
     if args.load and _is_dist_checkpoint(args.load):
         from .distributed.dist_checkpoint import load_central_dist
@@ -254,9 +254,10 @@ def _save_central(args, trainer, twist, train, data_meta, groups, series: bool) 
         _log(f"[twist] saved central model to {target}")
 
 
-def _series_mode(args, deepspeed: bool) -> bool:
-    """--save is a directory of iter_ checkpoints with a latest pointer (not one checkpoint)."""
-    if not args.save or deepspeed:
+def _series_mode(args) -> bool:
+    """--save is a directory of iter_ checkpoints with a latest pointer (not one checkpoint); on the
+    DeepSpeed path each iter_ holds engine/ + central/."""
+    if not args.save:
         return False
     from .checkpoint_series import is_series
 
@@ -280,16 +281,13 @@ def _resolve_load(args, series: bool) -> Optional[str]:
     return str(root)
 
 
-def _check_reliability_flags(args, twist, series: bool, deepspeed: bool) -> None:
+def _check_reliability_flags(args, twist, series: bool) -> None:
     if args.distributed_timeout_minutes <= 0:
         raise ConfigError(f"--distributed-timeout-minutes must be positive, got {args.distributed_timeout_minutes}")
     if args.keep_checkpoints < 0:
         raise ConfigError(f"--keep-checkpoints must be 0 (keep all) or more, got {args.keep_checkpoints}")
     if args.save_interval is None:
         return
-    if deepspeed:
-        raise ConfigError("--save-interval is not supported with --deepspeed (the engine path saves DIR/engine and "
-                          "DIR/central at the end); use --exit-interval N to stop and save, then --load DIR")
     if not args.save:
         raise ConfigError("--save-interval needs --save DIR (the directory of the periodic checkpoints)")
     k = twist.local_steps
@@ -339,12 +337,15 @@ def _train_argv(args) -> List[str]:
     return argv[argv.index("train") + 1:] if "train" in argv else argv
 
 
-def _train_deepspeed(args, model, twist, train, groups, batches, ds_config, data_meta, watchdog=None) -> int:
+def _train_deepspeed(args, model, twist, train, groups, batches, ds_config, data_meta, watchdog=None,
+                     series: bool = False) -> int:
     from .training.deepspeed_trainer import train_with_deepspeed
 
     central, losses, engine = train_with_deepspeed(model, twist, train, groups, batches, ds_config, log=_log,
                                                    load=args.load, save=args.save, data_meta=data_meta,
-                                                   watchdog=watchdog)
+                                                   watchdog=watchdog, series=series,
+                                                   save_interval=args.save_interval,
+                                                   keep_checkpoints=args.keep_checkpoints)
     all_losses = _gather(losses)
     if groups.is_logging_rank:
         _log(f"[twist-ds] done at step {central.step}: ZeRO {engine.zero_optimization_stage()}, final loss per rank "
@@ -371,8 +372,9 @@ def _gather(obj):
 
 
 def _holds_checkpoint(path) -> bool:
-    """A checkpoint directory of either format (not a save directory of iter_ checkpoints)."""
-    return (Path(path) / "meta.json").exists() or (Path(path) / "metadata.json").exists()
+    """A checkpoint directory of either format, or of the DeepSpeed path (engine/ + central/), not a
+    save directory of iter_ checkpoints."""
+    return any((Path(path) / f).exists() for f in ("meta.json", "metadata.json", "central/meta.json"))
 
 
 def _is_dist_checkpoint(path: str) -> bool:

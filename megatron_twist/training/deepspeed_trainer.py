@@ -8,7 +8,9 @@ replicas, gradient clipping from the ds_config).
 from __future__ import annotations
 
 import os
+import shutil
 import time
+from pathlib import Path
 from typing import Callable, List, Optional
 
 import torch.distributed as dist
@@ -30,7 +32,8 @@ from .step import masked_mean_loss
 
 def train_with_deepspeed(model: ModelConfig, twist: TwistConfig, train: TrainConfig, groups: TwistGroups, batches,
                          ds_config: dict, log: Callable[[str], None] = print, load: Optional[str] = None,
-                         save: Optional[str] = None, data_meta: Optional[dict] = None, watchdog=None):
+                         save: Optional[str] = None, data_meta: Optional[dict] = None, watchdog=None,
+                         series: bool = False, save_interval: Optional[int] = None, keep_checkpoints: int = 0):
     """Returns (sharded central model, per-step losses of this rank's subnet, engine).
 
     The central model is sharded over every data-parallel rank (distributed/sharded_central.py).
@@ -41,6 +44,10 @@ def train_with_deepspeed(model: ModelConfig, twist: TwistConfig, train: TrainCon
     ``load``: such a directory; training continues exactly as the uninterrupted run. Its engine
     files are vetted before DeepSpeed unpickles them (integrations/ds_checkpoint_vetting.py).
     ``watchdog``: distributed/watchdog.py, told the step for its heartbeat (as in TwistTrainer).
+    ``series``: ``save`` is a save directory of ``iter_XXXXXXX`` checkpoints (each an ``engine/`` +
+    ``central/`` pair as above) with the latest pointer (checkpoint_series.py), written every
+    ``save_interval`` steps (a multiple of ``local_steps``: at round boundaries) and at the end;
+    ``keep_checkpoints`` as in `twist train` (0: keep all).
     """
     import deepspeed
 
@@ -82,9 +89,18 @@ def train_with_deepspeed(model: ModelConfig, twist: TwistConfig, train: TrainCon
     if stop_at % twist.local_steps and stop_at != train.train_iters:
         raise ConfigError(f"--exit-interval {stop_at} must be a multiple of --local-steps {twist.local_steps} "
                           "with DeepSpeed (checkpoints are taken at round boundaries)")
+    saved_at = None
     for it in range(central.step, stop_at):
-        moved = hook.on_iteration_start(it)
+        # Close the round that ends here (if any), save at the boundary, open the next one. The
+        # checkpoint holds the engine as the round left it, the state the final save has too.
+        moved = hook.finish(it) if it % twist.local_steps == 0 else None
+        if moved is not None and series and save_interval and central.step % save_interval == 0:
+            save_deepspeed_series(save, engine, central, twist, train, groups, data_meta, keep_checkpoints)
+            saved_at = central.step
+        before = hook.bytes_moved
+        hook.on_iteration_start(it)
         if moved is not None:
+            moved += hook.bytes_moved - before
             record_round(engine, groups, central, hook.subnet, losses, moved)
         set_schedule_step(scheduler, it)
         if watchdog is not None:
@@ -105,7 +121,10 @@ def train_with_deepspeed(model: ModelConfig, twist: TwistConfig, train: TrainCon
     moved = hook.finish(stop_at)
     if moved is not None:
         record_round(engine, groups, central, hook.subnet, losses, moved)
-    if save is not None:
+    if save is not None and series:
+        if saved_at != central.step:
+            save_deepspeed_series(save, engine, central, twist, train, groups, data_meta, keep_checkpoints)
+    elif save is not None:
         save_deepspeed_checkpoint(save, engine, central, twist, train, groups, data_meta)
     return central, losses, engine
 
@@ -138,6 +157,42 @@ def save_deepspeed_checkpoint(path: str, engine, central: ShardedCentral, twist,
     engine.save_checkpoint(os.path.join(path, "engine"), tag=f"global_step{central.step}",
                            client_state={"twist_step": central.step, "twist_round": central.round})
     central.save(os.path.join(path, "central"), twist, train, data=data_meta)
+    dist.barrier()
+
+
+def save_deepspeed_series(save_dir: str, engine, central: ShardedCentral, twist, train, groups: TwistGroups,
+                          data_meta: Optional[dict], keep: int = 0) -> None:
+    """Collective: the next ``SAVE_DIR/iter_XXXXXXX`` of a series (checkpoint_series.py), then the pointer.
+
+    Every rank writes into ``.iter_XXXXXXX.ds-tmp`` (engine files and its central shard, as
+    :func:`save_deepspeed_checkpoint`), fsyncs the engine files, and meets the others at a barrier;
+    only then does rank 0 rename the directory into place and move the pointer (and prune): a
+    crash anywhere before leaves the pointer at the previous complete checkpoint, and at most a
+    temporary directory that the next save removes."""
+    from .. import checkpoint_series
+    from ..checkpointing import fsync_dir
+
+    root = Path(save_dir)
+    final = checkpoint_series.iteration_dir(root, central.step)
+    tmp = root / f".{final.name}.ds-tmp"
+    if groups.rank == 0:
+        checkpoint_series.prepare(root)  # removes temporaries of interrupted saves
+    dist.barrier()
+    save_deepspeed_checkpoint(str(tmp), engine, central, twist, train, groups, data_meta)  # ends in a barrier
+    for file in sorted((tmp / "engine").rglob("*")):  # DeepSpeed's torch.save does not fsync
+        if file.is_file():
+            fd = os.open(file, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    dist.barrier()
+    if groups.rank == 0:
+        if final.exists():  # newer than the pointer (a crash between rename and pointer): rewritten
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        fsync_dir(root)
+        checkpoint_series.publish(root, central.step, keep)
     dist.barrier()
 
 
