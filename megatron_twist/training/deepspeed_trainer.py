@@ -153,9 +153,22 @@ def build_sharded_central(model: ModelConfig, seed: int, group) -> ShardedCentra
 
 def save_deepspeed_checkpoint(path: str, engine, central: ShardedCentral, twist, train, groups: TwistGroups,
                               data_meta: Optional[dict] = None) -> None:
-    """engine.save_checkpoint + the sharded central model (both collective, atomic), at a round boundary."""
-    engine.save_checkpoint(os.path.join(path, "engine"), tag=f"global_step{central.step}",
-                           client_state={"twist_step": central.step, "twist_round": central.round})
+    """engine.save_checkpoint + the sharded central model (both collective, atomic), at a round boundary.
+
+    Only the ranks of subnet 0 write engine files. Every subnet's engine is DeepSpeed data-parallel
+    rank 0..R-1 of its own group, so all subnets would write the same file names into one directory
+    at once (interleaved writes of one path); the files differ only in values that resuming
+    overwrites from the central model anyway (weights, fp32 masters, Adam moments and step), and
+    all subnets have the same sizes, so every subnet's engine loads subnet 0's files."""
+    writer = groups.local_subnets(twist.num_subnets)[0] == 0
+    flags = engine.save_non_zero_checkpoint, engine.save_zero_checkpoint
+    if not writer:
+        engine.save_non_zero_checkpoint = engine.save_zero_checkpoint = False
+    try:
+        engine.save_checkpoint(os.path.join(path, "engine"), tag=f"global_step{central.step}",
+                               client_state={"twist_step": central.step, "twist_round": central.round})
+    finally:
+        engine.save_non_zero_checkpoint, engine.save_zero_checkpoint = flags
     central.save(os.path.join(path, "central"), twist, train, data=data_meta)
     dist.barrier()
 
