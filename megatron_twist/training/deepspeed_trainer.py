@@ -188,6 +188,10 @@ def save_deepspeed_series(save_dir: str, engine, central: ShardedCentral, twist,
     root = Path(save_dir)
     final = checkpoint_series.iteration_dir(root, central.step)
     tmp = root / f".{final.name}.ds-tmp"
+    if final.is_dir() and checkpoint_series.read_pointer(root) == central.step:
+        # A resumed run that had nothing left to train: the checkpoint of this step is complete and
+        # named by the pointer; rewriting it would open a window where the pointer names nothing.
+        return
     if groups.rank == 0:
         checkpoint_series.prepare(root)  # removes temporaries of interrupted saves
     dist.barrier()

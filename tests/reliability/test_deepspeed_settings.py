@@ -22,7 +22,6 @@ import pytest
 import torch
 
 from megatron_twist.config import ConfigError, TrainConfig
-from megatron_twist.integrations.ds_config import engine_settings
 
 REPO = Path(__file__).resolve().parents[2]
 JOB = ["train", "--model-preset", "tiny", "--mock-data", "--train-iters", "8"]
@@ -71,8 +70,7 @@ def test_unsupported_settings_are_refused_before_any_work(case, tmp_path, in_pro
     config = _config(tmp_path, case, **changes)
     before = config.read_bytes()
     rc, out, err = in_process_cli([*JOB, "--deepspeed", "--deepspeed_config", config, *flags,
-                                   "--save", tmp_path / "save", "--save-interval", "4",
-                                   "--metrics-file", tmp_path / "m.json"])
+                                   "--save", tmp_path / "save", "--metrics-file", tmp_path / "m.json"])
     assert rc == 2, err
     assert err.startswith("twist train: error: "), err
     for text in expected:
@@ -82,6 +80,8 @@ def test_unsupported_settings_are_refused_before_any_work(case, tmp_path, in_pro
 
 
 def test_adamw_block_is_mapped_and_templates_pass():
+    from megatron_twist.integrations.ds_config import engine_settings
+
     train = engine_settings({"optimizer": ADAMW, "gradient_clipping": 0.3}, TrainConfig(), set())
     assert (train.lr, train.adam_beta1, train.adam_beta2, train.adam_eps, train.weight_decay, train.clip_grad) == \
         (0.002, 0.8, 0.9, 1e-7, 0.02, 0.3)
