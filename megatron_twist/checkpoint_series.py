@@ -33,7 +33,7 @@ from .checkpointing import CheckpointError, fsync_dir
 
 POINTER = "latest_checkpointed_iteration.txt"
 _ITER = re.compile(r"^iter_(\d{7,})$")
-_TEMPORARY = re.compile(r"^\.iter_\d{7,}\.(tmp-\d+|dist-tmp)$")
+_TEMPORARY = re.compile(r"^\.iter_\d{7,}\.(tmp-\d+|dist-tmp|ds-tmp)$")
 
 
 def iteration_dir(save_dir, iteration: int) -> Path:
@@ -92,8 +92,8 @@ def write_pointer(save_dir, iteration: int) -> None:
 
 
 def remove_stale_temporaries(save_dir) -> List[str]:
-    """Temporary directories of interrupted saves (``.iter_XXXXXXX.tmp-PID``, ``.dist-tmp``) that this
-    project made (marked, outputs.make_temporary); anything else is left alone."""
+    """Temporary directories of interrupted saves (``.iter_XXXXXXX.tmp-PID``, ``.dist-tmp``, ``.ds-tmp``)
+    that this project made (marked, outputs.make_temporary); anything else is left alone."""
     removed = []
     root = Path(save_dir)
     if root.is_dir():
@@ -107,12 +107,12 @@ def remove_stale_temporaries(save_dir) -> List[str]:
 def prune(save_dir, keep: int, current: int) -> List[int]:
     """Remove checkpoints older than the newest ``keep`` (``keep <= 0``: keep all). Never ``current``
     (what the pointer names) nor anything newer, nor an ``iter_`` directory that is not a
-    megatron-twist central checkpoint."""
+    megatron-twist checkpoint (a central one, or a DeepSpeed engine + central directory)."""
     if keep <= 0:
         return []
     older = [i for i in list_iterations(save_dir) if i < current]
     doomed = [i for i in older[: max(0, len(older) - (keep - 1))]
-              if outputs.output_kind(iteration_dir(save_dir, i)) == outputs.CENTRAL]
+              if outputs.output_kind(iteration_dir(save_dir, i)) in (outputs.CENTRAL, outputs.DEEPSPEED_SAVE)]
     for i in doomed:
         shutil.rmtree(iteration_dir(save_dir, i))
     return doomed
@@ -137,7 +137,8 @@ def save_iteration(save_dir, iteration: int, write: Callable[[Path], None], keep
     """Write one checkpoint of the series from ONE process (the safetensors format: rank 0 writes).
 
     ``write(path)`` must write a complete checkpoint to ``path`` atomically. A collective writer
-    (torch_dist) calls :func:`prepare` on rank 0, writes on every rank, then :func:`publish` on rank 0."""
+    (torch_dist, the DeepSpeed path) calls :func:`prepare` on rank 0, writes on every rank, then
+    :func:`publish` on rank 0."""
     root = prepare(save_dir)
     target = iteration_dir(root, iteration)
     write(target)

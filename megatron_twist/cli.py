@@ -100,10 +100,17 @@ def cmd_train(args) -> int:
             raise ConfigError("with --deepspeed this release supports TP/PP size 1 only; for tensor or pipeline "
                               "parallel layouts use `twist train` without --deepspeed (Megatron-core's own path)")
     train = train_config_from_args(args)
+    if ds_config is not None:
+        from .integrations.ds_config import engine_settings
+        from .resume import explicit_dests
+
+        # The config's optimizer, clipping, fp16, offload, scheduler: honoured or refused, never ignored.
+        explicit = explicit_dests(args.parser, _train_argv(args))
+        train = engine_settings(args.deepspeed_config, train, explicit)
     data_meta, batches_factory, vocab = _data_for_training(args)
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
-    series = _series_mode(args, ds_config is not None)
-    if args.load and ds_config is None:
+    series = _series_mode(args)
+    if args.load:
         args.load = _resolve_load(args, series)  # a save directory's latest pointer; None: nothing saved yet
     if args.load:
         from .config import TwistConfig
@@ -142,13 +149,15 @@ def cmd_train(args) -> int:
         raise ConfigError(f"--load {args.load} cannot continue at tensor parallel {tp} x pipeline parallel {pp}: {e} "
                           f"(the checkpoint's subnets are balanced over {twist.balance_shards or tp} shard(s); "
                           "choose sizes that divide the saved model and that number)") from None
-    _check_reliability_flags(args, twist, series, ds_config is not None)
+    _check_reliability_flags(args, twist, series)
     _check_train_outputs(args, series, ds_config is not None)  # nothing of the user's is replaced
     _check_data_fits(args, model)
     from .distributed.runtime import discover_launcher
 
     discover_launcher()  # torchrun, deepspeed, srun or mpirun: WORLD_SIZE is known from here on
     ParallelLayout.for_world(int(os.environ.get("WORLD_SIZE", "1")), twist.num_subnets, tp, pp)
+    if ds_config is not None:
+        train, ds_config = _resolve_ds_batches(args, ds_config, train, twist, explicit)
 
     from .distributed.runtime import init_distributed, shutdown
 
@@ -176,9 +185,15 @@ def _train_in_group(args, model, twist, train, tp, pp, ds_config, data_meta, bat
     groups = build_twist_groups(twist, tp, pp)
     seed_everything(train.seed)  # Megatron's RNG tracker, whichever way the central model is made
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))))
-    batches = batches_factory(model, train, twist)
     if ds_config is not None:  # the engine path builds and loads its own central model
-        return _train_deepspeed(args, model, twist, train, groups, batches, ds_config, data_meta, watchdog)
+        import dataclasses
+
+        # one batch of micro x accumulation samples per (step, subnet slot), split into micro-batches
+        ga = ds_config.get("gradient_accumulation_steps", 1)
+        batches = batches_factory(model, dataclasses.replace(train, micro_batch_size=train.micro_batch_size * ga),
+                                  twist)
+        return _train_deepspeed(args, model, twist, train, groups, batches, ds_config, data_meta, watchdog, series)
+    batches = batches_factory(model, train, twist)
     if args.load and _is_dist_checkpoint(args.load):
         from .distributed.dist_checkpoint import load_central_dist
 
@@ -246,9 +261,10 @@ def _save_central(args, trainer, twist, train, data_meta, groups, series: bool) 
         _log(f"[twist] saved central model to {target}")
 
 
-def _series_mode(args, deepspeed: bool) -> bool:
-    """--save is a directory of iter_ checkpoints with a latest pointer (not one checkpoint)."""
-    if not args.save or deepspeed:
+def _series_mode(args) -> bool:
+    """--save is a directory of iter_ checkpoints with a latest pointer (not one checkpoint); on the
+    DeepSpeed path each iter_ holds engine/ + central/."""
+    if not args.save:
         return False
     from .checkpoint_series import is_series
 
@@ -275,22 +291,19 @@ def _resolve_load(args, series: bool) -> Optional[str]:
 def _check_train_outputs(args, series: bool, deepspeed: bool) -> None:
     """--save and --metrics-file may replace only what megatron-twist wrote there (or --overwrite)."""
     if args.save:
-        kind = outputs.DEEPSPEED_SAVE if deepspeed else outputs.SAVE_DIR if series else outputs.CENTRAL
+        kind = outputs.SAVE_DIR if series else outputs.DEEPSPEED_SAVE if deepspeed else outputs.CENTRAL
         outputs.check_output(args.save, (kind,), "--save", args.overwrite)
     if args.metrics_file:
         outputs.check_output_file(args.metrics_file, "--metrics-file", args.overwrite)
 
 
-def _check_reliability_flags(args, twist, series: bool, deepspeed: bool) -> None:
+def _check_reliability_flags(args, twist, series: bool) -> None:
     if args.distributed_timeout_minutes <= 0:
         raise ConfigError(f"--distributed-timeout-minutes must be positive, got {args.distributed_timeout_minutes}")
     if args.keep_checkpoints < 0:
         raise ConfigError(f"--keep-checkpoints must be 0 (keep all) or more, got {args.keep_checkpoints}")
     if args.save_interval is None:
         return
-    if deepspeed:
-        raise ConfigError("--save-interval is not supported with --deepspeed (the engine path saves DIR/engine and "
-                          "DIR/central at the end); use --exit-interval N to stop and save, then --load DIR")
     if not args.save:
         raise ConfigError("--save-interval needs --save DIR (the directory of the periodic checkpoints)")
     k = twist.local_steps
@@ -300,6 +313,25 @@ def _check_reliability_flags(args, twist, series: bool, deepspeed: bool) -> None
     if _holds_checkpoint(args.save):
         raise ConfigError(f"--save {args.save} is a checkpoint, not a save directory; with --save-interval pass a new "
                           "or existing save directory (it will hold iter_XXXXXXX checkpoints and a latest pointer)")
+
+
+def _resolve_ds_batches(args, ds_config: dict, train, twist, explicit):
+    """DeepSpeed's batch sizes for this layout (ds_config.check_batch_consistency), before any work: the
+    micro-batch size comes from the config (an explicit --micro-batch-size that disagrees is refused);
+    gradient accumulation is honoured (a round is --local-steps OPTIMIZER steps, each of
+    gradient_accumulation_steps micro-batches). The resolved sizes are written into the config DeepSpeed
+    gets, so its arithmetic and TwIST's agree."""
+    import dataclasses
+
+    from .integrations.ds_config import check_batch_consistency
+
+    flag = train.micro_batch_size if ("micro_batch_size" in explicit or not (
+        {"train_micro_batch_size_per_gpu", "train_batch_size"} & set(ds_config))) else None
+    sizes = check_batch_consistency(args.deepspeed_config, flag, int(os.environ.get("WORLD_SIZE", "1")), twist)
+    train = dataclasses.replace(train, micro_batch_size=sizes["train_micro_batch_size_per_gpu"])
+    ds_config = dict(ds_config, **{k: sizes[k] for k in ("train_batch_size", "train_micro_batch_size_per_gpu",
+                                                         "gradient_accumulation_steps")})
+    return train, ds_config
 
 
 def _check_data_fits(args, model) -> None:
@@ -321,12 +353,15 @@ def _train_argv(args) -> List[str]:
     return argv[argv.index("train") + 1:] if "train" in argv else argv
 
 
-def _train_deepspeed(args, model, twist, train, groups, batches, ds_config, data_meta, watchdog=None) -> int:
+def _train_deepspeed(args, model, twist, train, groups, batches, ds_config, data_meta, watchdog=None,
+                     series: bool = False) -> int:
     from .training.deepspeed_trainer import train_with_deepspeed
 
     central, losses, engine = train_with_deepspeed(model, twist, train, groups, batches, ds_config, log=_log,
                                                    load=args.load, save=args.save, data_meta=data_meta,
-                                                   watchdog=watchdog)
+                                                   watchdog=watchdog, series=series,
+                                                   save_interval=args.save_interval,
+                                                   keep_checkpoints=args.keep_checkpoints)
     all_losses = _gather(losses)
     if groups.is_logging_rank:
         _log(f"[twist-ds] done at step {central.step}: ZeRO {engine.zero_optimization_stage()}, final loss per rank "
@@ -334,8 +369,15 @@ def _train_deepspeed(args, model, twist, train, groups, batches, ds_config, data
         if args.save:
             _log(f"[twist] saved engine checkpoint and central model to {args.save}")
         if args.metrics_file:
+            from .integrations.deepspeed_engine import _torch_optimizer
+
+            group = _torch_optimizer(engine).param_groups[0]
             _write_json(args.metrics_file, {"losses_per_rank": all_losses, "twist": twist.to_dict(),
-                                            "zero_stage": engine.zero_optimization_stage()})
+                                            "zero_stage": engine.zero_optimization_stage(), "train": train.to_dict(),
+                                            "engine_global_steps": engine.global_steps,
+                                            "gradient_accumulation_steps": engine.gradient_accumulation_steps(),
+                                            "optimizer": {"betas": list(group["betas"]), "eps": group["eps"],
+                                                          "weight_decay": group["weight_decay"]}})
     return 0
 
 
@@ -346,8 +388,9 @@ def _gather(obj):
 
 
 def _holds_checkpoint(path) -> bool:
-    """A checkpoint directory of either format (not a save directory of iter_ checkpoints)."""
-    return (Path(path) / "meta.json").exists() or (Path(path) / "metadata.json").exists()
+    """A checkpoint directory of either format, or of the DeepSpeed path (engine/ + central/), not a
+    save directory of iter_ checkpoints."""
+    return any((Path(path) / f).exists() for f in ("meta.json", "metadata.json", "central/meta.json"))
 
 
 def _is_dist_checkpoint(path: str) -> bool:

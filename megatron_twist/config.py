@@ -278,6 +278,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
     clip_grad: float = 1.0
     log_interval: int = 10
     save: Optional[str] = None

@@ -20,6 +20,10 @@ no production code path sets them. All hooks live in this one module.
     POINT: ``files-written`` (tensor files complete in the temporary directory, meta.json not
     written, nothing renamed) or ``before-pointer`` (the iteration directory is complete and in
     place, the ``latest`` pointer not yet moved).
+``TWIST_FAULT_SWAP_AFTER_VET=FILE``
+    right after a DeepSpeed engine checkpoint is vetted (integrations/ds_checkpoint_vetting.py) and
+    before DeepSpeed reads it, the vetted file with FILE's name is replaced by FILE's bytes: the
+    swap between two reads that loading must not be fooled by.
 ``TWIST_FAULT_NAN_SUBNETS=S[,S...]|all``, ``TWIST_FAULT_NAN_AT_STEP=T``, ``TWIST_FAULT_NAN_KIND``
     before global step T, poison those subnets. Kind ``loss`` (default) fills one transformer-layer
     weight of the materialized subnet with NaN, so the loss and every gradient become NaN;
@@ -80,6 +84,20 @@ def checkpoint_write_point(point: str) -> None:
     _save_points_hit[point] = _save_points_hit.get(point, 0) + 1
     if _save_points_hit[point] == int(nth or 1):
         _kill_self(f"checkpoint write at {point!r} (occurrence {_save_points_hit[point]})")
+
+
+def after_vetting(files) -> None:
+    """``TWIST_FAULT_SWAP_AFTER_VET=FILE``: replace the vetted file named like FILE by FILE's bytes."""
+    source = os.environ.get("TWIST_FAULT_SWAP_AFTER_VET")
+    if not source:
+        return
+    for path in files:
+        if os.path.basename(str(path)) == os.path.basename(source):
+            tmp = f"{path}.swap-{os.getpid()}"
+            with open(source, "rb") as src, open(tmp, "wb") as dst:
+                dst.write(src.read())
+            os.replace(tmp, path)
+            print(f"[fault] swapped {path} after vetting", file=sys.stderr, flush=True)
 
 
 def poison_subnet(module: torch.nn.Module, subnet: int, step: int) -> Optional[Callable[[], None]]:

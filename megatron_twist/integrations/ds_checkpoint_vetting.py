@@ -9,15 +9,43 @@ file that names anything else (``os.system``, ``builtins.eval``, an unknown clas
 name, before it is unpickled with code execution. The allow-listed classes are plain data holders
 (enums, named tuples, a loss-scaler record): the restricted unpickler only creates them and sets
 their fields, it never calls arbitrary functions.
+
+Vetting is one read and DeepSpeed's load is another: a file swapped between the two would run.
+So DeepSpeed's own read is restricted as well (:func:`load_vetted`): during
+``engine.load_checkpoint`` every ``torch.load`` in the process is forced to ``weights_only=True``
+(torch's ``TORCH_FORCE_WEIGHTS_ONLY_LOAD``, which overrides even an explicit
+``weights_only=False``) under the same allow-list, and the tag is the vetted one, passed
+explicitly (DeepSpeed does not read ``latest`` again). Why this and not the alternatives:
+
+* copying the tag into a private temporary directory and loading the copy still ends in an
+  unrestricted unpickler, and is only as safe as that directory's permissions; it also costs a
+  second copy of the engine files on disk;
+* a custom DeepSpeed checkpoint engine covers only the reads that go through
+  ``engine.checkpoint_engine.load``; DeepSpeed 0.19.8 also calls ``torch.load(weights_only=False)``
+  directly (``base_optimizer.py``, ``zero/stage3.py``, universal checkpoints), and a later
+  version may add more;
+* forcing ``weights_only`` at torch's level covers every read DeepSpeed makes, however it is
+  routed, with no second copy: the bytes DeepSpeed unpickles are vetted by the unpickler that
+  reads them. The up-front pass stays, to refuse a bad checkpoint by name before the engine
+  touches anything.
+
+While the load runs nothing else in the process reads with ``torch.load`` (the watchdog thread
+does not), so forcing it process-wide for that span changes nothing else.
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import pickle
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 
+from .. import faults
 from ..checkpointing import CheckpointError
+
+_FORCE = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
 
 
 def _allowed_globals() -> list:
@@ -61,3 +89,38 @@ def vet_deepspeed_checkpoint(engine_dir, tag: Optional[str] = None) -> List[Path
                                       "unpickled with code execution and is not loaded. Load only engine checkpoints "
                                       "written by `twist train --deepspeed --save`") from None
     return files
+
+
+@contextlib.contextmanager
+def restricted_unpickling():
+    """Every ``torch.load`` inside is ``weights_only=True`` with the allow-list, whatever it asks for."""
+    before = os.environ.get(_FORCE)
+    os.environ[_FORCE] = "1"
+    try:
+        with torch.serialization.safe_globals(_allowed_globals()):
+            yield
+    finally:
+        if before is None:
+            os.environ.pop(_FORCE, None)
+        else:
+            os.environ[_FORCE] = before
+
+
+def load_vetted(engine, engine_dir, tag: Optional[str] = None) -> Tuple[Optional[str], Optional[dict]]:
+    """Vet the tag's files, then ``engine.load_checkpoint`` of that very tag with DeepSpeed's reads
+    restricted (see module docstring). A file that is no longer plain data when DeepSpeed reads it
+    (swapped after vetting) is refused like one that failed vetting. Returns what
+    ``load_checkpoint`` returns."""
+    engine_dir = Path(engine_dir)
+    tag = checkpoint_tag(engine_dir, tag)
+    files = vet_deepspeed_checkpoint(engine_dir, tag)
+    faults.after_vetting(files)  # fault injection (tests/reliability); a no-op otherwise
+    try:
+        with restricted_unpickling():
+            return engine.load_checkpoint(str(engine_dir), tag=tag)
+    except pickle.UnpicklingError as e:
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise CheckpointError(f"a file of {engine_dir / tag} is not plain checkpoint data when DeepSpeed reads it "
+                              f"(UnpicklingError: {first}); was it changed after it was vetted? It was not unpickled "
+                              "with code execution and is not loaded. Load only engine checkpoints written by "
+                              "`twist train --deepspeed --save`") from None

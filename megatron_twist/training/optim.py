@@ -33,7 +33,7 @@ def build_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.A
         param_groups(model),
         lr=train.lr,
         betas=(train.adam_beta1, train.adam_beta2),
-        eps=1e-8,
+        eps=train.adam_eps,
         weight_decay=train.weight_decay,
         foreach=False,  # the same kernel path everywhere keeps runs comparable bit for bit
     )
