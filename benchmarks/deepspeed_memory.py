@@ -41,9 +41,9 @@ def worker(kind: str, stage: int, out: Path, ranks: int, sizes: dict) -> None:
     from megatron_twist.config import ModelConfig, TrainConfig, TwistConfig
     from megatron_twist.distributed.runtime import build_twist_groups, init_distributed, shutdown
     from megatron_twist.model.gpt import build_gpt_model, gpt_forward
-    from megatron_twist.training.batches import SyntheticBatches
-    from megatron_twist.training.optim import build_optimizer
-    from megatron_twist.training.step import masked_mean_loss
+    from megatron_twist.data.batches import SyntheticBatches
+    from megatron_twist.optim.optimizer import build_optimizer
+    from megatron_twist.optim.step import masked_mean_loss
 
     model = ModelConfig(**sizes)
     train = TrainConfig(train_iters=4, micro_batch_size=2, log_interval=100)

@@ -121,7 +121,7 @@ def evaluate(args, corpus: str, data: Path, out: Path) -> Dict:
     from megatron_twist.data import load_token_stream
     from megatron_twist.evaluation import perplexity
     from megatron_twist.model.gpt import count_parameters
-    from megatron_twist.model_io import load_central, load_model
+    from megatron_twist.checkpoint.models import load_central, load_model
     from megatron_twist.twist.extraction import cut_model, plan_from_scores, select_plan
 
     tokens = load_token_stream(str(data), "valid")

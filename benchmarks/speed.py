@@ -83,7 +83,7 @@ def worker(kind: str, out: Path, steps: int, local_steps: int, micro_batch: int,
     from megatron_twist.config import ModelConfig, TrainConfig, TwistConfig
     from megatron_twist.cpu_shim import seed_everything
     from megatron_twist.distributed.runtime import build_twist_groups, init_distributed, shutdown
-    from megatron_twist.training.batches import SyntheticBatches
+    from megatron_twist.data.batches import SyntheticBatches
     from megatron_twist.training.twist_trainer import TwistTrainer
 
     model = ModelConfig(**(SMOKE_MODEL if smoke else MODEL))

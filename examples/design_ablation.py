@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     from megatron_twist.data import build_gpt_dataset, load_manifest, load_token_stream, prepare_data, stdlib_documents
     from megatron_twist.distributed.runtime import build_twist_groups, init_distributed, init_model_parallel, shutdown
     from megatron_twist.evaluation import perplexity
-    from megatron_twist.training.batches import MegatronBatches
+    from megatron_twist.data.batches import MegatronBatches
     from megatron_twist.training.twist_trainer import TwistTrainer
     from megatron_twist.twist.extraction import cut_model, select_plan
 

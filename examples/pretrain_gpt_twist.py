@@ -41,7 +41,7 @@ def main() -> None:
     from pretrain_gpt import forward_step, model_provider, train_valid_test_datasets_provider
 
     from megatron_twist.integrations.megatron_lm import TwistMegatronLM
-    from megatron_twist.model_io import save_central
+    from megatron_twist.checkpoint.models import save_central
 
     twist_lm = TwistMegatronLM(model_provider)
     twist_lm.install(megatron_training)

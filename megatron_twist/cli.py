@@ -102,7 +102,7 @@ def cmd_train(args) -> int:
     train = train_config_from_args(args)
     if ds_config is not None:
         from .integrations.ds_config import engine_settings
-        from .resume import explicit_dests
+        from .checkpoint.resume import explicit_dests
 
         # The config's optimizer, clipping, fp16, offload, scheduler: honoured or refused, never ignored.
         explicit = explicit_dests(args.parser, _train_argv(args))
@@ -114,7 +114,7 @@ def cmd_train(args) -> int:
         args.load = _resolve_load(args, series)  # a save directory's latest pointer; None: nothing saved yet
     if args.load:
         from .config import TwistConfig
-        from .resume import check_resume, explicit_dests
+        from .checkpoint.resume import check_resume, explicit_dests
 
         saved, model = _read_central_meta(os.path.join(args.load, "central") if ds_config is not None else args.load)
         imported = saved.get("origin", {}).get("format") == "huggingface" and saved["step"] == 0
@@ -195,14 +195,14 @@ def _train_in_group(args, model, twist, train, tp, pp, ds_config, data_meta, bat
         return _train_deepspeed(args, model, twist, train, groups, batches, ds_config, data_meta, watchdog, series)
     batches = batches_factory(model, train, twist)
     if args.load and _is_dist_checkpoint(args.load):
-        from .distributed.dist_checkpoint import load_central_dist
+        from .checkpoint.torch_dist import load_central_dist
 
         central = load_central_dist(args.load, model, tp, pp)[0]  # Megatron reshards to this layout
     else:
         central = build_central(model, train.seed, tp, pp)
     if args.load and not _is_dist_checkpoint(args.load):
         from .distributed.full_state import layer_range
-        from .model_io import fill_central
+        from .checkpoint.models import fill_central
 
         fill_central(central, args.load, groups.tp_rank, tp, layer_range(model, groups.pp_rank, pp)[0])
     trainer = TwistTrainer(model, twist, train, groups, batches, central=central, log=_log, watchdog=watchdog)
@@ -230,12 +230,12 @@ def _train_in_group(args, model, twist, train, tp, pp, ds_config, data_meta, bat
 def _save_central(args, trainer, twist, train, data_meta, groups, series: bool) -> None:
     """Collective: the central model to --save, a plain checkpoint directory or (``series``) the next
     SAVE_DIR/iter_XXXXXXX, after which the latest pointer moves (checkpoint_series.py)."""
-    from . import checkpoint_series
+    from .checkpoint import series as checkpoint_series
 
     central, step = trainer.central, trainer.central.step
     target = checkpoint_series.iteration_dir(args.save, step) if series else Path(args.save)
     if args.ckpt_format == "torch_dist":
-        from .distributed.dist_checkpoint import save_central_dist
+        from .checkpoint.torch_dist import save_central_dist
 
         if series and groups.is_logging_rank:
             checkpoint_series.prepare(args.save)
@@ -248,7 +248,7 @@ def _save_central(args, trainer, twist, train, data_meta, groups, series: bool) 
         return
     full_state = trainer.full_central_state()  # a collective on sharded runs
     if groups.is_logging_rank:
-        from .model_io import save_central
+        from .checkpoint.models import save_central
 
         def write(path):
             save_central(str(path), central, twist, train, data=data_meta, full_state=full_state,
@@ -266,7 +266,7 @@ def _series_mode(args) -> bool:
     DeepSpeed path each iter_ holds engine/ + central/."""
     if not args.save:
         return False
-    from .checkpoint_series import is_series
+    from .checkpoint.series import is_series
 
     return args.save_interval is not None or is_series(args.save)
 
@@ -274,7 +274,7 @@ def _series_mode(args) -> bool:
 def _resolve_load(args, series: bool) -> Optional[str]:
     """The checkpoint --load means: a save directory's latest, the directory itself, or None when
     --load and --save name the same series with nothing saved yet (Megatron-LM's restart idiom)."""
-    from .checkpoint_series import POINTER, read_pointer, resolve_load
+    from .checkpoint.series import POINTER, read_pointer, resolve_load
 
     root = Path(args.load)
     if read_pointer(root) is not None:
@@ -339,7 +339,7 @@ def _check_data_fits(args, model) -> None:
     if args.mock_data or not args.data_path:
         return
     from .data import load_manifest
-    from .data.errors import DataError
+    from .errors import DataError
 
     tokens = load_manifest(args.data_path).splits["train"].tokens
     if tokens < model.seq_length + 1:
@@ -400,14 +400,14 @@ def _is_dist_checkpoint(path: str) -> bool:
 
 def _read_central_meta(path: str):
     """(meta dict, ModelConfig) of a central checkpoint in either format, without building anything."""
-    from .checkpointing import model_config_of
+    from .checkpoint.files import model_config_of
 
     if _is_dist_checkpoint(path):
-        from .distributed.dist_checkpoint import read_common
+        from .checkpoint.torch_dist import read_common
 
         common = read_common(path)
         return common, model_config_of(common, path)
-    from .checkpointing import load_checkpoint
+    from .checkpoint.files import load_checkpoint
 
     meta = load_checkpoint(path, kind="central", tensors=False)[0]
     return meta, model_config_of(meta, path)
@@ -417,7 +417,7 @@ def _data_for_training(args):
     """Validate the data source before any process group exists; return a lazy batch factory."""
     if args.mock_data:
         def mock_factory(model, train, twist):
-            from .training.batches import SyntheticBatches
+            from .data.batches import SyntheticBatches
 
             return SyntheticBatches(model.vocab_size, model.seq_length, train.micro_batch_size, seed=train.seed)
 
@@ -429,7 +429,7 @@ def _data_for_training(args):
     manifest = load_manifest(args.data_path)
 
     def factory(model, train, twist):
-        from .training.batches import MegatronBatches
+        from .data.batches import MegatronBatches
 
         num_samples = train.train_iters * twist.num_subnets * train.micro_batch_size
         dataset = build_gpt_dataset(args.data_path, model.seq_length, num_samples, seed=train.seed)
@@ -457,7 +457,7 @@ def _write_json(path: str, obj) -> None:
 def cmd_extract(args) -> int:
     from .distributed.runtime import init_distributed, init_model_parallel, shutdown
     from .model.gpt import count_parameters
-    from .model_io import load_central, save_extracted
+    from .checkpoint.models import load_central, save_extracted
     from .twist.extraction import cut_model, select_plan
 
     outputs.check_output(args.save, (outputs.EXTRACTED,), "--save", args.overwrite)  # before any work
@@ -515,7 +515,7 @@ def cmd_export_hf(args) -> int:
 def cmd_eval(args) -> int:
     from .distributed.runtime import init_distributed, init_model_parallel, shutdown
     from .evaluation import perplexity
-    from .model_io import load_model
+    from .checkpoint.models import load_model
 
     init_distributed()
     try:
@@ -547,7 +547,7 @@ def _eval_tokens(args, meta):
 
     seq_length = meta["model"]["seq_length"]
     if args.mock_data:
-        from .training.batches import SyntheticBatches
+        from .data.batches import SyntheticBatches
 
         src = SyntheticBatches(meta["model"]["vocab_size"], seq_length, 16, seed=args.seed + 1)
         toks = torch.cat([src.get(i, 0, 1)["tokens"].flatten() for i in range(4)])
@@ -666,13 +666,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # to tell typed flags from defaults (--load)
     args.parser = parser.train_parser  # to tell flags the user set from defaults (ds_config conflicts)
-    from .checkpointing import CheckpointError
-
-    try:
-        from .data.errors import DataError
-    except ImportError:  # pragma: no cover
-        DataError = ConfigError
-    from .config import TrainingError
+    from .errors import CheckpointError, DataError, TrainingError
 
     try:
         return args.func(args)

@@ -14,21 +14,14 @@ import json
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
+from .errors import ConfigError, TrainingError  # noqa: F401  (re-exported: the config API raises them)
+
 MODEL_FAMILIES = ("llama", "gpt2")
 ACTIVATIONS = {"llama": ("silu",), "gpt2": ("gelu", "gelu_tanh")}  # first: the family's default
 SPLIT_UNITS = ("heads", "mlp", "both")
 CORRECTIONS = ("rescale", "none")
 OPTIMIZER_STATE_POLICIES = ("aggregate", "reset")
 NONFINITE_POLICIES = ("skip", "stop")  # a subnet whose loss/gradient turns non-finite (docs: Reliability)
-
-
-class ConfigError(ValueError):
-    """A configuration value that cannot work; the message says how to fix it."""
-
-
-class TrainingError(RuntimeError):
-    """A run that cannot go on (e.g. every subnet of a round non-finite); raised on every rank together,
-    with the last checkpoint intact. `twist` exits with code 1."""
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from megatron_twist.checkpointing import CheckpointError, load_checkpoint, save_checkpoint
+from megatron_twist.checkpoint.files import CheckpointError, load_checkpoint, save_checkpoint
 
 
 def _tensors(v=1.0):
@@ -26,7 +26,7 @@ def test_round_trip_and_overwrite(tmp_path):
 def test_crash_during_write_leaves_previous_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "ckpt"
     save_checkpoint(str(path), {"kind": "central", "step": 1}, _tensors(1.0))
-    import megatron_twist.checkpointing as ck
+    import megatron_twist.checkpoint.files as ck
 
     def boom(*a, **k):
         raise OSError("disk full")

@@ -20,7 +20,7 @@ Modules, one concern each:
 """
 import importlib
 
-from .errors import DataError
+from ..errors import DataError
 
 # Names are resolved on first use (PEP 562): `import megatron_twist.data` stays cheap, so a
 # command can validate its input and report a DataError before Megatron (seconds) is imported.

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
-from .errors import DataError
+from ..errors import DataError
 
 PathLike = Union[str, "os.PathLike[str]"]
 

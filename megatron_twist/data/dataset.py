@@ -34,7 +34,7 @@ from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegat
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-from .errors import DataError
+from ..errors import DataError
 from .prepare import CACHE_DIR, check_tokenizer, load_manifest
 from .hf_tokenizer import open_tokenizer
 from .tokenizer import SentencePieceTokenizer

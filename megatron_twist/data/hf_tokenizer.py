@@ -18,7 +18,7 @@ try:  # megatron-core 0.14+ renamed the dataset-side tokenizer ABC
 except ImportError:  # pragma: no cover - older megatron-core
     from megatron.core.datasets.megatron_tokenizer import MegatronTokenizer as _MegatronTokenizerABC
 
-from .errors import DataError
+from ..errors import DataError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")

@@ -36,7 +36,7 @@ from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder,
 
 from .. import outputs
 from .corpus import SPLITS, Document
-from .errors import DataError
+from ..errors import DataError
 from .hf_tokenizer import open_tokenizer
 from .tokenizer import DEFAULT_TOKENIZER_SEED, SentencePieceTokenizer, atomic_write_bytes, train_sentencepiece
 

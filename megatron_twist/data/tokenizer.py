@@ -38,7 +38,7 @@ except ImportError:  # pragma: no cover - older megatron-core
     from megatron.core.datasets.megatron_tokenizer import MegatronTokenizer as _MegatronTokenizerABC
 
 from .corpus import Document
-from .errors import DataError
+from ..errors import DataError
 
 UNK_ID = 0
 EOS_ID = 1  # the end-of-document token written after every document

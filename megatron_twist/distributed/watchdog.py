@@ -281,9 +281,7 @@ class Watchdog:
                                "rank is still alive")
         except Exception as e:
             _quiet_sigterm(in_main)  # the launcher's SIGTERM may follow a collective's error
-            from ..checkpointing import CheckpointError
-            from ..config import ConfigError, TrainingError
-            from ..data.errors import DataError
+            from ..errors import CheckpointError, ConfigError, DataError, TrainingError
 
             if isinstance(e, (ConfigError, CheckpointError, DataError, TrainingError)):
                 # Refusals and training stops are raised by every rank together: not a lost rank.

@@ -22,7 +22,7 @@ from typing import Dict, Optional
 import torch
 
 from .. import outputs
-from ..checkpointing import CheckpointError, fsync_dir, load_checkpoint, swap_in
+from ..checkpoint.files import CheckpointError, fsync_dir, load_checkpoint, swap_in
 from ..config import ConfigError, ModelConfig, TrainConfig, TwistConfig
 from ..model.gpt import LayerSize, full_layer_sizes
 from .convert import from_hf_state, hf_config, model_config_from_hf, to_hf_state
@@ -82,7 +82,7 @@ def import_hf(path: str, out: str, seq_length: Optional[int] = None, overwrite: 
     """A HF checkpoint -> a megatron-twist central checkpoint (step 0, zero Adam moments)."""
     outputs.check_output(out, (outputs.CENTRAL,), "--save", overwrite)  # before any work
     from ..model.gpt import build_gpt_model
-    from ..model_io import save_central
+    from ..checkpoint.models import save_central
     from ..twist.central import CentralModel
     from ..twist.extraction import load_named_parameters
 
@@ -116,8 +116,8 @@ def export_hf(load: str, out: str, tokenizer: Optional[str] = None, overwrite: b
     meta, tensors = load_checkpoint(load)
     if meta.get("kind") not in ("central", "extracted"):
         raise CheckpointError(f"{load} holds a {meta.get('kind')!r} checkpoint; export a central or cut-out model")
-    from ..checkpointing import model_config_of
-    from ..model_io import read_central
+    from ..checkpoint.files import model_config_of
+    from ..checkpoint.models import read_central
 
     model = model_config_of(meta, load)
     if meta["kind"] == "central":

@@ -28,7 +28,7 @@ import torch
 from ..config import ConfigError, ModelConfig, TwistConfig
 from ..distributed.full_state import layer_range
 from ..distributed.runtime import TwistGroups
-from ..training.optim import ADAM_MOMENTS
+from ..optim.optimizer import ADAM_MOMENTS
 from ..twist.aggregation import RoundAggregator
 from ..twist.central import CentralModel
 from ..twist.sampler import SubnetSampler

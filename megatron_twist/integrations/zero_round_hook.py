@@ -35,7 +35,7 @@ import torch.distributed as dist
 from ..config import ConfigError, ModelConfig, TwistConfig
 from ..distributed.runtime import TwistGroups
 from ..distributed.sharded_central import ShardedCentral
-from ..training.optim import ADAM_MOMENTS
+from ..optim.optimizer import ADAM_MOMENTS
 from ..twist.hooks import attach_correction, correction_scales, remove_hooks
 from ..twist.sampler import SubnetPlan, SubnetSampler
 from ..twist.slicing import central_flat_index, holder_count_at, slice_for, take

@@ -20,13 +20,14 @@ from ..cpu_shim import seed_everything
 from ..distributed.runtime import TwistGroups
 from ..distributed.sharded_central import ShardedCentral
 from ..integrations.deepspeed_engine import TwistMpu
-from ..integrations.ds_checkpoint_vetting import load_vetted
+from ..checkpoint.deepspeed_vetting import load_vetted
+from ..checkpoint.sharded import load_sharded, save_sharded
 from ..integrations.ds_config import strip_twist_section
 from ..integrations.zero_round_hook import ZeroRoundHook
 from ..model.gpt import build_gpt_model, gpt_forward
 from ..twist.sampler import SubnetSampler
-from .optim import build_optimizer, build_scheduler, set_schedule_step
-from .step import masked_mean_loss
+from ..optim.optimizer import build_optimizer, build_scheduler, set_schedule_step
+from ..optim.step import masked_mean_loss
 
 
 def train_with_deepspeed(model: ModelConfig, twist: TwistConfig, train: TrainConfig, groups: TwistGroups, batches,
@@ -52,7 +53,7 @@ def train_with_deepspeed(model: ModelConfig, twist: TwistConfig, train: TrainCon
 
     central = build_sharded_central(model, train.seed, groups.data_parallel_group)
     if load is not None:
-        central.load(os.path.join(load, "central"))
+        load_sharded(central, os.path.join(load, "central"))
     subnet = build_gpt_model(model, SubnetSampler(model, twist, groups.tp_size).subnet_layer_sizes(),
                              tensor_parallel_size=groups.tp_size)
     client_optimizer = build_optimizer(subnet, train)
@@ -170,7 +171,7 @@ def save_deepspeed_checkpoint(path: str, engine, central: ShardedCentral, twist,
                                client_state={"twist_step": central.step, "twist_round": central.round})
     finally:
         engine.save_non_zero_checkpoint, engine.save_zero_checkpoint = flags
-    central.save(os.path.join(path, "central"), twist, train, data=data_meta)
+    save_sharded(central, os.path.join(path, "central"), twist, train, data=data_meta)
     dist.barrier()
 
 
@@ -183,8 +184,8 @@ def save_deepspeed_series(save_dir: str, engine, central: ShardedCentral, twist,
     only then does rank 0 rename the directory into place and move the pointer (and prune): a
     crash anywhere before leaves the pointer at the previous complete checkpoint, and at most a
     temporary directory that the next save removes."""
-    from .. import checkpoint_series
-    from ..checkpointing import swap_in
+    from ..checkpoint import series as checkpoint_series
+    from ..checkpoint.files import swap_in
 
     root = Path(save_dir)
     final = checkpoint_series.iteration_dir(root, central.step)

@@ -30,16 +30,16 @@ from ..config import ConfigError, ModelConfig, TrainConfig, TrainingError, Twist
 from ..distributed.full_state import layer_range
 from ..distributed.layout import check_model_layout  # noqa: F401  (re-exported: cli, tests)
 from ..twist.sharding import local_model_view, local_plan
-from .step import StepParallelism
+from ..optim.step import StepParallelism
 from ..cpu_shim import seed_everything
 from ..distributed.runtime import TwistGroups
 from ..model.gpt import build_gpt_model, count_parameters
-from ..training.optim import ADAM_MOMENTS
+from ..optim.optimizer import ADAM_MOMENTS
 from ..twist.aggregation import RoundAggregator
 from ..twist.central import CentralModel
 from ..twist.sampler import SubnetSampler
 from ..twist.worker import SubnetWorker
-from .batches import BatchSource
+from ..data.batches import BatchSource
 
 
 @dataclass
@@ -277,8 +277,8 @@ def step_parallelism(groups: TwistGroups) -> StepParallelism:
 
 def train_dense(model: ModelConfig, train: TrainConfig, batches: BatchSource, log: Callable[[str], None] = print):
     """Plain training of the full model on slot 0 of 1 (the reference TwIST is compared with)."""
-    from ..training.optim import build_optimizer, build_scheduler
-    from ..training.step import train_step
+    from ..optim.optimizer import build_optimizer, build_scheduler
+    from ..optim.step import train_step
 
     central = build_central(model, train.seed)
     optimizer = build_optimizer(central.module, train)

@@ -11,7 +11,7 @@ from typing import Dict
 import torch
 
 from ..config import ModelConfig
-from ..training.optim import ADAM_MOMENTS
+from ..optim.optimizer import ADAM_MOMENTS
 
 
 class CentralModel:

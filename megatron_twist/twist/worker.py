@@ -13,8 +13,8 @@ import torch
 
 from ..config import ModelConfig, TrainConfig, TwistConfig
 from ..model.gpt import build_gpt_model
-from ..training.optim import ADAM_MOMENTS, build_optimizer, build_scheduler, read_adam_state, write_adam_state
-from ..training.step import StepParallelism, train_step
+from ..optim.optimizer import ADAM_MOMENTS, build_optimizer, build_scheduler, read_adam_state, write_adam_state
+from ..optim.step import StepParallelism, train_step
 from .central import CentralModel
 from .hooks import attach_correction, correction_scales, remove_hooks
 from .sampler import SubnetPlan

@@ -143,7 +143,7 @@ def compare_to_full(central, full: dict, exact: bool = True, first_layer: int = 
 
 
 def expect_error(fn, *needles):
-    from megatron_twist.checkpointing import CheckpointError
+    from megatron_twist.checkpoint.files import CheckpointError
 
     try:
         fn()
@@ -171,7 +171,7 @@ def common_checks(common: dict, preset: str, tag: str, step: int, round_: int, s
 
 def phase_save_tp2(out: Path) -> dict:
     """TP=2: save llama and gpt2 central models (replacing an older one), then a save that crashes."""
-    from megatron_twist.distributed import dist_checkpoint as dc
+    from megatron_twist.checkpoint import torch_dist as dc
 
     res = {}
     twist, train = _twist_train("llama")
@@ -231,7 +231,7 @@ def phase_save_tp2(out: Path) -> dict:
 def phase_load_tp1(out: Path) -> dict:
     """TP=1, one process: load the TP=2 checkpoints and compare; refusals; save the TP=1 one."""
     from megatron_twist.cpu_shim import seed_everything
-    from megatron_twist.distributed import dist_checkpoint as dc
+    from megatron_twist.checkpoint import torch_dist as dc
 
     res = {}
     for preset, tag, step, round_, extra in (("tiny", "llama", 17, 5, {"note": "tp2", "list": [1, 2]}),
@@ -273,7 +273,7 @@ def phase_load_tp1(out: Path) -> dict:
         lambda: dc.load_central_dist(out, _cfg("tiny"), 1), "not a Megatron distributed checkpoint")
     from megatron.core import dist_checkpointing
 
-    from megatron_twist.model_io import save_central
+    from megatron_twist.checkpoint.models import save_central
 
     ref = make_central("tiny", SEED, step=1, round_=1)
     twist, train = _twist_train("llama")
@@ -313,7 +313,7 @@ def phase_load_tp1(out: Path) -> dict:
 def phase_load_tp2(out: Path) -> dict:
     """TP=2: load the TP=1 checkpoint; every rank's shards are the slices of the full tensors."""
     from megatron_twist.cpu_shim import seed_everything
-    from megatron_twist.distributed import dist_checkpoint as dc
+    from megatron_twist.checkpoint import torch_dist as dc
 
     res = {}
     full = torch.load(out / "llama_tp1_full.pt")

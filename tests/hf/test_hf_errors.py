@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from megatron_twist.checkpointing import CheckpointError
+from megatron_twist.checkpoint.files import CheckpointError
 from megatron_twist.config import MODEL_PRESETS, ConfigError, ModelConfig, TrainConfig, TwistConfig
 from megatron_twist.hf.io import export_hf, import_hf
 
@@ -71,7 +71,7 @@ def test_tokenizer_that_does_not_fit_the_model(mcore, tmp_path, hf_dir, prepared
     with pytest.raises(ConfigError, match="520 tokens but the model's vocabulary is 512: wrong tokenizer"):
         export_hf(str(tmp_path / "central"), str(tmp_path / "bad"), tokenizer=str(tmp_path / "big-tok"))
     # A sentencepiece model other than the one the model was trained with (checksum in meta.json).
-    from megatron_twist.model_io import load_central, save_central
+    from megatron_twist.checkpoint.models import load_central, save_central
 
     central, twist, _ = load_central(str(tmp_path / "central"))
     save_central(str(tmp_path / "trained"), central, twist, TrainConfig(), data={"tokenizer_sha256": "0" * 64})
@@ -88,7 +88,7 @@ def test_tokenizer_that_does_not_fit_the_model(mcore, tmp_path, hf_dir, prepared
 ])
 def test_cut_models_a_hf_config_cannot_express_are_refused(mcore, tmp_path, prepared512, preset, twist, reason):
     from megatron_twist.model.gpt import build_gpt_model
-    from megatron_twist.model_io import save_extracted
+    from megatron_twist.checkpoint.models import save_extracted
     from megatron_twist.twist.extraction import cut_model, select_plan
 
     model = ModelConfig(**MODEL_PRESETS[preset])
@@ -106,7 +106,7 @@ def test_gpt2_with_only_mlp_cut_exports(mcore, tmp_path, prepared512):
     from transformers import AutoModelForCausalLM
 
     from megatron_twist.model.gpt import build_gpt_model, gpt_forward
-    from megatron_twist.model_io import save_extracted
+    from megatron_twist.checkpoint.models import save_extracted
     from megatron_twist.twist.extraction import cut_model, select_plan
 
     model = ModelConfig(**MODEL_PRESETS["tiny-gpt2"])

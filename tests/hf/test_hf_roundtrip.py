@@ -8,7 +8,7 @@ import torch
 
 from megatron_twist.hf.io import export_hf, import_hf, load_hf_model
 from megatron_twist.model.gpt import gpt_forward
-from megatron_twist.model_io import load_model
+from megatron_twist.checkpoint.models import load_model
 
 TOKENS = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(0))
 
@@ -79,7 +79,7 @@ def test_twist_trained_cut_exports_with_reduced_sizes_and_same_perplexity(mcore,
     data = prepared512.data_dir
     run_twist(["train", "--data-path", data, "--model-preset", "tiny", "--train-iters", "8", "--local-steps", "4",
                "--num-subnets", "2", "--keep-ratio", "0.5", "--micro-batch-size", "4", "--save", tmp_path / "central"])
-    from megatron_twist.model_io import load_central, save_extracted
+    from megatron_twist.checkpoint.models import load_central, save_extracted
     from megatron_twist.twist.extraction import cut_model, select_plan
 
     central, twist, _ = load_central(str(tmp_path / "central"))  # in-process: what `twist extract` does

@@ -20,7 +20,7 @@ from safetensors.torch import save_file  # noqa: E402
 from megatron_twist.config import MODEL_PRESETS, ModelConfig, TrainConfig  # noqa: E402
 from megatron_twist.distributed.runtime import build_twist_groups, init_distributed, shutdown  # noqa: E402
 from megatron_twist.integrations.ds_config import twist_config_from_ds  # noqa: E402
-from megatron_twist.training.batches import SyntheticBatches  # noqa: E402
+from megatron_twist.data.batches import SyntheticBatches  # noqa: E402
 from megatron_twist.training.deepspeed_trainer import train_with_deepspeed  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]

@@ -17,9 +17,9 @@ from megatron_twist.config import MODEL_PRESETS, ModelConfig, TrainConfig, Twist
 from megatron_twist.distributed.runtime import build_twist_groups, init_distributed, shutdown  # noqa: E402
 from megatron_twist.integrations.round_hook import TwistRoundHook  # noqa: E402
 from megatron_twist.model.gpt import build_gpt_model  # noqa: E402
-from megatron_twist.training.batches import SyntheticBatches  # noqa: E402
-from megatron_twist.training.optim import build_optimizer, build_scheduler  # noqa: E402
-from megatron_twist.training.step import train_step  # noqa: E402
+from megatron_twist.data.batches import SyntheticBatches  # noqa: E402
+from megatron_twist.optim.optimizer import build_optimizer, build_scheduler  # noqa: E402
+from megatron_twist.optim.step import train_step  # noqa: E402
 from megatron_twist.training.twist_trainer import build_central  # noqa: E402
 from megatron_twist.twist.sampler import SubnetSampler  # noqa: E402
 

@@ -85,7 +85,7 @@ def test_deepspeed_checkpoint_resume_is_exact(tmp_path, run_torchrun, run_twist)
     straight = json.loads((tmp_path / "straight.json").read_text())["losses_per_rank"]
     resumed = json.loads((tmp_path / "resumed.json").read_text())["losses_per_rank"]
     assert [r[8:] for r in straight] == resumed
-    from megatron_twist.model_io import read_central
+    from megatron_twist.checkpoint.models import read_central
 
     _, a, a_moments = read_central(str(tmp_path / "straight" / "central"))  # sharded: consolidated on read
     _, b, b_moments = read_central(str(tmp_path / "resumed" / "central"))
@@ -96,13 +96,14 @@ def test_deepspeed_checkpoint_resume_is_exact(tmp_path, run_torchrun, run_twist)
     assert sorted(p.name for p in (tmp_path / "straight" / "central").iterdir()) == [
         "meta.json", "shard-00000-of-00002.safetensors", "shard-00001-of-00002.safetensors"]
     # Reshard 2 -> 1 (a single process, no group): equals the consolidated checkpoint.
+    from megatron_twist.checkpoint.sharded import load_sharded
     from megatron_twist.distributed.sharded_central import ShardedCentral
-    from megatron_twist.checkpointing import model_config_of
-    from megatron_twist.checkpointing import load_checkpoint
+    from megatron_twist.checkpoint.files import model_config_of
+    from megatron_twist.checkpoint.files import load_checkpoint
 
     meta = load_checkpoint(str(tmp_path / "straight" / "central"), tensors=False)[0]
     one = ShardedCentral(model_config_of(meta, "x"), {k: v.shape for k, v in a.items()}, None)
-    one.load(str(tmp_path / "straight" / "central"))
+    load_sharded(one, str(tmp_path / "straight" / "central"))
     assert one.step == 12 and one.round == 3
     for k in a:
         assert torch.equal(one.gather(k), a[k]) and torch.equal(one.gather(k, "exp_avg_sq"), a_moments["exp_avg_sq"][k])
@@ -113,10 +114,10 @@ def test_deepspeed_checkpoint_resume_is_exact(tmp_path, run_torchrun, run_twist)
     # A truncated shard is refused, naming the file.
     shard = tmp_path / "straight" / "central" / "shard-00001-of-00002.safetensors"
     shard.write_bytes(shard.read_bytes()[:-100])
-    from megatron_twist.checkpointing import CheckpointError
+    from megatron_twist.checkpoint.files import CheckpointError
 
     with pytest.raises(CheckpointError, match="shard-00001-of-00002.safetensors does not match its checksum"):
-        one.load(str(tmp_path / "straight" / "central"))
+        load_sharded(one, str(tmp_path / "straight" / "central"))
 
 
 @pytest.mark.multiprocess

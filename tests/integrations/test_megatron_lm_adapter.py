@@ -17,9 +17,9 @@ from megatron_twist.cpu_shim import seed_everything
 from megatron_twist.distributed.runtime import build_twist_groups
 from megatron_twist.integrations.megatron_lm import TwistMegatronLM, model_config_from_megatron_args, overlay
 from megatron_twist.model.gpt import build_gpt_model, count_parameters
-from megatron_twist.training.batches import SyntheticBatches
-from megatron_twist.training.optim import build_optimizer, build_scheduler
-from megatron_twist.training.step import train_step
+from megatron_twist.data.batches import SyntheticBatches
+from megatron_twist.optim.optimizer import build_optimizer, build_scheduler
+from megatron_twist.optim.step import train_step
 from megatron_twist.training.twist_trainer import TwistTrainer
 
 TINY = ModelConfig(**MODEL_PRESETS["tiny"])

@@ -26,7 +26,7 @@ from typing import Optional
 import pytest
 import torch
 
-from megatron_twist.checkpointing import CheckpointError
+from megatron_twist.checkpoint.files import CheckpointError
 
 # What each payload calls, and the argument that makes it create the marker file {m}.
 TARGETS = {
@@ -120,9 +120,9 @@ def file_hashes(root: Path) -> dict:
 
 def test_every_dotted_payload_is_live(tmp_path):
     """Control: under plain pickle each payload below really runs (so refusing it means something)."""
-    from megatron_twist.distributed.dist_checkpoint import _METADATA_GLOBALS
+    from megatron_twist.checkpoint.torch_dist import _METADATA_GLOBALS
 
-    from megatron_twist.integrations.ds_checkpoint_vetting import _allowed_globals
+    from megatron_twist.checkpoint.deepspeed_vetting import _allowed_globals
 
     modules = {m for m, _ in _METADATA_GLOBALS} | {cls.__module__ for cls in _allowed_globals()} | {"torch._utils"}
     for opcode in (stack_global_call, global_call):
@@ -139,7 +139,7 @@ def test_every_dotted_payload_is_live(tmp_path):
 def torch_dist_checkpoint(mcore, tmp_path_factory):
     """A real torch_dist central checkpoint (tiny llama) in the session's single-rank group."""
     from megatron_twist.config import MODEL_PRESETS, ModelConfig, TrainConfig, TwistConfig
-    from megatron_twist.distributed.dist_checkpoint import save_central_dist
+    from megatron_twist.checkpoint.torch_dist import save_central_dist
     from megatron_twist.training.twist_trainer import build_central
 
     out = tmp_path_factory.mktemp("torch_dist") / "central"
@@ -148,7 +148,7 @@ def torch_dist_checkpoint(mcore, tmp_path_factory):
 
 
 def test_metadata_allow_list_refuses_dotted_names(tmp_path, torch_dist_checkpoint):
-    from megatron_twist.distributed.dist_checkpoint import _METADATA_GLOBALS, read_common
+    from megatron_twist.checkpoint.torch_dist import _METADATA_GLOBALS, read_common
 
     assert all("." not in name for _, name in _METADATA_GLOBALS), "exact names only"
     marker = tmp_path / "PWNED"
@@ -186,8 +186,8 @@ def test_weights_only_allow_lists_refuse_dotted_names(tmp_path, torch_dist_check
     """torch's weights_only unpickler, with the DeepSpeed allow-list (ds_checkpoint_vetting) and with
     torch's default list (torch_dist common.pt), looks a global up by its full dotted string in a
     dict of allowed objects: a dotted path through an allowed module matches nothing."""
-    from megatron_twist.distributed.dist_checkpoint import read_common
-    from megatron_twist.integrations.ds_checkpoint_vetting import _allowed_globals, vet_deepspeed_checkpoint
+    from megatron_twist.checkpoint.torch_dist import read_common
+    from megatron_twist.checkpoint.deepspeed_vetting import _allowed_globals, vet_deepspeed_checkpoint
 
     marker = tmp_path / "PWNED"
     ds_modules = {cls.__module__ for cls in _allowed_globals()}

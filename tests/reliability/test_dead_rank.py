@@ -22,7 +22,7 @@ import time
 
 import pytest
 
-from megatron_twist.checkpointing import load_checkpoint
+from megatron_twist.checkpoint.files import load_checkpoint
 from megatron_twist.distributed.watchdog import EXIT_RANK_FAILURE
 
 TIMEOUT_MIN = 0.25  # --distributed-timeout-minutes of these runs (15 s)

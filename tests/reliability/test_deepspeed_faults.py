@@ -23,9 +23,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_twist.checkpointing import CheckpointError
+from megatron_twist.checkpoint.files import CheckpointError
 from megatron_twist.distributed.watchdog import EXIT_RANK_FAILURE
-from megatron_twist.integrations.ds_checkpoint_vetting import vet_deepspeed_checkpoint
+from megatron_twist.checkpoint.deepspeed_vetting import vet_deepspeed_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 TIMEOUT_MIN = 0.25
@@ -64,7 +64,7 @@ def test_killed_rank_stops_a_deepspeed_job_and_restart_is_bitwise(tmp_path, laun
     the pointer names iter_0000004; the same command rerun finishes with the central model (weights
     and both Adam moments, consolidated) bit for bit equal to the uninterrupted run's, and retention
     keeps the newest 2."""
-    from megatron_twist.model_io import read_central
+    from megatron_twist.checkpoint.models import read_central
 
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--max-restarts=0",
                 "--master_addr=127.0.0.1"]

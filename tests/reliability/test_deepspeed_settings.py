@@ -98,7 +98,7 @@ def test_adamw_block_is_mapped_and_templates_pass():
 
 @pytest.mark.multiprocess
 def test_gradient_accumulation_equals_the_same_batches_by_hand(tmp_path, run_torchrun):
-    from megatron_twist.model_io import read_central
+    from megatron_twist.checkpoint.models import read_central
 
     runs = {}
     for name, micro, accumulation in (("accumulated", 1, 2), ("by_hand", 2, 1)):

@@ -15,9 +15,9 @@ import textwrap
 import pytest
 import torch
 
-from megatron_twist import checkpoint_series as cs
-from megatron_twist.checkpointing import CheckpointError, load_checkpoint, save_checkpoint
-from megatron_twist.model_io import read_central
+from megatron_twist.checkpoint import series as cs
+from megatron_twist.checkpoint.files import CheckpointError, load_checkpoint, save_checkpoint
+from megatron_twist.checkpoint.models import read_central
 
 
 @pytest.mark.multiprocess
@@ -44,8 +44,8 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, rel, 
 
 _WRITER = textwrap.dedent("""
     import sys, torch
-    from megatron_twist import checkpoint_series as cs
-    from megatron_twist.checkpointing import save_checkpoint
+    from megatron_twist.checkpoint import series as cs
+    from megatron_twist.checkpoint.files import save_checkpoint
     save = sys.argv[1]
     for it in (2, 4):
         cs.save_iteration(save, it, lambda p: save_checkpoint(str(p), {"kind": "central", "step": it},
@@ -110,9 +110,9 @@ def test_torch_dist_checkpoints_follow_the_same_protocol(mcore, tmp_path):
 
     from megatron_twist.cli import _save_central
     from megatron_twist.config import MODEL_PRESETS, ModelConfig, TrainConfig, TwistConfig
-    from megatron_twist.distributed.dist_checkpoint import read_common
+    from megatron_twist.checkpoint.torch_dist import read_common
     from megatron_twist.distributed.runtime import build_twist_groups
-    from megatron_twist.training.batches import SyntheticBatches
+    from megatron_twist.data.batches import SyntheticBatches
     from megatron_twist.training.twist_trainer import TwistTrainer
 
     model, twist = ModelConfig(**MODEL_PRESETS["tiny"]), TwistConfig(keep_ratio=0.5, num_subnets=2, local_steps=2)

@@ -107,7 +107,7 @@ def _central(seed=0):
 
 
 def test_safetensors_writers(mcore, tmp_path):
-    from megatron_twist.model_io import read_central, save_central
+    from megatron_twist.checkpoint.models import read_central, save_central
 
     sibling = precious_next_to(tmp_path)
     central = _central()
@@ -125,26 +125,27 @@ def test_safetensors_writers(mcore, tmp_path):
 
 
 def test_sharded_writer(mcore, tmp_path):
+    from megatron_twist.checkpoint.sharded import save_sharded
     from megatron_twist.distributed.sharded_central import ShardedCentral
-    from megatron_twist.model_io import read_central
+    from megatron_twist.checkpoint.models import read_central
 
     sibling = precious_next_to(tmp_path)
     central = _central()
     sharded = ShardedCentral.from_full(central.config, dict(central.params), None)
-    sharded.save(str(tmp_path / "central"), TwistConfig(), TrainConfig())
-    sharded.save(str(tmp_path / "central"), TwistConfig(), TrainConfig())  # ours: replaced
+    save_sharded(sharded, str(tmp_path / "central"), TwistConfig(), TrainConfig())
+    save_sharded(sharded, str(tmp_path / "central"), TwistConfig(), TrainConfig())  # ours: replaced
     assert read_central(str(tmp_path / "central"))[0]["sharded"]["shard_count"] == 1
     user = foreign_dir(tmp_path)
     with pytest.raises(OutputError, match="did not write"):
-        sharded.save(str(user), TwistConfig(), TrainConfig())
+        save_sharded(sharded, str(user), TwistConfig(), TrainConfig())
     blocker = foreign_dir(tmp_path, ".central.tmp-sharded")  # a user's folder at the temporary's name
     with pytest.raises(OutputError, match="did not make it; nothing was deleted"):
-        sharded.save(str(tmp_path / "central"), TwistConfig(), TrainConfig())
+        save_sharded(sharded, str(tmp_path / "central"), TwistConfig(), TrainConfig())
     assert intact(user) and intact(blocker) and sibling.read_bytes() == PRECIOUS
 
 
 def test_torch_dist_writer(mcore, tmp_path):
-    from megatron_twist.distributed.dist_checkpoint import read_common, save_central_dist
+    from megatron_twist.checkpoint.torch_dist import read_common, save_central_dist
 
     sibling = precious_next_to(tmp_path)
     central = _central()
@@ -163,7 +164,7 @@ def test_torch_dist_writer(mcore, tmp_path):
 
 
 def test_checkpoint_series_removes_only_its_own(tmp_path):
-    from megatron_twist import checkpoint_series as series
+    from megatron_twist.checkpoint import series as series
 
     save = tmp_path / "save"
     series.prepare(save)

@@ -12,7 +12,7 @@ import shutil
 import pytest
 
 from megatron_twist.cli import build_parser
-from megatron_twist.resume import explicit_dests, resume_conflicts
+from megatron_twist.checkpoint.resume import explicit_dests, resume_conflicts
 
 
 @pytest.fixture

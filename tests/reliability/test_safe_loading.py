@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_twist.checkpointing import CheckpointError, load_checkpoint
-from megatron_twist.model_io import read_central
+from megatron_twist.checkpoint.files import CheckpointError, load_checkpoint
+from megatron_twist.checkpoint.models import read_central
 
 PACKAGE = Path(__file__).resolve().parents[2] / "megatron_twist"
 
@@ -143,7 +143,7 @@ def test_hostile_torch_dist_checkpoint_is_never_executed(mcore, tmp_path):
     """torch.distributed.checkpoint itself reads `.metadata` with pickle.load and byte items with
     torch.load(weights_only=False): megatron-twist vets both before Megatron touches the directory."""
     from megatron_twist.config import MODEL_PRESETS, ModelConfig, TrainConfig, TwistConfig
-    from megatron_twist.distributed.dist_checkpoint import _MetadataUnpickler, read_common, save_central_dist
+    from megatron_twist.checkpoint.torch_dist import _MetadataUnpickler, read_common, save_central_dist
     from megatron_twist.training.twist_trainer import build_central
 
     model = ModelConfig(**MODEL_PRESETS["tiny"])

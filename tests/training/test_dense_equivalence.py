@@ -5,7 +5,7 @@ import torch
 
 from megatron_twist.config import MODEL_PRESETS, ModelConfig, TrainConfig, TwistConfig
 from megatron_twist.distributed.runtime import build_twist_groups
-from megatron_twist.training.batches import SyntheticBatches
+from megatron_twist.data.batches import SyntheticBatches
 from megatron_twist.training.twist_trainer import TwistTrainer, train_dense
 
 

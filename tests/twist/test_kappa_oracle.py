@@ -18,7 +18,7 @@ import torch
 from megatron_twist.config import ModelConfig, TrainConfig, TwistConfig
 from megatron_twist.distributed.runtime import build_twist_groups
 from megatron_twist.model.gpt import build_gpt_model
-from megatron_twist.training.batches import SyntheticBatches
+from megatron_twist.data.batches import SyntheticBatches
 from megatron_twist.training.twist_trainer import TwistTrainer
 from megatron_twist.twist.sampler import SubnetSampler
 

@@ -8,12 +8,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_twist.checkpointing import CheckpointError
+from megatron_twist.checkpoint.files import CheckpointError
 from megatron_twist.config import MODEL_PRESETS, ModelConfig, TrainConfig, TwistConfig
-from megatron_twist.distributed import sharded_central
+from megatron_twist.checkpoint import sharded as sharded_checkpoint
+from megatron_twist.checkpoint.sharded import load_sharded, save_sharded
 from megatron_twist.distributed.sharded_central import ShardedCentral
 from megatron_twist.model.gpt import build_gpt_model
-from megatron_twist.model_io import read_central
+from megatron_twist.checkpoint.models import read_central
 
 MODEL = ModelConfig(**MODEL_PRESETS["tiny"])
 TWIST, TRAIN = TwistConfig(), TrainConfig()
@@ -30,9 +31,9 @@ def _central(seed: int) -> ShardedCentral:
 
 def test_save_load_round_trip_and_consolidated_read(mcore, tmp_path):
     a = _central(0)
-    a.save(str(tmp_path / "c"), TWIST, TRAIN)
+    save_sharded(a, str(tmp_path / "c"), TWIST, TRAIN)
     b = ShardedCentral(MODEL, a.shapes, None)
-    b.load(str(tmp_path / "c"))
+    load_sharded(b, str(tmp_path / "c"))
     assert (b.step, b.round) == (8, 2)
     meta, weights, moments = read_central(str(tmp_path / "c"))
     for n in a.shapes:
@@ -41,27 +42,27 @@ def test_save_load_round_trip_and_consolidated_read(mcore, tmp_path):
 
 
 def test_crash_during_save_leaves_previous_checkpoint(mcore, tmp_path, monkeypatch):
-    _central(0).save(str(tmp_path / "c"), TWIST, TRAIN)
+    save_sharded(_central(0), str(tmp_path / "c"), TWIST, TRAIN)
 
     def crash(*args, **kwargs):
         raise OSError("disk full (injected)")
 
-    monkeypatch.setattr(sharded_central, "write_tensor_file", crash)
+    monkeypatch.setattr(sharded_checkpoint, "write_tensor_file", crash)
     with pytest.raises(OSError, match="injected"):
-        _central(1).save(str(tmp_path / "c"), TWIST, TRAIN)
+        save_sharded(_central(1), str(tmp_path / "c"), TWIST, TRAIN)
     monkeypatch.undo()
     survivor = ShardedCentral(MODEL, _central(0).shapes, None)
-    survivor.load(str(tmp_path / "c"))  # still the first save, complete and verified
+    load_sharded(survivor, str(tmp_path / "c"))  # still the first save, complete and verified
     first = _central(0)
     assert all(torch.equal(survivor.gather(n), first.gather(n)) for n in first.shapes)
-    _central(1).save(str(tmp_path / "c"), TWIST, TRAIN)  # the next save clears the leftover
+    save_sharded(_central(1), str(tmp_path / "c"), TWIST, TRAIN)  # the next save clears the leftover
     assert [p.name for p in tmp_path.iterdir()] == ["c"]
 
 
 def test_mismatched_model_is_refused(mcore, tmp_path):
-    _central(0).save(str(tmp_path / "c"), TWIST, TRAIN)
+    save_sharded(_central(0), str(tmp_path / "c"), TWIST, TRAIN)
     other = ModelConfig(**dict(MODEL_PRESETS["tiny"], ffn_hidden_size=MODEL.ffn_hidden_size * 2))
     with pytest.raises(CheckpointError, match="different sizes"):
-        ShardedCentral(other, {}, None).load(str(tmp_path / "c"))
+        load_sharded(ShardedCentral(other, {}, None), str(tmp_path / "c"))
     with pytest.raises(CheckpointError, match="does not exist"):
-        ShardedCentral(MODEL, {}, None).load(str(tmp_path / "missing"))
+        load_sharded(ShardedCentral(MODEL, {}, None), str(tmp_path / "missing"))

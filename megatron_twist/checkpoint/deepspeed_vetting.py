@@ -43,7 +43,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from .. import faults
-from ..checkpointing import CheckpointError
+from .files import CheckpointError
 
 _FORCE = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
 

@@ -12,13 +12,15 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from .checkpointing import CheckpointError, load_checkpoint, model_config_of, save_checkpoint
-from .config import ConfigError, ModelConfig, TrainConfig, TwistConfig
-from .model.gpt import LayerSize, build_gpt_model, full_layer_sizes
-from .twist.central import CentralModel
-from .twist.extraction import load_named_parameters
-from .twist.sampler import LayerUnits, SubnetPlan
-from .training.optim import ADAM_MOMENTS
+from .files import CheckpointError, load_checkpoint, model_config_of, save_checkpoint
+from ..config import ConfigError, ModelConfig, TrainConfig, TwistConfig
+from ..model.gpt import LayerSize, build_gpt_model, full_layer_sizes
+from ..twist.central import CentralModel
+from ..twist.extraction import load_named_parameters
+from ..twist.sampler import LayerUnits, SubnetPlan
+from ..optim.optimizer import ADAM_MOMENTS
+
+SHARDED_FIELDS = ("param",) + ADAM_MOMENTS  # what a sharded central checkpoint holds per tensor
 
 
 def _plan_to_json(plan: SubnetPlan) -> list:
@@ -56,8 +58,6 @@ def read_central(path: str) -> Tuple[dict, Dict[str, torch.Tensor], Dict[str, Di
     DeepSpeed path, distributed/sharded_central.py) is consolidated."""
     meta, tensors = load_checkpoint(path, kind="central")
     if meta.get("sharded"):
-        from .distributed.sharded_central import consolidate
-
         full = consolidate(meta, tensors)
         return meta, full["param"], {m: full[m] for m in ADAM_MOMENTS}
     optimizer = tensors.get("optimizer", {})
@@ -68,7 +68,7 @@ def read_central(path: str) -> Tuple[dict, Dict[str, torch.Tensor], Dict[str, Di
 @torch.no_grad()
 def fill_central(central: CentralModel, path: str, tp_rank: int = 0, tp: int = 1, first_layer: int = 0) -> dict:
     """Load a single-file central checkpoint into a central model of ANY TP/PP layout."""
-    from .distributed.full_state import load_full_state
+    from ..distributed.full_state import load_full_state
 
     meta, weights, moments = read_central(path)
     saved = model_config_of(meta, path)
@@ -144,3 +144,32 @@ def _load_weights(module: torch.nn.Module, tensors: dict, path: str) -> None:
         load_named_parameters(module, tensors)
     except ConfigError as e:
         raise CheckpointError(f"{path}: {e}") from None
+
+
+def shard_file_name(index: int, count: int) -> str:
+    """The file of shard ``index`` of ``count`` in a sharded central checkpoint (checkpoint/sharded.py)."""
+    return f"shard-{index:05d}-of-{count:05d}.safetensors"
+
+
+def consolidate(meta: dict, files: Dict[str, Dict[str, torch.Tensor]]) -> Dict[str, Dict[str, torch.Tensor]]:
+    """{field: {name: full tensor}} from the shard files of a sharded central checkpoint."""
+    sharded = meta["sharded"]
+    count = int(sharded["shard_count"])
+    stems = [shard_file_name(k, count)[: -len(".safetensors")] for k in range(count)]
+    missing = [s for s in stems if s not in files]
+    if missing:
+        raise CheckpointError(f"sharded central checkpoint lacks {missing[0]}.safetensors")
+    out: Dict[str, Dict[str, torch.Tensor]] = {f: {} for f in SHARDED_FIELDS}
+    for name, shape in sharded["shapes"].items():
+        shape = torch.Size(shape)
+        for field in SHARDED_FIELDS:
+            key = f"{field}/{name}"
+            try:
+                flat = torch.cat([files[s][key] for s in stems])
+            except KeyError:
+                raise CheckpointError(f"sharded central checkpoint lacks {key}") from None
+            if flat.numel() < shape.numel():
+                raise CheckpointError(f"sharded central checkpoint: {key} is shorter than its shape {list(shape)}")
+            out[field][name] = flat[: shape.numel()].view(shape).clone()
+    return out
+

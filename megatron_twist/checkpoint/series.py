@@ -28,8 +28,8 @@ import shutil
 from pathlib import Path
 from typing import Callable, List, Optional
 
-from . import faults, outputs
-from .checkpointing import CheckpointError, fsync_dir
+from .. import faults, outputs
+from .files import CheckpointError, fsync_dir
 
 POINTER = "latest_checkpointed_iteration.txt"
 _ITER = re.compile(r"^iter_(\d{7,})$")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from typing import Dict, Iterable, List, Optional, Set
 
-from .config import MODEL_PRESETS, ConfigError
+from ..config import MODEL_PRESETS, ConfigError
 
 # flag dest -> TwistConfig field
 TWIST_FLAGS = {

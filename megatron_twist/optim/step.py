@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from ..model.gpt import gpt_forward
-from .optim import set_schedule_step
+from .optimizer import set_schedule_step
 
 
 @dataclass(frozen=True)

@@ -24,15 +24,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from . import faults, outputs
-from .config import ConfigError, ModelConfig
+from .. import faults, outputs
+from ..config import ModelConfig
+from ..errors import CheckpointError, ConfigError  # noqa: F401  (CheckpointError re-exported)
 
 FORMAT = "megatron-twist"
 FORMAT_VERSION = 1
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used; the message names the file and the fix."""
 
 
 def sha256_file(path: Path) -> str:

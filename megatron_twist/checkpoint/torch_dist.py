@@ -63,10 +63,10 @@ from megatron.core.dist_checkpointing.validation import StrictHandling
 from torch.distributed.checkpoint.api import CheckpointException as TorchCheckpointException
 
 from .. import outputs
-from ..checkpointing import CheckpointError, fsync_dir
+from .files import CheckpointError, fsync_dir
 from ..config import ConfigError, ModelConfig, TrainConfig, TwistConfig
 from ..model.gpt import build_gpt_model
-from ..training.optim import ADAM_MOMENTS
+from ..optim.optimizer import ADAM_MOMENTS
 from ..twist.central import CentralModel
 
 FORMAT = "megatron-twist-dist"
