@@ -10,6 +10,7 @@ Megatron-LM's names (``--num-layers``, ``--hidden-size``, ``--lr``,
 from __future__ import annotations
 
 import argparse
+from typing import Iterable, Set
 
 from .config import (CORRECTIONS, MODEL_PRESETS, OPTIMIZER_STATE_POLICIES, SPLIT_UNITS, ConfigError, ModelConfig,
                      TrainConfig, TwistConfig)
@@ -161,3 +162,21 @@ __all__ = [
     "ConfigError", "add_twist_args", "validate_twist_args", "add_model_args", "model_config_from_args",
     "add_training_args", "train_config_from_args",
 ]
+
+
+def explicit_dests(parser: argparse.ArgumentParser, argv: Iterable[str]) -> Set[str]:
+    """The destinations of the options actually present in ``argv`` (abbreviations included): the ONE
+    way flags the user typed are told from defaults (resume conflicts, ds_config conflicts)."""
+    actions = [a for a in parser._actions if a.option_strings]
+    saved = [(a, a.default) for a in actions]
+    saved_defaults = dict(parser._defaults)
+    try:
+        for a in actions:
+            a.default = argparse.SUPPRESS
+        parser._defaults.clear()
+        ns, _ = parser.parse_known_args(list(argv))
+    finally:
+        for a, d in saved:
+            a.default = d
+        parser._defaults.update(saved_defaults)
+    return set(vars(ns))

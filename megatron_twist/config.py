@@ -295,5 +295,48 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+CKPT_FORMATS = ("safetensors", "torch_dist")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Run-level settings of `twist train`: layout, checkpoints, monitoring, engine. Not recorded in
+    checkpoints (a resumed run may change them); validated here, before any work."""
+
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    save: Optional[str] = None  # a checkpoint, or (series) a save directory of iter_XXXXXXX + pointer
+    load: Optional[str] = None  # resolved: the checkpoint to continue from (None: start at step 0)
+    series: bool = False  # --save is a save directory (--save-interval, or it already has a pointer)
+    save_interval: Optional[int] = None
+    keep_checkpoints: int = 0  # with a series: keep the newest K (0: all)
+    ckpt_format: str = "safetensors"
+    metrics_file: Optional[str] = None
+    overwrite: bool = False  # --save / --metrics-file may replace what megatron-twist did not write
+    distributed_timeout_minutes: float = 10.0
+    deepspeed_config: Optional[str] = None  # the ds_config file: the DeepSpeed engine path
+
+    def __post_init__(self):
+        if self.distributed_timeout_minutes <= 0:
+            raise ConfigError(f"--distributed-timeout-minutes must be positive, got {self.distributed_timeout_minutes}")
+        if self.keep_checkpoints < 0:
+            raise ConfigError(f"--keep-checkpoints must be 0 (keep all) or more, got {self.keep_checkpoints}")
+        if self.ckpt_format not in CKPT_FORMATS:
+            raise ConfigError(f"--ckpt-format must be one of {CKPT_FORMATS}, got {self.ckpt_format!r}")
+        if self.save_interval is not None and not self.save:
+            raise ConfigError("--save-interval needs --save DIR (the directory of the periodic checkpoints)")
+        if self.deepspeed_config and (self.tensor_parallel_size > 1 or self.pipeline_parallel_size > 1):
+            raise ConfigError("with --deepspeed this release supports TP/PP size 1 only; for tensor or pipeline "
+                              "parallel layouts use `twist train` without --deepspeed (Megatron-core's own path)")
+
+    @property
+    def deepspeed(self) -> bool:
+        return self.deepspeed_config is not None
+
+    @property
+    def timeout_s(self) -> float:
+        return self.distributed_timeout_minutes * 60
+
+
 def dump_configs(**configs) -> str:
     return json.dumps({k: v.to_dict() for k, v in configs.items()}, indent=2, sort_keys=True)

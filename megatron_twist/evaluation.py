@@ -44,3 +44,33 @@ def perplexity(model, tokens: torch.Tensor, seq_length: int, batch_size: int = 8
     model.train()
     loss = total_nll / total
     return {"loss": loss, "perplexity": math.exp(loss), "tokens": total, "parameters": count_parameters(model)}
+
+
+def evaluation_tokens(meta: dict, data_path: Optional[str], mock: bool = False, split: str = "valid",
+                      seed: int = 1234):
+    """(token stream, seq_length, info) a model (its checkpoint ``meta``) is evaluated on: the held-out
+    split of a prepared directory (refused if made with another tokenizer), or synthetic tokens."""
+    from .errors import ConfigError
+
+    seq_length = meta["model"]["seq_length"]
+    if mock:
+        from .data.batches import SyntheticBatches
+
+        src = SyntheticBatches(meta["model"]["vocab_size"], seq_length, 16, seed=seed + 1)
+        toks = torch.cat([src.get(i, 0, 1)["tokens"].flatten() for i in range(4)])
+        return toks, seq_length, {"data": "mock"}
+    if not data_path:
+        raise ConfigError("no data: pass --data-path DIR (from `twist prepare-data`) or --mock-data")
+    from .data import load_manifest, load_token_stream
+
+    manifest = load_manifest(data_path)
+    trained_with = meta.get("data", {}).get("tokenizer_sha256")
+    if trained_with and trained_with != manifest.tokenizer_sha256:
+        raise ConfigError(
+            f"{data_path} was tokenized with a different tokenizer than the model was trained with; "
+            "evaluate on data prepared with the model's tokenizer (`twist prepare-data --tokenizer-model`)"
+        )
+    if manifest.vocab_size > meta["model"]["vocab_size"]:
+        raise ConfigError(f"the data's vocabulary ({manifest.vocab_size}) is larger than the model's "
+                          f"({meta['model']['vocab_size']}): wrong tokenizer")
+    return load_token_stream(data_path, split), seq_length, {"split": split}

@@ -726,29 +726,19 @@ def add_plan_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def plan_from_args(args: argparse.Namespace) -> Plan:
-    """The `twist plan` command's arguments (train's flags + add_plan_args) -> a checked Plan."""
-    import json
-    from pathlib import Path
-
-    from .arguments import model_config_from_args, train_config_from_args, validate_twist_args
+def plan_from_args(args: argparse.Namespace, explicit=()) -> Plan:
+    """The `twist plan` command's arguments (train's flags + add_plan_args) -> a checked Plan;
+    ``explicit``: the flags the user typed (arguments.explicit_dests)."""
+    from .arguments import model_config_from_args, train_config_from_args
 
     if args.world_size is not None and args.nodes is not None and args.world_size != args.nodes * args.gpus_per_node:
         raise ConfigError(f"--world-size {args.world_size} is not --nodes {args.nodes} x --gpus-per-node "
                           f"{args.gpus_per_node}; give one of them")
     world = args.world_size or (args.nodes or 1) * args.gpus_per_node
-    path, ds_config = "megatron", None
-    if args.deepspeed or args.deepspeed_config:
-        from .integrations.ds_config import twist_config_from_ds, twist_section
+    from .integrations.ds_config import resolve_deepspeed
 
-        if not (args.deepspeed and args.deepspeed_config):
-            raise ConfigError("DeepSpeed needs both --deepspeed and --deepspeed_config FILE")
-        twist_section(args.deepspeed_config)
-        ds_config = json.loads(Path(args.deepspeed_config).read_text())
-        twist = twist_config_from_ds(args.deepspeed_config, args, getattr(args, "parser", None))
-        path = "deepspeed"
-    else:
-        twist = validate_twist_args(args)
+    twist, ds_config = resolve_deepspeed(args, explicit)
+    path = "megatron" if ds_config is None else "deepspeed"
     train = train_config_from_args(args)
     vocab = args.vocab_size or 512
     if args.data_path and not args.mock_data:

@@ -12,6 +12,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
+from .detect import locate
 from .files import CheckpointError, load_checkpoint, model_config_of, save_checkpoint
 from ..config import ConfigError, ModelConfig, TrainConfig, TwistConfig
 from ..model.gpt import LayerSize, build_gpt_model, full_layer_sizes
@@ -56,6 +57,7 @@ def save_central(path: str, central: CentralModel, twist: TwistConfig, train: Tr
 def read_central(path: str) -> Tuple[dict, Dict[str, torch.Tensor], Dict[str, Dict[str, torch.Tensor]]]:
     """(meta, full weights, full Adam moments) of a central checkpoint; a sharded one (written by the
     DeepSpeed path, distributed/sharded_central.py) is consolidated."""
+    path = str(locate(path))  # a save directory's latest, a DeepSpeed save's central/, or the checkpoint
     meta, tensors = load_checkpoint(path, kind="central")
     if meta.get("sharded"):
         full = consolidate(meta, tensors)
@@ -97,6 +99,7 @@ class _ParamsView(torch.nn.Module):
 
 
 def load_central(path: str) -> Tuple[CentralModel, TwistConfig, dict]:
+    path = str(locate(path))
     meta, weights, moments = read_central(path)
     model = model_config_of(meta, path)
     central = CentralModel(model, build_gpt_model(model))
@@ -128,6 +131,7 @@ def save_extracted(path: str, module: torch.nn.Module, model: ModelConfig, twist
 
 def load_model(path: str) -> Tuple[torch.nn.Module, dict]:
     """Any megatron-twist model checkpoint (central or cut-out) as a ready GPTModel."""
+    path = str(locate(path))
     meta, tensors = load_checkpoint(path)
     model = model_config_of(meta, path)
     try:

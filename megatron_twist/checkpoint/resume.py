@@ -29,23 +29,6 @@ MODEL_FLAGS = {
 }
 
 
-def explicit_dests(parser: argparse.ArgumentParser, argv: Iterable[str]) -> Set[str]:
-    """The destinations of the options actually present in ``argv`` (abbreviations included)."""
-    actions = [a for a in parser._actions if a.option_strings]
-    saved = [(a, a.default) for a in actions]
-    saved_defaults = dict(parser._defaults)
-    try:
-        for a in actions:
-            a.default = argparse.SUPPRESS
-        parser._defaults.clear()
-        ns, _ = parser.parse_known_args(list(argv))
-    finally:
-        for a, d in saved:
-            a.default = d
-        parser._defaults.update(saved_defaults)
-    return set(vars(ns))
-
-
 def _flag(dest: str) -> str:
     return "--" + {"twist_coverage": "no-coverage"}.get(dest, dest.replace("_", "-"))
 

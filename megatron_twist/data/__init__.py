@@ -26,7 +26,7 @@ from ..errors import DataError
 # command can validate its input and report a DataError before Megatron (seconds) is imported.
 _EXPORTS = {
     "DEFAULT_TRAIN_MAX_BYTES": "corpus", "DEFAULT_VALID_MAX_BYTES": "corpus", "HELDOUT_MODULES": "corpus",
-    "Document": "corpus", "describe_stdlib": "corpus", "stdlib_documents": "corpus", "text_documents": "corpus",
+    "Document": "corpus", "corpus_documents": "corpus", "describe_stdlib": "corpus", "stdlib_documents": "corpus", "text_documents": "corpus",
     "build_gpt_dataset": "dataset", "load_token_stream": "dataset",
     "Manifest": "prepare", "SplitStats": "prepare", "check_tokenizer": "prepare", "load_manifest": "prepare",
     "load_tokenizer": "prepare", "prepare_data": "prepare",

@@ -7,7 +7,8 @@ it, which is what lets a single process reproduce a multi-rank run.
 """
 from __future__ import annotations
 
-from typing import Dict, Protocol
+from pathlib import Path
+from typing import Dict, Optional, Protocol
 
 import numpy as np
 import torch
@@ -61,3 +62,50 @@ class SyntheticBatches:
             "labels": seqs[:, 1:].contiguous(),
             "loss_mask": torch.ones(self.mbs, self.seq),
         }
+
+
+class TrainingData:
+    """The training data of a run, validated before any process group exists; batches are built
+    lazily (``batches(model, train, twist)``) once the model and its sizes are known.
+
+    ``meta`` is recorded in checkpoints (the tokenizer's sha256: data from another tokenizer is
+    refused at --load); ``vocab_size`` sizes the model (taken from the data, or 512 for mock data)."""
+
+    def __init__(self, data_path: Optional[str] = None, mock: bool = False, vocab_size: Optional[int] = None):
+        from ..errors import ConfigError
+
+        self.data_path, self.mock = data_path, mock
+        if mock:
+            self.meta, self.vocab_size = {"mock": True}, vocab_size or 512
+            return
+        if not data_path:
+            raise ConfigError("no data: pass --data-path DIR (from `twist prepare-data --output DIR`) or --mock-data")
+        from . import load_manifest
+
+        manifest = load_manifest(data_path)
+        if vocab_size is not None and vocab_size != manifest.vocab_size:
+            raise ConfigError(f"--vocab-size {vocab_size} contradicts the data: {data_path} was tokenized with a "
+                              f"{manifest.vocab_size}-token vocabulary, which the model takes from the data; drop "
+                              "--vocab-size (it sizes --mock-data only)")
+        self.train_tokens = manifest.splits["train"].tokens
+        self.meta = {"path": str(Path(data_path).resolve()), "tokenizer_sha256": manifest.tokenizer_sha256,
+                     "vocab_size": manifest.vocab_size}
+        self.vocab_size = manifest.vocab_size
+
+    def check_fits(self, seq_length: int) -> None:
+        """One training sample needs seq_length + 1 tokens (refused before any process group exists)."""
+        from ..errors import DataError
+
+        if not self.mock and self.train_tokens < seq_length + 1:
+            raise DataError(f"the training data in {self.data_path!r} has {self.train_tokens} tokens, fewer than "
+                            f"seq_length + 1 = {seq_length + 1} needed for one sample; use a shorter --seq-length or "
+                            "prepare more text")
+
+    def batches(self, model, train, twist) -> BatchSource:
+        if self.mock:
+            return SyntheticBatches(model.vocab_size, model.seq_length, train.micro_batch_size, seed=train.seed)
+        from . import build_gpt_dataset
+
+        num_samples = train.train_iters * twist.num_subnets * train.micro_batch_size
+        dataset = build_gpt_dataset(self.data_path, model.seq_length, num_samples, seed=train.seed)
+        return MegatronBatches(dataset, train.micro_batch_size)

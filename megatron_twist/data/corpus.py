@@ -384,3 +384,32 @@ def paragraph_documents(documents: Iterable[Document]) -> Iterator[Document]:
         for i, part in enumerate(re.split(r"\n[ \t]*\n", doc.text)):
             if part.strip():
                 yield Document(name=f"{doc.name}#{i}", text=part.strip("\n") + "\n")
+
+
+def corpus_documents(inputs: Optional[Sequence[PathLike]] = None, json_field: str = "text",
+                     split_paragraphs: bool = False, valid_fraction: float = 0.1,
+                     max_bytes: Optional[int] = None) -> Tuple[List[Document], List[Document], str]:
+    """(train documents, held-out documents, a line saying where they came from) for
+    `twist prepare-data`: the user's files (every k-th document held out, k = round(1 / fraction)),
+    or the Python standard library's sources (its fixed held-out modules)."""
+    if not inputs:
+        return (stdlib_documents("train", max_bytes=max_bytes), stdlib_documents("valid", max_bytes=None),
+                "python standard library")
+    docs = text_documents(inputs, json_field=json_field)
+    if split_paragraphs:
+        docs = paragraph_documents(docs)
+    train, valid = split_documents(list(docs), valid_fraction)
+    return train, valid, f"{len(inputs)} input path(s)"
+
+
+def split_documents(docs: List[Document], valid_fraction: float) -> Tuple[List[Document], List[Document]]:
+    """Deterministic split: every k-th document goes to validation."""
+    if not 0 < valid_fraction < 1:
+        raise DataError(f"--valid-fraction must lie in (0, 1), got {valid_fraction}")
+    if len(docs) < 2:
+        raise DataError(f"need at least 2 documents to make a train/validation split, the input has {len(docs)}; "
+                        "pass more text (each file is a document; with --split-paragraphs each paragraph is one)")
+    every = max(2, round(1 / valid_fraction))
+    valid = [d for i, d in enumerate(docs) if i % every == every - 1]
+    train = [d for i, d in enumerate(docs) if i % every != every - 1]
+    return train, valid

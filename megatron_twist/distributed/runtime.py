@@ -14,6 +14,7 @@ Groups are built once here and passed explicitly to whatever uses them.
 from __future__ import annotations
 
 import datetime
+import contextlib
 import os
 from dataclasses import dataclass
 from typing import List, Optional
@@ -233,3 +234,15 @@ def shutdown() -> None:
         if parallel_state.model_parallel_is_initialized():
             parallel_state.destroy_model_parallel()
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def single_process_group(seed: int = 1234):
+    """A one-rank group with Megatron's parallel state, for the tools that run in one process on saved
+    models (extract, eval, import-hf); torn down on the way out, whatever happens."""
+    init_distributed()
+    try:
+        init_model_parallel(seed=seed)
+        yield
+    finally:
+        shutdown()

@@ -22,6 +22,7 @@ from typing import Dict, Optional
 import torch
 
 from .. import outputs
+from ..checkpoint.detect import locate
 from ..checkpoint.files import CheckpointError, fsync_dir, load_checkpoint, swap_in
 from ..config import ConfigError, ModelConfig, TrainConfig, TwistConfig
 from ..model.gpt import LayerSize, full_layer_sizes
@@ -113,6 +114,7 @@ def export_hf(load: str, out: str, tokenizer: Optional[str] = None, overwrite: b
     final = Path(out).resolve()
     outputs.check_output(final, (outputs.HF_EXPORT,), "--save", overwrite)  # before any work
 
+    load = str(locate(load))  # a save directory's latest, a DeepSpeed save's central/, or the checkpoint
     meta, tensors = load_checkpoint(load)
     if meta.get("kind") not in ("central", "extracted"):
         raise CheckpointError(f"{load} holds a {meta.get('kind')!r} checkpoint; export a central or cut-out model")

@@ -89,7 +89,7 @@ def relink_optimizer_state(engine) -> None:
         opt._lazy_init_hp_params_optimizer_state()
 
 
-def _torch_optimizer(engine):
+def torch_optimizer(engine):
     """The torch optimizer whose per-tensor state holds Adam's step count."""
     opt = engine.optimizer
     return getattr(opt, "optimizer", opt)
@@ -139,7 +139,7 @@ class EngineFragments:
             start, n = self._zero3_range(p)
             part = safe_get_local_fp32_param(p) if field == "param" else safe_get_local_optimizer_state(p, field)
             return (start, part.detach().reshape(-1)[:n].float()) if n > 0 else None
-        full = p if field == "param" else _torch_optimizer(self.engine).state[p][field]
+        full = p if field == "param" else torch_optimizer(self.engine).state[p][field]
         start, n = self._whole_range(p.numel())
         return (start, full.detach().reshape(-1)[start: start + n].float()) if n > 0 else None
 
@@ -150,7 +150,7 @@ class EngineFragments:
         kind = self._kind(p)
         flat = value.reshape(-1).float()
         if kind == "whole":
-            target = p if field == "param" else _torch_optimizer(self.engine).state[p][field]
+            target = p if field == "param" else torch_optimizer(self.engine).state[p][field]
             target.copy_(value.reshape(target.shape))
             return
         if kind == "fragment":
@@ -177,7 +177,7 @@ class EngineFragments:
 
     def set_step(self, step: int) -> None:
         """Adam's step count (bias correction) in every state of the torch optimizer."""
-        for state in _torch_optimizer(self.engine).state.values():
+        for state in torch_optimizer(self.engine).state.values():
             if "step" in state:
                 state["step"] = torch.tensor(float(step), dtype=torch.float32) \
                     if isinstance(state["step"], torch.Tensor) else step

@@ -15,11 +15,11 @@ API
 ``twist_section(ds_config)``
     the ``"twist"`` object (``{}`` when there is none) of a config dict or a
     JSON file path.
-``twist_config_from_ds(ds_config, args=None, parser=None)``
+``twist_config_from_ds(ds_config, args=None, explicit=())``
     a validated :class:`~megatron_twist.config.TwistConfig` from the section,
     with the command-line flags of :func:`megatron_twist.arguments.add_twist_args`
-    filling in keys the section does not set. A flag the user set explicitly
-    (its value differs from ``parser.get_default(dest)``) that disagrees with
+    filling in keys the section does not set. A flag the user typed (its
+    destination is in ``explicit``, see ``arguments.explicit_dests``) that disagrees with
     the section is refused, naming both places; a flag equal to the section's
     value, or left at its default, is fine. ``ds_config=None`` reads the path
     from ``args.deepspeed_config`` (the flag DeepSpeed's
@@ -67,8 +67,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from pathlib import Path
 from dataclasses import dataclass
-from typing import Any, Optional, Tuple, Union
+from typing import Any, Iterable, Optional, Tuple, Union
 
 from ..config import ConfigError, TwistConfig
 
@@ -233,12 +234,8 @@ def _flag_text(key: _Key, value: Any) -> str:
 _DEFAULT_PARSER: Optional[argparse.ArgumentParser] = None
 
 
-def _flag_default(key: _Key, parser: Optional[argparse.ArgumentParser]):
+def _flag_default(key: _Key):
     global _DEFAULT_PARSER
-    if parser is not None:
-        default = parser.get_default(key.dest)
-        if default is not None:  # None: this parser has no such flag
-            return default
     if _DEFAULT_PARSER is None:
         from ..arguments import add_twist_args
 
@@ -247,14 +244,13 @@ def _flag_default(key: _Key, parser: Optional[argparse.ArgumentParser]):
 
 
 def twist_config_from_ds(ds_config: Optional[DsConfig], args: Optional[argparse.Namespace] = None,
-                         parser: Optional[argparse.ArgumentParser] = None) -> TwistConfig:
+                         explicit: Iterable[str] = ()) -> TwistConfig:
     """A validated TwistConfig from the ``"twist"`` section and the command-line flags.
 
-    Per key: the section's value if it has one (a flag set explicitly to a
+    Per key: the section's value if it has one (a flag the user typed with a
     different value is an error naming both), else the flag's value from
-    ``args``, else the parser's default. ``parser`` (the one ``args`` came
-    from, with :func:`add_twist_args`) tells an explicit flag from a default;
-    without it the defaults of ``add_twist_args`` are used. With
+    ``args``, else ``add_twist_args``' default. ``explicit``: the destinations
+    of the flags the user typed (``arguments.explicit_dests``). With
     ``ds_config=None`` the path is ``args.deepspeed_config`` (DeepSpeed's
     ``add_config_arguments``); with neither, only the flags count.
     """
@@ -270,14 +266,13 @@ def twist_config_from_ds(ds_config: Optional[DsConfig], args: Optional[argparse.
         raise ConfigError(f'unknown key(s) {unknown} in "{SECTION}" of {name}; the allowed keys are '
                           f"{list(ALLOWED_KEYS)}")
 
-    values = {}
+    values, explicit = {}, set(explicit)
     for key in _KEYS:
-        default = _normalise(key, _flag_default(key, parser))
+        default = _normalise(key, _flag_default(key))
         given = _normalise(key, getattr(args, key.dest, None)) if args is not None else None
-        explicit = given is not None and given != default
         if key.name in section:
             value = _coerce(key, section[key.name], name)
-            if explicit and given != value:
+            if key.dest in explicit and given != value:
                 raise ConfigError(
                     f'{_flag_text(key, given)} conflicts with "{SECTION}": {{"{key.name}": {_json(value)}}} in '
                     f"{name}; set it in one place")
@@ -289,6 +284,21 @@ def twist_config_from_ds(ds_config: Optional[DsConfig], args: Optional[argparse.
         return TwistConfig(**values)
     except ConfigError as e:
         raise ConfigError(f'"{SECTION}" settings from {name} and the command line: {e}') from None
+
+
+def resolve_deepspeed(args: argparse.Namespace, explicit: Iterable[str] = ()) -> Tuple[TwistConfig, Optional[dict]]:
+    """(TwIST settings, the ds_config or None) of `twist train` / `twist plan`: with ``--deepspeed
+    --deepspeed_config FILE`` the file's ``"twist"`` section and the flags (conflicts refused, see
+    twist_config_from_ds); without, the flags alone. ``explicit``: the flags the user typed."""
+    from ..arguments import validate_twist_args
+
+    if not (args.deepspeed or args.deepspeed_config):
+        return validate_twist_args(args), None
+    if not (args.deepspeed and args.deepspeed_config):
+        raise ConfigError("DeepSpeed needs both --deepspeed and --deepspeed_config FILE")
+    twist_section(args.deepspeed_config)  # refuses a missing or invalid file, naming it
+    ds_config = json.loads(Path(args.deepspeed_config).read_text())
+    return twist_config_from_ds(args.deepspeed_config, args, explicit), ds_config
 
 
 # --------------------------------------------------------------------------- batch sizes
@@ -489,5 +499,5 @@ def engine_settings(ds_config: DsConfig, train, explicit=frozenset()):
     return dataclasses.replace(train, **values)
 
 
-__all__ = ["ALLOWED_KEYS", "twist_section", "twist_config_from_ds", "strip_twist_section",
+__all__ = ["ALLOWED_KEYS", "twist_section", "twist_config_from_ds", "resolve_deepspeed", "strip_twist_section",
            "check_batch_consistency", "engine_settings"]

@@ -66,8 +66,11 @@ class NonFiniteError(TrainingError):
 
 @dataclass
 class TrainResult:
-    central: CentralModel
-    rounds: List[RoundRecord] = field(default_factory=list)
+    """What a trainer's ``run()`` returns (both engines)."""
+
+    central: object  # CentralModel, or the DeepSpeed path's ShardedCentral
+    rounds: List[RoundRecord] = field(default_factory=list)  # the Megatron path's round records
+    losses: List[float] = field(default_factory=list)  # the DeepSpeed path: this rank's per-step losses
 
     def loss_curve(self) -> List[float]:
         """Mean loss over subnets at each global step."""
@@ -98,9 +101,14 @@ class TwistTrainer:
         central: Optional[CentralModel] = None,
         log: Callable[[str], None] = print,
         watchdog=None,
+        checkpointer=None,
+        metrics=None,
     ):
+        """``checkpointer`` (checkpoint/manager.py) saves at round ends and at the end; ``metrics``
+        (training/metrics.py) gets the run's record on the logging rank; both optional."""
         self.model_config, self.twist, self.train, self.groups = model, twist, train, groups
         self.watchdog = watchdog  # distributed/watchdog.py: told the step, for the heartbeat
+        self.checkpointer, self.metrics = checkpointer, metrics
         self.batches = batches
         self.log = log if groups.is_logging_rank else (lambda _msg: None)
         tp, pp = groups.tp_size, groups.pp_size
@@ -240,6 +248,8 @@ class TwistTrainer:
         while self.central.step < stop_at:
             rec = self.run_round()
             result.rounds.append(rec)
+            if self.checkpointer is not None:
+                self.checkpointer.on_round_end(self.central, self.full_central_state)  # collective
             if on_round_end is not None:
                 on_round_end(rec)
             if (rec.round + 1) % max(1, self.train.log_interval // self.twist.local_steps) == 0 or \
@@ -253,6 +263,12 @@ class TwistTrainer:
                     f"(dense DP {rec.dense_dp_bytes / 2**20:.1f} MiB) "
                     f"| {time.perf_counter() - start:.0f}s"
                 )
+        if self.checkpointer is not None:
+            self.checkpointer.finish(self.central, self.full_central_state)  # collective
+        if self.metrics is not None and self.groups.is_logging_rank:
+            self.metrics.write({"rounds": [r.__dict__ for r in result.rounds], "loss_curve": result.loss_curve(),
+                                "model": self.model_config.to_dict(), "twist": self.twist.to_dict(),
+                                "train": self.train.to_dict(), "world_size": self.groups.world_size})
         return result
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_twist.arguments import add_twist_args
+from megatron_twist.arguments import add_twist_args, explicit_dests
 from megatron_twist.config import MODEL_PRESETS, ConfigError, ModelConfig, TwistConfig
 from megatron_twist.integrations.ds_config import (ALLOWED_KEYS, check_batch_consistency, strip_twist_section,
                                                    twist_config_from_ds, twist_section)
@@ -39,7 +39,7 @@ def ds(**twist) -> dict:
 
 def parse(*argv):
     parser = add_twist_args(argparse.ArgumentParser())
-    return parser.parse_args(list(argv)), parser
+    return parser.parse_args(list(argv)), explicit_dests(parser, argv)
 
 
 def write(tmp_path: Path, config, name="ds_config.json") -> Path:
@@ -76,8 +76,8 @@ def test_absent_keys_take_the_defaults():
 
 
 def test_absent_keys_fall_back_to_flags():
-    args, parser = parse("--local-steps", "9", "--twist-seed", "7", "--no-coverage", "--whole-layers", "0")
-    cfg = twist_config_from_ds(ds(keep_ratio=0.25, num_subnets=4), args, parser)
+    args, explicit = parse("--local-steps", "9", "--twist-seed", "7", "--no-coverage", "--whole-layers", "0")
+    cfg = twist_config_from_ds(ds(keep_ratio=0.25, num_subnets=4), args, explicit)
     assert (cfg.keep_ratio, cfg.num_subnets, cfg.local_steps, cfg.seed, cfg.coverage, cfg.whole_layers) == \
         (0.25, 4, 9, 7, False, (0,))
 
@@ -87,8 +87,8 @@ def test_deepspeed_config_flag_supplies_the_path(tmp_path):
 
     parser = deepspeed.add_config_arguments(add_twist_args(argparse.ArgumentParser()))
     path = write(tmp_path, ds(num_subnets=3, keep_ratio=0.5))
-    args = parser.parse_args(["--deepspeed", "--deepspeed_config", str(path)])
-    assert twist_config_from_ds(None, args, parser).num_subnets == 3
+    argv = ["--deepspeed", "--deepspeed_config", str(path)]
+    assert twist_config_from_ds(None, parser.parse_args(argv), explicit_dests(parser, argv)).num_subnets == 3
 
 
 def test_unknown_key_refused_with_allowed_keys():
@@ -156,10 +156,10 @@ def test_strip_twist_section_is_a_copy():
     (["--twist-balance-shards", "4"], "balance_shards", 2, "--twist-balance-shards 4"),
 ])
 def test_explicit_flag_conflicting_with_section_refused(tmp_path, argv, key, value, flag_text):
-    args, parser = parse(*argv)
+    args, explicit = parse(*argv)
     path = write(tmp_path, ds(**{key: value}))
     with pytest.raises(ConfigError) as e:
-        twist_config_from_ds(path, args, parser)
+        twist_config_from_ds(path, args, explicit)
     msg = str(e.value)
     assert flag_text in msg and f'"twist": {{"{key}": {json.dumps(value)}}}' in msg
     assert "ds_config.json" in msg and "set it in one place" in msg
@@ -168,36 +168,37 @@ def test_explicit_flag_conflicting_with_section_refused(tmp_path, argv, key, val
 def test_conflict_message_matches_the_documented_form(tmp_path, monkeypatch):
     write(tmp_path, ds(keep_ratio=0.5, num_subnets=4))
     monkeypatch.chdir(tmp_path)  # the path as a user would type it
-    args, parser = parse("--keep-ratio", "0.25")
+    args, explicit = parse("--keep-ratio", "0.25")
     with pytest.raises(ConfigError, match=r'^--keep-ratio 0.25 conflicts with "twist": \{"keep_ratio": 0.5\} in '
                                           r'ds_config.json; set it in one place$'):
-        twist_config_from_ds("ds_config.json", args, parser)
+        twist_config_from_ds("ds_config.json", args, explicit)
 
 
 def test_explicit_flag_equal_to_section_accepted():
-    args, parser = parse("--keep-ratio", "0.5", "--num-subnets", "4", "--whole-layers", "0,-1", "--no-coverage",
+    args, explicit = parse("--keep-ratio", "0.5", "--num-subnets", "4", "--whole-layers", "0,-1", "--no-coverage",
                          "--activation-correction", "rescale")
     cfg = twist_config_from_ds(ds(keep_ratio=0.5, num_subnets=4, whole_layers=[0, -1], coverage=False,
-                                  activation_correction="rescale"), args, parser)
+                                  activation_correction="rescale"), args, explicit)
     assert (cfg.keep_ratio, cfg.num_subnets, cfg.whole_layers, cfg.coverage, cfg.correction) == \
         (0.5, 4, (0, -1), False, "rescale")
 
 
 def test_flag_left_at_default_is_not_a_conflict():
-    args, parser = parse()  # --num-subnets defaults to 2, --local-steps to 15, coverage on
-    cfg = twist_config_from_ds(ds(num_subnets=4, local_steps=3, coverage=False, keep_ratio=0.5), args, parser)
+    args, explicit = parse()  # --num-subnets defaults to 2, --local-steps to 15, coverage on
+    cfg = twist_config_from_ds(ds(num_subnets=4, local_steps=3, coverage=False, keep_ratio=0.5), args, explicit)
     assert (cfg.num_subnets, cfg.local_steps, cfg.coverage) == (4, 3, False)
 
 
-def test_default_read_from_the_given_parser():
-    """A host parser with another default: its default is no conflict, and the old default now is one."""
+def test_a_typed_flag_is_explicit_whatever_its_value():
+    """Typed flags are told from defaults by what the user typed (arguments.explicit_dests), not by
+    comparing values: a host parser's other default is no conflict, and typing the usual default
+    value is one (set it in one place)."""
     parser = add_twist_args(argparse.ArgumentParser())
     parser.set_defaults(num_subnets=8)
-    args = parser.parse_args([])
-    assert twist_config_from_ds(ds(num_subnets=4), args, parser).num_subnets == 4
-    args = parser.parse_args(["--num-subnets", "2"])
+    assert twist_config_from_ds(ds(num_subnets=4), parser.parse_args([]), explicit_dests(parser, [])).num_subnets == 4
+    argv = ["--num-subnets", "2"]
     with pytest.raises(ConfigError, match="--num-subnets 2 conflicts"):
-        twist_config_from_ds(ds(num_subnets=4), args, parser)
+        twist_config_from_ds(ds(num_subnets=4), parser.parse_args(argv), explicit_dests(parser, argv))
 
 
 def test_coverage_impossibility_refused_with_twist_configs_message():

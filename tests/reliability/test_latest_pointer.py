@@ -106,10 +106,8 @@ def test_save_interval_flags_are_checked(tmp_path, rel, reference, in_process_cl
 
 def test_torch_dist_checkpoints_follow_the_same_protocol(mcore, tmp_path):
     """`--ckpt-format torch_dist` in a save directory: collective write, then rank 0 moves the pointer."""
-    from types import SimpleNamespace
-
-    from megatron_twist.cli import _save_central
-    from megatron_twist.config import MODEL_PRESETS, ModelConfig, TrainConfig, TwistConfig
+    from megatron_twist.checkpoint.manager import CentralCheckpointer
+    from megatron_twist.config import MODEL_PRESETS, ModelConfig, RunConfig, TrainConfig, TwistConfig
     from megatron_twist.checkpoint.torch_dist import read_common
     from megatron_twist.distributed.runtime import build_twist_groups
     from megatron_twist.data.batches import SyntheticBatches
@@ -119,11 +117,11 @@ def test_torch_dist_checkpoints_follow_the_same_protocol(mcore, tmp_path):
     train = TrainConfig(train_iters=4, micro_batch_size=2, log_interval=100)
     trainer = TwistTrainer(model, twist, train, build_twist_groups(twist),
                            SyntheticBatches(model.vocab_size, model.seq_length, 2), log=lambda m: None)
-    args = SimpleNamespace(save=str(tmp_path / "save"), ckpt_format="torch_dist", keep_checkpoints=1,
-                           overwrite=False)
+    run = RunConfig(save=str(tmp_path / "save"), series=True, ckpt_format="torch_dist", keep_checkpoints=1)
+    checkpointer = CentralCheckpointer(run, twist, train, {"mock": True}, trainer.groups.is_logging_rank)
     for _ in range(2):
         trainer.run_round()
-        _save_central(args, trainer, twist, train, {"mock": True}, trainer.groups, series=True)
+        checkpointer.save(trainer.central, trainer.full_central_state)
     save = tmp_path / "save"
     assert cs.read_pointer(save) == 4 and cs.list_iterations(save) == [4]  # keep 1
     assert read_common(cs.resolve_load(save))["step"] == 4

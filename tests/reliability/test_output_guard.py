@@ -275,7 +275,7 @@ def test_no_writer_deletes_without_the_guard():
     temporary, a set-aside copy of our own output, a pruned checkpoint of our own, a sub-directory of
     a prepared directory it checked)."""
     # prepare.py: the hf_tokenizer/ sub-directory of a prepared directory it claimed (check_output first)
-    reviewed = {"outputs.py": 1, "checkpoint_series.py": 1, "prepare.py": 1}
+    reviewed = {"outputs.py": 1, "series.py": 1, "prepare.py": 1}
     found = {}
     for path in (REPO / "megatron_twist").rglob("*.py"):
         n = path.read_text().count("shutil.rmtree(")

@@ -12,7 +12,8 @@ import shutil
 import pytest
 
 from megatron_twist.cli import build_parser
-from megatron_twist.checkpoint.resume import explicit_dests, resume_conflicts
+from megatron_twist.arguments import explicit_dests
+from megatron_twist.checkpoint.resume import resume_conflicts
 
 
 @pytest.fixture

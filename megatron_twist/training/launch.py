@@ -1,0 +1,84 @@
+"""`twist train` as one library call: ``train(job)`` runs a validated job (training/setup.py).
+
+Launch and shutdown live here and nowhere else: the process group (its timeout is
+``--distributed-timeout-minutes``), the watchdog that names a lost rank (exit code 75), the
+TwIST groups, seeding, then the trainer of the job's engine, which owns its checkpointer and
+metrics: ``TwistTrainer`` (Megatron-core's TP x PP path) or ``DeepSpeedTrainer``. Both have the
+same shape: ``run() -> TrainResult``.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from typing import Callable
+
+from .setup import TrainingJob
+
+
+def train(job: TrainingJob, log: Callable[[str], None] = print):
+    """Run ``job`` in this process's place of the job's process group; returns the TrainResult."""
+    from ..distributed.runtime import init_distributed, shutdown
+    from ..distributed.watchdog import Watchdog
+
+    init_distributed(timeout_s=job.run.timeout_s)
+    watchdog = Watchdog.for_job(job.run.timeout_s)  # heartbeats; None for one process
+    try:
+        with watchdog.guard() if watchdog is not None else contextlib.nullcontext():
+            return build_trainer(job, log, watchdog).run()
+    finally:
+        shutdown()
+
+
+def build_trainer(job: TrainingJob, log: Callable[[str], None], watchdog=None):
+    """The trainer of the job's engine, with its checkpointer and metrics (inside the process group)."""
+    import torch
+
+    from ..cpu_shim import seed_everything
+    from ..distributed.runtime import build_twist_groups
+    from .metrics import MetricsFile
+
+    model, twist, train_config, run = job.model, job.twist, job.train, job.run
+    groups = build_twist_groups(twist, run.tensor_parallel_size, run.pipeline_parallel_size)
+    seed_everything(train_config.seed)  # Megatron's RNG tracker, whichever way the central model is made
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))))
+    metrics = MetricsFile(run.metrics_file) if run.metrics_file else None
+    if run.deepspeed:
+        from ..checkpoint.deepspeed import DeepSpeedCheckpointer
+        from .deepspeed_trainer import DeepSpeedTrainer
+
+        # One batch of micro x accumulation samples per (step, subnet slot), split into micro-batches.
+        accumulation = job.ds_config.get("gradient_accumulation_steps", 1)
+        batches = job.data.batches(model, dataclasses.replace(
+            train_config, micro_batch_size=train_config.micro_batch_size * accumulation), twist)
+        checkpointer = DeepSpeedCheckpointer(run, twist, train_config, groups, job.data.meta, log)
+        return DeepSpeedTrainer(model, twist, train_config, groups, batches, job.ds_config, load=run.load,
+                                checkpointer=checkpointer, metrics=metrics, log=log, watchdog=watchdog)
+    from ..checkpoint.manager import CentralCheckpointer
+    from .twist_trainer import TwistTrainer
+
+    central = load_or_build_central(job, groups)
+    checkpointer = CentralCheckpointer(run, twist, train_config, job.data.meta, groups.is_logging_rank, log)
+    return TwistTrainer(model, twist, train_config, groups, job.data.batches(model, train_config, twist),
+                        central=central, log=log, watchdog=watchdog, checkpointer=checkpointer, metrics=metrics)
+
+
+def load_or_build_central(job: TrainingJob, groups):
+    """This rank's TP shard / PP stage of the central model: fresh from the seed, or from --load (a
+    torch_dist checkpoint is resharded by Megatron; a safetensors one is cut to this layout)."""
+    from ..checkpoint import detect
+    from .twist_trainer import build_central
+
+    model, run = job.model, job.run
+    tp, pp = run.tensor_parallel_size, run.pipeline_parallel_size
+    if run.load and detect.is_torch_dist(run.load):
+        from ..checkpoint.torch_dist import load_central_dist
+
+        return load_central_dist(run.load, model, tp, pp)[0]
+    central = build_central(model, job.train.seed, tp, pp)
+    if run.load:
+        from ..checkpoint.models import fill_central
+        from ..distributed.full_state import layer_range
+
+        fill_central(central, run.load, groups.tp_rank, tp, layer_range(model, groups.pp_rank, pp)[0])
+    return central
