@@ -48,7 +48,7 @@ from .files import CheckpointError
 _FORCE = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
 
 
-def _allowed_globals() -> list:
+def allowed_globals() -> list:
     """DeepSpeed's own non-tensor types in its checkpoints (found with
     ``torch.serialization.get_unsafe_globals_in_checkpoint`` on ZeRO 0-3, fp32 and bf16 checkpoints of
     deepspeed 0.19): the ZeRO stage enum, the (numel, start) record of a parameter's slice, the
@@ -79,7 +79,7 @@ def vet_deepspeed_checkpoint(engine_dir, tag: Optional[str] = None) -> List[Path
     if not files:
         raise CheckpointError(f"{tag_dir} holds no DeepSpeed checkpoint files (*.pt): the engine checkpoint is "
                               "incomplete; load an earlier checkpoint")
-    with torch.serialization.safe_globals(_allowed_globals()):
+    with torch.serialization.safe_globals(allowed_globals()):
         for path in files:
             try:
                 torch.load(path, map_location="cpu", weights_only=True)
@@ -97,7 +97,7 @@ def restricted_unpickling():
     before = os.environ.get(_FORCE)
     os.environ[_FORCE] = "1"
     try:
-        with torch.serialization.safe_globals(_allowed_globals()):
+        with torch.serialization.safe_globals(allowed_globals()):
             yield
     finally:
         if before is None:

@@ -344,7 +344,7 @@ def read_common(path) -> dict:
 # torch's dtypes. No whole-module entries and no dotted names: a protocol-4 pickle can ask for
 # ``(allowed module, "os.system")``, which pickle's own find_class would walk to, and call. torch reads
 # .metadata with plain pickle.load, so it is vetted with this list first.
-_METADATA_GLOBALS = frozenset({
+METADATA_GLOBALS = frozenset({
     ("torch.distributed.checkpoint.metadata", "BytesStorageMetadata"),
     ("torch.distributed.checkpoint.metadata", "ChunkStorageMetadata"),
     ("torch.distributed.checkpoint.metadata", "Metadata"),
@@ -363,13 +363,13 @@ _METADATA_GLOBALS = frozenset({
 }) | frozenset(("torch", n) for n in dir(torch) if isinstance(getattr(torch, n, None), torch.dtype))
 
 
-class _MetadataUnpickler(pickle.Unpickler):
+class MetadataUnpickler(pickle.Unpickler):
     """Unpickles only the exact globals a checkpoint's .metadata legitimately holds; anything else
     (os.system, builtins.eval, a dotted path through an allowed module, ...) is refused before it is
     looked up, let alone called."""
 
     def find_class(self, module, name):
-        if (module, name) not in _METADATA_GLOBALS:
+        if (module, name) not in METADATA_GLOBALS:
             raise pickle.UnpicklingError(f"{module}.{name} is not allowed in checkpoint metadata")
         return getattr(importlib.import_module(module), name)  # one attribute: never a dotted walk
 
@@ -386,7 +386,7 @@ def vet_pickled_parts(root) -> None:
     root = Path(root)
     try:
         with open(root / ".metadata", "rb") as f:
-            metadata = _MetadataUnpickler(f).load()
+            metadata = MetadataUnpickler(f).load()
         byte_items = [(idx, info) for idx, info in metadata.storage_data.items()
                       if isinstance(metadata.state_dict_metadata.get(idx.fqn), BytesStorageMetadata)]
     except Exception as e:  # noqa: BLE001 - missing, truncated or hostile metadata

@@ -120,11 +120,11 @@ def file_hashes(root: Path) -> dict:
 
 def test_every_dotted_payload_is_live(tmp_path):
     """Control: under plain pickle each payload below really runs (so refusing it means something)."""
-    from megatron_twist.checkpoint.torch_dist import _METADATA_GLOBALS
+    from megatron_twist.checkpoint.torch_dist import METADATA_GLOBALS
 
-    from megatron_twist.checkpoint.deepspeed_vetting import _allowed_globals
+    from megatron_twist.checkpoint.deepspeed_vetting import allowed_globals
 
-    modules = {m for m, _ in _METADATA_GLOBALS} | {cls.__module__ for cls in _allowed_globals()} | {"torch._utils"}
+    modules = {m for m, _ in METADATA_GLOBALS} | {cls.__module__ for cls in allowed_globals()} | {"torch._utils"}
     for opcode in (stack_global_call, global_call):
         for module in sorted(modules):
             for target in TARGETS:
@@ -148,11 +148,11 @@ def torch_dist_checkpoint(mcore, tmp_path_factory):
 
 
 def test_metadata_allow_list_refuses_dotted_names(tmp_path, torch_dist_checkpoint):
-    from megatron_twist.checkpoint.torch_dist import _METADATA_GLOBALS, read_common
+    from megatron_twist.checkpoint.torch_dist import METADATA_GLOBALS, read_common
 
-    assert all("." not in name for _, name in _METADATA_GLOBALS), "exact names only"
+    assert all("." not in name for _, name in METADATA_GLOBALS), "exact names only"
     marker = tmp_path / "PWNED"
-    modules = {m for m, _ in _METADATA_GLOBALS}
+    modules = {m for m, _ in METADATA_GLOBALS}
     assert {"torch.distributed.checkpoint.metadata", "torch"} <= modules
     cases = payloads(modules, marker) + payloads(modules, marker, opcode=global_call)
     assert len(cases) == 2 * 3 * len(modules), "every allowed module reaches every target"
@@ -187,10 +187,10 @@ def test_weights_only_allow_lists_refuse_dotted_names(tmp_path, torch_dist_check
     torch's default list (torch_dist common.pt), looks a global up by its full dotted string in a
     dict of allowed objects: a dotted path through an allowed module matches nothing."""
     from megatron_twist.checkpoint.torch_dist import read_common
-    from megatron_twist.checkpoint.deepspeed_vetting import _allowed_globals, vet_deepspeed_checkpoint
+    from megatron_twist.checkpoint.deepspeed_vetting import allowed_globals, vet_deepspeed_checkpoint
 
     marker = tmp_path / "PWNED"
-    ds_modules = {cls.__module__ for cls in _allowed_globals()}
+    ds_modules = {cls.__module__ for cls in allowed_globals()}
     assert len(ds_modules) == 3
     engine = tmp_path / "engine"
     (engine / "tag").mkdir(parents=True)

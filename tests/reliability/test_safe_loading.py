@@ -143,7 +143,7 @@ def test_hostile_torch_dist_checkpoint_is_never_executed(mcore, tmp_path):
     """torch.distributed.checkpoint itself reads `.metadata` with pickle.load and byte items with
     torch.load(weights_only=False): megatron-twist vets both before Megatron touches the directory."""
     from megatron_twist.config import MODEL_PRESETS, ModelConfig, TrainConfig, TwistConfig
-    from megatron_twist.checkpoint.torch_dist import _MetadataUnpickler, read_common, save_central_dist
+    from megatron_twist.checkpoint.torch_dist import MetadataUnpickler, read_common, save_central_dist
     from megatron_twist.training.twist_trainer import build_central
 
     model = ModelConfig(**MODEL_PRESETS["tiny"])
@@ -172,7 +172,7 @@ def test_hostile_torch_dist_checkpoint_is_never_executed(mcore, tmp_path):
     # a legitimate .metadata whose byte item (Megatron's _extra_state) points at a hostile object
     d = variant("byte-item")
     with open(d / ".metadata", "rb") as f:
-        metadata = _MetadataUnpickler(f).load()
+        metadata = MetadataUnpickler(f).load()
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
     idx = next(i for i in metadata.storage_data

@@ -1,6 +1,6 @@
 """Megatron dist_checkpointing of the central model: save at one TP size, load at another.
 
-Three real launches (each phase is one process group; see dist_ckpt_worker.py):
+Three real launches (each phase is one process group; see torch_dist_worker.py):
 
 1. torchrun, 2 ranks, TP=2: save llama and gpt2 central models (random moments,
    step/round, extra), replacing an older checkpoint; a save that crashes before
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-WORKER = Path(__file__).resolve().with_name("dist_ckpt_worker.py")
+WORKER = Path(__file__).resolve().with_name("torch_dist_worker.py")
 REPO = Path(__file__).resolve().parents[2]
 
 

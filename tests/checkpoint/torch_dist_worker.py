@@ -1,8 +1,8 @@
-"""Worker for tests/distributed/test_dist_checkpoint.py: one phase per launch.
+"""Worker for tests/checkpoint/test_torch_dist.py: one phase per launch.
 
-    python -m torch.distributed.run --nproc_per_node=2 ... dist_ckpt_worker.py save_tp2 OUT
-    python -m torch.distributed.run --nproc_per_node=1 ... dist_ckpt_worker.py load_tp1 OUT
-    python -m torch.distributed.run --nproc_per_node=2 ... dist_ckpt_worker.py load_tp2 OUT
+    python -m torch.distributed.run --nproc_per_node=2 ... torch_dist_worker.py save_tp2 OUT
+    python -m torch.distributed.run --nproc_per_node=1 ... torch_dist_worker.py load_tp1 OUT
+    python -m torch.distributed.run --nproc_per_node=2 ... torch_dist_worker.py load_tp2 OUT
 
 The tensor-parallel size of a phase is the number of processes. Every phase
 writes ``OUT/<phase>.json``: named checks (``true`` = passed, otherwise a
