@@ -70,7 +70,7 @@ def output_kind(path) -> Optional[str]:
         return meta["kind"]
     dist_meta = _json(root / "metadata.json")
     if dist_meta and dist_meta.get("sharded_backend") == "torch_dist" and (root / "common.pt").is_file():
-        return CENTRAL  # dist_checkpoint.py's format (its common state is read, vetted, on load)
+        return CENTRAL  # checkpoint/torch_dist.py's format (its common state is read, vetted, on load)
     if (root / "twist_export.json").is_file() and (root / "config.json").is_file():
         return HF_EXPORT
     manifest = _json(root / "manifest.json")

@@ -32,7 +32,7 @@ TP shard / PP stage (N_c central parameters, N_s subnet parameters):
   ``--optimizer-state aggregate``: weights + 2 moments; 1 with ``reset``);
 * the materialized subnet (twist/worker.py): weights 4 N_s, gradients 4 N_s,
   AdamW moments 8 N_s;
-* activations, an estimate for ONE micro-batch in flight (training/step.py
+* activations, an estimate for ONE micro-batch in flight (optim/step.py
   runs one micro-batch per optimizer step, also through the 1F1B schedule),
   no recomputation, no sequence parallelism, unfused attention (scores are
   materialized): per layer, b x s tokens, e bytes per element::

@@ -47,7 +47,7 @@ def save_deepspeed_checkpoint(path: str, engine, central: ShardedCentral, twist,
 
 def save_deepspeed_series(save_dir: str, engine, central: ShardedCentral, twist, train, groups: TwistGroups,
                           data_meta: Optional[dict], keep: int = 0) -> None:
-    """Collective: the next ``SAVE_DIR/iter_XXXXXXX`` of a series (checkpoint_series.py), then the pointer.
+    """Collective: the next ``SAVE_DIR/iter_XXXXXXX`` of a series (checkpoint/series.py), then the pointer.
 
     Every rank writes into ``.iter_XXXXXXX.ds-tmp`` (engine files and its central shard, as
     :func:`save_deepspeed_checkpoint`), fsyncs the engine files, and meets the others at a barrier;

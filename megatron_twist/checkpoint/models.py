@@ -1,6 +1,6 @@
 """Saving and loading TwIST models with their configs (central and cut-out).
 
-Builds on checkpointing.py (format, atomicity, verification) and adds what a
+Builds on checkpoint/files.py (format, atomicity, verification) and adds what a
 model is: its ModelConfig, TwIST config, per-layer sizes and, for a cut-out
 model, which central units it kept. Loading rebuilds the exact Megatron-core
 GPTModel and refuses weights that do not fit it.

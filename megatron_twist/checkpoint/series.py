@@ -3,14 +3,14 @@
 Layout of a save directory (``twist train --save SAVE_DIR --save-interval N``)::
 
     SAVE_DIR/latest_checkpointed_iteration.txt   the iteration of the newest COMPLETE checkpoint
-    SAVE_DIR/iter_0000004/                       a checkpoint (checkpointing.py or torch_dist format)
+    SAVE_DIR/iter_0000004/                       a checkpoint (checkpoint/files.py or torch_dist format)
     SAVE_DIR/iter_0000008/
 
 The name of the pointer file is Megatron-LM's. Order of a save, each step durable before the next:
 
 1. stale temporaries of earlier, interrupted saves are removed (one writer per save directory);
 2. the checkpoint is written into a temporary sibling and renamed to ``iter_XXXXXXX`` by the
-   atomic writer of its format (``checkpointing.save_checkpoint`` / ``save_central_dist``);
+   atomic writer of its format (``files.save_checkpoint`` / ``save_central_dist``);
 3. the pointer is rewritten: temporary file, fsync, ``os.replace``, fsync of the directory;
 4. only then are checkpoints older than the newest ``keep`` removed.
 

@@ -84,7 +84,7 @@ class DeepSpeedTrainer:
             # The engine's checkpoint brings the optimizer-state structure; the round hook then refills
             # weights and moments from the central model at the round boundary we stopped at.
             # DeepSpeed reads its files with torch.load(weights_only=False): vet them first, then let
-            # DeepSpeed read only with the restricted unpickler (ds_checkpoint_vetting.load_vetted: the
+            # DeepSpeed read only with the restricted unpickler (deepspeed_vetting.load_vetted: the
             # bytes it unpickles are vetted as they are read). All ranks read, so all ranks vet.
             load_vetted(engine, os.path.join(load, "engine"))
             hook.mark_state_present()

@@ -6,7 +6,7 @@
   loop); the latest pointer names the last complete checkpoint, and the same command rerun ends
   bit for bit where the uninterrupted run ends (issue #13).
 * DeepSpeed reads its engine checkpoint with ``torch.load(weights_only=False)``: the files are
-  vetted first (integrations/ds_checkpoint_vetting.py). A real engine checkpoint passes; one whose
+  vetted first (checkpoint/deepspeed_vetting.py). A real engine checkpoint passes; one whose
   optimizer file would run code when unpickled is refused by name, the code never runs, and
   nothing in the checkpoint changes. A file swapped for a hostile one AFTER vetting never runs
   either: DeepSpeed's own reads are restricted (issue #13).
@@ -151,7 +151,7 @@ def test_hostile_engine_checkpoint_is_refused_and_never_executed(engine_checkpoi
 def test_file_swapped_after_vetting_is_never_executed(engine_checkpoint, tmp_path, run_twist, monkeypatch):
     """Vetting and loading are two reads: a vetted file replaced by a hostile pickle between them
     (TWIST_FAULT_SWAP_AFTER_VET) must not run. DeepSpeed's own read is restricted too
-    (ds_checkpoint_vetting.load_vetted): the load is refused, the marker never appears."""
+    (deepspeed_vetting.load_vetted): the load is refused, the marker never appears."""
     save, config = engine_checkpoint
     ckpt = tmp_path / "ckpt"
     shutil.copytree(save, ckpt)

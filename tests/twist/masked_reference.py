@@ -21,7 +21,7 @@ What it does instead of the materialized path:
   elementwise sums.
 
 Semantics reproduced (read from docs/ARCHITECTURE.md, design decisions 3-5,
-and the code of training/optim.py, training/step.py, twist/worker.py):
+and the code of optim/optimizer.py, optim/step.py, twist/worker.py):
 * LR: Megatron's linear warmup from 0 over min(warmup, train_iters - 1)
   steps, then cosine to min_lr at train_iters, evaluated at the GLOBAL step;
 * weight decay: decoupled (AdamW), on parameters with more than one
