@@ -29,6 +29,11 @@ API
 ``check_batch_consistency(ds_config, micro_batch_size, world_size, twist, *, tensor_parallel=1, pipeline_parallel=1)``
     DeepSpeed's batch arithmetic for the data-parallel group DeepSpeed sees
     under TwIST (the replicas of ONE subnet); returns the resolved sizes.
+``resolve_deepspeed(args, parser=None)``
+    what ``twist train`` and ``twist plan`` make of ``--deepspeed`` /
+    ``--deepspeed_config FILE``: ``(TwistConfig, config dict)`` with both,
+    ``(TwistConfig from the flags alone, None)`` with neither; one without
+    the other, or a missing or invalid file, is refused.
 
 Every error is a :class:`~megatron_twist.config.ConfigError` that names the fix.
 
@@ -63,6 +68,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Optional, Tuple, Union
 
+from ..arguments import validate_twist_args
 from ..config import ConfigError, TwistConfig
 
 SECTION = "twist"
@@ -369,5 +375,26 @@ def check_batch_consistency(ds_config: DsConfig, micro_batch_size: Optional[int]
             "data_parallel_size": dp}
 
 
+# --------------------------------------------------------------------------- the command line
+
+
+def resolve_deepspeed(args: argparse.Namespace, parser: Optional[argparse.ArgumentParser] = None
+                      ) -> Tuple[TwistConfig, Optional[dict]]:
+    """The TwIST settings and the DeepSpeed config of a ``twist train`` / ``twist plan`` command line.
+
+    Neither ``--deepspeed`` nor ``--deepspeed_config``: the Megatron path, ``(TwistConfig from the
+    add_twist_args flags, None)``. Both: ``(TwistConfig from the file's "twist" section and the flags,
+    the whole config as a dict)`` (see :func:`twist_config_from_ds`; ``parser`` tells explicit flags
+    from defaults). One without the other is refused, and so is a missing, unreadable or invalid
+    file, naming it.
+    """
+    if not (args.deepspeed or args.deepspeed_config):
+        return validate_twist_args(args), None
+    if not (args.deepspeed and args.deepspeed_config):
+        raise ConfigError("DeepSpeed needs both --deepspeed and --deepspeed_config FILE")
+    ds_config, _ = _load(args.deepspeed_config)  # refuses a missing or invalid file, naming it
+    return twist_config_from_ds(args.deepspeed_config, args, parser), ds_config
+
+
 __all__ = ["ALLOWED_KEYS", "twist_section", "twist_config_from_ds", "strip_twist_section",
-           "check_batch_consistency"]
+           "check_batch_consistency", "resolve_deepspeed"]
