@@ -7,7 +7,7 @@
   every aggregation group, given every rank's (tp, pp, dp) coordinates.
 
 ``distributed/runtime.py`` builds the real process groups from these, and
-``planning.py`` (``twist plan``) uses them to check a layout on a laptop, so
+``planning/`` (``twist plan``) uses them to check a layout on a laptop, so
 the two can never disagree. Imports nothing heavier than ``config``.
 """
 from __future__ import annotations

@@ -29,6 +29,11 @@ API
 ``check_batch_consistency(ds_config, micro_batch_size, world_size, twist, *, tensor_parallel=1, pipeline_parallel=1)``
     DeepSpeed's batch arithmetic for the data-parallel group DeepSpeed sees
     under TwIST (the replicas of ONE subnet); returns the resolved sizes.
+``resolve_deepspeed(args, explicit=())``
+    what ``twist train`` and ``twist plan`` make of ``--deepspeed`` /
+    ``--deepspeed_config FILE``: ``(TwistConfig, config dict)`` with both,
+    ``(TwistConfig from the flags alone, None)`` with neither; one without
+    the other, or a missing or invalid file, is refused.
 
 ``engine_settings(ds_config, train, explicit)``
     the ds_config's optimisation settings that `twist train --deepspeed` honours or refuses, never
@@ -71,6 +76,7 @@ from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional, Tuple, Union
 
+from ..arguments import validate_twist_args
 from ..config import ConfigError, TwistConfig
 
 SECTION = "twist"
@@ -290,8 +296,6 @@ def resolve_deepspeed(args: argparse.Namespace, explicit: Iterable[str] = ()) ->
     """(TwIST settings, the ds_config or None) of `twist train` / `twist plan`: with ``--deepspeed
     --deepspeed_config FILE`` the file's ``"twist"`` section and the flags (conflicts refused, see
     twist_config_from_ds); without, the flags alone. ``explicit``: the flags the user typed."""
-    from ..arguments import validate_twist_args
-
     if not (args.deepspeed or args.deepspeed_config):
         return validate_twist_args(args), None
     if not (args.deepspeed and args.deepspeed_config):

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable, Optional, Set
 
 from .. import outputs
-from ..arguments import model_config_from_args, train_config_from_args
+from ..arguments import model_config_from_args, train_config_from_args, validate_twist_args
 from ..checkpoint import detect
 from ..checkpoint import series as checkpoint_series
 from ..config import ConfigError, ModelConfig, RunConfig, TrainConfig, TwistConfig
@@ -40,6 +40,7 @@ def prepare_job(args, explicit: Set[str], log: Callable[[str], None] = print) ->
     """``explicit``: the destinations of the flags the user typed (arguments.explicit_dests)."""
     from ..integrations.ds_config import resolve_deepspeed
 
+    validate_twist_args(args)  # the flags alone first, also when a ds_config's "twist" section overrides them
     twist, ds_config = resolve_deepspeed(args, explicit)
     run = _run_config(args, ds_config is not None)
     train = train_config_from_args(args)

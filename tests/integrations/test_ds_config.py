@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from megatron_twist.arguments import add_twist_args, explicit_dests
+from megatron_twist.arguments import add_training_args, add_twist_args, explicit_dests
 from megatron_twist.config import MODEL_PRESETS, ConfigError, ModelConfig, TwistConfig
-from megatron_twist.integrations.ds_config import (ALLOWED_KEYS, check_batch_consistency, strip_twist_section,
-                                                   twist_config_from_ds, twist_section)
+from megatron_twist.integrations.ds_config import (ALLOWED_KEYS, check_batch_consistency, resolve_deepspeed,
+                                                   strip_twist_section, twist_config_from_ds, twist_section)
 
 REPO = Path(__file__).resolve().parents[2]
 DS_CONFIGS = REPO / "ds_configs"
@@ -213,6 +213,48 @@ def test_out_of_range_value_refused_with_twist_configs_message():
         twist_config_from_ds(ds(keep_ratio=1.5))
     with pytest.raises(ConfigError, match="--twist-split must be one of"):
         twist_config_from_ds(ds(split="attention"))
+
+
+# --------------------------------------------------------------------------- the command line (train, plan)
+
+
+def command_line(*argv):
+    """The DeepSpeed and TwIST flags as `twist train` / `twist plan` declare them."""
+    parser = add_training_args(add_twist_args(argparse.ArgumentParser()))
+    argv = [str(a) for a in argv]
+    return parser.parse_args(argv), explicit_dests(parser, argv)
+
+
+def test_resolve_without_deepspeed_flags_is_the_megatron_path():
+    args, explicit = command_line("--keep-ratio", "0.25", "--num-subnets", "4")
+    assert resolve_deepspeed(args, explicit) == (TwistConfig(keep_ratio=0.25, num_subnets=4), None)
+
+
+def test_resolve_with_both_flags_reads_the_section_and_the_whole_config(tmp_path):
+    config = ds(keep_ratio=0.25, num_subnets=4)
+    path = write(tmp_path, config)
+    args, explicit = command_line("--deepspeed", "--deepspeed_config", path, "--local-steps", "9")
+    twist, ds_config = resolve_deepspeed(args, explicit)
+    assert (twist.keep_ratio, twist.num_subnets, twist.local_steps) == (0.25, 4, 9)
+    assert ds_config == config  # the "twist" section included: strip_twist_section is the caller's
+
+
+@pytest.mark.parametrize("argv", [["--deepspeed"], ["--deepspeed_config", "ds.json"]])
+def test_resolve_refuses_one_deepspeed_flag_without_the_other(argv):
+    with pytest.raises(ConfigError, match="^DeepSpeed needs both --deepspeed and --deepspeed_config FILE$"):
+        resolve_deepspeed(*command_line(*argv))
+
+
+def test_resolve_refuses_a_bad_file_or_a_conflicting_flag_naming_the_file(tmp_path):
+    missing = tmp_path / "nope.json"
+    with pytest.raises(ConfigError, match="nope.json does not exist"):
+        resolve_deepspeed(*command_line("--deepspeed", "--deepspeed_config", missing))
+    path = write(tmp_path, '{"twist": 3}', name="odd.json")
+    with pytest.raises(ConfigError, match=r'"twist" in .*odd.json must be a JSON object'):
+        resolve_deepspeed(*command_line("--deepspeed", "--deepspeed_config", path))
+    path = write(tmp_path, ds(keep_ratio=0.5))
+    with pytest.raises(ConfigError, match=r'--keep-ratio 0.25 conflicts with "twist": \{"keep_ratio": 0.5\}'):
+        resolve_deepspeed(*command_line("--deepspeed", "--deepspeed_config", path, "--keep-ratio", "0.25"))
 
 
 # --------------------------------------------------------------------------- batch sizes

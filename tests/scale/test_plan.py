@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from megatron_twist.config import MODEL_PRESETS, ConfigError, ModelConfig, TrainConfig, TwistConfig
-from megatron_twist.planning import make_plan, stage_params, subnet_layer_shapes
+from megatron_twist.planning.arithmetic import make_plan
+from megatron_twist.planning.sizes import LayerShape, stage_params, subnet_layer_shapes
 
 REPO = Path(__file__).resolve().parents[2]
 GIB = 2 ** 30
@@ -205,7 +206,6 @@ CASES = {
 
 def test_parameter_counts_equal_built_models(mcore):
     from megatron_twist.model.gpt import build_gpt_model, count_parameters
-    from megatron_twist.planning import LayerShape
     from megatron_twist.twist.sampler import SubnetSampler
 
     cases = dict(CASES, **{"tiny-gpt2": (MODEL_PRESETS["tiny-gpt2"], dict(keep_ratio=0.5)),
@@ -225,7 +225,6 @@ def test_parameter_counts_equal_built_models(mcore):
 @pytest.mark.multiprocess
 def test_shard_counts_equal_megatron_shards(tmp_path, run_torchrun):
     """TP 2 x PP 2 on 4 ranks: every rank's central and subnet shard, first and last stage."""
-    from megatron_twist.planning import LayerShape
 
     run_torchrun(4, [REPO / "tests" / "scale" / "shard_count_worker.py", 2, 2, tmp_path], timeout=300)
     ranks = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in range(4)]

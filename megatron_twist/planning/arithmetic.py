@@ -1,0 +1,342 @@
+"""`twist plan`: check a TwIST layout and size it per GPU before any job is queued.
+
+Pure arithmetic on the configs (no torch, no process group, no GPU; runs in
+well under a second). Given the same model / parallel / TwIST / batch flags as
+`twist train` plus how many GPUs (``--nodes`` x ``--gpus-per-node`` or
+``--world-size``) and their memory, :func:`make_plan`
+
+1. checks the layout in the order a user thinks about it: query heads,
+   key-value heads and FFN neurons over tensor parallel (TP) and the keep
+   ratio kappa (the units a subnet KEEPS must split evenly over TP too), layers
+   over pipeline parallel (PP), data parallel (DP) over subnets, the vocabulary
+   over TP, batch sizes; then the same checks ``twist train`` runs
+   (:func:`~megatron_twist.distributed.layout.check_model_layout`,
+   :meth:`~megatron_twist.distributed.layout.ParallelLayout.for_world`), all in
+   :mod:`megatron_twist.planning.checks`;
+2. sizes every kind of pipeline stage (first / middle / last; ``only`` at
+   PP = 1) per GPU: parameters of the central shard and of the subnet shard,
+   memory, compute per step and aggregation traffic per round;
+3. refuses what cannot run (a :class:`~megatron_twist.config.ConfigError`:
+   the reason, then a suggested fix, e.g. the smallest TP x PP that divides
+   and fits in GPU memory).
+
+What it models
+--------------
+``path='megatron'`` (``twist train`` without ``--deepspeed``; the Slurm
+recipes' default). Everything is fp32, as the code trains it. Per GPU, for its
+TP shard / PP stage (N_c central parameters, N_s subnet parameters):
+
+* central model, replicated over DP (twist/central.py): weights 4 N_c bytes,
+  Adam moments 8 N_c (allocated whatever the optimizer-state policy);
+* aggregation buffer (twist/aggregation.py, ``RoundAggregator.flat``): one fp32
+  copy of the shard per aggregated field, 4 F N_c (F = 3 with
+  ``--optimizer-state aggregate``: weights + 2 moments; 1 with ``reset``);
+* the materialized subnet (twist/worker.py): weights 4 N_s, gradients 4 N_s,
+  AdamW moments 8 N_s;
+* activations, an estimate for ONE micro-batch in flight (training/step.py
+  runs one micro-batch per optimizer step, also through the 1F1B schedule),
+  no recomputation, no sequence parallelism, unfused attention (scores are
+  materialized): per layer, b x s tokens, e bytes per element::
+
+      e * ( s*b*(4h + (q+2g)*d/T + q*d/T + m*f/T) + b*(q/T)*s^2 )
+
+  (two norm inputs and two linear inputs of width h, which TP replicates; Q/K/V;
+  the attention context; MLP activations, m = 3 for SwiGLU (gate+up, product),
+  2 for GELU; the softmax output). q, g, f: the SUBNET's query heads, KV groups
+  and FFN neurons of that layer, d the head dim, T the TP size. The last stage
+  adds its final norm and output-layer inputs (2 s b h) and the logits with
+  the cross-entropy's copy (2 s b V/T).
+
+Compute per step is forward + backward = 3 x forward FLOPs, forward
+``2 x tokens x (matmul weights of the shard) + 4 x b x s^2 x (q/T) x d``
+(QK^T and PV over the full square, as the unfused kernel computes them) plus
+the output layer; the dense reference is the same formula for the central
+shard on the same micro-batch (dense TP x PP x DP training). Traffic per round
+is what the trainer counts (``RoundRecord.aggregation_bytes``: the payload of
+ONE all-reduce of the flat buffer, 4 F N_c, when the aggregation group has more
+than one rank) against ``RoundRecord.dense_dp_bytes`` (dense DP all-reduces
+the gradient shard, 4 N_c, every step: ``local_steps`` x 4 N_c per round, when
+DP > 1): ratio F / local_steps. Ring all-reduce wire bytes per rank are
+2 (A-1)/A x payload for a group of A. With subnet replicas, TwIST also
+all-reduces the SUBNET's gradients (4 N_s) among the replicas every step; the
+plan shows it on its own line (the trainer's round log does not count it).
+
+``path='deepspeed'`` (``--deepspeed --deepspeed_config FILE``; TP = PP = 1 in
+this release). The central model is sharded over all W data-parallel ranks
+(distributed/sharded_central.py): 3 fields x ceil(n/W) per tensor of n
+elements, fp32; at round boundaries one central tensor at a time is gathered
+and reduce-scattered (transient: 2 x the largest tensor, fp32); at start-up
+every rank builds the full central weights once (4 N bytes, fp32) before
+sharding them. The subnet is a DeepSpeed engine over its R replicas; ZeRO's
+own model (ZeRO paper): bf16 weights 2 + gradients 2 + fp32 master and Adam
+12 bytes per parameter (fp32: 4 + 4 + 8), divided by R for the optimizer
+state at stage >= 1, the gradients at stage >= 2, the weights at stage 3.
+Traffic per round (``ZeroRoundHook.bytes_moved``): the refill all-gathers and
+the aggregation reduce-scatters every field of every central tensor (padded
+to a multiple of W): 2 x F x 4 x sum(padded n).
+
+Not modeled: CUDA context and allocator fragmentation (leave ~5-10% headroom),
+transients of a refill (one tensor at a time), data-loader memory, TP
+all-reduces and PP point-to-point traffic (the same for a subnet as for dense
+training, scaled by the subnet's width).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+from ..config import ConfigError, ModelConfig, TrainConfig, TwistConfig
+from ..distributed.layout import ParallelLayout
+from .checks import check_deepspeed, check_layout, divisors, refuse
+from .sizes import (GIB, LayerShape, activation_bytes, embedding_params, forward_flops, head_params, layer_params,
+                    stage_kinds, stage_params, stage_tensor_sizes, subnet_layer_shapes)
+
+PATHS = ("megatron", "deepspeed")
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """One kind of pipeline stage, per GPU."""
+
+    kind: str
+    pp_rank: int
+    layers: int
+    central_params: int
+    subnet_params: int
+    memory: Dict[str, int]  # bytes, by item; "total" last
+    dense_memory: int  # bytes dense training would need on this GPU in the same layout
+    subnet_flops_per_step: float
+    dense_flops_per_step: float
+    aggregation_bytes_per_round: int  # payload, as RoundRecord.aggregation_bytes / ZeroRoundHook counts it
+    aggregation_wire_bytes_per_round: int
+    replica_grad_bytes_per_round: int  # subnet gradients among a subnet's replicas, every step
+    dense_dp_bytes_per_step: int  # as RoundRecord.dense_dp_bytes / steps
+
+    @property
+    def total_memory(self) -> int:
+        return self.memory["total"]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The result of :func:`make_plan`: a checked layout and its per-GPU numbers."""
+
+    path: str
+    dtype: str
+    zero_stage: Optional[int]
+    model: ModelConfig
+    twist: TwistConfig
+    world_size: int
+    gpus_per_node: int
+    tensor_parallel: int
+    pipeline_parallel: int
+    data_parallel: int
+    replicas: int
+    subnets_per_rank: int
+    aggregation_group_size: int
+    micro_batch_size: int
+    local_steps: int
+    central_params_total: int
+    subnet_params_total: int
+    subnet_layer: LayerShape  # the sizes of a split layer
+    gpu_memory_bytes: int  # 0: not checked
+    checks: Tuple[str, ...]
+    notes: Tuple[str, ...]
+    stages: Tuple[StagePlan, ...]
+
+    @property
+    def nodes(self) -> Optional[int]:
+        return self.world_size // self.gpus_per_node if self.world_size % self.gpus_per_node == 0 else None
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.micro_batch_size * self.model.seq_length * self.twist.num_subnets * self.replicas
+
+    @property
+    def peak_stage(self) -> StagePlan:
+        return max(self.stages, key=lambda s: s.total_memory)
+
+    def to_dict(self) -> dict:
+        d = {
+            "path": self.path, "dtype": self.dtype, "zero_stage": self.zero_stage,
+            "model": self.model.to_dict(), "twist": self.twist.to_dict(),
+            "world_size": self.world_size, "gpus_per_node": self.gpus_per_node, "nodes": self.nodes,
+            "tensor_parallel": self.tensor_parallel, "pipeline_parallel": self.pipeline_parallel,
+            "data_parallel": self.data_parallel, "replicas": self.replicas,
+            "subnets_per_rank": self.subnets_per_rank, "aggregation_group_size": self.aggregation_group_size,
+            "micro_batch_size": self.micro_batch_size, "local_steps": self.local_steps,
+            "tokens_per_step": self.tokens_per_step,
+            "central_params_total": self.central_params_total, "subnet_params_total": self.subnet_params_total,
+            "subnet_layer": dataclasses.asdict(self.subnet_layer), "gpu_memory_bytes": self.gpu_memory_bytes,
+            "checks": list(self.checks), "notes": list(self.notes),
+            "stages": {s.kind: dict(dataclasses.asdict(s), total_memory=s.total_memory) for s in self.stages},
+            "peak_stage": self.peak_stage.kind,
+        }
+        return d
+
+
+@dataclass(frozen=True)
+class _Hardware:
+    world_size: int
+    gpus_per_node: int
+    gpu_memory_bytes: int
+
+
+def make_plan(model: ModelConfig, twist: TwistConfig, train: TrainConfig, *, world_size: int,
+              tensor_parallel: int = 1, pipeline_parallel: int = 1, gpus_per_node: int = 8,
+              gpu_memory_gib: float = 80.0, path: str = "megatron", ds_config: Optional[dict] = None,
+              suggest: bool = True) -> Plan:
+    """Check the layout and size it; ConfigError (reason + suggested fix) when it cannot run."""
+    if path not in PATHS:
+        raise ConfigError(f"unknown path {path!r}; use one of {PATHS}")
+    if world_size < 1 or gpus_per_node < 1:
+        raise ConfigError(f"world size {world_size} and GPUs per node {gpus_per_node} must be positive")
+    hw = _Hardware(world_size, gpus_per_node, int(gpu_memory_gib * GIB))
+    tp, pp = tensor_parallel, pipeline_parallel
+    if tp < 1 or pp < 1:
+        raise ConfigError("tensor and pipeline parallel sizes must be at least 1")
+    layout, checks = check_layout(model, twist, world_size, tp, pp, gpus_per_node)
+    notes: List[str] = []
+    dtype, zero_stage = "fp32", None
+    if path == "deepspeed":
+        dtype, zero_stage = check_deepspeed(ds_config, train, twist, world_size, tp, pp, layout, checks)
+    else:
+        checks.append(f"batch: micro batch {train.micro_batch_size} x seq {model.seq_length} per subnet replica "
+                      f"and step")
+    if tp > gpus_per_node or gpus_per_node % tp:
+        notes.append(f"TP {tp} does not fit inside one node of {gpus_per_node} GPUs: tensor-parallel "
+                     f"all-reduces would cross the network")
+    plan = _size(model, twist, train, hw, layout, path, dtype, zero_stage, tuple(checks), notes)
+    if hw.gpu_memory_bytes and plan.peak_stage.total_memory > hw.gpu_memory_bytes:
+        peak = plan.peak_stage
+        where = "every GPU" if peak.kind == "only" else f"a GPU of the {peak.kind} pipeline stage"
+        reason = (f"{where} needs {peak.total_memory / GIB:.1f} GiB "
+                  f"({_biggest(peak.memory)}), more than the {gpu_memory_gib:g} GiB of a GPU")
+        raise refuse(reason, _memory_fix(model, twist, train, hw, path, ds_config) if suggest else
+                     "a larger pipeline or tensor parallel size")
+    return plan
+
+
+def _biggest(memory: Dict[str, int]) -> str:
+    items = sorted(((v, k) for k, v in memory.items() if k != "total"), reverse=True)[:3]
+    return ", ".join(f"{k} {v / GIB:.1f}" for v, k in items)
+
+
+def _size(model, twist, train, hw: _Hardware, layout: ParallelLayout, path, dtype, zero_stage, checks,
+          notes: List[str]) -> Plan:
+    tp, pp, dp = layout.tensor_parallel, layout.pipeline_parallel, layout.data_parallel
+    full = [LayerShape(model.num_attention_heads, model.num_query_groups, model.ffn_hidden_size)] * model.num_layers
+    sub = subnet_layer_shapes(model, twist, tp)
+    split_layer = next((s for s in sub if s != full[0]), full[0])
+    fields = 3 if twist.optimizer_state == "aggregate" else 1
+    mbs, seq = train.micro_batch_size, model.seq_length
+    if layout.data_parallel >= twist.num_subnets:
+        agg_group = twist.num_subnets
+    else:
+        agg_group = dp  # Megatron's DP group
+    reps, per_rank = layout.replicas, layout.subnets_per_rank
+    e_act = 2 if dtype == "bf16" else 4
+    stages = []
+    for kind, rank in stage_kinds(pp):
+        nc = stage_params(model, full, tp, pp, rank)
+        ns = stage_params(model, sub, tp, pp, rank)
+        act = activation_bytes(model, sub, tp, pp, rank, mbs, seq, e_act)
+        dense_act = activation_bytes(model, full, tp, pp, rank, mbs, seq, e_act)
+        if path == "megatron":
+            memory = {
+                "central weights": 4 * nc,
+                "central Adam moments": 8 * nc,
+                "aggregation buffer": 4 * fields * nc,
+                "subnet weights": 4 * ns,
+                "subnet gradients": 4 * ns,
+                "subnet Adam moments": 8 * ns,
+                "activations (estimate)": act,
+            }
+            dense_memory = 16 * nc + dense_act
+            agg = 4 * fields * nc if agg_group > 1 else 0
+            replica = twist.local_steps * 4 * ns if reps > 1 else 0
+            dense_dp = 4 * nc if dp > 1 else 0
+        else:
+            memory, dense_memory, agg, replica, dense_dp = _deepspeed_memory(
+                model, twist, sub, ns, nc, act, dense_act, dp, reps, fields, dtype, zero_stage)
+        startup = memory.pop("start-up peak: full central weights, fp32", 0)
+        memory["total"] = max(sum(memory.values()), startup)  # the start-up peak is transient, not added
+        if startup:
+            memory = {**{k: v for k, v in memory.items() if k != "total"},
+                      "start-up peak: full central weights, fp32": startup, "total": memory["total"]}
+        wire = int(agg * 2 * (agg_group - 1) / agg_group) if path == "megatron" else agg
+        stages.append(StagePlan(
+            kind=kind, pp_rank=rank, layers=model.num_layers // pp, central_params=nc, subnet_params=ns,
+            memory=memory, dense_memory=dense_memory,
+            subnet_flops_per_step=3 * per_rank * forward_flops(model, sub, tp, pp, rank, mbs, seq),
+            dense_flops_per_step=3 * forward_flops(model, full, tp, pp, rank, mbs, seq),
+            aggregation_bytes_per_round=agg, aggregation_wire_bytes_per_round=wire,
+            replica_grad_bytes_per_round=replica, dense_dp_bytes_per_step=dense_dp,
+        ))
+    if pp > 1:
+        notes.append(f"pipeline: one micro-batch per optimizer step through 1F1B, so each stage idles about "
+                     f"{pp - 1}/{pp} of a step (the same holds for dense training with this step)")
+    if per_rank > 1:
+        notes.append(f"each rank trains {per_rank} subnets in turn: a global step costs {per_rank} subnet steps")
+    if agg_group == 1:
+        notes.append("the aggregation group has one rank: aggregation moves no bytes")
+    n_total = sum(layer_params(model, s, 1) for s in full) + embedding_params(model, 1) + head_params(model, 1)
+    s_total = sum(layer_params(model, s, 1) for s in sub) + embedding_params(model, 1) + head_params(model, 1)
+    return Plan(path=path, dtype=dtype, zero_stage=zero_stage, model=model, twist=twist, world_size=hw.world_size,
+                gpus_per_node=hw.gpus_per_node, tensor_parallel=tp, pipeline_parallel=pp, data_parallel=dp,
+                replicas=reps, subnets_per_rank=per_rank, aggregation_group_size=agg_group,
+                micro_batch_size=mbs, local_steps=twist.local_steps, central_params_total=n_total,
+                subnet_params_total=s_total, subnet_layer=split_layer, gpu_memory_bytes=hw.gpu_memory_bytes,
+                checks=checks, notes=tuple(notes), stages=tuple(stages))
+
+
+def _deepspeed_memory(model, twist, sub, ns, nc, act, dense_act, dp, reps, fields, dtype, zero):
+    """TP = PP = 1: ns, nc are whole-model counts. See the module docstring."""
+    sizes = stage_tensor_sizes(model)
+    padded = sum(-(-n // dp) * dp for n in sizes)
+    w, g, o = (2, 2, 12) if dtype == "bf16" else (4, 4, 8)
+    memory = {
+        "central shard (weights + 2 moments)": 3 * 4 * padded // dp,
+        "round transient (2 tensors)": 2 * 4 * max(sizes),
+        "subnet weights": w * ns // (reps if zero >= 3 else 1),
+        "subnet gradients": g * ns // (reps if zero >= 2 else 1),
+        "subnet optimizer (master + Adam)": o * ns // (reps if zero >= 1 else 1),
+        "activations (estimate)": act,
+    }
+    memory["start-up peak: full central weights, fp32"] = 4 * nc  # once, before the engine; not added
+    dense_memory = w * nc // (dp if zero >= 3 else 1) + g * nc // (dp if zero >= 2 else 1) + \
+        o * nc // (dp if zero >= 1 else 1) + dense_act
+    agg = 2 * fields * 4 * padded
+    replica = twist.local_steps * g * ns if reps > 1 else 0
+    dense_dp = g * nc if dp > 1 else 0
+    return memory, dense_memory, agg, replica, dense_dp
+
+
+def _memory_fix(model, twist, train, hw: _Hardware, path, ds_config) -> str:
+    """The smallest TP x PP (TP inside a node first) that divides everything and fits, or what else to change."""
+    world_gib = hw.gpu_memory_bytes / GIB
+    best = None
+    if path == "megatron":
+        for t in divisors(hw.gpus_per_node):
+            for p in divisors(model.num_layers):
+                if hw.world_size % (t * p):
+                    continue
+                try:
+                    plan = make_plan(model, twist, train, world_size=hw.world_size, tensor_parallel=t,
+                                     pipeline_parallel=p, gpus_per_node=hw.gpus_per_node, gpu_memory_gib=world_gib,
+                                     path=path, suggest=False)
+                except ConfigError:
+                    continue
+                key = (t * p, p)
+                if best is None or key < best[0]:
+                    best = (key, t, p, plan)
+    if best is not None:
+        _, t, p, plan = best
+        return (f"--tensor-model-parallel-size {t} --pipeline-model-parallel-size {p} "
+                f"(DP {plan.data_parallel}; {plan.peak_stage.total_memory / GIB:.1f} GiB on the fullest GPU)")
+    if path == "deepspeed":
+        return ("the DeepSpeed path runs at TP = PP = 1 in this release; use the Megatron path (drop --deepspeed) "
+                "with TP x PP, or a smaller --micro-batch-size / --seq-length")
+    return ("no TP x PP of these GPUs that divides the model fits: lower --micro-batch-size or --seq-length, "
+            "use GPUs with more memory, or (with the DeepSpeed path's sharded central model) more GPUs")
