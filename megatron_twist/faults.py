@@ -21,7 +21,7 @@ no production code path sets them. All hooks live in this one module.
     written, nothing renamed) or ``before-pointer`` (the iteration directory is complete and in
     place, the ``latest`` pointer not yet moved).
 ``TWIST_FAULT_SWAP_AFTER_VET=FILE``
-    right after a DeepSpeed engine checkpoint is vetted (checkpoint/deepspeed_vetting.py) and
+    right after a DeepSpeed engine checkpoint is vetted (checkpoint/vetting.py) and
     before DeepSpeed reads it, the vetted file with FILE's name is replaced by FILE's bytes: the
     swap between two reads that loading must not be fooled by.
 ``TWIST_FAULT_NAN_SUBNETS=S[,S...]|all``, ``TWIST_FAULT_NAN_AT_STEP=T``, ``TWIST_FAULT_NAN_KIND``

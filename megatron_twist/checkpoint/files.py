@@ -57,17 +57,18 @@ def write_tensor_file(file: Path, named: Dict[str, torch.Tensor]) -> str:
     return sha256_file(file)
 
 
-def swap_in(tmp: Path, final: Path) -> None:
-    """Rename the complete directory ``tmp`` to ``final``; an existing ``final`` (already checked with
-    ``outputs.check_replaceable``) is set aside first and removed only once the new one is in place."""
-    old = final.parent / f".{final.name}.old-{os.getpid()}"
+def swap_in(tmp: Path, final: Path, old: Optional[Path] = None) -> None:
+    """The ONE atomic publish routine: rename the complete directory ``tmp`` to ``final``. An existing
+    ``final`` (already checked with ``outputs.check_replaceable``) is set aside to ``old`` (default
+    ``.NAME.old-PID``) first and removed only once the new one is in place."""
+    old = old or final.parent / f".{final.name}.old-{os.getpid()}"
     if final.exists():
         outputs.remove_temporary(old)  # a leftover of an interrupted swap (marked), never anything else
         outputs.set_aside(final, old)
     os.replace(tmp, final)
     fsync_dir(final.parent)
     outputs.seal_temporary(final)
-    outputs.remove_temporary(old)
+    outputs.remove_temporary(old)  # also one left by a swap interrupted between the two renames
 
 
 def publish_directory(tmp: Path, final: Path, meta: dict, overwrite: bool = False) -> None:

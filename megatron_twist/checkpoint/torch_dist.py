@@ -63,7 +63,8 @@ from megatron.core.dist_checkpointing.validation import StrictHandling
 from torch.distributed.checkpoint.api import CheckpointException as TorchCheckpointException
 
 from .. import outputs
-from .files import CheckpointError, fsync_dir
+from .files import CheckpointError, fsync_dir, swap_in
+from .vetting import first_line, vet_pickled_parts
 from ..config import ConfigError, ModelConfig, TrainConfig, TwistConfig
 from ..model.gpt import build_gpt_model
 from ..optim.optimizer import ADAM_MOMENTS
@@ -216,7 +217,8 @@ def old_path(final: Path) -> Path:
 
 
 def publish_checkpoint(tmp: Path, final: Path, overwrite: bool = False) -> None:
-    """Rename the complete checkpoint in ``tmp`` to ``final`` (not collective; rank 0 calls it).
+    """Rename the complete checkpoint in ``tmp`` to ``final`` (not collective; rank 0 calls it), through
+    the one atomic publish routine (files.swap_in).
 
     An existing ``final`` (a megatron-twist central checkpoint, or anything with ``overwrite``) is
     moved to ``old_path(final)`` first and deleted only after the new one is in place, so at every
@@ -224,13 +226,7 @@ def publish_checkpoint(tmp: Path, final: Path, overwrite: bool = False) -> None:
     ``old_path(final)``, which :func:`read_common` points to.
     """
     outputs.check_replaceable(final, outputs.CENTRAL, overwrite)
-    old = old_path(final)
-    if final.exists():
-        outputs.remove_temporary(old)  # one left (marked) by a save interrupted between the renames
-        outputs.set_aside(final, old)
-    os.replace(checkpoint_in(tmp), final)
-    fsync_dir(final.parent)
-    outputs.remove_temporary(old)  # also one left by a save interrupted between the two renames
+    swap_in(checkpoint_in(tmp), final, old=old_path(final))
     outputs.remove_temporary(tmp)
 
 
@@ -324,7 +320,7 @@ def read_common(path) -> dict:
         # (Megatron's own load_common_state_dict leaves it to the default).
         state = torch.load(root / COMMON_STATE_FNAME, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - corrupt/missing common.pt, unpicklable content
-        raise CheckpointError(f"{root}/common.pt cannot be read ({type(e).__name__}: {_first_line(e)}); "
+        raise CheckpointError(f"{root}/common.pt cannot be read ({type(e).__name__}: {first_line(e)}); "
                               "the checkpoint is incomplete, corrupt or not plain data: re-create it") from None
     vet_pickled_parts(root)
     common = state.get(COMMON_KEY) if isinstance(state, dict) else None
@@ -337,77 +333,6 @@ def read_common(path) -> dict:
     if common.get("kind") != "central":
         raise CheckpointError(f"{root} holds a {common.get('kind')!r} model, a 'central' one is needed")
     return common
-
-
-# What torch.distributed.checkpoint's .metadata pickle may name: EXACT (module, name) pairs, found by
-# logging find_class on the .metadata of real llama and gpt2 torch_dist checkpoints (torch 2.13), plus
-# torch's dtypes. No whole-module entries and no dotted names: a protocol-4 pickle can ask for
-# ``(allowed module, "os.system")``, which pickle's own find_class would walk to, and call. torch reads
-# .metadata with plain pickle.load, so it is vetted with this list first.
-METADATA_GLOBALS = frozenset({
-    ("torch.distributed.checkpoint.metadata", "BytesStorageMetadata"),
-    ("torch.distributed.checkpoint.metadata", "ChunkStorageMetadata"),
-    ("torch.distributed.checkpoint.metadata", "Metadata"),
-    ("torch.distributed.checkpoint.metadata", "MetadataIndex"),
-    ("torch.distributed.checkpoint.metadata", "StorageMeta"),
-    ("torch.distributed.checkpoint.metadata", "TensorProperties"),
-    ("torch.distributed.checkpoint.metadata", "TensorStorageMetadata"),
-    ("torch.distributed.checkpoint.metadata", "_MEM_FORMAT_ENCODING"),  # an enum (memory format)
-    ("torch.distributed.checkpoint.planner", "SavePlan"),
-    ("torch.distributed.checkpoint.planner", "TensorWriteData"),
-    ("torch.distributed.checkpoint.planner", "WriteItem"),
-    ("torch.distributed.checkpoint.planner", "WriteItemType"),
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-    ("torch.serialization", "_get_layout"),  # layout from its name ("torch.strided"): torch's own
-    ("torch", "Size"),
-}) | frozenset(("torch", n) for n in dir(torch) if isinstance(getattr(torch, n, None), torch.dtype))
-
-
-class MetadataUnpickler(pickle.Unpickler):
-    """Unpickles only the exact globals a checkpoint's .metadata legitimately holds; anything else
-    (os.system, builtins.eval, a dotted path through an allowed module, ...) is refused before it is
-    looked up, let alone called."""
-
-    def find_class(self, module, name):
-        if (module, name) not in METADATA_GLOBALS:
-            raise pickle.UnpicklingError(f"{module}.{name} is not allowed in checkpoint metadata")
-        return getattr(importlib.import_module(module), name)  # one attribute: never a dotted walk
-
-
-def vet_pickled_parts(root) -> None:
-    """Refuse a torch_dist checkpoint whose pickled parts hold anything but plain data.
-
-    torch.distributed.checkpoint reads ``.metadata`` with ``pickle.load`` and byte items (Megatron's
-    ``_extra_state`` objects) with ``torch.load(weights_only=False)``: both could run arbitrary code
-    from a checkpoint made by someone else. Before Megatron touches the directory, ``.metadata`` is
-    read with an allow-list unpickler and every byte item with ``torch.load(weights_only=True)``."""
-    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
-
-    root = Path(root)
-    try:
-        with open(root / ".metadata", "rb") as f:
-            metadata = MetadataUnpickler(f).load()
-        byte_items = [(idx, info) for idx, info in metadata.storage_data.items()
-                      if isinstance(metadata.state_dict_metadata.get(idx.fqn), BytesStorageMetadata)]
-    except Exception as e:  # noqa: BLE001 - missing, truncated or hostile metadata
-        raise CheckpointError(f"{root}/.metadata cannot be read safely ({type(e).__name__}: {_first_line(e)}); "
-                              "the checkpoint is incomplete, corrupt or not a torch_dist checkpoint written by "
-                              "megatron-twist: it is not loaded") from None
-    for idx, info in byte_items:
-        try:
-            if getattr(info, "transform_descriptors", None):
-                raise ValueError(f"transformed byte item ({info.transform_descriptors})")
-            with open(root / info.relative_path, "rb") as f:
-                f.seek(info.offset)
-                torch.load(io.BytesIO(f.read(info.length)), map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001
-            raise CheckpointError(f"{root}: the object {idx.fqn} in {info.relative_path} is not plain data "
-                                  f"({type(e).__name__}: {_first_line(e)}); it is not loaded") from None
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return (text.splitlines()[0] if text else "")[:300]
 
 
 def check_model_matches(saved: dict, model: ModelConfig, path) -> None:

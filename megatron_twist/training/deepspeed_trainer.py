@@ -19,7 +19,7 @@ from ..cpu_shim import seed_everything
 from ..distributed.runtime import TwistGroups
 from ..distributed.sharded_central import ShardedCentral
 from ..integrations.deepspeed_engine import TwistMpu
-from ..checkpoint.deepspeed_vetting import load_vetted
+from ..checkpoint.vetting import load_vetted
 from ..checkpoint.deepspeed import DeepSpeedCheckpointer
 from ..checkpoint.sharded import load_sharded
 from ..integrations.ds_config import strip_twist_section
@@ -38,7 +38,7 @@ class DeepSpeedTrainer:
     The central model is sharded over every data-parallel rank (distributed/sharded_central.py).
     ``load``: a DeepSpeed checkpoint directory (``engine/`` + ``central/``); training continues
     exactly as the uninterrupted run. Its engine files are vetted before DeepSpeed unpickles them
-    (checkpoint/deepspeed_vetting.py). ``checkpointer`` (checkpoint/deepspeed.py) saves at round
+    (checkpoint/vetting.py). ``checkpointer`` (checkpoint/deepspeed.py) saves at round
     boundaries and at the end; ``metrics`` (training/metrics.py) gets the run's record on the
     logging rank. ``watchdog``: distributed/watchdog.py, told the step for its heartbeat.
     """
@@ -84,7 +84,7 @@ class DeepSpeedTrainer:
             # The engine's checkpoint brings the optimizer-state structure; the round hook then refills
             # weights and moments from the central model at the round boundary we stopped at.
             # DeepSpeed reads its files with torch.load(weights_only=False): vet them first, then let
-            # DeepSpeed read only with the restricted unpickler (deepspeed_vetting.load_vetted: the
+            # DeepSpeed read only with the restricted unpickler (vetting.load_vetted: the
             # bytes it unpickles are vetted as they are read). All ranks read, so all ranks vet.
             load_vetted(engine, os.path.join(load, "engine"))
             hook.mark_state_present()

@@ -45,7 +45,7 @@ def prepare_job(args, explicit: Set[str], log: Callable[[str], None] = print) ->
     run = _run_config(args, ds_config is not None)
     train = train_config_from_args(args)
     if ds_config is not None:
-        from ..integrations.ds_config import engine_settings
+        from ..integrations.ds_engine_settings import engine_settings
 
         # The config's optimizer, clipping, fp16, offload, scheduler: honoured or refused, never ignored.
         train = engine_settings(args.deepspeed_config, train, explicit)

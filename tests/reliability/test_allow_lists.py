@@ -120,9 +120,9 @@ def file_hashes(root: Path) -> dict:
 
 def test_every_dotted_payload_is_live(tmp_path):
     """Control: under plain pickle each payload below really runs (so refusing it means something)."""
-    from megatron_twist.checkpoint.torch_dist import METADATA_GLOBALS
+    from megatron_twist.checkpoint.vetting import METADATA_GLOBALS
 
-    from megatron_twist.checkpoint.deepspeed_vetting import allowed_globals
+    from megatron_twist.checkpoint.vetting import allowed_globals
 
     modules = {m for m, _ in METADATA_GLOBALS} | {cls.__module__ for cls in allowed_globals()} | {"torch._utils"}
     for opcode in (stack_global_call, global_call):
@@ -148,7 +148,8 @@ def torch_dist_checkpoint(mcore, tmp_path_factory):
 
 
 def test_metadata_allow_list_refuses_dotted_names(tmp_path, torch_dist_checkpoint):
-    from megatron_twist.checkpoint.torch_dist import METADATA_GLOBALS, read_common
+    from megatron_twist.checkpoint.torch_dist import read_common
+    from megatron_twist.checkpoint.vetting import METADATA_GLOBALS
 
     assert all("." not in name for _, name in METADATA_GLOBALS), "exact names only"
     marker = tmp_path / "PWNED"
@@ -187,7 +188,7 @@ def test_weights_only_allow_lists_refuse_dotted_names(tmp_path, torch_dist_check
     torch's default list (torch_dist common.pt), looks a global up by its full dotted string in a
     dict of allowed objects: a dotted path through an allowed module matches nothing."""
     from megatron_twist.checkpoint.torch_dist import read_common
-    from megatron_twist.checkpoint.deepspeed_vetting import allowed_globals, vet_deepspeed_checkpoint
+    from megatron_twist.checkpoint.vetting import allowed_globals, vet_deepspeed_checkpoint
 
     marker = tmp_path / "PWNED"
     ds_modules = {cls.__module__ for cls in allowed_globals()}

@@ -6,7 +6,7 @@
   loop); the latest pointer names the last complete checkpoint, and the same command rerun ends
   bit for bit where the uninterrupted run ends (issue #13).
 * DeepSpeed reads its engine checkpoint with ``torch.load(weights_only=False)``: the files are
-  vetted first (checkpoint/deepspeed_vetting.py). A real engine checkpoint passes; one whose
+  vetted first (checkpoint/vetting.py). A real engine checkpoint passes; one whose
   optimizer file would run code when unpickled is refused by name, the code never runs, and
   nothing in the checkpoint changes. A file swapped for a hostile one AFTER vetting never runs
   either: DeepSpeed's own reads are restricted (issue #13).
@@ -25,7 +25,7 @@ import torch
 
 from megatron_twist.checkpoint.files import CheckpointError
 from megatron_twist.distributed.watchdog import EXIT_RANK_FAILURE
-from megatron_twist.checkpoint.deepspeed_vetting import vet_deepspeed_checkpoint
+from megatron_twist.checkpoint.vetting import vet_deepspeed_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 TIMEOUT_MIN = 0.25
@@ -151,7 +151,7 @@ def test_hostile_engine_checkpoint_is_refused_and_never_executed(engine_checkpoi
 def test_file_swapped_after_vetting_is_never_executed(engine_checkpoint, tmp_path, run_twist, monkeypatch):
     """Vetting and loading are two reads: a vetted file replaced by a hostile pickle between them
     (TWIST_FAULT_SWAP_AFTER_VET) must not run. DeepSpeed's own read is restricted too
-    (deepspeed_vetting.load_vetted): the load is refused, the marker never appears."""
+    (vetting.load_vetted): the load is refused, the marker never appears."""
     save, config = engine_checkpoint
     ckpt = tmp_path / "ckpt"
     shutil.copytree(save, ckpt)

@@ -80,7 +80,7 @@ def test_unsupported_settings_are_refused_before_any_work(case, tmp_path, in_pro
 
 
 def test_adamw_block_is_mapped_and_templates_pass():
-    from megatron_twist.integrations.ds_config import engine_settings
+    from megatron_twist.integrations.ds_engine_settings import engine_settings
 
     train = engine_settings({"optimizer": ADAMW, "gradient_clipping": 0.3}, TrainConfig(), set())
     assert (train.lr, train.adam_beta1, train.adam_beta2, train.adam_eps, train.weight_decay, train.clip_grad) == \

@@ -143,7 +143,8 @@ def test_hostile_torch_dist_checkpoint_is_never_executed(mcore, tmp_path):
     """torch.distributed.checkpoint itself reads `.metadata` with pickle.load and byte items with
     torch.load(weights_only=False): megatron-twist vets both before Megatron touches the directory."""
     from megatron_twist.config import MODEL_PRESETS, ModelConfig, TrainConfig, TwistConfig
-    from megatron_twist.checkpoint.torch_dist import MetadataUnpickler, read_common, save_central_dist
+    from megatron_twist.checkpoint.torch_dist import read_common, save_central_dist
+    from megatron_twist.checkpoint.vetting import MetadataUnpickler
     from megatron_twist.training.twist_trainer import build_central
 
     model = ModelConfig(**MODEL_PRESETS["tiny"])

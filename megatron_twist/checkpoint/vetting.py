@@ -1,4 +1,7 @@
-"""Vet a DeepSpeed engine checkpoint before DeepSpeed unpickles it.
+"""Vetting of pickled checkpoint parts that other tools unpickle: DeepSpeed engine checkpoints (below)
+and torch_dist's ``.metadata`` and byte items (at the end: ``vet_pickled_parts``).
+
+A DeepSpeed engine checkpoint is vetted before DeepSpeed unpickles it.
 
 Why: ``engine.load_checkpoint`` reads its ``*.pt`` files with ``torch.load(weights_only=False)``
 (the files hold a few DeepSpeed objects besides tensors), so a checkpoint from someone else could
@@ -35,6 +38,8 @@ does not), so forcing it process-wide for that span changes nothing else.
 from __future__ import annotations
 
 import contextlib
+import importlib
+import io
 import os
 import pickle
 from pathlib import Path
@@ -124,3 +129,76 @@ def load_vetted(engine, engine_dir, tag: Optional[str] = None) -> Tuple[Optional
                               f"(UnpicklingError: {first}); was it changed after it was vetted? It was not unpickled "
                               "with code execution and is not loaded. Load only engine checkpoints written by "
                               "`twist train --deepspeed --save`") from None
+
+
+# ------------------------------------------------------------------ torch_dist's pickled parts
+# What torch.distributed.checkpoint's .metadata pickle may name: EXACT (module, name) pairs, found by
+# logging find_class on the .metadata of real llama and gpt2 torch_dist checkpoints (torch 2.13), plus
+# torch's dtypes. No whole-module entries and no dotted names: a protocol-4 pickle can ask for
+# ``(allowed module, "os.system")``, which pickle's own find_class would walk to, and call. torch reads
+# .metadata with plain pickle.load, so it is vetted with this list first.
+METADATA_GLOBALS = frozenset({
+    ("torch.distributed.checkpoint.metadata", "BytesStorageMetadata"),
+    ("torch.distributed.checkpoint.metadata", "ChunkStorageMetadata"),
+    ("torch.distributed.checkpoint.metadata", "Metadata"),
+    ("torch.distributed.checkpoint.metadata", "MetadataIndex"),
+    ("torch.distributed.checkpoint.metadata", "StorageMeta"),
+    ("torch.distributed.checkpoint.metadata", "TensorProperties"),
+    ("torch.distributed.checkpoint.metadata", "TensorStorageMetadata"),
+    ("torch.distributed.checkpoint.metadata", "_MEM_FORMAT_ENCODING"),  # an enum (memory format)
+    ("torch.distributed.checkpoint.planner", "SavePlan"),
+    ("torch.distributed.checkpoint.planner", "TensorWriteData"),
+    ("torch.distributed.checkpoint.planner", "WriteItem"),
+    ("torch.distributed.checkpoint.planner", "WriteItemType"),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch.serialization", "_get_layout"),  # layout from its name ("torch.strided"): torch's own
+    ("torch", "Size"),
+}) | frozenset(("torch", n) for n in dir(torch) if isinstance(getattr(torch, n, None), torch.dtype))
+
+
+class MetadataUnpickler(pickle.Unpickler):
+    """Unpickles only the exact globals a checkpoint's .metadata legitimately holds; anything else
+    (os.system, builtins.eval, a dotted path through an allowed module, ...) is refused before it is
+    looked up, let alone called."""
+
+    def find_class(self, module, name):
+        if (module, name) not in METADATA_GLOBALS:
+            raise pickle.UnpicklingError(f"{module}.{name} is not allowed in checkpoint metadata")
+        return getattr(importlib.import_module(module), name)  # one attribute: never a dotted walk
+
+
+def vet_pickled_parts(root) -> None:
+    """Refuse a torch_dist checkpoint whose pickled parts hold anything but plain data.
+
+    torch.distributed.checkpoint reads ``.metadata`` with ``pickle.load`` and byte items (Megatron's
+    ``_extra_state`` objects) with ``torch.load(weights_only=False)``: both could run arbitrary code
+    from a checkpoint made by someone else. Before Megatron touches the directory, ``.metadata`` is
+    read with an allow-list unpickler and every byte item with ``torch.load(weights_only=True)``."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    root = Path(root)
+    try:
+        with open(root / ".metadata", "rb") as f:
+            metadata = MetadataUnpickler(f).load()
+        byte_items = [(idx, info) for idx, info in metadata.storage_data.items()
+                      if isinstance(metadata.state_dict_metadata.get(idx.fqn), BytesStorageMetadata)]
+    except Exception as e:  # noqa: BLE001 - missing, truncated or hostile metadata
+        raise CheckpointError(f"{root}/.metadata cannot be read safely ({type(e).__name__}: {first_line(e)}); "
+                              "the checkpoint is incomplete, corrupt or not a torch_dist checkpoint written by "
+                              "megatron-twist: it is not loaded") from None
+    for idx, info in byte_items:
+        try:
+            if getattr(info, "transform_descriptors", None):
+                raise ValueError(f"transformed byte item ({info.transform_descriptors})")
+            with open(root / info.relative_path, "rb") as f:
+                f.seek(info.offset)
+                torch.load(io.BytesIO(f.read(info.length)), map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"{root}: the object {idx.fqn} in {info.relative_path} is not plain data "
+                                  f"({type(e).__name__}: {first_line(e)}); it is not loaded") from None
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an error's message, for one-line refusals."""
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else "")[:300]
