@@ -33,7 +33,7 @@ from ..twist.aggregation import RoundAggregator
 from ..twist.central import CentralModel
 from ..twist.sampler import SubnetSampler
 from ..twist.sharding import local_model_view, local_plan
-from ..twist.worker import SubnetWorker
+from ..twist.worker import SubnetState
 
 
 class TwistRoundHook:
@@ -52,7 +52,7 @@ class TwistRoundHook:
         self.sampler = SubnetSampler(model, twist, groups.tp_size)
         self.first_layer, self.num_layers = layer_range(model, groups.pp_rank, groups.pp_size)
         geometry = local_model_view(model, groups.tp_size, self.first_layer, self.num_layers)
-        self.worker = worker or SubnetWorker.attach(subnet_module, optimizer, model, twist, geometry)
+        self.worker = worker or SubnetState(subnet_module, optimizer, geometry, twist)
         fields = ("param",) + (ADAM_MOMENTS if twist.optimizer_state == "aggregate" else ())
         device = next(central.module.parameters()).device
         self.aggregator = RoundAggregator(geometry, central.shapes(), fields, device=device)
