@@ -106,8 +106,8 @@ def worker(kind: str, out: Path, steps: int, local_steps: int, micro_batch: int,
         def load_masked(central, plan, _load=load):
             _load(central, plan)
             subnet = trainer.local_subnets[0]
-            trainer.worker._hooks += attach_mask(trainer.worker.module, model, half,
-                                                  sampler.sample(central.round)[subnet])
+            trainer.worker.state.hooks.add(attach_mask(trainer.worker.module, model, half,
+                                                       sampler.sample(central.round)[subnet]))
 
         trainer.worker.load = load_masked
     counter = CollectiveCounter()

@@ -24,6 +24,11 @@ rank: 3N/W for the central shards (N central parameters, W ranks) plus one
 parameter-sized buffer at a time. Traffic per round: one reduce-scatter and
 one all-gather of the central model per field, as much on the wire as the
 all-reduce it replaces.
+
+Only the two boundaries above are ZeRO's own. When they happen (twist/rounds.py
+``RoundClock``), which plans a round draws (``LocalPlans``), which fields it
+averages and the activation correction (twist/hooks.py ``CorrectionHooks``) are
+the code the replicated paths run.
 """
 from __future__ import annotations
 
@@ -36,8 +41,9 @@ from ..config import ConfigError, ModelConfig, TwistConfig
 from ..distributed.runtime import TwistGroups
 from ..distributed.sharded_central import ShardedCentral
 from ..optim.optimizer import ADAM_MOMENTS
-from ..twist.hooks import attach_correction, correction_scales, remove_hooks
-from ..twist.sampler import SubnetPlan, SubnetSampler
+from ..twist.hooks import CorrectionHooks
+from ..twist.rounds import LocalPlans, RoundClock, aggregated_fields
+from ..twist.sampler import SubnetPlan
 from ..twist.slicing import central_flat_index, holder_count_at, slice_for, take
 from .deepspeed_engine import EngineFragments, relink_optimizer_state
 
@@ -58,12 +64,14 @@ class ZeroRoundHook:
         self.model, self.twist, self.central, self.engine = model, twist, central, engine
         self.module = engine.module
         self.fragments = fragments or EngineFragments(engine)
-        self.sampler = SubnetSampler(model, twist, groups.tp_size)
-        self.fields = ("param",) + (ADAM_MOMENTS if twist.optimizer_state == "aggregate" else ())
+        # TP = PP = 1 (checked above): local plans are the global ones
+        self.local_plans = LocalPlans(model, twist)
+        self.sampler = self.local_plans.sampler
+        self.fields = aggregated_fields(twist)
         self.plans: List[SubnetPlan] = []
         self.has_state = False  # Adam state exists once the engine stepped (or loaded a checkpoint)
-        self._round_open = False
-        self._hooks: list = []
+        self.correction = CorrectionHooks(self.module, model, twist)
+        self.clock = RoundClock(central, twist.local_steps, self)
         self.bytes_moved = 0  # reduce-scatter input + all-gather output, per rank
 
     # -- state of the engine's optimizer --------------------------------------------------------------------
@@ -79,10 +87,12 @@ class ZeroRoundHook:
 
     # -- round boundary -------------------------------------------------------------------------------------
     @torch.no_grad()
-    def _open_round(self) -> None:
+    def open_round(self) -> int:
+        """Refill this rank's fragments for the next round's plan; returns the bytes all-gathered."""
         if not self.has_state and self.central.step > 0:
             raise ConfigError("resuming needs the engine's checkpoint: pass the directory a DeepSpeed run saved")
-        self.plans = list(self.sampler.sample(self.central.round))
+        before = self.bytes_moved
+        self.plans = self.local_plans.sample(self.central.round)
         plan = self.plans[self.subnet]
         # Before the first step Adam has no state: it starts from zero moments, as the central's are.
         fields = self.fields if self.has_state else ("param",)
@@ -98,12 +108,12 @@ class ZeroRoundHook:
                     self.fragments.write(p, torch.zeros(p.ds_shape if hasattr(p, "ds_shape") else p.shape), m)
         if self.has_state:
             self.fragments.set_step(self.central.step if self.twist.optimizer_state == "aggregate" else 0)
-        remove_hooks(self._hooks)
-        self._hooks = attach_correction(self.module, correction_scales(self.model, self.twist, plan))
-        self._round_open = True
+        self.correction.apply(plan)
+        return self.bytes_moved - before
 
     @torch.no_grad()
-    def _close_round(self, steps_taken: int) -> int:
+    def close_round(self, steps_taken: int) -> int:
+        """Aggregate this round into the central shards; returns the bytes reduce-scattered."""
         before = self.bytes_moved
         plan = self.plans[self.subnet]
         c = self.central
@@ -123,7 +133,6 @@ class ZeroRoundHook:
                 shard.copy_(torch.where(counts > 0, total / counts.clamp(min=1.0), shard))
         c.step += steps_taken
         c.round += 1
-        self._round_open = False
         return self.bytes_moved - before
 
     def _reduce_scatter(self, buffer: torch.Tensor) -> torch.Tensor:
@@ -137,17 +146,7 @@ class ZeroRoundHook:
 
     def on_iteration_start(self, iteration: int) -> Optional[int]:
         """Returns the bytes a round closed with (reduce-scatter + all-gather since the last close)."""
-        moved = None
-        if self._round_open and iteration > self.central.step and iteration % self.twist.local_steps == 0:
-            moved = self._close_round(iteration - self.central.step)
-        if not self._round_open:
-            before = self.bytes_moved
-            self._open_round()
-            if moved is not None:
-                moved += self.bytes_moved - before
-        return moved
+        return self.clock.on_iteration_start(iteration)
 
     def finish(self, iteration: int) -> Optional[int]:
-        if self._round_open and iteration > self.central.step:
-            return self._close_round(iteration - self.central.step)
-        return None
+        return self.clock.finish(iteration)

@@ -7,6 +7,8 @@ Control flow of one round r (docs/ARCHITECTURE.md has the picture):
    scatter-add its weights (and moments) into the aggregation buffer;
 3. one all-reduce of the buffer over the aggregation group;
 4. every rank writes the per-unit averages into its central copy.
+Steps 1, 3 and 4 and the refill are twist/rounds.py's ``ReplicatedRound``, shared with the host-loop
+hook (integrations/round_hook.py); this loop adds the local steps, the data and the non-finite checks.
 
 Non-finite subnets (docs/ARCHITECTURE.md "Reliability"): a subnet whose loss or gradient norm is
 not finite stops for the rest of its round and adds nothing to the buffer; one small all-reduce
@@ -29,15 +31,12 @@ from .. import faults
 from ..config import ConfigError, ModelConfig, TrainConfig, TrainingError, TwistConfig
 from ..distributed.full_state import layer_range
 from ..distributed.layout import check_model_layout  # noqa: F401  (re-exported: cli, tests)
-from ..twist.sharding import local_model_view, local_plan
 from ..optim.step import StepParallelism
 from ..cpu_shim import seed_everything
 from ..distributed.runtime import TwistGroups
 from ..model.gpt import build_gpt_model, count_parameters
-from ..optim.optimizer import ADAM_MOMENTS
-from ..twist.aggregation import RoundAggregator
 from ..twist.central import CentralModel
-from ..twist.sampler import SubnetSampler
+from ..twist.rounds import LocalPlans, ReplicatedRound
 from ..twist.worker import SubnetWorker
 from ..data.batches import BatchSource
 
@@ -114,18 +113,17 @@ class TwistTrainer:
         tp, pp = groups.tp_size, groups.pp_size
         check_model_layout(model, twist, tp, pp)
         self.local_subnets = groups.local_subnets(twist.num_subnets)
-        self.sampler = SubnetSampler(model, twist, tp)
         # This rank's shard of every model: TP shard tp_rank, PP stage pp_rank (twist/sharding.py).
         self.first_layer, self.num_local_layers = layer_range(model, groups.pp_rank, pp)
-        self.geometry = local_model_view(model, tp, self.first_layer, self.num_local_layers)
+        self.local_plans = LocalPlans(model, twist, groups.tp_rank, tp, self.first_layer, self.num_local_layers)
+        self.sampler, self.geometry = self.local_plans.sampler, self.local_plans.geometry
         self.central = central if central is not None else build_central(model, train.seed, tp, pp)
         self.worker = SubnetWorker(model, twist, train, self.sampler.subnet_layer_sizes(), geometry=self.geometry,
                                    tensor_parallel_size=tp, pipeline_parallel_size=pp,
                                    parallel=step_parallelism(groups))
-        fields = ("param",) + (ADAM_MOMENTS if twist.optimizer_state == "aggregate" else ())
         self.device = next(self.central.module.parameters()).device
-        self.aggregator = RoundAggregator(self.geometry, self.central.shapes(), fields, device=self.device)
-        self.fields = fields
+        self.round = ReplicatedRound(self.local_plans, self.central, twist, groups.aggregation_group)
+        self.aggregator, self.fields = self.round.aggregator, self.round.fields
 
     def describe(self) -> str:
         full = count_parameters(self.central.module)
@@ -138,8 +136,8 @@ class TwistTrainer:
         )
 
     def local(self, plan):
-        g = self.groups
-        return local_plan(plan, self.model_config, g.tp_rank, g.tp_size, self.first_layer, self.num_local_layers)
+        """``plan`` in this rank's TP shard / PP stage indices."""
+        return self.local_plans.local(plan)
 
     def full_central_state(self):
         """(weights, moments) of the whole central model, gathered over TP/PP (a collective)."""
@@ -163,15 +161,14 @@ class TwistTrainer:
         central, twist = self.central, self.twist
         first = central.step
         steps = min(twist.local_steps, self.train.train_iters - first)
-        plans = [self.local(p) for p in self.sampler.sample(central.round)]
-        self.aggregator.begin_round(plans)
+        self.round.open()
         # on the model's device: NCCL reduces only CUDA tensors
         losses = torch.zeros(twist.num_subnets, steps, dtype=torch.float64, device=self.device)
         # 1 + the step at which a subnet became non-finite; 0: finite (agreed over all ranks below)
         bad_at = torch.zeros(twist.num_subnets, dtype=torch.float64, device=self.device)
         t0 = time.perf_counter()
         for s in self.local_subnets:
-            self.worker.load(central, plans[s])
+            self.round.refill(self.worker, s)
             # Replicas of a subnet read disjoint data (slot s * replicas + replica).
             reps = self.groups.layout.replicas
             slot, num_slots = s * reps + self.groups.replica_index, twist.num_subnets * reps
@@ -195,18 +192,12 @@ class TwistTrainer:
                     losses[s, t + 1:] = math.nan
                     break
             if not bad_at[s]:
-                self.aggregator.add_subnet(plans[s], self.worker.contribution())
+                self.round.contribute(self.worker, s)
         excluded = self._agree_on_nonfinite(bad_at, central.round)
-        before = self.aggregator.bytes_reduced
-        self.aggregator.all_reduce(self.groups.aggregation_group)
-        for field_name in self.fields:
-            target = central.params if field_name == "param" else central.moments[field_name]
-            self.aggregator.write_average(field_name, target)
+        moved = self.round.close(steps)
         if self.groups.world_size > 1:
             # Each rank filled in only its own subnets' losses; a sum completes the table.
             dist.all_reduce(losses, group=self.groups.aggregation_group)
-        central.step += steps
-        central.round += 1
         seconds = time.perf_counter() - t0
         tokens = (steps * twist.num_subnets * self.groups.layout.replicas * self.train.micro_batch_size
                   * self.model_config.seq_length)
@@ -214,7 +205,7 @@ class TwistTrainer:
         if self.groups.dp_size > 1:  # dense DP all-reduces this rank's gradient shard at every step
             dense_dp = steps * sum(p.numel() * p.element_size() for p in central.params.values())
         return RoundRecord(central.round - 1, first, steps, losses.tolist(), seconds, tokens,
-                           self.aggregator.bytes_reduced - before, dense_dp, excluded)
+                           moved, dense_dp, excluded)
 
     def _agree_on_nonfinite(self, bad_at: torch.Tensor, round_index: int) -> List[int]:
         """Every rank learns which subnets went non-finite (MAX over all ranks), applies the policy,
@@ -234,7 +225,7 @@ class TwistTrainer:
                 f"left as it was before this round (step {self.central.step}). Resume from the latest checkpoint "
                 "(--load SAVE_DIR), e.g. with a lower --lr or a smaller --clip-grad"
                 + ("" if policy == "skip" else ", or use --nonfinite-policy skip to leave such subnets out"))
-        self.aggregator.drop_subnets(excluded)
+        self.round.drop(excluded)
         self.log(f"[twist] round {round_index}: non-finite loss or gradient ({where}); left out of the "
                  f"aggregation (--nonfinite-policy skip): {len(excluded)} of {self.twist.num_subnets} subnets")
         return excluded

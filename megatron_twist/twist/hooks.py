@@ -81,3 +81,24 @@ def remove_hooks(handles: list) -> None:
     for h in handles:
         h.remove()
     handles.clear()
+
+
+class CorrectionHooks:
+    """The activation correction of one subnet module for the current round's plan.
+
+    A subnet's units change every round, so do its scales: ``apply(plan)`` replaces the previous
+    round's hooks. Shared by every way a subnet is refilled (twist/worker.py's ``SubnetState``,
+    the ZeRO round hook), so the rule lives here once.
+    """
+
+    def __init__(self, module: torch.nn.Module, geometry: ModelConfig, twist: TwistConfig):
+        self.module, self.geometry, self.twist = module, geometry, twist
+        self.handles: list = []
+
+    def apply(self, plan: SubnetPlan) -> None:
+        remove_hooks(self.handles)
+        self.handles = attach_correction(self.module, correction_scales(self.geometry, self.twist, plan))
+
+    def add(self, handles: list) -> None:
+        """More hooks for this round only (benchmarks/speed.py's masks): removed by the next ``apply``."""
+        self.handles += handles

@@ -1,9 +1,16 @@
 """A materialized subnet: a physically smaller Megatron-core GPTModel.
 
-Built once per rank (every subnet of every round has the same sizes, see
-sampler.py), then at each round refilled from the central model: weights,
-and Adam moments according to the optimizer-state policy. A rank that trains
-several subnets in turn reuses the same model and optimizer.
+Two parts, because a host training loop (Megatron-LM, a user's loop) owns the
+training step but not TwIST's round boundary:
+
+* ``SubnetState``: moves a subnet's state from and to the central model -
+  weights, Adam moments and step according to the optimizer-state policy,
+  and the activation correction of the round's plan. It needs only the
+  module and its torch optimizer, whoever built them.
+* ``SubnetWorker``: what ``twist train`` adds - it builds the module (once
+  per rank: every subnet of every round has the same sizes, see sampler.py),
+  its optimizer and LR schedule, and takes training steps. A rank that trains
+  several subnets in turn reuses the same model and optimizer.
 """
 from __future__ import annotations
 
@@ -16,9 +23,47 @@ from ..model.gpt import build_gpt_model
 from ..optim.optimizer import ADAM_MOMENTS, build_optimizer, build_scheduler, read_adam_state, write_adam_state
 from ..optim.step import StepParallelism, train_step
 from .central import CentralModel
-from .hooks import attach_correction, correction_scales, remove_hooks
+from .hooks import CorrectionHooks
 from .sampler import SubnetPlan
 from .slicing import slice_for, take
+
+
+class SubnetState:
+    """A subnet module + its torch optimizer, refilled from and read back into the central model.
+
+    ``geometry`` is this rank's TP shard / PP stage of the central model (how to slice), see
+    twist/sharding.py; plans are in its local indices.
+    """
+
+    def __init__(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, geometry: ModelConfig,
+                 twist: TwistConfig):
+        self.module, self.optimizer, self.geometry, self.twist = module, optimizer, geometry, twist
+        self.plan: SubnetPlan = None
+        self.hooks = CorrectionHooks(module, geometry, twist)
+
+    @torch.no_grad()
+    def load(self, central: CentralModel, plan: SubnetPlan) -> None:
+        """Refill weights (and moments) from the central model for ``plan``."""
+        self.plan = plan
+        moments = {m: {} for m in ADAM_MOMENTS}
+        for name, p in self.module.named_parameters():
+            spec = slice_for(self.geometry, name, plan)
+            p.copy_(take(central.params[name], spec))
+            for m in ADAM_MOMENTS:
+                if self.twist.optimizer_state == "aggregate":
+                    moments[m][name] = take(central.moments[m][name], spec)
+                else:  # 'reset': every round starts from fresh moments
+                    moments[m][name] = torch.zeros_like(p, dtype=torch.float32)
+        step = central.step if self.twist.optimizer_state == "aggregate" else 0
+        write_adam_state(self.optimizer, self.module, moments, step)
+        self.hooks.apply(plan)
+
+    def contribution(self) -> Dict[str, Dict[str, torch.Tensor]]:
+        """What this subnet hands to aggregation: weights, and moments if they are aggregated."""
+        out = {"param": dict(self.module.named_parameters())}
+        if self.twist.optimizer_state == "aggregate":
+            out.update(read_adam_state(self.optimizer, self.module))
+        return out
 
 
 class SubnetWorker:
@@ -36,40 +81,15 @@ class SubnetWorker:
                                       pipeline_parallel_size=pipeline_parallel_size)
         self.optimizer = build_optimizer(self.module, train)
         self.scheduler = build_scheduler(self.optimizer, train)
-        self.plan: SubnetPlan = None
-        self._hooks: list = []
+        self.state = SubnetState(self.module, self.optimizer, self.model_config, twist)
 
-    @classmethod
-    def attach(cls, module: torch.nn.Module, optimizer: torch.optim.Optimizer, model: ModelConfig,
-               twist: TwistConfig, geometry: ModelConfig = None) -> "SubnetWorker":
-        """Wrap a subnet model and torch optimizer built elsewhere (e.g. by Megatron-LM).
+    @property
+    def plan(self) -> SubnetPlan:
+        return self.state.plan
 
-        Only load() and contribution() are used then; the training loop is the host's.
-        """
-        worker = cls.__new__(cls)
-        worker.model_config = geometry or model
-        worker.twist, worker.train, worker.parallel = twist, None, None
-        worker.module, worker.optimizer, worker.scheduler = module, optimizer, None
-        worker.plan, worker._hooks = None, []
-        return worker
-
-    @torch.no_grad()
     def load(self, central: CentralModel, plan: SubnetPlan) -> None:
         """Refill weights (and moments) from the central model for ``plan`` (in this rank's local indices)."""
-        self.plan = plan
-        moments = {m: {} for m in ADAM_MOMENTS}
-        for name, p in self.module.named_parameters():
-            spec = slice_for(self.model_config, name, plan)
-            p.copy_(take(central.params[name], spec))
-            for m in ADAM_MOMENTS:
-                if self.twist.optimizer_state == "aggregate":
-                    moments[m][name] = take(central.moments[m][name], spec)
-                else:  # 'reset': every round starts from fresh moments
-                    moments[m][name] = torch.zeros_like(p, dtype=torch.float32)
-        step = central.step if self.twist.optimizer_state == "aggregate" else 0
-        write_adam_state(self.optimizer, self.module, moments, step)
-        remove_hooks(self._hooks)
-        self._hooks = attach_correction(self.module, correction_scales(self.model_config, self.twist, plan))
+        self.state.load(central, plan)
 
     def step(self, batch: Dict[str, torch.Tensor], global_step: int) -> float:
         """One optimizer step; returns the loss, and leaves the gradient norm in ``last_grad_norm``."""
@@ -81,7 +101,4 @@ class SubnetWorker:
 
     def contribution(self) -> Dict[str, Dict[str, torch.Tensor]]:
         """What this subnet hands to aggregation: weights, and moments if they are aggregated."""
-        out = {"param": dict(self.module.named_parameters())}
-        if self.twist.optimizer_state == "aggregate":
-            out.update(read_adam_state(self.optimizer, self.module))
-        return out
+        return self.state.contribution()
