@@ -1,4 +1,5 @@
 """megatron-twist: TwIST (independent subnetwork training) for Megatron-core and DeepSpeed."""
+
 from setuptools import find_packages, setup
 
 # Pinned to the set measured to work together on Python 3.11 (see docs/ARCHITECTURE.md,
@@ -26,7 +27,7 @@ setup(
     python_requires=">=3.10,<3.12",
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6.100"],
+        "test": ["pytest>=8", "hypothesis>=6.100", "ruff==0.17.6"],
         "plot": ["matplotlib>=3.8"],
         # lm-evaluation-harness on exported models (examples/lm_eval); tested in the suite
         "eval": ["lm-eval==0.4.13"],

@@ -1,4 +1,5 @@
 """Helpers shared by the benchmark scripts (each script's own directory is on sys.path when run)."""
+
 from __future__ import annotations
 
 import socket

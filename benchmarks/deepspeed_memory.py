@@ -14,6 +14,7 @@ steps, minus the resident set after imports and process-group set-up (the peak i
 there through /proc/self/clear_refs). Prints a table of MiB per rank and ratios; writes
 OUT/memory.json and OUT/memory.png.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,31 +27,55 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import free_port, status_kib, prepare_out  # noqa: E402
-MODEL = dict(family="llama", num_layers=8, hidden_size=512, num_attention_heads=8, num_query_groups=4,
-             ffn_hidden_size=1408, vocab_size=8192, seq_length=256)
-SMOKE = dict(family="llama", num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
-             ffn_hidden_size=128, vocab_size=512, seq_length=32)
+from common import free_port, prepare_out, status_kib  # noqa: E402
+
+MODEL = dict(
+    family="llama",
+    num_layers=8,
+    hidden_size=512,
+    num_attention_heads=8,
+    num_query_groups=4,
+    ffn_hidden_size=1408,
+    vocab_size=8192,
+    seq_length=256,
+)
+SMOKE = dict(
+    family="llama",
+    num_layers=2,
+    hidden_size=64,
+    num_attention_heads=4,
+    num_query_groups=2,
+    ffn_hidden_size=128,
+    vocab_size=512,
+    seq_length=32,
+)
 
 
 def worker(kind: str, stage: int, out: Path, ranks: int, sizes: dict) -> None:
     warnings.filterwarnings("ignore")
-    import torch
     import torch.distributed as dist
 
     from megatron_twist.config import ModelConfig, TrainConfig, TwistConfig
+    from megatron_twist.data.batches import SyntheticBatches
     from megatron_twist.distributed.runtime import build_twist_groups, init_distributed, shutdown
     from megatron_twist.model.gpt import build_gpt_model, gpt_forward
-    from megatron_twist.data.batches import SyntheticBatches
     from megatron_twist.optim.optimizer import build_optimizer
     from megatron_twist.optim.step import masked_mean_loss
 
     model = ModelConfig(**sizes)
     train = TrainConfig(train_iters=4, micro_batch_size=2, log_interval=100)
-    ds_config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
-                 "gradient_clipping": 1.0, "zero_optimization": {"stage": stage}}
-    twist = TwistConfig(keep_ratio=0.5 if kind == "twist" else 1.0, num_subnets=2 if kind == "twist" else 1,
-                        local_steps=2, coverage=True)
+    ds_config = {
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 1.0,
+        "zero_optimization": {"stage": stage},
+    }
+    twist = TwistConfig(
+        keep_ratio=0.5 if kind == "twist" else 1.0,
+        num_subnets=2 if kind == "twist" else 1,
+        local_steps=2,
+        coverage=True,
+    )
     init_distributed()
     groups = build_twist_groups(twist)
     from megatron_twist.cpu_shim import seed_everything
@@ -68,8 +93,7 @@ def worker(kind: str, stage: int, out: Path, ranks: int, sizes: dict) -> None:
         train_with_deepspeed(model, twist, train, groups, batches, ds_config, log=lambda m: None)
     else:
         module = build_gpt_model(model)
-        engine, _, _, _ = deepspeed.initialize(model=module, optimizer=build_optimizer(module, train),
-                                               config=ds_config)
+        engine, _, _, _ = deepspeed.initialize(model=module, optimizer=build_optimizer(module, train), config=ds_config)
         for it in range(train.train_iters):
             b = batches.get(it, groups.rank, groups.world_size)
             loss = masked_mean_loss(gpt_forward(engine, b["tokens"], b["labels"]), b["loss_mask"])
@@ -77,7 +101,8 @@ def worker(kind: str, stage: int, out: Path, ranks: int, sizes: dict) -> None:
             engine.step()
     peak = status_kib("VmHWM")
     (out / f"{kind}-zero{stage}-n{ranks}-rank{groups.rank}.json").write_text(
-        json.dumps({"peak_mib": (peak - base) / 1024, "baseline_mib": base / 1024}))
+        json.dumps({"peak_mib": (peak - base) / 1024, "baseline_mib": base / 1024})
+    )
     shutdown()
 
 
@@ -98,8 +123,9 @@ def main() -> int:
         return 0
     # A fixed glibc mmap threshold: freed large tensors leave the resident set at once, so VmHWM is
     # the live tensors' peak and not an artefact of malloc's adaptive threshold (deployment.py).
-    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", DS_ACCELERATOR="cpu",
-               MALLOC_MMAP_THRESHOLD_="65536")
+    env = dict(
+        os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", DS_ACCELERATOR="cpu", MALLOC_MMAP_THRESHOLD_="65536"
+    )
     env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".venv" / "torch_extensions"))
     rows = []
     for ranks in args.ranks:
@@ -107,12 +133,27 @@ def main() -> int:
             row = {"ranks": ranks, "stage": stage}
             for kind in ("dense", "twist"):  # alternate inside one run, same machine state
                 print(f"[bench] {ranks} ranks, ZeRO {stage}: {kind} ...", flush=True)
-                cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}",
-                       "--master_addr=127.0.0.1", f"--master_port={free_port()}", __file__, "--out", str(out),
-                       "--worker", kind, str(stage), str(ranks), *(["--smoke"] if args.smoke else [])]
+                cmd = [
+                    sys.executable,
+                    "-m",
+                    "torch.distributed.run",
+                    f"--nproc_per_node={ranks}",
+                    "--master_addr=127.0.0.1",
+                    f"--master_port={free_port()}",
+                    __file__,
+                    "--out",
+                    str(out),
+                    "--worker",
+                    kind,
+                    str(stage),
+                    str(ranks),
+                    *(["--smoke"] if args.smoke else []),
+                ]
                 subprocess.run(cmd, check=True, env=env, cwd=REPO, capture_output=True, text=True, timeout=1800)
-                peaks = [json.loads((out / f"{kind}-zero{stage}-n{ranks}-rank{r}.json").read_text())["peak_mib"]
-                         for r in range(ranks)]
+                peaks = [
+                    json.loads((out / f"{kind}-zero{stage}-n{ranks}-rank{r}.json").read_text())["peak_mib"]
+                    for r in range(ranks)
+                ]
                 row[kind] = max(peaks)
             row["ratio"] = row["twist"] / row["dense"]
             rows.append(row)

@@ -14,6 +14,7 @@ runs one forward (batch 1, batch 8), above the same process's baseline after imp
 mmap threshold fixed (see main); median of 3 alternated processes. Writes
 OUT/deployment.json and OUT/deployment.png.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,10 +28,18 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import status_kib, prepare_out  # noqa: E402
+from common import prepare_out, status_kib  # noqa: E402
+
 sys.path.insert(0, str(REPO))
-SMOKE = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=128,
-             vocab_size=512, seq_length=64)
+SMOKE = dict(
+    num_layers=2,
+    hidden_size=64,
+    num_attention_heads=4,
+    num_query_groups=2,
+    ffn_hidden_size=128,
+    vocab_size=512,
+    seq_length=64,
+)
 
 
 def _models(smoke: bool):
@@ -60,8 +69,11 @@ def memory_worker(which: str, batch: int, smoke: bool, out: Path) -> None:
     init_distributed()
     init_model_parallel()
     model = ModelConfig(**dict(MODEL_PRESETS["small"], **(SMOKE if smoke else {})))
-    sizes = full_layer_sizes(model) if which == "dense" else \
-        SubnetSampler(model, TwistConfig(keep_ratio=0.5, num_subnets=1, coverage=False)).subnet_layer_sizes()
+    sizes = (
+        full_layer_sizes(model)
+        if which == "dense"
+        else SubnetSampler(model, TwistConfig(keep_ratio=0.5, num_subnets=1, coverage=False)).subnet_layer_sizes()
+    )
     tokens = torch.randint(0, model.vocab_size, (batch, model.seq_length))
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak to the current resident set
     base = status_kib("VmRSS")
@@ -118,21 +130,34 @@ def main() -> int:
         mem = {"dense": [], "cut": []}
         for _ in range(1 if args.smoke else 3):
             for which in ("dense", "cut"):  # alternated, each in a fresh process
-                subprocess.run([sys.executable, __file__, "--out", str(out), "--memory-worker", which, str(batch)]
-                               + (["--smoke"] if args.smoke else []), check=True, cwd=REPO, capture_output=True,
-                               text=True, env=env)
+                subprocess.run(
+                    [sys.executable, __file__, "--out", str(out), "--memory-worker", which, str(batch)]
+                    + (["--smoke"] if args.smoke else []),
+                    check=True,
+                    cwd=REPO,
+                    capture_output=True,
+                    text=True,
+                    env=env,
+                )
                 mem[which].append(json.loads((out / f"mem-{which}.json").read_text())["peak_mib"])
         rows[f"peak_mib_batch{batch}"] = {k: statistics.median(v) for k, v in mem.items()}
     rows["parameters"] = {"dense": count_parameters(dense), "cut": count_parameters(cut)}
     print(f"\n{'':22s} {'dense':>10s} {'kappa 0.5':>10s} {'ratio':>7s}")
-    for key, label in (("parameters", "parameters"), ("latency_ms_batch1", "latency ms, batch 1"),
-                       ("latency_ms_batch8", "latency ms, batch 8"), ("peak_mib_batch1", "peak MiB, batch 1"),
-                       ("peak_mib_batch8", "peak MiB, batch 8")):
+    for key, label in (
+        ("parameters", "parameters"),
+        ("latency_ms_batch1", "latency ms, batch 1"),
+        ("latency_ms_batch8", "latency ms, batch 8"),
+        ("peak_mib_batch1", "peak MiB, batch 1"),
+        ("peak_mib_batch8", "peak MiB, batch 8"),
+    ):
         d, c = rows[key]["dense"], rows[key]["cut"]
         rows[key]["ratio"] = c / d
         print(f"{label:22s} {d:10,.2f} {c:10,.2f} {c / d:7.2f}")
-    (out / "deployment.json").write_text(json.dumps({"seq_length": model.seq_length, "repeats": repeats,
-                                                     "threads": torch.get_num_threads(), **rows}, indent=1))
+    (out / "deployment.json").write_text(
+        json.dumps(
+            {"seq_length": model.seq_length, "repeats": repeats, "threads": torch.get_num_threads(), **rows}, indent=1
+        )
+    )
     try:
         import matplotlib
 

@@ -20,6 +20,7 @@ on the stdlib corpus only by default, --correction-corpora: one more training ru
 TwIST is trained once, at kappa 0.5, and cut at every kappa (training per kappa would cost 2 more
 runs per corpus). Writes OUT/quality.json, OUT/quality.png and prints the tables.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,13 +37,28 @@ from typing import Dict, List
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import free_port, prepare_out  # noqa: E402
+
 sys.path.insert(0, str(REPO))
 KAPPAS = (0.25, 0.5, 0.75)  # --smoke: 0.5 only
 # 8 query heads in 2 KV groups: kappa 0.25 keeps 1 head per group, so every kappa is a whole cut.
-FULL = dict(family="llama", num_layers=4, hidden_size=256, num_attention_heads=8, num_query_groups=2,
-            ffn_hidden_size=704, seq_length=256)
-SMOKE = dict(family="llama", num_layers=2, hidden_size=64, num_attention_heads=8, num_query_groups=2,
-             ffn_hidden_size=128, seq_length=64)
+FULL = dict(
+    family="llama",
+    num_layers=4,
+    hidden_size=256,
+    num_attention_heads=8,
+    num_query_groups=2,
+    ffn_hidden_size=704,
+    seq_length=256,
+)
+SMOKE = dict(
+    family="llama",
+    num_layers=2,
+    hidden_size=64,
+    num_attention_heads=8,
+    num_query_groups=2,
+    ffn_hidden_size=128,
+    seq_length=64,
+)
 
 
 def _env() -> dict:
@@ -54,10 +70,22 @@ def _env() -> dict:
 
 def _model_flags(model: dict, kappa: float = 1.0) -> List[str]:
     head_dim = model["hidden_size"] // model["num_attention_heads"]
-    return ["--num-layers", str(model["num_layers"]), "--hidden-size", str(model["hidden_size"]),
-            "--num-attention-heads", str(int(model["num_attention_heads"] * kappa)),
-            "--num-query-groups", str(model["num_query_groups"]), "--kv-channels", str(head_dim),
-            "--ffn-hidden-size", str(int(model["ffn_hidden_size"] * kappa)), "--seq-length", str(model["seq_length"])]
+    return [
+        "--num-layers",
+        str(model["num_layers"]),
+        "--hidden-size",
+        str(model["hidden_size"]),
+        "--num-attention-heads",
+        str(int(model["num_attention_heads"] * kappa)),
+        "--num-query-groups",
+        str(model["num_query_groups"]),
+        "--kv-channels",
+        str(head_dim),
+        "--ffn-hidden-size",
+        str(int(model["ffn_hidden_size"] * kappa)),
+        "--seq-length",
+        str(model["seq_length"]),
+    ]
 
 
 def train(name: str, data: Path, out: Path, flags: List[str], args) -> Path:
@@ -66,12 +94,39 @@ def train(name: str, data: Path, out: Path, flags: List[str], args) -> Path:
     if (ckpt / "meta.json").is_file() and not args.retrain:
         print(f"[quality] {name}: reusing {ckpt}", flush=True)
         return ckpt
-    launcher = [sys.executable, "-m", "megatron_twist"] if args.nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}", "--master_addr=127.0.0.1",
-        f"--master_port={free_port()}", "-m", "megatron_twist"]
-    cmd = [*launcher, "train", "--data-path", str(data), "--train-iters", str(args.steps), "--micro-batch-size",
-           str(args.micro_batch), "--lr", str(args.lr), "--local-steps", str(args.local_steps), "--log-interval",
-           str(max(1, args.steps // 4)), *flags, "--save", str(ckpt)]
+    launcher = (
+        [sys.executable, "-m", "megatron_twist"]
+        if args.nproc == 1
+        else [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={args.nproc}",
+            "--master_addr=127.0.0.1",
+            f"--master_port={free_port()}",
+            "-m",
+            "megatron_twist",
+        ]
+    )
+    cmd = [
+        *launcher,
+        "train",
+        "--data-path",
+        str(data),
+        "--train-iters",
+        str(args.steps),
+        "--micro-batch-size",
+        str(args.micro_batch),
+        "--lr",
+        str(args.lr),
+        "--local-steps",
+        str(args.local_steps),
+        "--log-interval",
+        str(max(1, args.steps // 4)),
+        *flags,
+        "--save",
+        str(ckpt),
+    ]
     t0 = time.perf_counter()
     print(f"[quality] {name}: training ({args.steps} steps) ...", flush=True)
     proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True)
@@ -93,14 +148,16 @@ def activation_scores(module, model, calib) -> list:
     hooks = []
     for i, layer in enumerate(module.decoder.layers):
         for kind, sub in (("proj", layer.self_attention.linear_proj), ("fc2", layer.mlp.linear_fc2)):
+
             def hook(mod, inputs, key=(i, kind)):
                 x = inputs[0].detach().float()
                 sq[key] = sq.get(key, 0) + x.pow(2).reshape(-1, x.shape[-1]).sum(0)
+
             hooks.append(sub.register_forward_pre_hook(hook))
     module.eval()
     with torch.no_grad():
         for start in range(0, len(calib), 8):
-            gpt_forward(module, calib[start: start + 8])
+            gpt_forward(module, calib[start : start + 8])
     for h in hooks:
         h.remove()
     scores = []
@@ -115,13 +172,12 @@ def activation_scores(module, model, calib) -> list:
 
 
 def evaluate(args, corpus: str, data: Path, out: Path) -> Dict:
-    import torch
 
+    from megatron_twist.checkpoint.models import load_central, load_model
     from megatron_twist.config import TwistConfig
     from megatron_twist.data import load_token_stream
     from megatron_twist.evaluation import perplexity
     from megatron_twist.model.gpt import count_parameters
-    from megatron_twist.checkpoint.models import load_central, load_model
     from megatron_twist.twist.extraction import cut_model, plan_from_scores, select_plan
 
     tokens = load_token_stream(str(data), "valid")
@@ -144,17 +200,26 @@ def evaluate(args, corpus: str, data: Path, out: Path) -> Dict:
     for kappa in KAPPAS:
         k = str(kappa)
         plan = select_plan(twist_central.config, twist_cfg, twist_central.params, kappa)
-        res.setdefault("a_twist_cut", {})[k] = ppl(cut_model(twist_central.config, twist_cfg, twist_central.params, plan)[0])
+        res.setdefault("a_twist_cut", {})[k] = ppl(
+            cut_model(twist_central.config, twist_cfg, twist_central.params, plan)[0]
+        )
         plan = select_plan(dense_central.config, cut_cfg, dense_central.params, kappa)
-        res.setdefault("b_dense_magnitude", {})[k] = ppl(cut_model(dense_central.config, cut_cfg, dense_central.params, plan)[0])
+        res.setdefault("b_dense_magnitude", {})[k] = ppl(
+            cut_model(dense_central.config, cut_cfg, dense_central.params, plan)[0]
+        )
         plan = plan_from_scores(dense_central.config, cut_cfg, kappa, act_scores)
-        res.setdefault("c_dense_activation", {})[k] = ppl(cut_model(dense_central.config, cut_cfg, dense_central.params, plan)[0])
+        res.setdefault("c_dense_activation", {})[k] = ppl(
+            cut_model(dense_central.config, cut_cfg, dense_central.params, plan)[0]
+        )
         small, _ = load_model(str(out / f"small-{kappa}"))
         res.setdefault("d_small_from_scratch", {})[k] = ppl(small)
-        print(f"[quality] {corpus} kappa {kappa}: TwIST cut {res['a_twist_cut'][k]['perplexity']:.2f}, "
-              f"magnitude {res['b_dense_magnitude'][k]['perplexity']:.2f}, activation "
-              f"{res['c_dense_activation'][k]['perplexity']:.2f}, small {res['d_small_from_scratch'][k]['perplexity']:.2f}",
-              flush=True)
+        print(
+            f"[quality] {corpus} kappa {kappa}: TwIST cut {res['a_twist_cut'][k]['perplexity']:.2f}, "
+            f"magnitude {res['b_dense_magnitude'][k]['perplexity']:.2f}, activation "
+            f"{res['c_dense_activation'][k]['perplexity']:.2f}, "
+            f"small {res['d_small_from_scratch'][k]['perplexity']:.2f}",
+            flush=True,
+        )
     for label, central, cfg in (("twist", twist_central, twist_cfg), ("dense", dense_central, cut_cfg)):
         values = []
         for seed in range(args.random_subnets):
@@ -164,8 +229,10 @@ def evaluate(args, corpus: str, data: Path, out: Path) -> Dict:
     if (out / "twist-rescale" / "meta.json").is_file():
         central, cfg, _ = load_central(str(out / "twist-rescale"))
         plan = select_plan(central.config, cfg, central.params, 0.5)
-        res["correction_rescale"] = {"central": ppl(central.module),
-                                     "cut_0.5": ppl(cut_model(central.config, cfg, central.params, plan)[0])}
+        res["correction_rescale"] = {
+            "central": ppl(central.module),
+            "cut_0.5": ppl(cut_model(central.config, cfg, central.params, plan)[0]),
+        }
     return res
 
 
@@ -190,37 +257,64 @@ def run_corpus(args, corpus: str) -> Dict:
     for kappa in KAPPAS:
         train(f"small-{kappa}", data, out, [*_model_flags(m, kappa), "--num-subnets", "1", "--keep-ratio", "1.0"], args)
     if corpus in args.correction_corpora:
-        train("twist-rescale", data, out, [*_model_flags(m), "--num-subnets", "2", "--keep-ratio", "0.5",
-                                           "--activation-correction", "rescale"], args)
+        train(
+            "twist-rescale",
+            data,
+            out,
+            [*_model_flags(m), "--num-subnets", "2", "--keep-ratio", "0.5", "--activation-correction", "rescale"],
+            args,
+        )
     return evaluate(args, corpus, data, out)
 
 
 def report(results: List[Dict], args) -> None:
     for r in results:
         print(f"\n== {r['corpus']}: held-out perplexity (parameters) ==")
-        print(f"{'kappa':>6s} {'(a) TwIST cut':>18s} {'(b) magnitude':>18s} {'(c) activation':>18s} "
-              f"{'(d) small dense':>18s} {'a vs best(b,c)':>15s} {'a vs d':>8s}")
+        print(
+            f"{'kappa':>6s} {'(a) TwIST cut':>18s} {'(b) magnitude':>18s} {'(c) activation':>18s} "
+            f"{'(d) small dense':>18s} {'a vs best(b,c)':>15s} {'a vs d':>8s}"
+        )
         for k in map(str, KAPPAS):
-            a, b, c, d = (r[key][k] for key in ("a_twist_cut", "b_dense_magnitude", "c_dense_activation",
-                                                 "d_small_from_scratch"))
+            a, b, c, d = (
+                r[key][k] for key in ("a_twist_cut", "b_dense_magnitude", "c_dense_activation", "d_small_from_scratch")
+            )
             best = min(b["perplexity"], c["perplexity"])
-            print(f"{k:>6s} " + " ".join(f"{x['perplexity']:9.2f} ({x['parameters'] / 1e6:4.2f}M)" for x in (a, b, c, d))
-                  + f" {a['perplexity'] / best - 1:+14.1%} {a['perplexity'] / d['perplexity'] - 1:+7.1%}")
-        print(f"(e) dense full {r['e_dense_full']['perplexity']:.2f} ({r['e_dense_full']['parameters'] / 1e6:.2f}M), "
-              f"TwIST central {r['e_twist_central']['perplexity']:.2f}")
+            print(
+                f"{k:>6s} "
+                + " ".join(f"{x['perplexity']:9.2f} ({x['parameters'] / 1e6:4.2f}M)" for x in (a, b, c, d))
+                + f" {a['perplexity'] / best - 1:+14.1%} {a['perplexity'] / d['perplexity'] - 1:+7.1%}"
+            )
+        print(
+            f"(e) dense full {r['e_dense_full']['perplexity']:.2f} ({r['e_dense_full']['parameters'] / 1e6:.2f}M), "
+            f"TwIST central {r['e_twist_central']['perplexity']:.2f}"
+        )
         for label, values in r["golden_ticket"].items():
             mean = sum(values) / len(values)
             std = math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
-            print(f"random kappa-0.5 subnets of the {label:5s} model: mean {mean:9.2f}, std {std:8.2f}, "
-                  f"min {min(values):9.2f}, max {max(values):9.2f} (n={len(values)})")
+            print(
+                f"random kappa-0.5 subnets of the {label:5s} model: mean {mean:9.2f}, std {std:8.2f}, "
+                f"min {min(values):9.2f}, max {max(values):9.2f} (n={len(values)})"
+            )
         if "correction_rescale" in r:
             cr = r["correction_rescale"]
-            print(f"correction 'rescale': central {cr['central']['perplexity']:.2f}, cut 0.5 "
-                  f"{cr['cut_0.5']['perplexity']:.2f} (vs 'none': {r['e_twist_central']['perplexity']:.2f}, "
-                  f"{r['a_twist_cut']['0.5']['perplexity']:.2f})")
+            print(
+                f"correction 'rescale': central {cr['central']['perplexity']:.2f}, cut 0.5 "
+                f"{cr['cut_0.5']['perplexity']:.2f} (vs 'none': {r['e_twist_central']['perplexity']:.2f}, "
+                f"{r['a_twist_cut']['0.5']['perplexity']:.2f})"
+            )
     out = Path(args.out)
-    (out / "quality.json").write_text(json.dumps({"model": args.model, "steps": args.steps, "nproc": args.nproc,
-                                                  "micro_batch": args.micro_batch, "results": results}, indent=1))
+    (out / "quality.json").write_text(
+        json.dumps(
+            {
+                "model": args.model,
+                "steps": args.steps,
+                "nproc": args.nproc,
+                "micro_batch": args.micro_batch,
+                "results": results,
+            },
+            indent=1,
+        )
+    )
     try:
         import matplotlib
 
@@ -229,11 +323,19 @@ def report(results: List[Dict], args) -> None:
 
         fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 3.8), squeeze=False)
         for ax, r in zip(axes[0], results):
-            labels = [("a_twist_cut", "TwIST cut"), ("b_dense_magnitude", "dense + magnitude"),
-                      ("c_dense_activation", "dense + activation"), ("d_small_from_scratch", "small dense")]
+            labels = [
+                ("a_twist_cut", "TwIST cut"),
+                ("b_dense_magnitude", "dense + magnitude"),
+                ("c_dense_activation", "dense + activation"),
+                ("d_small_from_scratch", "small dense"),
+            ]
             for j, (key, label) in enumerate(labels):
-                ax.bar([i + 0.2 * (j - 1.5) for i in range(len(KAPPAS))],
-                       [r[key][str(k)]["perplexity"] for k in KAPPAS], 0.2, label=label)
+                ax.bar(
+                    [i + 0.2 * (j - 1.5) for i in range(len(KAPPAS))],
+                    [r[key][str(k)]["perplexity"] for k in KAPPAS],
+                    0.2,
+                    label=label,
+                )
             ax.axhline(r["e_dense_full"]["perplexity"], color="k", ls="--", lw=1, label="dense full")
             ax.set_xticks(range(len(KAPPAS)), [f"kappa {k}" for k in KAPPAS])
             ax.set_yscale("log")
@@ -264,8 +366,13 @@ def main() -> int:
     p.add_argument("--eval-tokens", type=int, default=32768)
     p.add_argument("--calib-sequences", type=int, default=128)
     p.add_argument("--random-subnets", type=int, default=10)
-    p.add_argument("--correction-corpora", nargs="*", default=["stdlib"], choices=["stdlib", "shakespeare"],
-                   help="corpora on which TwIST is also trained with the 'rescale' correction (none: no such run)")
+    p.add_argument(
+        "--correction-corpora",
+        nargs="*",
+        default=["stdlib"],
+        choices=["stdlib", "shakespeare"],
+        help="corpora on which TwIST is also trained with the 'rescale' correction (none: no such run)",
+    )
     p.add_argument("--retrain", action="store_true", help="train again even if a checkpoint exists")
     p.add_argument("--out", default="runs/bench-quality")
     p.add_argument("--smoke", action="store_true", help="seconds-long version: tiny model, few steps (CI)")

@@ -18,6 +18,7 @@ reduce_scatter / all_gather call in the worker adds its payload bytes. The ideal
 ratio of training FLOPs per token (6 x matmul parameters + attention scores; the embedding and
 output layer are not split). Writes OUT/speed.json and OUT/speed.png.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,14 +32,34 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import free_port, prepare_out  # noqa: E402
+
 sys.path.insert(0, str(REPO))
-MODEL = dict(family="llama", num_layers=4, hidden_size=256, num_attention_heads=8, num_query_groups=4,
-             ffn_hidden_size=704, vocab_size=2048, seq_length=256)
-SMOKE_MODEL = dict(family="llama", num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
-                   ffn_hidden_size=128, vocab_size=512, seq_length=64)
-JOBS = {"dense": dict(keep_ratio=1.0, num_subnets=1), "twist": dict(keep_ratio=0.5, num_subnets=2),
-        "masked": dict(keep_ratio=1.0, num_subnets=2), "twist-reset": dict(keep_ratio=0.5, num_subnets=2,
-                                                                            optimizer_state="reset")}
+MODEL = dict(
+    family="llama",
+    num_layers=4,
+    hidden_size=256,
+    num_attention_heads=8,
+    num_query_groups=4,
+    ffn_hidden_size=704,
+    vocab_size=2048,
+    seq_length=256,
+)
+SMOKE_MODEL = dict(
+    family="llama",
+    num_layers=2,
+    hidden_size=64,
+    num_attention_heads=4,
+    num_query_groups=2,
+    ffn_hidden_size=128,
+    vocab_size=512,
+    seq_length=64,
+)
+JOBS = {
+    "dense": dict(keep_ratio=1.0, num_subnets=1),
+    "twist": dict(keep_ratio=0.5, num_subnets=2),
+    "masked": dict(keep_ratio=1.0, num_subnets=2),
+    "twist-reset": dict(keep_ratio=0.5, num_subnets=2, optimizer_state="reset"),
+}
 
 
 def flops_per_token(model, layer_sizes) -> float:
@@ -61,8 +82,11 @@ class CollectiveCounter:
         import torch.distributed as dist
 
         self.bytes = 0
-        payload = {"all_reduce": lambda a: a[0], "reduce_scatter_tensor": lambda a: a[1],
-                   "all_gather_into_tensor": lambda a: a[0]}
+        payload = {
+            "all_reduce": lambda a: a[0],
+            "reduce_scatter_tensor": lambda a: a[1],
+            "all_gather_into_tensor": lambda a: a[0],
+        }
         for name, which in payload.items():
             original = getattr(dist, name)
 
@@ -82,14 +106,14 @@ def worker(kind: str, out: Path, steps: int, local_steps: int, micro_batch: int,
 
     from megatron_twist.config import ModelConfig, TrainConfig, TwistConfig
     from megatron_twist.cpu_shim import seed_everything
-    from megatron_twist.distributed.runtime import build_twist_groups, init_distributed, shutdown
     from megatron_twist.data.batches import SyntheticBatches
+    from megatron_twist.distributed.runtime import build_twist_groups, init_distributed, shutdown
     from megatron_twist.training.twist_trainer import TwistTrainer
 
     model = ModelConfig(**(SMOKE_MODEL if smoke else MODEL))
     job = dict(JOBS[kind])
     twist = TwistConfig(local_steps=local_steps, coverage=True, **job)
-    train = TrainConfig(train_iters=steps, micro_batch_size=micro_batch, log_interval=10 ** 9)
+    train = TrainConfig(train_iters=steps, micro_batch_size=micro_batch, log_interval=10**9)
     init_distributed()
     groups = build_twist_groups(twist)
     seed_everything(train.seed)
@@ -106,8 +130,9 @@ def worker(kind: str, out: Path, steps: int, local_steps: int, micro_batch: int,
         def load_masked(central, plan, _load=load):
             _load(central, plan)
             subnet = trainer.local_subnets[0]
-            trainer.worker.state.hooks.add(attach_mask(trainer.worker.module, model, half,
-                                                       sampler.sample(central.round)[subnet]))
+            trainer.worker.state.hooks.add(
+                attach_mask(trainer.worker.module, model, half, sampler.sample(central.round)[subnet])
+            )
 
         trainer.worker.load = load_masked
     counter = CollectiveCounter()
@@ -119,10 +144,15 @@ def worker(kind: str, out: Path, steps: int, local_steps: int, micro_batch: int,
     from megatron_twist.model.gpt import full_layer_sizes
 
     sizes = full_layer_sizes(model) if kind == "masked" else trainer.sampler.subnet_layer_sizes()
-    record = {"kind": kind, "tokens_per_s": tokens / seconds, "seconds": seconds, "tokens": tokens,
-              "collective_bytes_per_rank": counter.bytes,
-              "tokens_per_rank": steps * micro_batch * model.seq_length * len(trainer.local_subnets),
-              "flops_per_token": flops_per_token(model, sizes)}
+    record = {
+        "kind": kind,
+        "tokens_per_s": tokens / seconds,
+        "seconds": seconds,
+        "tokens": tokens,
+        "collective_bytes_per_rank": counter.bytes,
+        "tokens_per_rank": steps * micro_batch * model.seq_length * len(trainer.local_subnets),
+        "flops_per_token": flops_per_token(model, sizes),
+    }
     if groups.rank == 0:
         with open(out / f"{kind}.json", "w") as f:
             json.dump(record, f)
@@ -152,40 +182,72 @@ def main() -> int:
     runs = {k: [] for k in jobs}
     for rep in range(args.repeats):
         for kind in jobs:  # alternated: dense, twist, masked, twist-reset, dense, ...
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-                   f"--master_port={free_port()}", __file__, "--out", str(out), "--worker", kind,
-                   "--steps", str(args.steps), "--local-steps", str(args.local_steps),
-                   "--micro-batch", str(args.micro_batch)] + (["--smoke"] if args.smoke else [])
+            cmd = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nproc_per_node=2",
+                "--master_addr=127.0.0.1",
+                f"--master_port={free_port()}",
+                __file__,
+                "--out",
+                str(out),
+                "--worker",
+                kind,
+                "--steps",
+                str(args.steps),
+                "--local-steps",
+                str(args.local_steps),
+                "--micro-batch",
+                str(args.micro_batch),
+            ] + (["--smoke"] if args.smoke else [])
             t0 = time.perf_counter()
             proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=1800)
             if proc.returncode:
                 raise SystemExit(f"{kind} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
             runs[kind].append(json.loads((out / f"{kind}.json").read_text()))
-            print(f"[speed] repeat {rep + 1}/{args.repeats} {kind}: {runs[kind][-1]['tokens_per_s']:,.0f} tok/s "
-                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
+            print(
+                f"[speed] repeat {rep + 1}/{args.repeats} {kind}: {runs[kind][-1]['tokens_per_s']:,.0f} tok/s "
+                f"({time.perf_counter() - t0:.0f} s)",
+                flush=True,
+            )
     mean = {k: sum(r["tokens_per_s"] for r in v) / len(v) for k, v in runs.items()}
     dense, twist = runs["dense"][0], runs["twist"][0]
     ideal = dense["flops_per_token"] / twist["flops_per_token"]
     measured = mean["twist"] / mean["dense"]
     per_token = {k: v[0]["collective_bytes_per_rank"] / v[0]["tokens_per_rank"] for k, v in runs.items()}
     summary = {
-        "tokens_per_s": mean, "speedup_measured": measured, "speedup_ideal_flops": ideal,
+        "tokens_per_s": mean,
+        "speedup_measured": measured,
+        "speedup_ideal_flops": ideal,
         "speedup_fraction_of_ideal": measured / ideal,
         "bytes_per_rank_per_token": per_token,
         "traffic_ratio": {k: per_token[k] / per_token["dense"] for k in jobs},
-        "traffic_ratio_theory_aggregate": 3 / args.local_steps, "traffic_ratio_theory_reset": 1 / args.local_steps,
-        "local_steps": args.local_steps, "steps": args.steps, "micro_batch": args.micro_batch, "runs": runs,
+        "traffic_ratio_theory_aggregate": 3 / args.local_steps,
+        "traffic_ratio_theory_reset": 1 / args.local_steps,
+        "local_steps": args.local_steps,
+        "steps": args.steps,
+        "micro_batch": args.micro_batch,
+        "runs": runs,
     }
     (out / "speed.json").write_text(json.dumps(summary, indent=1))
     print(f"\n{'job':12s} {'tokens/s':>10s} {'vs dense':>9s} {'bytes/rank/token':>17s} {'vs dense':>9s}")
     for k in jobs:
-        print(f"{k:12s} {mean[k]:10,.0f} {mean[k] / mean['dense']:9.2f} {per_token[k]:17.1f} "
-              f"{per_token[k] / per_token['dense']:9.3f}")
+        print(
+            f"{k:12s} {mean[k]:10,.0f} {mean[k] / mean['dense']:9.2f} {per_token[k]:17.1f} "
+            f"{per_token[k] / per_token['dense']:9.3f}"
+        )
     print(f"TwIST speed-up {measured:.2f}x measured vs {ideal:.2f}x ideal from FLOPs: {measured / ideal:.0%} of ideal")
     ratio = summary["traffic_ratio"]
-    print(f"traffic: TwIST {ratio['twist']:.3f} of dense (theory 3/{args.local_steps} = {3 / args.local_steps:.3f})"
-          + (f"; with --optimizer-state reset {ratio['twist-reset']:.3f} (theory 1/{args.local_steps} = "
-             f"{1 / args.local_steps:.3f})" if "twist-reset" in ratio else ""))
+    print(
+        f"traffic: TwIST {ratio['twist']:.3f} of dense (theory 3/{args.local_steps} = {3 / args.local_steps:.3f})"
+        + (
+            f"; with --optimizer-state reset {ratio['twist-reset']:.3f} (theory 1/{args.local_steps} = "
+            f"{1 / args.local_steps:.3f})"
+            if "twist-reset" in ratio
+            else ""
+        )
+    )
     try:
         import matplotlib
 

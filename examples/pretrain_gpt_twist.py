@@ -28,6 +28,7 @@ Limits of this path (refused with a clear message): --use-distributed-optimizer,
 main-parameter copies, --whole-layers. Everything above except Megatron-LM's own `pretrain`
 loop is tested in tests/integrations/ (Megatron-LM is not a dependency of this project).
 """
+
 from __future__ import annotations
 
 import os
@@ -40,8 +41,8 @@ def main() -> None:
     from megatron.training import get_args, pretrain
     from pretrain_gpt import forward_step, model_provider, train_valid_test_datasets_provider
 
-    from megatron_twist.integrations.megatron_lm import TwistMegatronLM
     from megatron_twist.checkpoint.models import save_central
+    from megatron_twist.integrations.megatron_lm import TwistMegatronLM
 
     twist_lm = TwistMegatronLM(model_provider)
     twist_lm.install(megatron_training)

@@ -5,6 +5,7 @@
 Reads RUN_DIR/eval-*.json (the JSON lines `twist eval` prints) and
 RUN_DIR/metrics.json (`twist train --metrics-file`); writes RUN_DIR/loss.png.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,10 @@ def main(run_dir: str) -> None:
     if metrics_file.exists():
         metrics = json.loads(metrics_file.read_text())
         curve = metrics["loss_curve"]
-        print(f"\ntraining loss (mean over subnets): first 10 steps {sum(curve[:10]) / 10:.3f} -> "
-              f"last 10 steps {sum(curve[-10:]) / 10:.3f} over {len(curve)} steps")
+        print(
+            f"\ntraining loss (mean over subnets): first 10 steps {sum(curve[:10]) / 10:.3f} -> "
+            f"last 10 steps {sum(curve[-10:]) / 10:.3f} over {len(curve)} steps"
+        )
         try:
             import matplotlib
 

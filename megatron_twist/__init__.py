@@ -11,6 +11,7 @@ Parts (docs/ARCHITECTURE.md):
     data/           corpus, sentencepiece tokenizer, Megatron indexed datasets
     checkpointing, model_io, evaluation, cli
 """
+
 from .arguments import add_twist_args, validate_twist_args
 from .config import ConfigError, ModelConfig, TrainConfig, TwistConfig
 

@@ -7,13 +7,22 @@ validated :class:`TwistConfig`. The model / training flags below reuse
 Megatron-LM's names (``--num-layers``, ``--hidden-size``, ``--lr``,
 ``--train-iters``, ...) for the standalone ``twist`` command.
 """
+
 from __future__ import annotations
 
 import argparse
 from typing import Iterable, Set
 
-from .config import (CORRECTIONS, MODEL_PRESETS, OPTIMIZER_STATE_POLICIES, SPLIT_UNITS, ConfigError, ModelConfig,
-                     TrainConfig, TwistConfig)
+from .config import (
+    CORRECTIONS,
+    MODEL_PRESETS,
+    OPTIMIZER_STATE_POLICIES,
+    SPLIT_UNITS,
+    ConfigError,
+    ModelConfig,
+    TrainConfig,
+    TwistConfig,
+)
 
 
 def _int_list(text: str):
@@ -25,25 +34,49 @@ def _int_list(text: str):
 
 def add_twist_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g = parser.add_argument_group("TwIST", "independent subnetwork training")
-    g.add_argument("--keep-ratio", type=float, default=0.5,
-                   help="kappa: fraction of attention heads and MLP neurons each subnet keeps")
+    g.add_argument(
+        "--keep-ratio",
+        type=float,
+        default=0.5,
+        help="kappa: fraction of attention heads and MLP neurons each subnet keeps",
+    )
     g.add_argument("--num-subnets", type=int, default=2, help="subnets trained independently between aggregations")
     g.add_argument("--local-steps", type=int, default=15, help="optimizer steps per subnet between aggregations")
     g.add_argument("--twist-seed", type=int, default=1234, help="seed of the subnet sampler (with the round number)")
     g.add_argument("--twist-split", choices=SPLIT_UNITS, default="both", help="which units are split into subnets")
-    g.add_argument("--whole-layers", type=_int_list, default=(),
-                   help="comma-separated layer indices kept whole in every subnet (negative: from the end)")
-    g.add_argument("--no-coverage", dest="twist_coverage", action="store_false",
-                   help="draw each subnet independently instead of dealing every unit to some subnet")
-    g.add_argument("--activation-correction", choices=CORRECTIONS, default="none",
-                   help="'rescale': scale a subnet's summed unit outputs by 1/kappa (folded in at extraction); "
-                        "'none' (default; measured better, docs/RESULTS.md)")
-    g.add_argument("--optimizer-state", choices=OPTIMIZER_STATE_POLICIES, default="aggregate",
-                   help="'aggregate': slice Adam moments with the weights and average them back; "
-                        "'reset': fresh moments each round")
-    g.add_argument("--twist-balance-shards", type=int, default=0,
-                   help="draw units with equal quotas from this many blocks (default: the tensor parallel size); "
-                        "keep it fixed to reproduce a run at another tensor parallel size")
+    g.add_argument(
+        "--whole-layers",
+        type=_int_list,
+        default=(),
+        help="comma-separated layer indices kept whole in every subnet (negative: from the end)",
+    )
+    g.add_argument(
+        "--no-coverage",
+        dest="twist_coverage",
+        action="store_false",
+        help="draw each subnet independently instead of dealing every unit to some subnet",
+    )
+    g.add_argument(
+        "--activation-correction",
+        choices=CORRECTIONS,
+        default="none",
+        help="'rescale': scale a subnet's summed unit outputs by 1/kappa (folded in at extraction); "
+        "'none' (default; measured better, docs/RESULTS.md)",
+    )
+    g.add_argument(
+        "--optimizer-state",
+        choices=OPTIMIZER_STATE_POLICIES,
+        default="aggregate",
+        help="'aggregate': slice Adam moments with the weights and average them back; "
+        "'reset': fresh moments each round",
+    )
+    g.add_argument(
+        "--twist-balance-shards",
+        type=int,
+        default=0,
+        help="draw units with equal quotas from this many blocks (default: the tensor parallel size); "
+        "keep it fixed to reproduce a run at another tensor parallel size",
+    )
     return parser
 
 
@@ -66,8 +99,15 @@ def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g = parser.add_argument_group("model", "Megatron-core GPTModel sizes (a preset, then overrides)")
     g.add_argument("--model-preset", choices=sorted(MODEL_PRESETS), default="small")
     g.add_argument("--model-family", choices=("llama", "gpt2"), default=None)
-    for flag in ("num-layers", "hidden-size", "num-attention-heads", "num-query-groups", "ffn-hidden-size",
-                 "seq-length", "kv-channels"):
+    for flag in (
+        "num-layers",
+        "hidden-size",
+        "num-attention-heads",
+        "num-query-groups",
+        "ffn-hidden-size",
+        "seq-length",
+        "kv-channels",
+    ):
         g.add_argument(f"--{flag}", type=int, default=None)
     return parser
 
@@ -95,8 +135,11 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     d = TrainConfig()
     g = parser.add_argument_group("training")
     g.add_argument("--data-path", default=None, help="directory written by `twist prepare-data`")
-    g.add_argument("--mock-data", action="store_true",
-                   help="train on synthetic token sequences (no data files; for dry runs and tests)")
+    g.add_argument(
+        "--mock-data",
+        action="store_true",
+        help="train on synthetic token sequences (no data files; for dry runs and tests)",
+    )
     g.add_argument("--vocab-size", type=int, default=None, help="vocabulary size with --mock-data")
     g.add_argument("--train-iters", type=int, default=d.train_iters)
     g.add_argument("--micro-batch-size", type=int, default=d.micro_batch_size)
@@ -109,32 +152,59 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     g.add_argument("--seed", type=int, default=d.seed, help="model initialisation and data order")
     g.add_argument("--save", default=None, help="directory for the central checkpoint at the end")
     g.add_argument("--load", default=None, help="central checkpoint to continue from (same sizes)")
-    g.add_argument("--exit-interval", type=int, default=None,
-                   help="stop after the round that reaches this step (then --save); resume with --load")
+    g.add_argument(
+        "--exit-interval",
+        type=int,
+        default=None,
+        help="stop after the round that reaches this step (then --save); resume with --load",
+    )
     g.add_argument("--metrics-file", default=None, help="JSON file for per-round losses and timings (rank 0)")
-    g.add_argument("--overwrite", action="store_true",
-                   help="let --save / --metrics-file replace a non-empty directory or file that megatron-twist did "
-                        "not write (refused by default, before any work)")
+    g.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="let --save / --metrics-file replace a non-empty directory or file that megatron-twist did "
+        "not write (refused by default, before any work)",
+    )
     # Reliability (docs/ARCHITECTURE.md "Reliability")
-    g.add_argument("--save-interval", type=int, default=None,
-                   help="also save every N steps (a multiple of --local-steps): --save DIR becomes a directory of "
-                        "DIR/iter_XXXXXXX checkpoints and a latest_checkpointed_iteration.txt pointer, moved only "
-                        "after a complete write; --load DIR resumes from what it names")
-    g.add_argument("--keep-checkpoints", type=int, default=0,
-                   help="with --save-interval: keep the newest K checkpoints (default 0: keep all)")
-    g.add_argument("--distributed-timeout-minutes", type=float, default=10.0,
-                   help="bound on any collective wait and on a silent rank (heartbeat); a lost rank stops the "
-                        "others with a message naming it (exit code 75)")
-    g.add_argument("--nonfinite-policy", choices=("skip", "stop"), default=d.nonfinite_policy,
-                   help="a subnet whose loss or gradient becomes non-finite: 'skip' (default) leaves it out of its "
-                        "round's aggregation, 'stop' stops the run with the central model of the previous round")
-    g.add_argument("--ckpt-format", choices=("safetensors", "torch_dist"), default="safetensors",
-                   help="--save format: 'safetensors' (one file set, gathered on rank 0) or 'torch_dist' "
-                        "(Megatron dist_checkpointing: sharded, reshards to any TP/PP on --load)")
+    g.add_argument(
+        "--save-interval",
+        type=int,
+        default=None,
+        help="also save every N steps (a multiple of --local-steps): --save DIR becomes a directory of "
+        "DIR/iter_XXXXXXX checkpoints and a latest_checkpointed_iteration.txt pointer, moved only "
+        "after a complete write; --load DIR resumes from what it names",
+    )
+    g.add_argument(
+        "--keep-checkpoints",
+        type=int,
+        default=0,
+        help="with --save-interval: keep the newest K checkpoints (default 0: keep all)",
+    )
+    g.add_argument(
+        "--distributed-timeout-minutes",
+        type=float,
+        default=10.0,
+        help="bound on any collective wait and on a silent rank (heartbeat); a lost rank stops the "
+        "others with a message naming it (exit code 75)",
+    )
+    g.add_argument(
+        "--nonfinite-policy",
+        choices=("skip", "stop"),
+        default=d.nonfinite_policy,
+        help="a subnet whose loss or gradient becomes non-finite: 'skip' (default) leaves it out of its "
+        "round's aggregation, 'stop' stops the run with the central model of the previous round",
+    )
+    g.add_argument(
+        "--ckpt-format",
+        choices=("safetensors", "torch_dist"),
+        default="safetensors",
+        help="--save format: 'safetensors' (one file set, gathered on rank 0) or 'torch_dist' "
+        "(Megatron dist_checkpointing: sharded, reshards to any TP/PP on --load)",
+    )
     # DeepSpeed's own flag names (deepspeed.add_config_arguments), declared here so that parsing
     # the command line does not import DeepSpeed.
     g.add_argument("--deepspeed", action="store_true", help="train each subnet with a DeepSpeed engine (ZeRO 0-3)")
-    g.add_argument("--deepspeed_config", default=None, help="ds_config JSON; its \"twist\" section sets TwIST")
+    g.add_argument("--deepspeed_config", default=None, help='ds_config JSON; its "twist" section sets TwIST')
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     return parser
@@ -159,8 +229,13 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 __all__ = [
-    "ConfigError", "add_twist_args", "validate_twist_args", "add_model_args", "model_config_from_args",
-    "add_training_args", "train_config_from_args",
+    "ConfigError",
+    "add_twist_args",
+    "validate_twist_args",
+    "add_model_args",
+    "model_config_from_args",
+    "add_training_args",
+    "train_config_from_args",
 ]
 
 

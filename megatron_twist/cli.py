@@ -11,6 +11,7 @@
 Every command validates its inputs before it starts any work. This module only parses, calls one
 library function per command and maps errors to exit codes (2: bad input; 1: a run that cannot go on).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,15 +37,22 @@ def cmd_prepare_data(args) -> int:
     outputs.check_output(args.output, (outputs.PREPARED_DATA,), "--output", args.overwrite)  # before any work
     if args.tokenizer_model and args.hf_tokenizer:
         raise ConfigError("pass either --tokenizer-model or --hf-tokenizer, not both")
-    train_docs, valid_docs, source = corpus_documents(args.input, args.json_field, args.split_paragraphs,
-                                                      args.valid_fraction, args.max_bytes)
+    train_docs, valid_docs, source = corpus_documents(
+        args.input, args.json_field, args.split_paragraphs, args.valid_fraction, args.max_bytes
+    )
     _log(f"[prepare-data] {source}: {len(train_docs)} train / {len(valid_docs)} valid documents")
     from .data import prepare_data
 
     reuse = args.tokenizer_model or args.hf_tokenizer
-    manifest = prepare_data(args.output, train_docs, valid_docs, vocab_size=None if reuse else args.vocab_size,
-                            tokenizer_model=args.tokenizer_model, hf_tokenizer=args.hf_tokenizer,
-                            overwrite=args.overwrite)
+    manifest = prepare_data(
+        args.output,
+        train_docs,
+        valid_docs,
+        vocab_size=None if reuse else args.vocab_size,
+        tokenizer_model=args.tokenizer_model,
+        hf_tokenizer=args.hf_tokenizer,
+        overwrite=args.overwrite,
+    )
     _log(f"[prepare-data] wrote {args.output}: {json.dumps(dataclasses.asdict(manifest), default=str)}")
     return 0
 
@@ -72,9 +80,11 @@ def cmd_extract(args) -> int:
     from .tools import extract
 
     r = extract(args.load, args.save, args.keep_ratio, args.method, args.overwrite)
-    _log(f"[extract] keep ratio {r['keep_ratio']} ({r['method']}): {r['parameters']:,} -> {r['cut_parameters']:,} "
-         f"parameters ({r['cut_parameters'] / r['parameters']:.3f}x); layer sizes {r['layer_sizes']}; "
-         f"saved to {args.save}")
+    _log(
+        f"[extract] keep ratio {r['keep_ratio']} ({r['method']}): {r['parameters']:,} -> {r['cut_parameters']:,} "
+        f"parameters ({r['cut_parameters'] / r['parameters']:.3f}x); layer sizes {r['layer_sizes']}; "
+        f"saved to {args.save}"
+    )
     return 0
 
 
@@ -82,10 +92,12 @@ def cmd_import_hf(args) -> int:
     from .tools import import_hf
 
     model = import_hf(args.path, args.save, args.seq_length, args.overwrite)
-    _log(f"[import-hf] {args.path} -> central checkpoint {args.save} ({model.family}, {model.num_layers} layers, "
-         f"hidden {model.hidden_size}, {model.num_attention_heads} heads / {model.num_query_groups} KV groups, "
-         f"FFN {model.ffn_hidden_size}, vocab {model.vocab_size}); continue it with `twist train --load "
-         f"{args.save}`")
+    _log(
+        f"[import-hf] {args.path} -> central checkpoint {args.save} ({model.family}, {model.num_layers} layers, "
+        f"hidden {model.hidden_size}, {model.num_attention_heads} heads / {model.num_query_groups} KV groups, "
+        f"FFN {model.ffn_hidden_size}, vocab {model.vocab_size}); continue it with `twist train --load "
+        f"{args.save}`"
+    )
     return 0
 
 
@@ -94,25 +106,30 @@ def cmd_export_hf(args) -> int:
 
     summary = export_hf(args.load, args.save, args.tokenizer, overwrite=args.overwrite)
     sizes = summary["layer_sizes"][0]
-    _log(f"[export-hf] {args.load} ({summary['kind']}, keep ratio {summary['keep_ratio']}) -> {args.save}: "
-         f"{summary['family']}, {sizes['num_attention_heads']} heads / {sizes['num_query_groups']} KV heads, "
-         f"FFN {sizes['ffn_hidden_size']}; tokenizer {summary['tokenizer']['kind']} "
-         f"({summary['tokenizer']['vocab_size']} tokens)")
+    _log(
+        f"[export-hf] {args.load} ({summary['kind']}, keep ratio {summary['keep_ratio']}) -> {args.save}: "
+        f"{summary['family']}, {sizes['num_attention_heads']} heads / {sizes['num_query_groups']} KV heads, "
+        f"FFN {sizes['ffn_hidden_size']}; tokenizer {summary['tokenizer']['kind']} "
+        f"({summary['tokenizer']['vocab_size']} tokens)"
+    )
     return 0
 
 
 def cmd_eval(args) -> int:
     from .tools import evaluate
 
-    result = evaluate(args.load, args.data_path, args.mock_data, args.split, args.max_tokens, args.batch_size,
-                      args.seed)
+    result = evaluate(
+        args.load, args.data_path, args.mock_data, args.split, args.max_tokens, args.batch_size, args.seed
+    )
     print(json.dumps(result), flush=True)
     return 0
 
 
 # ----------------------------------------------------------------------- main
-OVERWRITE_HELP = ("replace the target even if it is a non-empty directory that megatron-twist did not write "
-                  "(refused by default, before any work)")
+OVERWRITE_HELP = (
+    "replace the target even if it is a non-empty directory that megatron-twist did not write "
+    "(refused by default, before any work)"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -121,17 +138,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("prepare-data", help="tokenizer + Megatron indexed dataset from a corpus")
     d.add_argument("--output", required=True, help="directory to write")
-    d.add_argument("--input", nargs="+", default=None,
-                   help="text / JSON-lines files or directories (default: the Python standard library)")
+    d.add_argument(
+        "--input",
+        nargs="+",
+        default=None,
+        help="text / JSON-lines files or directories (default: the Python standard library)",
+    )
     d.add_argument("--json-field", default="text", help="field of JSON-lines records holding the text")
     d.add_argument("--vocab-size", type=int, default=4096, help="vocabulary of the tokenizer to train")
     d.add_argument("--tokenizer-model", default=None, help="use this sentencepiece model instead of training one")
-    d.add_argument("--hf-tokenizer", default=None, help="use this HuggingFace tokenizer directory (e.g. the model "
-                   "directory given to `twist import-hf`) instead of training one")
-    d.add_argument("--valid-fraction", type=float, default=0.1, help="share of --input documents held out "
-                   "(every k-th document, k = round(1 / fraction))")
-    d.add_argument("--split-paragraphs", action="store_true", help="cut plain-text inputs into one document per "
-                   "paragraph (blank-line separated), e.g. for a corpus that is one long file")
+    d.add_argument(
+        "--hf-tokenizer",
+        default=None,
+        help="use this HuggingFace tokenizer directory (e.g. the model "
+        "directory given to `twist import-hf`) instead of training one",
+    )
+    d.add_argument(
+        "--valid-fraction",
+        type=float,
+        default=0.1,
+        help="share of --input documents held out (every k-th document, k = round(1 / fraction))",
+    )
+    d.add_argument(
+        "--split-paragraphs",
+        action="store_true",
+        help="cut plain-text inputs into one document per "
+        "paragraph (blank-line separated), e.g. for a corpus that is one long file",
+    )
     d.add_argument("--max-bytes", type=int, default=None, help="cap on the standard-library training text")
     d.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     d.set_defaults(func=cmd_prepare_data)
@@ -164,15 +197,23 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("import-hf", help="a local HuggingFace Llama / GPT-2 checkpoint -> a central checkpoint")
     i.add_argument("path", help="HF model directory (config.json + safetensors)")
     i.add_argument("--save", required=True, help="central checkpoint directory to write (`twist train --load` it)")
-    i.add_argument("--seq-length", type=int, default=None, help="training sequence length (Llama; default: "
-                   "the model's max_position_embeddings)")
+    i.add_argument(
+        "--seq-length",
+        type=int,
+        default=None,
+        help="training sequence length (Llama; default: the model's max_position_embeddings)",
+    )
     i.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
 
     x = sub.add_parser("export-hf", help="a central or cut-out model -> a HuggingFace directory")
     x.add_argument("--load", required=True, help="central or cut-out checkpoint directory")
     x.add_argument("--save", required=True, help="HF directory to write")
-    x.add_argument("--tokenizer", default=None, help="sentencepiece .model, `twist prepare-data` directory or HF "
-                   "tokenizer directory (default: the training data's tokenizer, recorded in the checkpoint)")
+    x.add_argument(
+        "--tokenizer",
+        default=None,
+        help="sentencepiece .model, `twist prepare-data` directory or HF "
+        "tokenizer directory (default: the training data's tokenizer, recorded in the checkpoint)",
+    )
     x.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     i.set_defaults(func=cmd_import_hf)
     x.set_defaults(func=cmd_export_hf)
@@ -201,7 +242,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command in ("train", "plan"):
         # The flags the user typed (resume conflicts, ds_config conflicts): told from defaults once, here.
         sub = parser.train_parser if args.command == "train" else parser.plan_parser
-        command = functools.partial(command, explicit=explicit_dests(sub, argv[argv.index(args.command) + 1:]))
+        command = functools.partial(command, explicit=explicit_dests(sub, argv[argv.index(args.command) + 1 :]))
     try:
         return command(args)
     except (ConfigError, CheckpointError, DataError) as e:

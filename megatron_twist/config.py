@@ -7,11 +7,12 @@
 Each validates itself on construction so a bad value is refused before any
 process group is created or any weight is allocated. Errors name the fix.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 from .errors import ConfigError, TrainingError  # noqa: F401  (re-exported: the config API raises them)
@@ -74,8 +75,9 @@ class ModelConfig:
         if self.activation is None:
             object.__setattr__(self, "activation", allowed[0])
         elif self.activation not in allowed:
-            raise ConfigError(f"activation {self.activation!r} is not available for the {self.family} family; "
-                              f"use one of {allowed}")
+            raise ConfigError(
+                f"activation {self.activation!r} is not available for the {self.family} family; use one of {allowed}"
+            )
 
     @property
     def head_dim(self) -> int:
@@ -103,14 +105,44 @@ class ModelConfig:
 
 # Named sizes: 'tiny' is what the tests run; 'small' is the README's main job.
 MODEL_PRESETS = {
-    "tiny": dict(family="llama", num_layers=2, hidden_size=64, num_attention_heads=4,
-                 num_query_groups=2, ffn_hidden_size=128, vocab_size=512, seq_length=64),
-    "tiny-gpt2": dict(family="gpt2", num_layers=2, hidden_size=64, num_attention_heads=4,
-                      ffn_hidden_size=256, vocab_size=512, seq_length=64),
-    "small": dict(family="llama", num_layers=4, hidden_size=256, num_attention_heads=8,
-                  num_query_groups=4, ffn_hidden_size=704, vocab_size=4096, seq_length=256),
-    "small-gpt2": dict(family="gpt2", num_layers=4, hidden_size=256, num_attention_heads=8,
-                       ffn_hidden_size=1024, vocab_size=4096, seq_length=256),
+    "tiny": dict(
+        family="llama",
+        num_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_query_groups=2,
+        ffn_hidden_size=128,
+        vocab_size=512,
+        seq_length=64,
+    ),
+    "tiny-gpt2": dict(
+        family="gpt2",
+        num_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        ffn_hidden_size=256,
+        vocab_size=512,
+        seq_length=64,
+    ),
+    "small": dict(
+        family="llama",
+        num_layers=4,
+        hidden_size=256,
+        num_attention_heads=8,
+        num_query_groups=4,
+        ffn_hidden_size=704,
+        vocab_size=4096,
+        seq_length=256,
+    ),
+    "small-gpt2": dict(
+        family="gpt2",
+        num_layers=4,
+        hidden_size=256,
+        num_attention_heads=8,
+        ffn_hidden_size=1024,
+        vocab_size=4096,
+        seq_length=256,
+    ),
 }
 
 
@@ -217,8 +249,10 @@ class TwistConfig:
             raise ConfigError(f"ffn_hidden_size {model.ffn_hidden_size} does not divide over tensor parallel size {tp}")
         if self.splits_heads:
             if model.num_attention_heads % blocks or model.ffn_hidden_size % blocks:
-                raise ConfigError(f"heads {model.num_attention_heads} and FFN {model.ffn_hidden_size} must divide "
-                                  f"into {blocks} balance shards")
+                raise ConfigError(
+                    f"heads {model.num_attention_heads} and FFN {model.ffn_hidden_size} must divide "
+                    f"into {blocks} balance shards"
+                )
             bucket, what = _head_bucket(model, blocks)
             kept = bucket * self.keep_ratio
             if abs(kept - round(kept)) > 1e-9 or round(kept) < 1:
@@ -280,7 +314,6 @@ class TrainConfig:
     exit_interval: Optional[int] = None  # stop (and save) after the round that reaches this step
     nonfinite_policy: str = "skip"  # 'skip': leave a non-finite subnet out of its round; 'stop': stop the run
 
-
     def __post_init__(self):
         if self.train_iters < 1:
             raise ConfigError(f"--train-iters must be at least 1, got {self.train_iters}")
@@ -326,8 +359,10 @@ class RunConfig:
         if self.save_interval is not None and not self.save:
             raise ConfigError("--save-interval needs --save DIR (the directory of the periodic checkpoints)")
         if self.deepspeed_config and (self.tensor_parallel_size > 1 or self.pipeline_parallel_size > 1):
-            raise ConfigError("with --deepspeed this release supports TP/PP size 1 only; for tensor or pipeline "
-                              "parallel layouts use `twist train` without --deepspeed (Megatron-core's own path)")
+            raise ConfigError(
+                "with --deepspeed this release supports TP/PP size 1 only; for tensor or pipeline "
+                "parallel layouts use `twist train` without --deepspeed (Megatron-core's own path)"
+            )
 
     @property
     def deepspeed(self) -> bool:

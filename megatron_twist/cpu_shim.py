@@ -15,6 +15,7 @@ Patches (see docs/ARCHITECTURE.md, "CPU shim"):
    schedules and its default causal-mask helpers land on CPU.
 4. ``torch.cuda.synchronize()`` (pipeline p2p) becomes a no-op.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -65,7 +66,9 @@ def seed_everything(seed: int) -> None:
         tracker.reset()
         from megatron.core import parallel_state
 
-        tp_rank = parallel_state.get_tensor_model_parallel_rank() if parallel_state.model_parallel_is_initialized() else 0
+        tp_rank = (
+            parallel_state.get_tensor_model_parallel_rank() if parallel_state.model_parallel_is_initialized() else 0
+        )
         # Same offsets as Megatron's model_parallel_cuda_manual_seed, so runs agree across devices.
         tracker.add(mrandom._DATA_PARALLEL_RNG_TRACKER_NAME, seed)
         tracker.add(mrandom._MODEL_PARALLEL_RNG_TRACKER_NAME, seed + 2718 + tp_rank)
@@ -120,6 +123,7 @@ def _redirect_cuda_factories() -> None:
         def __getattr__(self, name):
             attr = getattr(torch, name)
             if name in ("zeros", "ones", "empty", "tensor", "full"):
+
                 @functools.wraps(attr)
                 def on_cpu(*args, **kwargs):
                     dev = kwargs.get("device")

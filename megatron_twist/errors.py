@@ -5,6 +5,7 @@ codes (bad input, a checkpoint or data that cannot be used: 2; a run that cannot
 prints the message without a traceback. They subclass ValueError / RuntimeError so callers that
 already catch bad-input errors generically keep working.
 """
+
 from __future__ import annotations
 
 

@@ -7,6 +7,7 @@ last ``seq_length`` tokens from the ones before, with the context restarting
 at every window. A trailing remainder shorter than a window is dropped.
 Perplexity is exp(mean negative log-likelihood over all predicted tokens).
 """
+
 from __future__ import annotations
 
 import math
@@ -18,8 +19,14 @@ from .model.gpt import count_parameters, gpt_forward
 
 
 @torch.no_grad()
-def perplexity(model, tokens: torch.Tensor, seq_length: int, batch_size: int = 8,
-               max_tokens: Optional[int] = None, forward=gpt_forward) -> dict:
+def perplexity(
+    model,
+    tokens: torch.Tensor,
+    seq_length: int,
+    batch_size: int = 8,
+    max_tokens: Optional[int] = None,
+    forward=gpt_forward,
+) -> dict:
     """``forward(model, tokens, labels) -> per-token NLL [b, s]``: gpt_forward for Megatron models,
     hf.io.hf_forward for HuggingFace ones; the windows are the same."""
     model.eval()
@@ -46,8 +53,7 @@ def perplexity(model, tokens: torch.Tensor, seq_length: int, batch_size: int = 8
     return {"loss": loss, "perplexity": math.exp(loss), "tokens": total, "parameters": count_parameters(model)}
 
 
-def evaluation_tokens(meta: dict, data_path: Optional[str], mock: bool = False, split: str = "valid",
-                      seed: int = 1234):
+def evaluation_tokens(meta: dict, data_path: Optional[str], mock: bool = False, split: str = "valid", seed: int = 1234):
     """(token stream, seq_length, info) a model (its checkpoint ``meta``) is evaluated on: the held-out
     split of a prepared directory (refused if made with another tokenizer), or synthetic tokens."""
     from .errors import ConfigError
@@ -71,6 +77,8 @@ def evaluation_tokens(meta: dict, data_path: Optional[str], mock: bool = False, 
             "evaluate on data prepared with the model's tokenizer (`twist prepare-data --tokenizer-model`)"
         )
     if manifest.vocab_size > meta["model"]["vocab_size"]:
-        raise ConfigError(f"the data's vocabulary ({manifest.vocab_size}) is larger than the model's "
-                          f"({meta['model']['vocab_size']}): wrong tokenizer")
+        raise ConfigError(
+            f"the data's vocabulary ({manifest.vocab_size}) is larger than the model's "
+            f"({meta['model']['vocab_size']}): wrong tokenizer"
+        )
     return load_token_stream(data_path, split), seq_length, {"split": split}

@@ -29,6 +29,7 @@ no production code path sets them. All hooks live in this one module.
     weight of the materialized subnet with NaN, so the loss and every gradient become NaN;
     ``grad`` turns that weight's gradient into NaN for this one step while the loss stays finite.
 """
+
 from __future__ import annotations
 
 import os

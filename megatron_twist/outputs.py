@@ -22,6 +22,7 @@ folders, DeepSpeed save directories), from :data:`MARKER`, written when the dire
 
 No torch import here: refusals stay fast.
 """
+
 from __future__ import annotations
 
 import json
@@ -87,8 +88,9 @@ def _is_empty_dir(root: Path) -> bool:
     return root.is_dir() and next(root.iterdir(), None) is None
 
 
-def check_output(path, kinds: Iterable[str], flag: str, overwrite: bool = False,
-                 overwrite_flag: Optional[str] = "--overwrite") -> None:
+def check_output(
+    path, kinds: Iterable[str], flag: str, overwrite: bool = False, overwrite_flag: Optional[str] = "--overwrite"
+) -> None:
     """Refuse, before any work, a target that writing would destroy.
 
     Allowed: a path that does not exist, an empty directory, a megatron-twist output of one of
@@ -99,8 +101,9 @@ def check_output(path, kinds: Iterable[str], flag: str, overwrite: bool = False,
         return
     kinds = tuple(kinds)
     if not root.is_dir():
-        raise OutputError(f"{flag} {path} is an existing file, not a directory; nothing was written. Pass a new "
-                          "directory path")
+        raise OutputError(
+            f"{flag} {path} is an existing file, not a directory; nothing was written. Pass a new directory path"
+        )
     if overwrite or _is_empty_dir(root):
         return
     found = output_kind(root)
@@ -108,8 +111,10 @@ def check_output(path, kinds: Iterable[str], flag: str, overwrite: bool = False,
         return
     what = f"a megatron-twist {found} output" if found else "a non-empty directory megatron-twist did not write"
     fix = f", or add {overwrite_flag} to replace it" if overwrite_flag else " (or move it away)"
-    raise OutputError(f"{flag} {path} is {what}; it would be replaced, so nothing was written. Pass a new "
-                      f"path{fix} (expected {' or '.join(kinds)})")
+    raise OutputError(
+        f"{flag} {path} is {what}; it would be replaced, so nothing was written. Pass a new "
+        f"path{fix} (expected {' or '.join(kinds)})"
+    )
 
 
 def check_replaceable(final: Path, kind: str, overwrite: bool = False) -> None:
@@ -125,11 +130,14 @@ def check_output_file(path, flag: str, overwrite: bool = False) -> None:
     if not file.exists() or overwrite:
         return
     obj = _json(file)
-    if obj is not None and (obj.get("megatron_twist") == METRICS
-                            or ("twist" in obj and ({"rounds", "losses_per_rank"} & obj.keys()))):
+    if obj is not None and (
+        obj.get("megatron_twist") == METRICS or ("twist" in obj and ({"rounds", "losses_per_rank"} & obj.keys()))
+    ):
         return  # stamped, or written by a release from before the stamp
-    raise OutputError(f"{flag} {path} is an existing file megatron-twist did not write; it would be replaced, so "
-                      "nothing was written. Pass a new path, or add --overwrite to replace it")
+    raise OutputError(
+        f"{flag} {path} is an existing file megatron-twist did not write; it would be replaced, so "
+        "nothing was written. Pass a new path, or add --overwrite to replace it"
+    )
 
 
 def claim_directory(path, kind: str) -> Path:
@@ -163,8 +171,10 @@ def remove_temporary(tmp: Path, missing_ok: bool = True) -> bool:
     if tmp.is_dir() and not tmp.is_symlink() and (tmp / TEMPORARY_MARKER).is_file():
         shutil.rmtree(tmp)
         return True
-    raise OutputError(f"{tmp} is in the way of a temporary directory megatron-twist needs, but megatron-twist did "
-                      "not make it; nothing was deleted. Move it away, or write to another path")
+    raise OutputError(
+        f"{tmp} is in the way of a temporary directory megatron-twist needs, but megatron-twist did "
+        "not make it; nothing was deleted. Move it away, or write to another path"
+    )
 
 
 def seal_temporary(tmp: Path) -> None:

@@ -3,6 +3,7 @@ checkpoint (`twist extract`), held-out perplexity (`twist eval`), a HuggingFace 
 (`twist import-hf`). Each refuses bad input before any work and runs in a one-rank group
 (distributed.runtime.single_process_group).
 """
+
 from __future__ import annotations
 
 import time
@@ -12,8 +13,9 @@ from typing import Optional
 from . import outputs
 
 
-def extract(load: str, save: str, keep_ratio: Optional[float] = None, method: str = "magnitude",
-            overwrite: bool = False) -> dict:
+def extract(
+    load: str, save: str, keep_ratio: Optional[float] = None, method: str = "magnitude", overwrite: bool = False
+) -> dict:
     """Cut the dense model at ``keep_ratio`` (default: the training one) out of the central model that
     ``load`` means and save it; returns a summary (keep ratio, parameter counts, layer sizes)."""
     outputs.check_output(save, (outputs.EXTRACTED,), "--save", overwrite)  # before any work
@@ -27,16 +29,35 @@ def extract(load: str, save: str, keep_ratio: Optional[float] = None, method: st
         keep = keep_ratio if keep_ratio is not None else twist.keep_ratio
         plan = select_plan(central.config, twist, central.params, keep, method)
         module, sizes = cut_model(central.config, twist, central.params, plan)
-        save_extracted(save, module, central.config, twist, plan, keep, method,
-                       source={"checkpoint": str(Path(load).resolve()), "step": meta["step"],
-                               "data": meta.get("data", {})}, overwrite=overwrite)
-        return {"keep_ratio": keep, "method": method, "parameters": count_parameters(central.module),
-                "cut_parameters": count_parameters(module),
-                "layer_sizes": [(s.num_attention_heads, s.ffn_hidden_size) for s in sizes]}
+        save_extracted(
+            save,
+            module,
+            central.config,
+            twist,
+            plan,
+            keep,
+            method,
+            source={"checkpoint": str(Path(load).resolve()), "step": meta["step"], "data": meta.get("data", {})},
+            overwrite=overwrite,
+        )
+        return {
+            "keep_ratio": keep,
+            "method": method,
+            "parameters": count_parameters(central.module),
+            "cut_parameters": count_parameters(module),
+            "layer_sizes": [(s.num_attention_heads, s.ffn_hidden_size) for s in sizes],
+        }
 
 
-def evaluate(load: str, data_path: Optional[str] = None, mock: bool = False, split: str = "valid",
-             max_tokens: Optional[int] = None, batch_size: int = 8, seed: int = 1234) -> dict:
+def evaluate(
+    load: str,
+    data_path: Optional[str] = None,
+    mock: bool = False,
+    split: str = "valid",
+    max_tokens: Optional[int] = None,
+    batch_size: int = 8,
+    seed: int = 1234,
+) -> dict:
     """Held-out perplexity of a central, cut-out or HuggingFace model (evaluation.py's windows)."""
     from .checkpoint.models import load_model
     from .distributed.runtime import single_process_group
@@ -55,8 +76,13 @@ def evaluate(load: str, data_path: Optional[str] = None, mock: bool = False, spl
         tokens, seq_length, data_info = evaluation_tokens(meta, data_path, mock, split, seed)
         t0 = time.perf_counter()
         result = perplexity(module, tokens, seq_length, batch_size=batch_size, max_tokens=max_tokens, **forward)
-        result.update(kind=meta["kind"], keep_ratio=meta.get("keep_ratio", 1.0), checkpoint=load,
-                      seconds=round(time.perf_counter() - t0, 2), **data_info)
+        result.update(
+            kind=meta["kind"],
+            keep_ratio=meta.get("keep_ratio", 1.0),
+            checkpoint=load,
+            seconds=round(time.perf_counter() - t0, 2),
+            **data_info,
+        )
         return result
 
 

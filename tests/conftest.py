@@ -6,6 +6,7 @@
 * ``run_torchrun``: launches a real multi-process job with torchrun on 127.0.0.1
   and a free port, with a timeout, and returns the completed process.
 """
+
 from __future__ import annotations
 
 import os
@@ -38,8 +39,13 @@ def free_port() -> int:
 
 def subprocess_env() -> dict:
     env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", MASTER_ADDR="127.0.0.1", PYTHONUNBUFFERED="1",
-               DS_ACCELERATOR="cpu")
+    env.update(
+        OMP_NUM_THREADS="1",
+        GLOO_SOCKET_IFNAME="lo",
+        MASTER_ADDR="127.0.0.1",
+        PYTHONUNBUFFERED="1",
+        DS_ACCELERATOR="cpu",
+    )
     # DeepSpeed JIT-compiles a shared-memory comm op once; keep it in a stable place (the venv).
     env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".venv" / "torch_extensions"))
     for leaked in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):  # set by in-process runs: not for children
@@ -49,8 +55,15 @@ def subprocess_env() -> dict:
 
 def run_process_group(cmd, timeout: float, cwd=None) -> subprocess.CompletedProcess:
     """Run ``cmd`` in its own session; on timeout kill the WHOLE group (torchrun's workers too)."""
-    with subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          env=subprocess_env(), cwd=cwd or REPO, start_new_session=True) as p:
+    with subprocess.Popen(
+        [str(c) for c in cmd],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=subprocess_env(),
+        cwd=cwd or REPO,
+        start_new_session=True,
+    ) as p:
         try:
             out, err = p.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -61,11 +74,20 @@ def run_process_group(cmd, timeout: float, cwd=None) -> subprocess.CompletedProc
 
 
 def torchrun(nproc: int, args, timeout: float = 240, cwd=None, check: bool = True) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           "--master_addr=127.0.0.1", f"--master_port={free_port()}", *map(str, args)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        *map(str, args),
+    ]
     proc = run_process_group(cmd, timeout, cwd)
     if check:
-        assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+        assert proc.returncode == 0, (
+            f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+        )
     return proc
 
 
@@ -107,7 +129,12 @@ def prepared_small(tmp_path_factory):
     from megatron_twist.data import prepare_data, stdlib_documents
 
     out = tmp_path_factory.mktemp("prepared_small")
-    manifest = prepare_data(str(out), stdlib_documents("train", max_bytes=40_000),
-                            stdlib_documents("valid", max_bytes=150_000), vocab_size=400, progress=False,
-                            source="tests")
+    manifest = prepare_data(
+        str(out),
+        stdlib_documents("train", max_bytes=40_000),
+        stdlib_documents("valid", max_bytes=150_000),
+        vocab_size=400,
+        progress=False,
+        source="tests",
+    )
     return out, manifest

@@ -1,4 +1,5 @@
 """The user's path on real text: prepare-data -> train -> extract -> eval, through the `twist` command."""
+
 from __future__ import annotations
 
 import json
@@ -19,10 +20,31 @@ def test_prepare_train_extract_eval_on_real_text(run_dir, run_twist, run_torchru
     manifest = json.loads((data / "manifest.json").read_text())
     assert manifest["vocab_size"] == 512 and manifest["splits"]["train"]["tokens"] > 10_000
 
-    proc = run_torchrun(2, ["-m", "megatron_twist", "train", "--data-path", data, "--model-preset", "tiny",
-                            "--train-iters", "60", "--local-steps", "5", "--micro-batch-size", "4",
-                            "--log-interval", "10", "--save", run_dir / "central",
-                            "--metrics-file", run_dir / "metrics.json"], timeout=300)
+    proc = run_torchrun(
+        2,
+        [
+            "-m",
+            "megatron_twist",
+            "train",
+            "--data-path",
+            data,
+            "--model-preset",
+            "tiny",
+            "--train-iters",
+            "60",
+            "--local-steps",
+            "5",
+            "--micro-batch-size",
+            "4",
+            "--log-interval",
+            "10",
+            "--save",
+            run_dir / "central",
+            "--metrics-file",
+            run_dir / "metrics.json",
+        ],
+        timeout=300,
+    )
     assert "tok/s" in proc.stdout and "round 12/12" in proc.stdout, "progress lines are shown"
     curve = json.loads((run_dir / "metrics.json").read_text())["loss_curve"]
     assert len(curve) == 60
@@ -34,8 +56,11 @@ def test_prepare_train_extract_eval_on_real_text(run_dir, run_twist, run_torchru
 
     results = {}
     for name in ("central", "cut"):
-        lines = run_twist(["eval", "--load", run_dir / name, "--data-path", data, "--max-tokens", "8192"]
-                          ).stdout.strip().splitlines()
+        lines = (
+            run_twist(["eval", "--load", run_dir / name, "--data-path", data, "--max-tokens", "8192"])
+            .stdout.strip()
+            .splitlines()
+        )
         results[name] = json.loads(lines[-1])  # the last line is a JSON object
         for key in ("perplexity", "tokens", "parameters"):
             assert key in results[name]

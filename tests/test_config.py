@@ -1,4 +1,5 @@
 """Bad input is refused with a clear error naming the fix, before any work starts."""
+
 from __future__ import annotations
 
 import time
@@ -21,22 +22,44 @@ def test_keep_ratio_times_heads_not_whole():
 
 
 def test_keep_ratio_times_neurons_not_whole():
-    model = ModelConfig(family="gpt2", num_layers=1, hidden_size=64, num_attention_heads=4, ffn_hidden_size=30,
-                        vocab_size=64, seq_length=8)
+    model = ModelConfig(
+        family="gpt2",
+        num_layers=1,
+        hidden_size=64,
+        num_attention_heads=4,
+        ffn_hidden_size=30,
+        vocab_size=64,
+        seq_length=8,
+    )
     with pytest.raises(ConfigError, match="MLP neurons"):
         TwistConfig(keep_ratio=0.25, num_subnets=4, split="mlp").check_against_model(model)
 
 
 def test_heads_not_divisible_over_tensor_parallel():
-    model = ModelConfig(family="llama", num_layers=1, hidden_size=96, num_attention_heads=6, num_query_groups=3,
-                        ffn_hidden_size=64, vocab_size=64, seq_length=8)
+    model = ModelConfig(
+        family="llama",
+        num_layers=1,
+        hidden_size=96,
+        num_attention_heads=6,
+        num_query_groups=3,
+        ffn_hidden_size=64,
+        vocab_size=64,
+        seq_length=8,
+    )
     with pytest.raises(ConfigError, match="does not divide over tensor parallel size 2"):
         TwistConfig(keep_ratio=0.5, num_subnets=2).check_against_model(model, tensor_parallel_size=2)
 
 
 def test_fewer_than_one_head_per_tp_shard_is_refused():
-    model = ModelConfig(family="gpt2", num_layers=1, hidden_size=64, num_attention_heads=4, ffn_hidden_size=64,
-                        vocab_size=64, seq_length=8)
+    model = ModelConfig(
+        family="gpt2",
+        num_layers=1,
+        hidden_size=64,
+        num_attention_heads=4,
+        ffn_hidden_size=64,
+        vocab_size=64,
+        seq_length=8,
+    )
     with pytest.raises(ConfigError, match="heads per tensor-parallel shard"):
         TwistConfig(keep_ratio=0.25, num_subnets=4).check_against_model(model, tensor_parallel_size=4)
 
@@ -47,12 +70,15 @@ def test_subnets_times_kappa_below_one_with_coverage():
     TwistConfig(keep_ratio=0.25, num_subnets=3, coverage=False)  # allowed without coverage
 
 
-@pytest.mark.parametrize("field,value,match", [
-    ("local_steps", 0, "--local-steps must be at least 1"),
-    ("num_subnets", 0, "--num-subnets must be at least 1"),
-    ("split", "rows", "--twist-split"),
-    ("correction", "magic", "--activation-correction"),
-])
+@pytest.mark.parametrize(
+    "field,value,match",
+    [
+        ("local_steps", 0, "--local-steps must be at least 1"),
+        ("num_subnets", 0, "--num-subnets must be at least 1"),
+        ("split", "rows", "--twist-split"),
+        ("correction", "magic", "--activation-correction"),
+    ],
+)
 def test_other_twist_values(field, value, match):
     with pytest.raises(ConfigError, match=match):
         TwistConfig(**{field: value})
@@ -70,16 +96,23 @@ def test_whole_layer_index_out_of_range():
         TwistConfig(whole_layers=(4,)).whole_layer_set(4)
 
 
-@pytest.mark.parametrize("args,match", [
-    (["train", "--data-path", "/nonexistent/twist-data"], "run `twist prepare-data --output"),
-    (["train"], "no data: pass --data-path"),
-    (["train", "--mock-data", "--keep-ratio", "1.5"], "--keep-ratio must lie in"),
-    (["train", "--mock-data", "--model-preset", "small", "--keep-ratio", "0.25", "--num-subnets", "4"],
-     "not a whole, positive number of heads"),
-    (["train", "--mock-data", "--model-preset", "tiny", "--num-subnets", "2", "--keep-ratio", "0.25"],
-     "coverage needs"),
-    (["eval", "--load", "/nonexistent/ckpt", "--mock-data"], "does not exist"),
-])
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (["train", "--data-path", "/nonexistent/twist-data"], "run `twist prepare-data --output"),
+        (["train"], "no data: pass --data-path"),
+        (["train", "--mock-data", "--keep-ratio", "1.5"], "--keep-ratio must lie in"),
+        (
+            ["train", "--mock-data", "--model-preset", "small", "--keep-ratio", "0.25", "--num-subnets", "4"],
+            "not a whole, positive number of heads",
+        ),
+        (
+            ["train", "--mock-data", "--model-preset", "tiny", "--num-subnets", "2", "--keep-ratio", "0.25"],
+            "coverage needs",
+        ),
+        (["eval", "--load", "/nonexistent/ckpt", "--mock-data"], "does not exist"),
+    ],
+)
 def test_cli_refuses_bad_input_before_any_work(run_twist, args, match):
     t0 = time.perf_counter()
     proc = run_twist(args, check=False)

@@ -7,6 +7,7 @@ checks "trains subnets [0, 1]", tests/distributed/test_layout.py the 2-rank x 4-
 the refusal of subnets that do not divide over the ranks); --local-steps 0 and other bad TwIST
 values are also refused in-process (tests/test_config.py).
 """
+
 from __future__ import annotations
 
 import time
@@ -27,10 +28,14 @@ def _refused(run_twist, args, *messages):
     return proc
 
 
-@pytest.mark.parametrize("text,message", [
-    ("", "empty"),
-    ("just one line of text\n", "need at least 2 documents to make a train/validation split, the input has 1"),
-], ids=["empty-corpus", "one-line-corpus"])
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("", "empty"),
+        ("just one line of text\n", "need at least 2 documents to make a train/validation split, the input has 1"),
+    ],
+    ids=["empty-corpus", "one-line-corpus"],
+)
 def test_corpus_too_small_for_prepare_data(tmp_path, run_twist, text, message):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(text)
@@ -42,15 +47,23 @@ def test_corpus_too_small_for_prepare_data(tmp_path, run_twist, text, message):
 def test_sequence_longer_than_the_data(tmp_path, run_twist, prepared_small):
     path, manifest = prepared_small
     tokens = manifest.splits["train"].tokens
-    _refused(run_twist, [*TRAIN, "--data-path", path, "--seq-length", tokens + 10, "--save", tmp_path / "ckpt"],
-             f"has {tokens} tokens, fewer than seq_length + 1 = {tokens + 11}", "use a shorter --seq-length")
+    _refused(
+        run_twist,
+        [*TRAIN, "--data-path", path, "--seq-length", tokens + 10, "--save", tmp_path / "ckpt"],
+        f"has {tokens} tokens, fewer than seq_length + 1 = {tokens + 11}",
+        "use a shorter --seq-length",
+    )
     assert not (tmp_path / "ckpt").exists()
 
 
 def test_vocabulary_flag_contradicting_the_data(run_twist, prepared_small):
     path, _ = prepared_small
-    _refused(run_twist, [*TRAIN, "--data-path", path, "--vocab-size", "1000"],
-             "--vocab-size 1000 contradicts the data", "400-token vocabulary")
+    _refused(
+        run_twist,
+        [*TRAIN, "--data-path", path, "--vocab-size", "1000"],
+        "--vocab-size 1000 contradicts the data",
+        "400-token vocabulary",
+    )
 
 
 def test_zero_local_steps(run_twist):
@@ -59,6 +72,19 @@ def test_zero_local_steps(run_twist):
 
 def test_keep_ratio_below_one_head_per_tensor_parallel_shard(run_twist):
     # tiny-gpt2: 4 heads (multi-head attention); TP 4 leaves 1 head per shard, kappa 0.25 keeps 0.25 of it.
-    _refused(run_twist, ["train", "--model-preset", "tiny-gpt2", "--mock-data", "--tensor-model-parallel-size", "4",
-                         "--keep-ratio", "0.25", "--num-subnets", "4"],
-             "keep_ratio 0.25 x 1 heads per tensor-parallel shard = 0.25 is not a whole, positive number of heads")
+    _refused(
+        run_twist,
+        [
+            "train",
+            "--model-preset",
+            "tiny-gpt2",
+            "--mock-data",
+            "--tensor-model-parallel-size",
+            "4",
+            "--keep-ratio",
+            "0.25",
+            "--num-subnets",
+            "4",
+        ],
+        "keep_ratio 0.25 x 1 heads per tensor-parallel shard = 0.25 is not a whole, positive number of heads",
+    )

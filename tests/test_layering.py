@@ -6,6 +6,7 @@ megatron_twist) and must point to a unit of the same or a lower layer; units of 
 use each other, but the unit graph must have no cycle. Tests and benchmarks must not import a
 private (underscore) name of the package. A fresh scan, no import of the package itself.
 """
+
 from __future__ import annotations
 
 import ast
@@ -73,8 +74,10 @@ def unit_graph():
             if src not in RANK or dst not in RANK:
                 violations.append(f"{path.relative_to(PACKAGE.parent)}:{line}: {src} or {dst} is in no layer")
             elif RANK[dst] > RANK[src]:
-                violations.append(f"{path.relative_to(PACKAGE.parent)}:{line}: {src} (layer {RANK[src]}) imports "
-                                  f"{target} (layer {RANK[dst]})")
+                violations.append(
+                    f"{path.relative_to(PACKAGE.parent)}:{line}: {src} (layer {RANK[src]}) imports "
+                    f"{target} (layer {RANK[dst]})"
+                )
     return edges, violations
 
 
@@ -85,7 +88,7 @@ def find_cycle(edges):
         state[node] = "open"
         for nxt in sorted(edges.get(node, ())):
             if state.get(nxt) == "open":
-                return stack[stack.index(nxt):] + [nxt] if nxt in stack else [node, nxt]
+                return stack[stack.index(nxt) :] + [nxt] if nxt in stack else [node, nxt]
             if nxt not in state:
                 found = visit(nxt, stack + [nxt])
                 if found:
@@ -113,8 +116,11 @@ def test_the_units_form_no_cycle():
 
 
 def test_every_unit_of_the_package_has_a_layer():
-    units = {p.stem if p.is_file() else p.name for p in PACKAGE.iterdir()
-             if (p.suffix == ".py" or (p / "__init__.py").is_file())}
+    units = {
+        p.stem if p.is_file() else p.name
+        for p in PACKAGE.iterdir()
+        if (p.suffix == ".py" or (p / "__init__.py").is_file())
+    }
     assert units <= set(RANK), sorted(units - set(RANK))
 
 
@@ -142,6 +148,9 @@ def test_tests_and_tools_use_no_private_name_of_the_package():
         for path in sorted((root / folder).rglob("*.py")):
             for node in ast.walk(ast.parse(path.read_text())):
                 if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("megatron_twist"):
-                    offenders += [f"{path.relative_to(root)}:{node.lineno}: {a.name}" for a in node.names
-                                  if a.name.startswith("_") and not a.name.startswith("__")]
+                    offenders += [
+                        f"{path.relative_to(root)}:{node.lineno}: {a.name}"
+                        for a in node.names
+                        if a.name.startswith("_") and not a.name.startswith("__")
+                    ]
     assert offenders == []

@@ -6,6 +6,7 @@ weights, Adam moments, step, round, TwIST config = the sampler's state). With ``
 the save directory is a series of such directories (``iter_XXXXXXX``) with the latest pointer
 (series.py). Both saves are collective.
 """
+
 from __future__ import annotations
 
 import os
@@ -21,8 +22,9 @@ from ..distributed.sharded_central import ShardedCentral
 from .sharded import save_sharded
 
 
-def save_deepspeed_checkpoint(path: str, engine, central: ShardedCentral, twist, train, groups: TwistGroups,
-                              data_meta: Optional[dict] = None) -> None:
+def save_deepspeed_checkpoint(
+    path: str, engine, central: ShardedCentral, twist, train, groups: TwistGroups, data_meta: Optional[dict] = None
+) -> None:
     """engine.save_checkpoint + the sharded central model (both collective, atomic), at a round boundary.
 
     Only the ranks of subnet 0 write engine files. Every subnet's engine is DeepSpeed data-parallel
@@ -37,16 +39,27 @@ def save_deepspeed_checkpoint(path: str, engine, central: ShardedCentral, twist,
     if not writer:
         engine.save_non_zero_checkpoint = engine.save_zero_checkpoint = False
     try:
-        engine.save_checkpoint(os.path.join(path, "engine"), tag=f"global_step{central.step}",
-                               client_state={"twist_step": central.step, "twist_round": central.round})
+        engine.save_checkpoint(
+            os.path.join(path, "engine"),
+            tag=f"global_step{central.step}",
+            client_state={"twist_step": central.step, "twist_round": central.round},
+        )
     finally:
         engine.save_non_zero_checkpoint, engine.save_zero_checkpoint = flags
     save_sharded(central, os.path.join(path, "central"), twist, train, data=data_meta)
     dist.barrier()
 
 
-def save_deepspeed_series(save_dir: str, engine, central: ShardedCentral, twist, train, groups: TwistGroups,
-                          data_meta: Optional[dict], keep: int = 0) -> None:
+def save_deepspeed_series(
+    save_dir: str,
+    engine,
+    central: ShardedCentral,
+    twist,
+    train,
+    groups: TwistGroups,
+    data_meta: Optional[dict],
+    keep: int = 0,
+) -> None:
     """Collective: the next ``SAVE_DIR/iter_XXXXXXX`` of a series (checkpoint/series.py), then the pointer.
 
     Every rank writes into ``.iter_XXXXXXX.ds-tmp`` (engine files and its central shard, as
@@ -89,8 +102,15 @@ class DeepSpeedCheckpointer:
     """The DeepSpeed trainer's checkpointer: ``on_round_end`` at every round boundary (periodic saves
     of a series), ``finish`` once at the end."""
 
-    def __init__(self, run: RunConfig, twist: TwistConfig, train: TrainConfig, groups: TwistGroups,
-                 data_meta: Optional[dict], log: Callable[[str], None] = print):
+    def __init__(
+        self,
+        run: RunConfig,
+        twist: TwistConfig,
+        train: TrainConfig,
+        groups: TwistGroups,
+        data_meta: Optional[dict],
+        log: Callable[[str], None] = print,
+    ):
         self.run, self.twist, self.train, self.groups, self.data_meta = run, twist, train, groups, data_meta
         self.log = log
         self.saved_at: Optional[int] = None
@@ -108,9 +128,18 @@ class DeepSpeedCheckpointer:
 
     def _save(self, engine, central: ShardedCentral) -> None:
         if self.run.series:
-            save_deepspeed_series(self.run.save, engine, central, self.twist, self.train, self.groups, self.data_meta,
-                                  self.run.keep_checkpoints)
+            save_deepspeed_series(
+                self.run.save,
+                engine,
+                central,
+                self.twist,
+                self.train,
+                self.groups,
+                self.data_meta,
+                self.run.keep_checkpoints,
+            )
         else:
-            save_deepspeed_checkpoint(self.run.save, engine, central, self.twist, self.train, self.groups,
-                                      self.data_meta)
+            save_deepspeed_checkpoint(
+                self.run.save, engine, central, self.twist, self.train, self.groups, self.data_meta
+            )
         self.saved_at = central.step

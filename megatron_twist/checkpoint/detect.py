@@ -12,6 +12,7 @@ A user passes the directory a command wrote; they should not have to know its la
 :func:`locate` resolves any of these to the directory that holds the model; anything else is
 refused with what was found and the path to pass instead. No torch import: refusals stay fast.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -44,8 +45,10 @@ def locate(path) -> Path:
     """The directory holding the model that ``path`` means (see the module docstring)."""
     root = Path(path)
     if not root.is_dir():
-        raise CheckpointError(f"checkpoint directory {root} does not exist; pass the directory `twist train --save`, "
-                              "`twist extract --save` or `twist import-hf --save` wrote")
+        raise CheckpointError(
+            f"checkpoint directory {root} does not exist; pass the directory `twist train --save`, "
+            "`twist extract --save` or `twist import-hf --save` wrote"
+        )
     if (root / "meta.json").is_file() or is_torch_dist(root):
         return root
     if series.read_pointer(root) is not None:
@@ -53,10 +56,12 @@ def locate(path) -> Path:
     if (root / DEEPSPEED_CENTRAL / "meta.json").is_file():
         return root / DEEPSPEED_CENTRAL
     found = sorted(p.name for p in root.iterdir())[:6]
-    raise CheckpointError(f"{root}/meta.json is missing: {root} is not a megatron-twist checkpoint (it holds "
-                          f"{found or 'nothing'}); pass the directory `twist train --save` (or `extract --save`) "
-                          "wrote: a checkpoint, a save directory with latest_checkpointed_iteration.txt, or a "
-                          "DeepSpeed save directory with central/")
+    raise CheckpointError(
+        f"{root}/meta.json is missing: {root} is not a megatron-twist checkpoint (it holds "
+        f"{found or 'nothing'}); pass the directory `twist train --save` (or `extract --save`) "
+        "wrote: a checkpoint, a save directory with latest_checkpointed_iteration.txt, or a "
+        "DeepSpeed save directory with central/"
+    )
 
 
 def read_central_meta(path) -> Tuple[dict, ModelConfig]:

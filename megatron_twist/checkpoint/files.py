@@ -12,6 +12,7 @@ when complete, so a crash mid-write never leaves a half checkpoint under the
 final name. Loads use safetensors (no unpickling) and verify checksums,
 format version and shapes before anything is overwritten.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -85,8 +86,9 @@ def publish_directory(tmp: Path, final: Path, meta: dict, overwrite: bool = Fals
     swap_in(tmp, final)
 
 
-def save_checkpoint(path: str, meta: dict, tensors: Dict[str, Dict[str, torch.Tensor]],
-                    overwrite: bool = False) -> Path:
+def save_checkpoint(
+    path: str, meta: dict, tensors: Dict[str, Dict[str, torch.Tensor]], overwrite: bool = False
+) -> Path:
     """Atomically write ``{file stem: {name: tensor}}`` plus meta.json into ``path``."""
     final = Path(path).resolve()
     outputs.check_replaceable(final, meta["kind"], overwrite)  # before any work
@@ -101,14 +103,17 @@ def save_checkpoint(path: str, meta: dict, tensors: Dict[str, Dict[str, torch.Te
     return final
 
 
-def load_checkpoint(path: str, kind: Optional[str] = None,
-                    tensors: bool = True) -> Tuple[dict, Dict[str, Dict[str, torch.Tensor]]]:
+def load_checkpoint(
+    path: str, kind: Optional[str] = None, tensors: bool = True
+) -> Tuple[dict, Dict[str, Dict[str, torch.Tensor]]]:
     """Read and verify a checkpoint. Returns (meta, {file stem: {name: tensor}}).
 
     ``tensors=False``: check meta.json only and return no tensors (callers that read one file)."""
     root = Path(path)
     if not root.is_dir():
-        raise CheckpointError(f"checkpoint directory {root} does not exist; pass the directory `twist train --save` wrote")
+        raise CheckpointError(
+            f"checkpoint directory {root} does not exist; pass the directory `twist train --save` wrote"
+        )
     meta_file = root / "meta.json"
     try:
         meta = json.loads(meta_file.read_text())

@@ -6,6 +6,7 @@
 complete write (series.py). Formats: safetensors (gathered to rank 0 over TP/PP) or torch_dist
 (Megatron dist_checkpointing, every rank writes its shards). Every save is collective.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -21,8 +22,15 @@ class CentralCheckpointer:
     ``full_state``: a collective returning (weights, moments) of the whole central model (gathered
     over TP/PP), for the safetensors format."""
 
-    def __init__(self, run: RunConfig, twist: TwistConfig, train: TrainConfig, data_meta: dict, is_logging_rank: bool,
-                 log: Callable[[str], None] = print):
+    def __init__(
+        self,
+        run: RunConfig,
+        twist: TwistConfig,
+        train: TrainConfig,
+        data_meta: dict,
+        is_logging_rank: bool,
+        log: Callable[[str], None] = print,
+    ):
         self.run, self.twist, self.train, self.data_meta = run, twist, train, data_meta
         self.is_logging_rank = is_logging_rank
         self.log = log
@@ -47,8 +55,9 @@ class CentralCheckpointer:
 
             if run.series and self.is_logging_rank:
                 checkpoint_series.prepare(run.save)
-            save_central_dist(target, central, self.twist, self.train, extra={"data": self.data_meta},
-                              overwrite=overwrite)  # collective, atomic
+            save_central_dist(
+                target, central, self.twist, self.train, extra={"data": self.data_meta}, overwrite=overwrite
+            )  # collective, atomic
             if run.series and self.is_logging_rank:
                 checkpoint_series.publish(run.save, step, run.keep_checkpoints)
             if self.is_logging_rank:
@@ -59,8 +68,15 @@ class CentralCheckpointer:
                 from .models import save_central
 
                 def write(path):
-                    save_central(str(path), central, self.twist, self.train, data=self.data_meta, full_state=state,
-                                 overwrite=overwrite)
+                    save_central(
+                        str(path),
+                        central,
+                        self.twist,
+                        self.train,
+                        data=self.data_meta,
+                        full_state=state,
+                        overwrite=overwrite,
+                    )
 
                 if run.series:
                     checkpoint_series.save_iteration(run.save, step, write, run.keep_checkpoints)

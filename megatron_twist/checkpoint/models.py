@@ -5,6 +5,7 @@ model is: its ModelConfig, TwIST config, per-layer sizes and, for a cut-out
 model, which central units it kept. Loading rebuilds the exact Megatron-core
 GPTModel and refuses weights that do not fit it.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -12,14 +13,14 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from .detect import locate
-from .files import CheckpointError, load_checkpoint, model_config_of, save_checkpoint
 from ..config import ConfigError, ModelConfig, TrainConfig, TwistConfig
 from ..model.gpt import LayerSize, build_gpt_model, full_layer_sizes
+from ..optim.optimizer import ADAM_MOMENTS
 from ..twist.central import CentralModel
 from ..twist.extraction import load_named_parameters
 from ..twist.sampler import LayerUnits, SubnetPlan
-from ..optim.optimizer import ADAM_MOMENTS
+from .detect import locate
+from .files import CheckpointError, load_checkpoint, model_config_of, save_checkpoint
 
 SHARDED_FIELDS = ("param",) + ADAM_MOMENTS  # what a sharded central checkpoint holds per tensor
 
@@ -32,9 +33,16 @@ def plan_from_json(layers: list) -> SubnetPlan:
     return SubnetPlan(tuple(LayerUnits(tuple(d["heads"]), tuple(d["neurons"])) for d in layers))
 
 
-def save_central(path: str, central: CentralModel, twist: TwistConfig, train: TrainConfig,
-                 data: Optional[dict] = None, full_state=None, extra: Optional[dict] = None,
-                 overwrite: bool = False) -> None:
+def save_central(
+    path: str,
+    central: CentralModel,
+    twist: TwistConfig,
+    train: TrainConfig,
+    data: Optional[dict] = None,
+    full_state=None,
+    extra: Optional[dict] = None,
+    overwrite: bool = False,
+) -> None:
     """``full_state``: (weights, moments) gathered from a sharded run; default: the central's own.
     ``extra``: more meta.json entries (e.g. ``origin`` of an imported model)."""
     weights, moments = full_state if full_state is not None else (dict(central.params), central.moments)
@@ -63,7 +71,7 @@ def read_central(path: str) -> Tuple[dict, Dict[str, torch.Tensor], Dict[str, Di
         full = consolidate(meta, tensors)
         return meta, full["param"], {m: full[m] for m in ADAM_MOMENTS}
     optimizer = tensors.get("optimizer", {})
-    moments = {m: {k[len(m) + 1:]: v for k, v in optimizer.items() if k.startswith(m + "/")} for m in ADAM_MOMENTS}
+    moments = {m: {k[len(m) + 1 :]: v for k, v in optimizer.items() if k.startswith(m + "/")} for m in ADAM_MOMENTS}
     return meta, tensors["model"], moments
 
 
@@ -113,8 +121,17 @@ def load_central(path: str) -> Tuple[CentralModel, TwistConfig, dict]:
     return central, TwistConfig.from_dict(meta["twist"]), meta
 
 
-def save_extracted(path: str, module: torch.nn.Module, model: ModelConfig, twist: TwistConfig, plan: SubnetPlan,
-                   keep_ratio: float, method: str, source: dict, overwrite: bool = False) -> None:
+def save_extracted(
+    path: str,
+    module: torch.nn.Module,
+    model: ModelConfig,
+    twist: TwistConfig,
+    plan: SubnetPlan,
+    keep_ratio: float,
+    method: str,
+    source: dict,
+    overwrite: bool = False,
+) -> None:
     meta = {
         "kind": "extracted",
         "model": model.to_dict(),
@@ -176,4 +193,3 @@ def consolidate(meta: dict, files: Dict[str, Dict[str, torch.Tensor]]) -> Dict[s
                 raise CheckpointError(f"sharded central checkpoint: {key} is shorter than its shape {list(shape)}")
             out[field][name] = flat[: shape.numel()].view(shape).clone()
     return out
-

@@ -7,25 +7,37 @@ tokenized with another tokenizer than the checkpoint's (the same vocabulary size
 token ids would mean other strings). These checks only read meta.json; the tensors' checksums are
 verified when they are loaded (checkpointing.load_checkpoint), still before anything is written.
 """
+
 from __future__ import annotations
 
 import argparse
-from typing import Dict, Iterable, List, Optional, Set
+from typing import Dict, List, Optional, Set
 
 from ..config import MODEL_PRESETS, ConfigError
 
 # flag dest -> TwistConfig field
 TWIST_FLAGS = {
-    "keep_ratio": "keep_ratio", "num_subnets": "num_subnets", "local_steps": "local_steps",
-    "twist_seed": "seed", "twist_split": "split", "whole_layers": "whole_layers", "twist_coverage": "coverage",
-    "activation_correction": "correction", "optimizer_state": "optimizer_state",
+    "keep_ratio": "keep_ratio",
+    "num_subnets": "num_subnets",
+    "local_steps": "local_steps",
+    "twist_seed": "seed",
+    "twist_split": "split",
+    "whole_layers": "whole_layers",
+    "twist_coverage": "coverage",
+    "activation_correction": "correction",
+    "optimizer_state": "optimizer_state",
     "twist_balance_shards": "balance_shards",
 }
 # flag dest -> ModelConfig field
 MODEL_FLAGS = {
-    "model_family": "family", "num_layers": "num_layers", "hidden_size": "hidden_size",
-    "num_attention_heads": "num_attention_heads", "num_query_groups": "num_query_groups",
-    "ffn_hidden_size": "ffn_hidden_size", "seq_length": "seq_length", "kv_channels": "kv_channels",
+    "model_family": "family",
+    "num_layers": "num_layers",
+    "hidden_size": "hidden_size",
+    "num_attention_heads": "num_attention_heads",
+    "num_query_groups": "num_query_groups",
+    "ffn_hidden_size": "ffn_hidden_size",
+    "seq_length": "seq_length",
+    "kv_channels": "kv_channels",
 }
 
 
@@ -33,8 +45,9 @@ def _flag(dest: str) -> str:
     return "--" + {"twist_coverage": "no-coverage"}.get(dest, dest.replace("_", "-"))
 
 
-def resume_conflicts(saved_meta: dict, args: argparse.Namespace, explicit: Set[str],
-                     twist_from_checkpoint: bool = True) -> List[str]:
+def resume_conflicts(
+    saved_meta: dict, args: argparse.Namespace, explicit: Set[str], twist_from_checkpoint: bool = True
+) -> List[str]:
     """Explicit flags that contradict the checkpoint, one line each (empty: none)."""
     out = []
     if twist_from_checkpoint:
@@ -52,27 +65,38 @@ def resume_conflicts(saved_meta: dict, args: argparse.Namespace, explicit: Set[s
     saved_model = saved_meta.get("model", {})
     if "model_preset" in explicit:
         preset = MODEL_PRESETS[args.model_preset]
-        diffs = [f"{k} {v!r} vs {saved_model.get(k)!r}" for k, v in preset.items()
-                 if k != "vocab_size" and saved_model.get(k) != v and k in saved_model]
+        diffs = [
+            f"{k} {v!r} vs {saved_model.get(k)!r}"
+            for k, v in preset.items()
+            if k != "vocab_size" and saved_model.get(k) != v and k in saved_model
+        ]
         if diffs:
             out.append(f"--model-preset {args.model_preset} ({', '.join(diffs)} saved)")
     for dest, field in MODEL_FLAGS.items():
         if dest in explicit and getattr(args, dest) is not None and field in saved_model:
             if getattr(args, dest) != saved_model[field]:
-                out.append(f"{_flag(dest)} {getattr(args, dest)} (the checkpoint's model has {field}="
-                           f"{saved_model[field]!r})")
+                out.append(
+                    f"{_flag(dest)} {getattr(args, dest)} (the checkpoint's model has {field}={saved_model[field]!r})"
+                )
     return out
 
 
-def check_resume(saved_meta: dict, path: str, args: argparse.Namespace, explicit: Set[str],
-                 data_meta: Optional[Dict], twist_from_checkpoint: bool = True) -> None:
+def check_resume(
+    saved_meta: dict,
+    path: str,
+    args: argparse.Namespace,
+    explicit: Set[str],
+    data_meta: Optional[Dict],
+    twist_from_checkpoint: bool = True,
+) -> None:
     """Refuse (ConfigError) a resume whose flags or data contradict the checkpoint at ``path``."""
     conflicts = resume_conflicts(saved_meta, args, explicit, twist_from_checkpoint)
     if conflicts:
         raise ConfigError(
             f"--load {path}: these flags contradict the checkpoint: {'; '.join(conflicts)}. A resumed run keeps the "
             "checkpoint's model sizes and TwIST settings: drop these flags (or give the saved values), or start "
-            "a new run without --load")
+            "a new run without --load"
+        )
     saved_sha = (saved_meta.get("data") or {}).get("tokenizer_sha256")
     given_sha = (data_meta or {}).get("tokenizer_sha256")
     if saved_sha and given_sha and saved_sha != given_sha:
@@ -80,4 +104,5 @@ def check_resume(saved_meta: dict, path: str, args: argparse.Namespace, explicit
             f"--load {path}: the data in {data_meta.get('path')} was tokenized with another tokenizer (sha256 "
             f"{given_sha[:12]}...) than the checkpoint was trained with ({saved_sha[:12]}...); prepare the data "
             "with the checkpoint's tokenizer: `twist prepare-data --tokenizer-model <the tokenizer.model of the "
-            f"original data, {(saved_meta.get('data') or {}).get('path')}>`")
+            f"original data, {(saved_meta.get('data') or {}).get('path')}>`"
+        )

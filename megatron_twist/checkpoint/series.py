@@ -20,6 +20,7 @@ inside 2 leaves at most a temporary directory (ignored by readers, removed by th
 the resumed run writes it again. ``--load SAVE_DIR`` reads the pointer; ``--load`` of a plain
 checkpoint directory works as before.
 """
+
 from __future__ import annotations
 
 import os
@@ -52,9 +53,11 @@ def read_pointer(save_dir) -> Optional[int]:
     except FileNotFoundError:
         return None
     if not text.isdigit():
-        raise CheckpointError(f"{file} does not hold an iteration number ({text[:40]!r}): it is corrupt; write the "
-                              f"iteration of a complete checkpoint in {save_dir} into it (e.g. `echo 4 > {file}` "
-                              "for iter_0000004), or load that iter_ directory directly")
+        raise CheckpointError(
+            f"{file} does not hold an iteration number ({text[:40]!r}): it is corrupt; write the "
+            f"iteration of a complete checkpoint in {save_dir} into it (e.g. `echo 4 > {file}` "
+            "for iter_0000004), or load that iter_ directory directly"
+        )
     return int(text)
 
 
@@ -67,8 +70,10 @@ def resolve_load(path) -> Path:
         return root
     target = iteration_dir(root, iteration)
     if not target.is_dir():
-        raise CheckpointError(f"{root / POINTER} names iteration {iteration}, but {target} does not exist; "
-                              f"point it at a complete checkpoint in {root} (one of {list_iterations(root)})")
+        raise CheckpointError(
+            f"{root / POINTER} names iteration {iteration}, but {target} does not exist; "
+            f"point it at a complete checkpoint in {root} (one of {list_iterations(root)})"
+        )
     return target
 
 
@@ -111,8 +116,11 @@ def prune(save_dir, keep: int, current: int) -> List[int]:
     if keep <= 0:
         return []
     older = [i for i in list_iterations(save_dir) if i < current]
-    doomed = [i for i in older[: max(0, len(older) - (keep - 1))]
-              if outputs.output_kind(iteration_dir(save_dir, i)) in (outputs.CENTRAL, outputs.DEEPSPEED_SAVE)]
+    doomed = [
+        i
+        for i in older[: max(0, len(older) - (keep - 1))]
+        if outputs.output_kind(iteration_dir(save_dir, i)) in (outputs.CENTRAL, outputs.DEEPSPEED_SAVE)
+    ]
     for i in doomed:
         shutil.rmtree(iteration_dir(save_dir, i))
     return doomed

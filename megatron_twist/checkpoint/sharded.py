@@ -7,6 +7,7 @@ DeepSpeed's own checkpoints. ``models.read_central`` consolidates such a directo
 single-process tools (`twist extract`, `twist eval`). ``load_sharded`` reads this rank's own
 file when the shard count matches, and reshards otherwise.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -23,8 +24,14 @@ from .files import CheckpointError, load_checkpoint, model_config_of, publish_di
 from .models import read_central, shard_file_name
 
 
-def save_sharded(central: ShardedCentral, path: str, twist: TwistConfig, train: TrainConfig,
-                 data: Optional[dict] = None, overwrite: bool = False) -> None:
+def save_sharded(
+    central: ShardedCentral,
+    path: str,
+    twist: TwistConfig,
+    train: TrainConfig,
+    data: Optional[dict] = None,
+    overwrite: bool = False,
+) -> None:
     """Collective, atomic: each rank writes its shard; rank 0 publishes the directory when all are on disk."""
     final = Path(path).resolve()
     tmp = final.parent / f".{final.name}.tmp-sharded"
@@ -37,13 +44,28 @@ def save_sharded(central: ShardedCentral, path: str, twist: TwistConfig, train: 
     digest = write_tensor_file(file, {f"{f}/{n}": t for f in FIELDS for n, t in central.shards[f].items()})
     digests = central.all_gather_objects((file.name, digest))
     if central.shard_index == 0:  # every shard is on disk: publish the directory
-        publish_directory(tmp, final, {
-            "kind": "central", "model": central.config.to_dict(), "twist": twist.to_dict(), "train": train.to_dict(),
-            "step": central.step, "round": central.round, "data": data or {},
-            "layer_sizes": [dataclasses.asdict(s) for s in full_layer_sizes(central.config)],
-            "sharded": {"shard_count": central.shard_count, "shapes": {n: list(s) for n, s in central.shapes.items()}},
-            "files": dict(digests)}, overwrite)
+        publish_directory(
+            tmp,
+            final,
+            {
+                "kind": "central",
+                "model": central.config.to_dict(),
+                "twist": twist.to_dict(),
+                "train": train.to_dict(),
+                "step": central.step,
+                "round": central.round,
+                "data": data or {},
+                "layer_sizes": [dataclasses.asdict(s) for s in full_layer_sizes(central.config)],
+                "sharded": {
+                    "shard_count": central.shard_count,
+                    "shapes": {n: list(s) for n, s in central.shapes.items()},
+                },
+                "files": dict(digests),
+            },
+            overwrite,
+        )
     central.barrier()
+
 
 @torch.no_grad()
 def load_sharded(central: ShardedCentral, path: str) -> dict:

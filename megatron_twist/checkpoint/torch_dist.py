@@ -36,15 +36,12 @@ Both functions are collective: every rank of the default process group calls
 them. ``parallel_state`` must be initialised (``init_model_parallel``) with the
 sizes passed to :func:`load_central_dist`.
 """
+
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib
-import io
 import json
-import os
-import pickle
 import queue
 from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple
@@ -63,12 +60,12 @@ from megatron.core.dist_checkpointing.validation import StrictHandling
 from torch.distributed.checkpoint.api import CheckpointException as TorchCheckpointException
 
 from .. import outputs
-from .files import CheckpointError, fsync_dir, swap_in
-from .vetting import first_line, vet_pickled_parts
 from ..config import ConfigError, ModelConfig, TrainConfig, TwistConfig
 from ..model.gpt import build_gpt_model
 from ..optim.optimizer import ADAM_MOMENTS
 from ..twist.central import CentralModel
+from .files import CheckpointError, swap_in
+from .vetting import first_line, vet_pickled_parts
 
 FORMAT = "megatron-twist-dist"
 FORMAT_VERSION = 1
@@ -108,16 +105,22 @@ def moment_entry(param_entry, moment: str, tensor: torch.Tensor):
     key = f"{OPTIMIZER_KEY_PREFIX}.{moment}.{param_entry.key}"
     if isinstance(param_entry, ShardedTensor):
         if tuple(tensor.shape) != tuple(param_entry.local_shape):
-            raise ValueError(f"{moment} of {param_entry.key} has shape {tuple(tensor.shape)}, "
-                             f"its parameter shard {tuple(param_entry.local_shape)}")
+            raise ValueError(
+                f"{moment} of {param_entry.key} has shape {tuple(tensor.shape)}, "
+                f"its parameter shard {tuple(param_entry.local_shape)}"
+            )
         return dataclasses.replace(param_entry, key=key, data=tensor, dtype=tensor.dtype)
     if isinstance(param_entry, ShardedTensorFactory):
         if tensor.shape != param_entry.data.shape:
-            raise ValueError(f"{moment} of {param_entry.key} has shape {tuple(tensor.shape)}, "
-                             f"its parameter shard {tuple(param_entry.data.shape)}")
+            raise ValueError(
+                f"{moment} of {param_entry.key} has shape {tuple(tensor.shape)}, "
+                f"its parameter shard {tuple(param_entry.data.shape)}"
+            )
         return dataclasses.replace(param_entry, key=key, data=tensor)
-    raise TypeError(f"parameter entry {param_entry.key!r} is a {type(param_entry).__name__}; "
-                    "expected a ShardedTensor or ShardedTensorFactory")
+    raise TypeError(
+        f"parameter entry {param_entry.key!r} is a {type(param_entry).__name__}; "
+        "expected a ShardedTensor or ShardedTensorFactory"
+    )
 
 
 def central_sharded_state_dict(central: CentralModel) -> dict:
@@ -126,8 +129,10 @@ def central_sharded_state_dict(central: CentralModel) -> dict:
     optimizer: Dict[str, dict] = {m: {} for m in ADAM_MOMENTS}
     for name in central.params:
         if name not in model_sd:
-            raise CheckpointError(f"parameter {name} has no entry in GPTModel.sharded_state_dict(); "
-                                  "it cannot be saved in the distributed format")
+            raise CheckpointError(
+                f"parameter {name} has no entry in GPTModel.sharded_state_dict(); "
+                "it cannot be saved in the distributed format"
+            )
         for m in ADAM_MOMENTS:
             optimizer[m][name] = moment_entry(model_sd[name], m, central.moments[m][name])
     return {MODEL_PREFIX: model_sd, "optimizer": optimizer}
@@ -172,8 +177,10 @@ def in_process_write_results_queue():
 
 def _require_process_group() -> None:
     if not dist.is_initialized():
-        raise ConfigError("distributed checkpoints need a process group: call "
-                          "megatron_twist.distributed.runtime.init_distributed() first")
+        raise ConfigError(
+            "distributed checkpoints need a process group: call "
+            "megatron_twist.distributed.runtime.init_distributed() first"
+        )
 
 
 def _agree(ok: bool, message: str = "", own_error: Optional[BaseException] = None) -> None:
@@ -260,20 +267,30 @@ def _common_state(central: CentralModel, twist: TwistConfig, train: TrainConfig,
         # Plain JSON types only: common.pt is read back with torch.load(weights_only=True).
         return json.loads(json.dumps(common))
     except (TypeError, ValueError) as e:
-        raise CheckpointError(f"the checkpoint's extra state must be JSON-serialisable ({e}); "
-                              "pass plain dicts, lists, strings and numbers") from None
+        raise CheckpointError(
+            f"the checkpoint's extra state must be JSON-serialisable ({e}); "
+            "pass plain dicts, lists, strings and numbers"
+        ) from None
 
 
-def save_central_dist(path, central: CentralModel, twist: TwistConfig, train: TrainConfig,
-                      extra: Optional[dict] = None, overwrite: bool = False) -> Path:
+def save_central_dist(
+    path,
+    central: CentralModel,
+    twist: TwistConfig,
+    train: TrainConfig,
+    extra: Optional[dict] = None,
+    overwrite: bool = False,
+) -> Path:
     """Collective: write ``central`` (weights, Adam moments, step, round, configs) to ``path``.
 
     Every rank calls it with its own shards. Returns the final path.
     """
     _require_process_group()
     if not parallel_state.model_parallel_is_initialized():
-        raise ConfigError("Megatron's parallel_state is not initialised: call "
-                          "megatron_twist.distributed.runtime.init_model_parallel(...) before saving")
+        raise ConfigError(
+            "Megatron's parallel_state is not initialised: call "
+            "megatron_twist.distributed.runtime.init_model_parallel(...) before saving"
+        )
     final = Path(path).resolve()
     tmp = temporary_path(final)
     common = _common_state(central, twist, train, extra)  # refuse bad `extra` before touching disk
@@ -281,8 +298,9 @@ def save_central_dist(path, central: CentralModel, twist: TwistConfig, train: Tr
     paths = [None] * dist.get_world_size()
     dist.all_gather_object(paths, str(final))
     if len(set(paths)) != 1:
-        raise CheckpointError(f"ranks disagree on the checkpoint path ({sorted(set(paths))}); "
-                              "pass the same path on every rank")
+        raise CheckpointError(
+            f"ranks disagree on the checkpoint path ({sorted(set(paths))}); pass the same path on every rank"
+        )
 
     _on_rank0(lambda: _prepare_temporary(tmp, final, overwrite), f"creating {tmp}")
     state = central_sharded_state_dict(central)
@@ -291,7 +309,9 @@ def save_central_dist(path, central: CentralModel, twist: TwistConfig, train: Tr
     try:
         # A fresh strategy per save: the registered default instance caches save plans.
         with in_process_write_results_queue():
-            dist_checkpointing.save(state, str(checkpoint_in(tmp)), sharded_strategy=TorchDistSaveShardedStrategy(BACKEND, 1))
+            dist_checkpointing.save(
+                state, str(checkpoint_in(tmp)), sharded_strategy=TorchDistSaveShardedStrategy(BACKEND, 1)
+            )
     # torch's CheckpointException (a write failure on some rank, raised on every rank by Megatron's
     # finalize step) derives from BaseException, not Exception.
     except (Exception, TorchCheckpointException) as e:  # noqa: BLE001 - reported on every rank by _agree
@@ -307,29 +327,43 @@ def read_common(path) -> dict:
     root = Path(path)
     if not root.is_dir():
         previous = old_path(root.resolve())
-        hint = (f"; a save was interrupted while replacing it: the previous checkpoint is complete in "
-                f"{previous}, rename that directory to {root}") if previous.is_dir() else ""
-        raise CheckpointError(f"checkpoint directory {root} does not exist; pass the directory "
-                              f"save_central_dist wrote{hint}")
+        hint = (
+            (
+                f"; a save was interrupted while replacing it: the previous checkpoint is complete in "
+                f"{previous}, rename that directory to {root}"
+            )
+            if previous.is_dir()
+            else ""
+        )
+        raise CheckpointError(
+            f"checkpoint directory {root} does not exist; pass the directory save_central_dist wrote{hint}"
+        )
     if not dist_checkpointing.check_is_distributed_checkpoint(str(root)):
-        raise CheckpointError(f"{root} is not a Megatron distributed checkpoint (no valid metadata.json); "
-                              "a megatron-twist safetensors checkpoint loads with model_io.load_central, "
-                              "otherwise pass the directory save_central_dist wrote")
+        raise CheckpointError(
+            f"{root} is not a Megatron distributed checkpoint (no valid metadata.json); "
+            "a megatron-twist safetensors checkpoint loads with model_io.load_central, "
+            "otherwise pass the directory save_central_dist wrote"
+        )
     try:
         # weights_only=True here, whatever torch's default or TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD say
         # (Megatron's own load_common_state_dict leaves it to the default).
         state = torch.load(root / COMMON_STATE_FNAME, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - corrupt/missing common.pt, unpicklable content
-        raise CheckpointError(f"{root}/common.pt cannot be read ({type(e).__name__}: {first_line(e)}); "
-                              "the checkpoint is incomplete, corrupt or not plain data: re-create it") from None
+        raise CheckpointError(
+            f"{root}/common.pt cannot be read ({type(e).__name__}: {first_line(e)}); "
+            "the checkpoint is incomplete, corrupt or not plain data: re-create it"
+        ) from None
     vet_pickled_parts(root)
     common = state.get(COMMON_KEY) if isinstance(state, dict) else None
     if not isinstance(common, dict) or common.get("format") != FORMAT:
-        raise CheckpointError(f"{root} is a Megatron distributed checkpoint but not a megatron-twist central "
-                              "checkpoint; pass a directory written by save_central_dist")
+        raise CheckpointError(
+            f"{root} is a Megatron distributed checkpoint but not a megatron-twist central "
+            "checkpoint; pass a directory written by save_central_dist"
+        )
     if common.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{root} has format version {common.get('format_version')}, "
-                              f"this release reads {FORMAT_VERSION}")
+        raise CheckpointError(
+            f"{root} has format version {common.get('format_version')}, this release reads {FORMAT_VERSION}"
+        )
     if common.get("kind") != "central":
         raise CheckpointError(f"{root} holds a {common.get('kind')!r} model, a 'central' one is needed")
     return common
@@ -344,35 +378,51 @@ def check_model_matches(saved: dict, model: ModelConfig, path) -> None:
     fields = list(ARCHITECTURE_FIELDS)
     if model.family == "gpt2" or saved_model.family == "gpt2":  # learned positions: seq_length is a shape
         fields.append("seq_length")
-    diffs = [f"{f}: saved {getattr(saved_model, f)!r}, requested {getattr(model, f)!r}" for f in fields
-             if getattr(saved_model, f) != getattr(model, f)]
+    diffs = [
+        f"{f}: saved {getattr(saved_model, f)!r}, requested {getattr(model, f)!r}"
+        for f in fields
+        if getattr(saved_model, f) != getattr(model, f)
+    ]
     if diffs:
-        raise CheckpointError(f"{path} holds a different model ({'; '.join(diffs)}); load it with the "
-                              "model config it was saved with (common['model'] in the checkpoint)")
+        raise CheckpointError(
+            f"{path} holds a different model ({'; '.join(diffs)}); load it with the "
+            "model config it was saved with (common['model'] in the checkpoint)"
+        )
 
 
 def _check_layout(model: ModelConfig, tensor_parallel_size: int, pipeline_parallel_size: int) -> None:
     tp, pp = tensor_parallel_size, pipeline_parallel_size
     if not parallel_state.model_parallel_is_initialized():
-        raise ConfigError("Megatron's parallel_state is not initialised: call megatron_twist.distributed.runtime."
-                          f"init_model_parallel(seed, tensor_parallel_size={tp}, pipeline_parallel_size={pp}) "
-                          "before loading")
-    current = (parallel_state.get_tensor_model_parallel_world_size(),
-               parallel_state.get_pipeline_model_parallel_world_size())
+        raise ConfigError(
+            "Megatron's parallel_state is not initialised: call megatron_twist.distributed.runtime."
+            f"init_model_parallel(seed, tensor_parallel_size={tp}, pipeline_parallel_size={pp}) "
+            "before loading"
+        )
+    current = (
+        parallel_state.get_tensor_model_parallel_world_size(),
+        parallel_state.get_pipeline_model_parallel_world_size(),
+    )
     if current != (tp, pp):
-        raise ConfigError(f"tensor/pipeline parallel sizes {tp}/{pp} differ from parallel_state's {current[0]}/"
-                          f"{current[1]}; initialise parallel_state with the sizes you load at")
+        raise ConfigError(
+            f"tensor/pipeline parallel sizes {tp}/{pp} differ from parallel_state's {current[0]}/"
+            f"{current[1]}; initialise parallel_state with the sizes you load at"
+        )
     for name in ("num_attention_heads", "num_query_groups", "ffn_hidden_size", "vocab_size"):
         if getattr(model, name) % tp:
-            raise CheckpointError(f"{name} {getattr(model, name)} does not divide over tensor-parallel size "
-                                  f"{tp}; load at a tensor-parallel size that divides it")
+            raise CheckpointError(
+                f"{name} {getattr(model, name)} does not divide over tensor-parallel size "
+                f"{tp}; load at a tensor-parallel size that divides it"
+            )
     if model.num_layers % pp:
-        raise CheckpointError(f"num_layers {model.num_layers} does not divide over pipeline-parallel size {pp}; "
-                              "load at a pipeline-parallel size that divides it")
+        raise CheckpointError(
+            f"num_layers {model.num_layers} does not divide over pipeline-parallel size {pp}; "
+            "load at a pipeline-parallel size that divides it"
+        )
 
 
-def load_central_dist(path, model: ModelConfig, tensor_parallel_size: int, pipeline_parallel_size: int = 1
-                      ) -> Tuple[CentralModel, TwistConfig, TrainConfig, dict]:
+def load_central_dist(
+    path, model: ModelConfig, tensor_parallel_size: int, pipeline_parallel_size: int = 1
+) -> Tuple[CentralModel, TwistConfig, TrainConfig, dict]:
     """Collective: build the central model for the current layout and load ``path`` into it.
 
     The layout (``parallel_state``, initialised by the caller with these sizes)
@@ -399,17 +449,24 @@ def load_central_dist(path, model: ModelConfig, tensor_parallel_size: int, pipel
     # Every rank refuses together, so none is left waiting in the collective load below.
     _agree(error is None, str(error or ""), own_error=error)
 
-    central = CentralModel(model, build_gpt_model(model, tensor_parallel_size=tensor_parallel_size,
-                                                  pipeline_parallel_size=pipeline_parallel_size))
+    central = CentralModel(
+        model,
+        build_gpt_model(
+            model, tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size
+        ),
+    )
     request = central_sharded_state_dict(central)
     try:
         # A fresh strategy per load: the registered default instance keeps the last metadata.
-        loaded = dist_checkpointing.load(request, str(path), sharded_strategy=TorchDistLoadShardedStrategy(),
-                                         strict=StrictHandling.RAISE_ALL)
+        loaded = dist_checkpointing.load(
+            request, str(path), sharded_strategy=TorchDistLoadShardedStrategy(), strict=StrictHandling.RAISE_ALL
+        )
     except (Exception, TorchCheckpointException) as e:  # noqa: BLE001 - Megatron raises several types
-        raise CheckpointError(f"{path} does not fit the requested central model "
-                              f"({type(e).__name__}: {e}); re-create the checkpoint or load it with the "
-                              "config it was saved with") from None
+        raise CheckpointError(
+            f"{path} does not fit the requested central model "
+            f"({type(e).__name__}: {e}); re-create the checkpoint or load it with the "
+            "config it was saved with"
+        ) from None
 
     error = None
     with torch.no_grad():
@@ -422,8 +479,9 @@ def load_central_dist(path, model: ModelConfig, tensor_parallel_size: int, pipel
                 for name, dst in central.moments[m].items():
                     src = loaded["optimizer"][m][name]
                     if src.shape != dst.shape:
-                        raise CheckpointError(f"{path}: {m} of {name} has shape {tuple(src.shape)}, "
-                                              f"expected {tuple(dst.shape)}")
+                        raise CheckpointError(
+                            f"{path}: {m} of {name} has shape {tuple(src.shape)}, expected {tuple(dst.shape)}"
+                        )
                     dst.copy_(src)
         except CheckpointError as e:
             error = e

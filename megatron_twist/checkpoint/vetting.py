@@ -35,6 +35,7 @@ explicitly (DeepSpeed does not read ``latest`` again). Why this and not the alte
 While the load runs nothing else in the process reads with ``torch.load`` (the watchdog thread
 does not), so forcing it process-wide for that span changes nothing else.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -70,8 +71,10 @@ def checkpoint_tag(engine_dir: Path, tag: Optional[str] = None) -> str:
         return tag
     latest = engine_dir / "latest"
     if not latest.is_file():
-        raise CheckpointError(f"{engine_dir} has no 'latest' file: not a DeepSpeed engine checkpoint written by "
-                              "`twist train --deepspeed --save`; pass the directory that --save wrote")
+        raise CheckpointError(
+            f"{engine_dir} has no 'latest' file: not a DeepSpeed engine checkpoint written by "
+            "`twist train --deepspeed --save`; pass the directory that --save wrote"
+        )
     return latest.read_text().strip()
 
 
@@ -82,17 +85,21 @@ def vet_deepspeed_checkpoint(engine_dir, tag: Optional[str] = None) -> List[Path
     tag_dir = engine_dir / checkpoint_tag(engine_dir, tag)
     files = sorted(tag_dir.glob("*.pt")) if tag_dir.is_dir() else []
     if not files:
-        raise CheckpointError(f"{tag_dir} holds no DeepSpeed checkpoint files (*.pt): the engine checkpoint is "
-                              "incomplete; load an earlier checkpoint")
+        raise CheckpointError(
+            f"{tag_dir} holds no DeepSpeed checkpoint files (*.pt): the engine checkpoint is "
+            "incomplete; load an earlier checkpoint"
+        )
     with torch.serialization.safe_globals(allowed_globals()):
         for path in files:
             try:
                 torch.load(path, map_location="cpu", weights_only=True)
             except Exception as e:  # noqa: BLE001 - truncated, corrupt or hostile
                 first = (str(e).strip().splitlines() or [""])[0][:300]
-                raise CheckpointError(f"{path} is not plain checkpoint data ({type(e).__name__}: {first}); it was not "
-                                      "unpickled with code execution and is not loaded. Load only engine checkpoints "
-                                      "written by `twist train --deepspeed --save`") from None
+                raise CheckpointError(
+                    f"{path} is not plain checkpoint data ({type(e).__name__}: {first}); it was not "
+                    "unpickled with code execution and is not loaded. Load only engine checkpoints "
+                    "written by `twist train --deepspeed --save`"
+                ) from None
     return files
 
 
@@ -125,10 +132,12 @@ def load_vetted(engine, engine_dir, tag: Optional[str] = None) -> Tuple[Optional
             return engine.load_checkpoint(str(engine_dir), tag=tag)
     except pickle.UnpicklingError as e:
         first = (str(e).strip().splitlines() or [""])[0][:300]
-        raise CheckpointError(f"a file of {engine_dir / tag} is not plain checkpoint data when DeepSpeed reads it "
-                              f"(UnpicklingError: {first}); was it changed after it was vetted? It was not unpickled "
-                              "with code execution and is not loaded. Load only engine checkpoints written by "
-                              "`twist train --deepspeed --save`") from None
+        raise CheckpointError(
+            f"a file of {engine_dir / tag} is not plain checkpoint data when DeepSpeed reads it "
+            f"(UnpicklingError: {first}); was it changed after it was vetted? It was not unpickled "
+            "with code execution and is not loaded. Load only engine checkpoints written by "
+            "`twist train --deepspeed --save`"
+        ) from None
 
 
 # ------------------------------------------------------------------ torch_dist's pickled parts
@@ -137,23 +146,25 @@ def load_vetted(engine, engine_dir, tag: Optional[str] = None) -> Tuple[Optional
 # torch's dtypes. No whole-module entries and no dotted names: a protocol-4 pickle can ask for
 # ``(allowed module, "os.system")``, which pickle's own find_class would walk to, and call. torch reads
 # .metadata with plain pickle.load, so it is vetted with this list first.
-METADATA_GLOBALS = frozenset({
-    ("torch.distributed.checkpoint.metadata", "BytesStorageMetadata"),
-    ("torch.distributed.checkpoint.metadata", "ChunkStorageMetadata"),
-    ("torch.distributed.checkpoint.metadata", "Metadata"),
-    ("torch.distributed.checkpoint.metadata", "MetadataIndex"),
-    ("torch.distributed.checkpoint.metadata", "StorageMeta"),
-    ("torch.distributed.checkpoint.metadata", "TensorProperties"),
-    ("torch.distributed.checkpoint.metadata", "TensorStorageMetadata"),
-    ("torch.distributed.checkpoint.metadata", "_MEM_FORMAT_ENCODING"),  # an enum (memory format)
-    ("torch.distributed.checkpoint.planner", "SavePlan"),
-    ("torch.distributed.checkpoint.planner", "TensorWriteData"),
-    ("torch.distributed.checkpoint.planner", "WriteItem"),
-    ("torch.distributed.checkpoint.planner", "WriteItemType"),
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-    ("torch.serialization", "_get_layout"),  # layout from its name ("torch.strided"): torch's own
-    ("torch", "Size"),
-}) | frozenset(("torch", n) for n in dir(torch) if isinstance(getattr(torch, n, None), torch.dtype))
+METADATA_GLOBALS = frozenset(
+    {
+        ("torch.distributed.checkpoint.metadata", "BytesStorageMetadata"),
+        ("torch.distributed.checkpoint.metadata", "ChunkStorageMetadata"),
+        ("torch.distributed.checkpoint.metadata", "Metadata"),
+        ("torch.distributed.checkpoint.metadata", "MetadataIndex"),
+        ("torch.distributed.checkpoint.metadata", "StorageMeta"),
+        ("torch.distributed.checkpoint.metadata", "TensorProperties"),
+        ("torch.distributed.checkpoint.metadata", "TensorStorageMetadata"),
+        ("torch.distributed.checkpoint.metadata", "_MEM_FORMAT_ENCODING"),  # an enum (memory format)
+        ("torch.distributed.checkpoint.planner", "SavePlan"),
+        ("torch.distributed.checkpoint.planner", "TensorWriteData"),
+        ("torch.distributed.checkpoint.planner", "WriteItem"),
+        ("torch.distributed.checkpoint.planner", "WriteItemType"),
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+        ("torch.serialization", "_get_layout"),  # layout from its name ("torch.strided"): torch's own
+        ("torch", "Size"),
+    }
+) | frozenset(("torch", n) for n in dir(torch) if isinstance(getattr(torch, n, None), torch.dtype))
 
 
 class MetadataUnpickler(pickle.Unpickler):
@@ -180,12 +191,17 @@ def vet_pickled_parts(root) -> None:
     try:
         with open(root / ".metadata", "rb") as f:
             metadata = MetadataUnpickler(f).load()
-        byte_items = [(idx, info) for idx, info in metadata.storage_data.items()
-                      if isinstance(metadata.state_dict_metadata.get(idx.fqn), BytesStorageMetadata)]
+        byte_items = [
+            (idx, info)
+            for idx, info in metadata.storage_data.items()
+            if isinstance(metadata.state_dict_metadata.get(idx.fqn), BytesStorageMetadata)
+        ]
     except Exception as e:  # noqa: BLE001 - missing, truncated or hostile metadata
-        raise CheckpointError(f"{root}/.metadata cannot be read safely ({type(e).__name__}: {first_line(e)}); "
-                              "the checkpoint is incomplete, corrupt or not a torch_dist checkpoint written by "
-                              "megatron-twist: it is not loaded") from None
+        raise CheckpointError(
+            f"{root}/.metadata cannot be read safely ({type(e).__name__}: {first_line(e)}); "
+            "the checkpoint is incomplete, corrupt or not a torch_dist checkpoint written by "
+            "megatron-twist: it is not loaded"
+        ) from None
     for idx, info in byte_items:
         try:
             if getattr(info, "transform_descriptors", None):
@@ -194,8 +210,10 @@ def vet_pickled_parts(root) -> None:
                 f.seek(info.offset)
                 torch.load(io.BytesIO(f.read(info.length)), map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001
-            raise CheckpointError(f"{root}: the object {idx.fqn} in {info.relative_path} is not plain data "
-                                  f"({type(e).__name__}: {first_line(e)}); it is not loaded") from None
+            raise CheckpointError(
+                f"{root}: the object {idx.fqn} in {info.relative_path} is not plain data "
+                f"({type(e).__name__}: {first_line(e)}); it is not loaded"
+            ) from None
 
 
 def first_line(e: BaseException) -> str:

@@ -18,6 +18,7 @@ Modules, one concern each:
 * :mod:`.dataset`   - Megatron GPTDataset samples and held-out token streams
 * :mod:`.errors`    - :class:`DataError`, raised for every user-fixable problem
 """
+
 import importlib
 
 from ..errors import DataError
@@ -25,12 +26,24 @@ from ..errors import DataError
 # Names are resolved on first use (PEP 562): `import megatron_twist.data` stays cheap, so a
 # command can validate its input and report a DataError before Megatron (seconds) is imported.
 _EXPORTS = {
-    "DEFAULT_TRAIN_MAX_BYTES": "corpus", "DEFAULT_VALID_MAX_BYTES": "corpus", "HELDOUT_MODULES": "corpus",
-    "Document": "corpus", "corpus_documents": "corpus", "describe_stdlib": "corpus", "stdlib_documents": "corpus", "text_documents": "corpus",
-    "build_gpt_dataset": "dataset", "load_token_stream": "dataset",
-    "Manifest": "prepare", "SplitStats": "prepare", "check_tokenizer": "prepare", "load_manifest": "prepare",
-    "load_tokenizer": "prepare", "prepare_data": "prepare",
-    "SentencePieceTokenizer": "tokenizer", "train_sentencepiece": "tokenizer",
+    "DEFAULT_TRAIN_MAX_BYTES": "corpus",
+    "DEFAULT_VALID_MAX_BYTES": "corpus",
+    "HELDOUT_MODULES": "corpus",
+    "Document": "corpus",
+    "corpus_documents": "corpus",
+    "describe_stdlib": "corpus",
+    "stdlib_documents": "corpus",
+    "text_documents": "corpus",
+    "build_gpt_dataset": "dataset",
+    "load_token_stream": "dataset",
+    "Manifest": "prepare",
+    "SplitStats": "prepare",
+    "check_tokenizer": "prepare",
+    "load_manifest": "prepare",
+    "load_tokenizer": "prepare",
+    "prepare_data": "prepare",
+    "SentencePieceTokenizer": "tokenizer",
+    "train_sentencepiece": "tokenizer",
 }
 
 

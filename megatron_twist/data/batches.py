@@ -5,6 +5,7 @@ t reads samples ``(t * num_slots + s) * micro_batch_size + i``. TwIST uses
 slot = subnet index, so a subnet sees the same data whichever rank trains
 it, which is what lets a single process reproduce a multi-rank run.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -84,12 +85,17 @@ class TrainingData:
 
         manifest = load_manifest(data_path)
         if vocab_size is not None and vocab_size != manifest.vocab_size:
-            raise ConfigError(f"--vocab-size {vocab_size} contradicts the data: {data_path} was tokenized with a "
-                              f"{manifest.vocab_size}-token vocabulary, which the model takes from the data; drop "
-                              "--vocab-size (it sizes --mock-data only)")
+            raise ConfigError(
+                f"--vocab-size {vocab_size} contradicts the data: {data_path} was tokenized with a "
+                f"{manifest.vocab_size}-token vocabulary, which the model takes from the data; drop "
+                "--vocab-size (it sizes --mock-data only)"
+            )
         self.train_tokens = manifest.splits["train"].tokens
-        self.meta = {"path": str(Path(data_path).resolve()), "tokenizer_sha256": manifest.tokenizer_sha256,
-                     "vocab_size": manifest.vocab_size}
+        self.meta = {
+            "path": str(Path(data_path).resolve()),
+            "tokenizer_sha256": manifest.tokenizer_sha256,
+            "vocab_size": manifest.vocab_size,
+        }
         self.vocab_size = manifest.vocab_size
 
     def check_fits(self, seq_length: int) -> None:
@@ -97,9 +103,11 @@ class TrainingData:
         from ..errors import DataError
 
         if not self.mock and self.train_tokens < seq_length + 1:
-            raise DataError(f"the training data in {self.data_path!r} has {self.train_tokens} tokens, fewer than "
-                            f"seq_length + 1 = {seq_length + 1} needed for one sample; use a shorter --seq-length or "
-                            "prepare more text")
+            raise DataError(
+                f"the training data in {self.data_path!r} has {self.train_tokens} tokens, fewer than "
+                f"seq_length + 1 = {seq_length + 1} needed for one sample; use a shorter --seq-length or "
+                "prepare more text"
+            )
 
     def batches(self, model, train, twist) -> BatchSource:
         if self.mock:

@@ -15,6 +15,7 @@ Two sources:
 Both produce :class:`Document` objects; everything downstream (tokenizer
 training, :func:`megatron_twist.data.prepare.prepare_data`) only sees those.
 """
+
 from __future__ import annotations
 
 import json
@@ -311,8 +312,7 @@ def _jsonl_documents(path: Path, field: str) -> Iterator[Document]:
             if not isinstance(record, dict) or field not in record:
                 keys = sorted(record) if isinstance(record, dict) else type(record).__name__
                 raise DataError(
-                    f"{where}: no {field!r} field (found {keys}); choose the text field "
-                    "with --json-field NAME"
+                    f"{where}: no {field!r} field (found {keys}); choose the text field with --json-field NAME"
                 )
             text = record[field]
             if not isinstance(text, str):
@@ -344,9 +344,7 @@ def _iter_documents(files: List[Path], field: str) -> Iterator[Document]:
         )
 
 
-def text_documents(
-    paths: Union[PathLike, Iterable[PathLike]], json_field: Optional[str] = None
-) -> Iterator[Document]:
+def text_documents(paths: Union[PathLike, Iterable[PathLike]], json_field: Optional[str] = None) -> Iterator[Document]:
     """Documents from user files: plain text files and JSON-lines files.
 
     Args:
@@ -386,15 +384,22 @@ def paragraph_documents(documents: Iterable[Document]) -> Iterator[Document]:
                 yield Document(name=f"{doc.name}#{i}", text=part.strip("\n") + "\n")
 
 
-def corpus_documents(inputs: Optional[Sequence[PathLike]] = None, json_field: str = "text",
-                     split_paragraphs: bool = False, valid_fraction: float = 0.1,
-                     max_bytes: Optional[int] = None) -> Tuple[List[Document], List[Document], str]:
+def corpus_documents(
+    inputs: Optional[Sequence[PathLike]] = None,
+    json_field: str = "text",
+    split_paragraphs: bool = False,
+    valid_fraction: float = 0.1,
+    max_bytes: Optional[int] = None,
+) -> Tuple[List[Document], List[Document], str]:
     """(train documents, held-out documents, a line saying where they came from) for
     `twist prepare-data`: the user's files (every k-th document held out, k = round(1 / fraction)),
     or the Python standard library's sources (its fixed held-out modules)."""
     if not inputs:
-        return (stdlib_documents("train", max_bytes=max_bytes), stdlib_documents("valid", max_bytes=None),
-                "python standard library")
+        return (
+            stdlib_documents("train", max_bytes=max_bytes),
+            stdlib_documents("valid", max_bytes=None),
+            "python standard library",
+        )
     docs = text_documents(inputs, json_field=json_field)
     if split_paragraphs:
         docs = paragraph_documents(docs)
@@ -407,8 +412,10 @@ def split_documents(docs: List[Document], valid_fraction: float) -> Tuple[List[D
     if not 0 < valid_fraction < 1:
         raise DataError(f"--valid-fraction must lie in (0, 1), got {valid_fraction}")
     if len(docs) < 2:
-        raise DataError(f"need at least 2 documents to make a train/validation split, the input has {len(docs)}; "
-                        "pass more text (each file is a document; with --split-paragraphs each paragraph is one)")
+        raise DataError(
+            f"need at least 2 documents to make a train/validation split, the input has {len(docs)}; "
+            "pass more text (each file is a document; with --split-paragraphs each paragraph is one)"
+        )
     every = max(2, round(1 / valid_fraction))
     valid = [d for i, d in enumerate(docs) if i % every == every - 1]
     train = [d for i, d in enumerate(docs) if i % every != every - 1]

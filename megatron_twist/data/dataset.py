@@ -23,6 +23,7 @@ arriving after the barrier, load it. Hence:
   sees the same samples in the same order; sharding them across
   data-parallel ranks is the sampler's job.
 """
+
 from __future__ import annotations
 
 import os
@@ -35,8 +36,8 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from ..errors import DataError
-from .prepare import CACHE_DIR, check_tokenizer, load_manifest
 from .hf_tokenizer import open_tokenizer
+from .prepare import CACHE_DIR, check_tokenizer, load_manifest
 from .tokenizer import SentencePieceTokenizer
 
 

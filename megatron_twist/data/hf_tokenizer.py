@@ -6,6 +6,7 @@ from a local directory only (no hub, no remote code). Its identity is the
 sha256 over the directory's tokenizer files (name and bytes), recorded in the
 dataset manifest and checked like a sentencepiece model's.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -20,8 +21,16 @@ except ImportError:  # pragma: no cover - older megatron-core
 
 from ..errors import DataError
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+)
 
 
 def tokenizer_files(directory: str) -> List[str]:
@@ -45,19 +54,29 @@ class HFTokenizer(_MegatronTokenizerABC):
         from transformers import AutoTokenizer
 
         if not os.path.isdir(directory) or not tokenizer_files(directory):
-            raise DataError(f"{directory!r} is not a HuggingFace tokenizer directory (no tokenizer.json or "
-                            "tokenizer_config.json); pass the model directory you imported")
+            raise DataError(
+                f"{directory!r} is not a HuggingFace tokenizer directory (no tokenizer.json or "
+                "tokenizer_config.json); pass the model directory you imported"
+            )
         try:
             self._tok = AutoTokenizer.from_pretrained(directory, local_files_only=True, trust_remote_code=False)
         except (OSError, ValueError) as err:
             raise DataError(f"{directory!r}: the tokenizer cannot be loaded ({err})") from err
         if self._tok.eos_token_id is None:
-            raise DataError(f"the tokenizer in {directory!r} has no end-of-sequence token, which marks document "
-                            "ends; use a tokenizer that defines eos_token")
+            raise DataError(
+                f"the tokenizer in {directory!r} has no end-of-sequence token, which marks document "
+                "ends; use a tokenizer that defines eos_token"
+            )
         self.model_path = directory
         self.model_sha256 = directory_sha256(directory)
-        self.unique_identifiers = OrderedDict([("class", type(self).__name__), ("model_sha256", self.model_sha256),
-                                               ("vocab_size", self.vocab_size), ("eod", self.eod)])
+        self.unique_identifiers = OrderedDict(
+            [
+                ("class", type(self).__name__),
+                ("model_sha256", self.model_sha256),
+                ("vocab_size", self.vocab_size),
+                ("eod", self.eod),
+            ]
+        )
         self.unique_description = str(dict(self.unique_identifiers))
 
     def __getstate__(self):

@@ -21,6 +21,7 @@ Why it is written this way:
   does not match the ids in the ``.bin`` files - a silent, disastrous bug
   otherwise.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -35,8 +36,8 @@ import numpy
 from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder, get_bin_path, get_idx_path
 
 from .. import outputs
-from .corpus import SPLITS, Document
 from ..errors import DataError
+from .corpus import SPLITS, Document
 from .hf_tokenizer import open_tokenizer
 from .tokenizer import DEFAULT_TOKENIZER_SEED, SentencePieceTokenizer, atomic_write_bytes, train_sentencepiece
 

@@ -21,6 +21,7 @@ End of document is the EOS piece ``</s>`` (id :data:`EOS_ID`); there is no
 BOS and no PAD piece, so Megatron's GPTDataset pads with its own out-of-vocab
 id (-1) that can never collide with a real token.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -37,8 +38,8 @@ try:  # megatron-core 0.14+ renamed the dataset-side tokenizer ABC
 except ImportError:  # pragma: no cover - older megatron-core
     from megatron.core.datasets.megatron_tokenizer import MegatronTokenizer as _MegatronTokenizerABC
 
-from .corpus import Document
 from ..errors import DataError
+from .corpus import Document
 
 UNK_ID = 0
 EOS_ID = 1  # the end-of-document token written after every document
@@ -170,8 +171,7 @@ def train_sentencepiece(
     except RuntimeError as err:
         if counter[0] == 0:
             raise DataError(
-                "cannot train a tokenizer on an empty corpus (no non-whitespace text); "
-                "check the input documents"
+                "cannot train a tokenizer on an empty corpus (no non-whitespace text); check the input documents"
             ) from err
         raise DataError(
             f"SentencePiece could not train a {vocab_size}-piece BPE model on {counter[0]} "

@@ -11,6 +11,7 @@ Used to start runs of different layouts from the same weights, and to
 compare their results (tests), and to write a single-file central checkpoint
 from a sharded run. Large-scale checkpoints use dist_checkpointing instead.
 """
+
 from __future__ import annotations
 
 import re
@@ -56,8 +57,14 @@ def layer_range(model: ModelConfig, pp_rank: int, pp: int) -> Tuple[int, int]:
 
 
 @torch.no_grad()
-def load_full_state(module: torch.nn.Module, full: Dict[str, torch.Tensor], model: ModelConfig,
-                    tp_rank: int = 0, tp: int = 1, first_layer: int = 0) -> None:
+def load_full_state(
+    module: torch.nn.Module,
+    full: Dict[str, torch.Tensor],
+    model: ModelConfig,
+    tp_rank: int = 0,
+    tp: int = 1,
+    first_layer: int = 0,
+) -> None:
     """Fill a (sharded) module from a full state dict keyed by global parameter names."""
     for name, p in module.named_parameters():
         g = global_name(name, first_layer)
@@ -69,9 +76,15 @@ def load_full_state(module: torch.nn.Module, full: Dict[str, torch.Tensor], mode
 
 
 @torch.no_grad()
-def gather_full_state(tensors: Dict[str, torch.Tensor], model: ModelConfig, tp_rank: int, tp: int,
-                      first_layer: int, tp_group: Optional[dist.ProcessGroup],
-                      pp_group: Optional[dist.ProcessGroup]) -> Dict[str, torch.Tensor]:
+def gather_full_state(
+    tensors: Dict[str, torch.Tensor],
+    model: ModelConfig,
+    tp_rank: int,
+    tp: int,
+    first_layer: int,
+    tp_group: Optional[dist.ProcessGroup],
+    pp_group: Optional[dist.ProcessGroup],
+) -> Dict[str, torch.Tensor]:
     """Reassemble full tensors from every TP shard and PP stage (a collective; every rank gets them).
 
     ``tensors`` maps LOCAL parameter names to local tensors (weights, or Adam moments).

@@ -10,6 +10,7 @@
 ``planning/`` (``twist plan``) uses them to check a layout on a laptop, so
 the two can never disagree. Imports nothing heavier than ``config``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -41,8 +42,9 @@ class ParallelLayout:
         return max(1, self.num_subnets // self.data_parallel)
 
     @classmethod
-    def for_world(cls, world_size: int, num_subnets: int, tensor_parallel: int = 1,
-                  pipeline_parallel: int = 1) -> "ParallelLayout":
+    def for_world(
+        cls, world_size: int, num_subnets: int, tensor_parallel: int = 1, pipeline_parallel: int = 1
+    ) -> "ParallelLayout":
         """Validate a layout before any group exists; the error says how to fix it."""
         mp = tensor_parallel * pipeline_parallel
         if tensor_parallel < 1 or pipeline_parallel < 1:
@@ -66,19 +68,26 @@ class ParallelLayout:
         return cls(tensor_parallel, pipeline_parallel, dp, num_subnets)
 
 
-def check_model_layout(model: ModelConfig, twist: TwistConfig, tensor_parallel_size: int,
-                       pipeline_parallel_size: int) -> None:
+def check_model_layout(
+    model: ModelConfig, twist: TwistConfig, tensor_parallel_size: int, pipeline_parallel_size: int
+) -> None:
     """Refuse a model that cannot be split over the parallel layout (before any work)."""
     twist.check_against_model(model, tensor_parallel_size)
     if model.vocab_size % tensor_parallel_size:
-        raise ConfigError(f"vocabulary {model.vocab_size} does not divide over tensor parallel size "
-                          f"{tensor_parallel_size}; use a vocabulary size that is a multiple of it")
+        raise ConfigError(
+            f"vocabulary {model.vocab_size} does not divide over tensor parallel size "
+            f"{tensor_parallel_size}; use a vocabulary size that is a multiple of it"
+        )
     if model.num_layers % pipeline_parallel_size:
-        raise ConfigError(f"{model.num_layers} layers do not divide over pipeline parallel size "
-                          f"{pipeline_parallel_size}; use a layer count that is a multiple of it")
+        raise ConfigError(
+            f"{model.num_layers} layers do not divide over pipeline parallel size "
+            f"{pipeline_parallel_size}; use a layer count that is a multiple of it"
+        )
     if pipeline_parallel_size > 1 and model.family == "gpt2":
-        raise ConfigError("the gpt2 family ties embedding and output weights, which this release does not "
-                          "support across pipeline stages; use pipeline parallel size 1 or the llama family")
+        raise ConfigError(
+            "the gpt2 family ties embedding and output weights, which this release does not "
+            "support across pipeline stages; use pipeline parallel size 1 or the llama family"
+        )
 
 
 Coordinates = Tuple[int, int, int, int]  # (global rank, tp rank, pp rank, dp rank)
@@ -105,8 +114,10 @@ def twist_group_members(layout: ParallelLayout, coords: Iterable[Coordinates]) -
     for position in sorted(by_position):
         ranks_by_dp = by_position[position]
         if sorted(ranks_by_dp) != list(range(layout.data_parallel)):
-            raise ValueError(f"TP/PP position {position} has data-parallel ranks {sorted(ranks_by_dp)}, "
-                             f"expected 0..{layout.data_parallel - 1}")
+            raise ValueError(
+                f"TP/PP position {position} has data-parallel ranks {sorted(ranks_by_dp)}, "
+                f"expected 0..{layout.data_parallel - 1}"
+            )
         for s in range(n):  # replicas of one subnet
             out.append(("subnet", [ranks_by_dp[s * reps + r] for r in range(reps)]))
         for r in range(reps):  # one replica of every subnet

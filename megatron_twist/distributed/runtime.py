@@ -11,10 +11,11 @@ for the multi-rank one.
 
 Groups are built once here and passed explicitly to whatever uses them.
 """
+
 from __future__ import annotations
 
-import datetime
 import contextlib
+import datetime
 import os
 from dataclasses import dataclass
 from typing import List, Optional
@@ -109,10 +110,11 @@ def discover_launcher() -> str:
         return "torchrun"
     if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
         if "MASTER_ADDR" not in env:
-            raise ConfigError("under srun, export MASTER_ADDR (the first host of `scontrol show hostnames "
-                              "$SLURM_JOB_NODELIST`) before launching")
-        env.update(RANK=env["SLURM_PROCID"], WORLD_SIZE=env["SLURM_NTASKS"],
-                   LOCAL_RANK=env.get("SLURM_LOCALID", "0"))
+            raise ConfigError(
+                "under srun, export MASTER_ADDR (the first host of `scontrol show hostnames "
+                "$SLURM_JOB_NODELIST`) before launching"
+            )
+        env.update(RANK=env["SLURM_PROCID"], WORLD_SIZE=env["SLURM_NTASKS"], LOCAL_RANK=env.get("SLURM_LOCALID", "0"))
         env.setdefault("MASTER_PORT", "29500")
         return "srun"
     if any(v in env for v in _MPI_RANK_VARS):
@@ -134,8 +136,13 @@ def discover_launcher() -> str:
                     s.bind((addr, 0))
                     port = str(s.getsockname()[1])
         addr, port = comm.bcast((addr, port), root=0)
-        env.update(RANK=str(rank), WORLD_SIZE=str(comm.Get_size()), LOCAL_RANK=str(local_rank),
-                   MASTER_ADDR=addr, MASTER_PORT=port)
+        env.update(
+            RANK=str(rank),
+            WORLD_SIZE=str(comm.Get_size()),
+            LOCAL_RANK=str(local_rank),
+            MASTER_ADDR=addr,
+            MASTER_PORT=port,
+        )
         return "mpirun"
     return "single"
 
@@ -170,7 +177,9 @@ def init_distributed(timeout_s: float = 300.0) -> None:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
 
 
-def build_twist_groups(twist: TwistConfig, tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1) -> TwistGroups:
+def build_twist_groups(
+    twist: TwistConfig, tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1
+) -> TwistGroups:
     """Initialise Megatron's parallel_state and build TwIST's groups on top of it (once).
 
     Every rank learns every rank's (tp, pp, dp) coordinates with one all-gather,
@@ -187,8 +196,9 @@ def build_twist_groups(twist: TwistConfig, tensor_parallel_size: int = 1, pipeli
     rank = dist.get_rank()
     dp_group = parallel_state.get_data_parallel_group()
     if layout.data_parallel < layout.num_subnets:  # subnets taken in turn: no per-subnet group exists
-        return TwistGroups(rank, world, layout, tp_rank, pp_rank, dp_rank, aggregation_group=dp_group,
-                           data_parallel_group=dp_group)
+        return TwistGroups(
+            rank, world, layout, tp_rank, pp_rank, dp_rank, aggregation_group=dp_group, data_parallel_group=dp_group
+        )
 
     coords = all_gather_objects((rank, tp_rank, pp_rank, dp_rank))
     my_subnet_group = my_aggregation_group = None
@@ -199,9 +209,17 @@ def build_twist_groups(twist: TwistConfig, tensor_parallel_size: int = 1, pipeli
                 my_subnet_group = g
             else:
                 my_aggregation_group = g
-    return TwistGroups(rank, world, layout, tp_rank, pp_rank, dp_rank,
-                       aggregation_group=my_aggregation_group, subnet_group=my_subnet_group,
-                       data_parallel_group=dp_group)
+    return TwistGroups(
+        rank,
+        world,
+        layout,
+        tp_rank,
+        pp_rank,
+        dp_rank,
+        aggregation_group=my_aggregation_group,
+        subnet_group=my_subnet_group,
+        data_parallel_group=dp_group,
+    )
 
 
 def init_model_parallel(seed: int = 1234, tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1) -> None:

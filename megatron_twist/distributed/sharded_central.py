@@ -16,6 +16,7 @@ reduced one at a time at aggregation; see integrations/zero_round_hook.py).
 Its checkpoints (one safetensors file per rank, resharded on load) are
 written and read by checkpoint/sharded.py.
 """
+
 from __future__ import annotations
 
 from typing import Dict, Optional, Tuple
@@ -45,7 +46,8 @@ class ShardedCentral:
         self.shard_index = _rank(group)
         self.shapes = {n: torch.Size(s) for n, s in shapes.items()}
         self.shards: Dict[str, Dict[str, torch.Tensor]] = {
-            f: {n: torch.zeros(self.shard_numel(n)) for n in self.shapes} for f in FIELDS}
+            f: {n: torch.zeros(self.shard_numel(n)) for n in self.shapes} for f in FIELDS
+        }
         self.step = 0
         self.round = 0
 
@@ -64,8 +66,13 @@ class ShardedCentral:
     # -- construction ---------------------------------------------------------------------------------------
     @classmethod
     @torch.no_grad()
-    def from_full(cls, config: ModelConfig, tensors: Dict[str, torch.Tensor], group,
-                  moments: Optional[Dict[str, Dict[str, torch.Tensor]]] = None) -> "ShardedCentral":
+    def from_full(
+        cls,
+        config: ModelConfig,
+        tensors: Dict[str, torch.Tensor],
+        group,
+        moments: Optional[Dict[str, Dict[str, torch.Tensor]]] = None,
+    ) -> "ShardedCentral":
         """Keep this rank's shard of full tensors (every rank passes the same values)."""
         central = cls(config, {n: t.shape for n, t in tensors.items()}, group)
         for field in FIELDS:
@@ -82,7 +89,7 @@ class ShardedCentral:
         out = torch.zeros(ps)
         lo = self.shard_index * ps
         n = max(0, min(ps, flat.numel() - lo))
-        out[:n] = flat[lo: lo + n]
+        out[:n] = flat[lo : lo + n]
         return out
 
     # -- collectives ----------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ and it then sees their exit markers and stops too.
 
 A single process (world size 1) runs no watchdog.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -68,8 +69,17 @@ def heartbeat_interval(timeout_s: float) -> float:
 
 
 class Watchdog:
-    def __init__(self, store, rank: int, world_size: int, timeout_s: float, interval_s: Optional[float] = None,
-                 store_host: str = "rank 0", store_address: str = "", log: Callable[[str], None] = None):
+    def __init__(
+        self,
+        store,
+        rank: int,
+        world_size: int,
+        timeout_s: float,
+        interval_s: Optional[float] = None,
+        store_host: str = "rank 0",
+        store_address: str = "",
+        log: Callable[[str], None] = None,
+    ):
         self.store, self.rank, self.world = store, rank, world_size
         self.timeout = float(timeout_s)
         self.interval = interval_s or heartbeat_interval(self.timeout)
@@ -98,16 +108,31 @@ class Watchdog:
         # A client connection of its own to the job's store (never the process group's: its
         # operations then cannot interleave with the group's).
         try:
-            store = dist.TCPStore(addr, int(port), is_master=False, wait_for_workers=False,
-                                  timeout=datetime.timedelta(seconds=max(10.0, min(timeout_s, 60.0))))
+            store = dist.TCPStore(
+                addr,
+                int(port),
+                is_master=False,
+                wait_for_workers=False,
+                timeout=datetime.timedelta(seconds=max(10.0, min(timeout_s, 60.0))),
+            )
         except Exception as e:  # noqa: BLE001 - no watchdog is better than no run; the group timeout remains
-            print(f"[twist] rank {dist.get_rank()}: no dead-rank watchdog (the job's store at {addr}:{port} is not "
-                  f"reachable: {_first_line(e)}); a lost rank is detected by the collective timeout only",
-                  file=sys.stderr, flush=True)
+            print(
+                f"[twist] rank {dist.get_rank()}: no dead-rank watchdog (the job's store at {addr}:{port} is not "
+                f"reachable: {_first_line(e)}); a lost rank is detected by the collective timeout only",
+                file=sys.stderr,
+                flush=True,
+            )
             return None
         host = "the launcher's agent" if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" else "rank 0"
-        wd = cls(store, dist.get_rank(), dist.get_world_size(), timeout_s, store_host=host,
-                 store_address=f"{addr}:{port}", log=log)
+        wd = cls(
+            store,
+            dist.get_rank(),
+            dist.get_world_size(),
+            timeout_s,
+            store_host=host,
+            store_address=f"{addr}:{port}",
+            log=log,
+        )
         wd.start()
         return wd
 
@@ -180,8 +205,10 @@ class Watchdog:
         if value != self._seen:
             self._seen, self._seen_at = value, now
         elif now - self._seen_at > self.timeout:
-            self._report_lost(f"rank(s) [{n}] lost (no heartbeat for {now - self._seen_at:.1f} s, timeout "
-                              f"{self.timeout:g} s{_steps([(n, _step_of(value))])})")
+            self._report_lost(
+                f"rank(s) [{n}] lost (no heartbeat for {now - self._seen_at:.1f} s, timeout "
+                f"{self.timeout:g} s{_steps([(n, _step_of(value))])})"
+            )
 
     def _report_lost(self, text: str) -> None:
         try:
@@ -216,8 +243,11 @@ class Watchdog:
                 lost.append((r, _step_of(hb1)))
         if not lost and not errors:
             return None, []
-        parts = errors + ([f"rank(s) {[r for r, _ in lost]} lost (no heartbeat for {2.5 * self.interval:.1f} s"
-                           + _steps(lost) + ")"] if lost else [])
+        parts = errors + (
+            [f"rank(s) {[r for r, _ in lost]} lost (no heartbeat for {2.5 * self.interval:.1f} s" + _steps(lost) + ")"]
+            if lost
+            else []
+        )
         return "; ".join(parts), lost
 
     def find_stuck(self) -> Optional[str]:
@@ -228,17 +258,24 @@ class Watchdog:
             snapshot = self._snapshot()
         except Exception as e:  # noqa: BLE001
             return self._store_lost(e)
-        behind = [(r, _step_of(hb)) for r, (hb, ex) in snapshot.items()
-                  if r != self.rank and ex is None and 0 <= _step_of(hb) < self.step]
+        behind = [
+            (r, _step_of(hb))
+            for r, (hb, ex) in snapshot.items()
+            if r != self.rank and ex is None and 0 <= _step_of(hb) < self.step
+        ]
         if not behind:
             return None
-        return (f"rank(s) {[r for r, _ in behind]} alive but stuck (heartbeat still moving; "
-                f"{', '.join(f'rank {r} at step {s}' for r, s in behind)}, while this rank waited at step "
-                f"{self.step} in a collective until the timeout of {self.timeout:g} s)")
+        return (
+            f"rank(s) {[r for r, _ in behind]} alive but stuck (heartbeat still moving; "
+            f"{', '.join(f'rank {r} at step {s}' for r, s in behind)}, while this rank waited at step "
+            f"{self.step} in a collective until the timeout of {self.timeout:g} s)"
+        )
 
     def _store_lost(self, e: BaseException) -> str:
-        return (f"{self.store_host} was lost: the job's store it hosts ({self.store_address}) stopped answering "
-                f"({type(e).__name__}: {_first_line(e)})")
+        return (
+            f"{self.store_host} was lost: the job's store it hosts ({self.store_address}) stopped answering "
+            f"({type(e).__name__}: {_first_line(e)})"
+        )
 
     def _snapshot(self) -> dict:
         out = {}
@@ -252,9 +289,11 @@ class Watchdog:
         """Stop this rank now, from any thread, with a message naming what was lost."""
         if self._stop.is_set() and threading.current_thread() is not threading.main_thread():
             return  # this rank has already left the guarded block: not watched any more
-        message = (f"[twist] rank {self.rank}/{self.world}: {text}. Stopping this rank at step {self.step} "
-                   f"(exit code {EXIT_RANK_FAILURE}); restart the job with --load SAVE_DIR to resume from "
-                   "the latest complete checkpoint")
+        message = (
+            f"[twist] rank {self.rank}/{self.world}: {text}. Stopping this rank at step {self.step} "
+            f"(exit code {EXIT_RANK_FAILURE}); restart the job with --load SAVE_DIR to resume from "
+            "the latest complete checkpoint"
+        )
         self._stop.set()
         self._mark_exit(f"failed after: {text}")
         sys.stdout.flush()
@@ -277,8 +316,10 @@ class Watchdog:
         except Terminated:
             _quiet_sigterm(in_main)  # a second SIGTERM must not interrupt the diagnosis
             text, _ = self.find_lost()
-            self._fail(text or "received SIGTERM (the launcher or the scheduler stopped the job); every other "
-                               "rank is still alive")
+            self._fail(
+                text
+                or "received SIGTERM (the launcher or the scheduler stopped the job); every other rank is still alive"
+            )
         except Exception as e:
             _quiet_sigterm(in_main)  # the launcher's SIGTERM may follow a collective's error
             from ..errors import CheckpointError, ConfigError, DataError, TrainingError

@@ -23,6 +23,7 @@ from ``n_embd / n_head``, so a GPT-2 with fewer heads than the central model
 cannot be expressed either and is refused; its MLP can be cut (``n_inner``).
 Llama states ``head_dim`` explicitly, so any cut Llama is expressible.
 """
+
 from __future__ import annotations
 
 from typing import Dict, Sequence
@@ -48,7 +49,8 @@ def uniform_size(model: ModelConfig, layer_sizes: Sequence[LayerSize]) -> LayerS
             "this model's layers differ in size (it was cut with layers kept whole: "
             f"{sorted({(s.num_attention_heads, s.ffn_hidden_size) for s in sizes})} heads/neurons); a "
             "HuggingFace config has one size for all layers. Cut it without --whole-layers, or use "
-            "the megatron-twist checkpoint directly")
+            "the megatron-twist checkpoint directly"
+        )
     return sizes[0]
 
 
@@ -59,25 +61,49 @@ def hf_config(model: ModelConfig, layer_sizes: Sequence[LayerSize]):
     size = uniform_size(model, layer_sizes)
     if model.family == "llama":
         return LlamaConfig(
-            vocab_size=model.vocab_size, hidden_size=model.hidden_size, intermediate_size=size.ffn_hidden_size,
-            num_hidden_layers=model.num_layers, num_attention_heads=size.num_attention_heads,
-            num_key_value_heads=size.num_query_groups, head_dim=model.head_dim,
-            max_position_embeddings=model.seq_length, rms_norm_eps=model.norm_epsilon,
+            vocab_size=model.vocab_size,
+            hidden_size=model.hidden_size,
+            intermediate_size=size.ffn_hidden_size,
+            num_hidden_layers=model.num_layers,
+            num_attention_heads=size.num_attention_heads,
+            num_key_value_heads=size.num_query_groups,
+            head_dim=model.head_dim,
+            max_position_embeddings=model.seq_length,
+            rms_norm_eps=model.norm_epsilon,
             rope_parameters={"rope_type": "default", "rope_theta": float(model.rotary_base)},
-            hidden_act="silu", attention_bias=False, mlp_bias=False, tie_word_embeddings=False,
-            bos_token_id=None, eos_token_id=None, pad_token_id=None,
-            architectures=["LlamaForCausalLM"])
+            hidden_act="silu",
+            attention_bias=False,
+            mlp_bias=False,
+            tie_word_embeddings=False,
+            bos_token_id=None,
+            eos_token_id=None,
+            pad_token_id=None,
+            architectures=["LlamaForCausalLM"],
+        )
     if size.num_attention_heads * model.head_dim != model.hidden_size:
         raise ExportError(
             f"a GPT-2 with {size.num_attention_heads} of {model.num_attention_heads} heads cannot be expressed "
             "as a HuggingFace GPT2Config (it derives the head size from n_embd / n_head). Cut only MLP neurons "
-            "(train with --twist-split mlp), or use the llama family, whose config states head_dim")
+            "(train with --twist-split mlp), or use the llama family, whose config states head_dim"
+        )
     return GPT2Config(
-        vocab_size=model.vocab_size, n_positions=model.seq_length, n_embd=model.hidden_size,
-        n_layer=model.num_layers, n_head=size.num_attention_heads, n_inner=size.ffn_hidden_size,
-        activation_function=HF_ACTIVATIONS[model.activation], layer_norm_epsilon=model.norm_epsilon,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, scale_attn_weights=True, tie_word_embeddings=True,
-        bos_token_id=None, eos_token_id=None, architectures=["GPT2LMHeadModel"])
+        vocab_size=model.vocab_size,
+        n_positions=model.seq_length,
+        n_embd=model.hidden_size,
+        n_layer=model.num_layers,
+        n_head=size.num_attention_heads,
+        n_inner=size.ffn_hidden_size,
+        activation_function=HF_ACTIVATIONS[model.activation],
+        layer_norm_epsilon=model.norm_epsilon,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        scale_attn_weights=True,
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=None,
+        architectures=["GPT2LMHeadModel"],
+    )
 
 
 def model_config_from_hf(config, seq_length: int = None) -> ModelConfig:
@@ -97,13 +123,18 @@ def model_config_from_hf(config, seq_length: int = None) -> ModelConfig:
             raise ConfigError(f"rope scaling {rope.get('rope_type')!r} is not supported; only plain RoPE")
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         return ModelConfig(
-            family="llama", num_layers=config.num_hidden_layers, hidden_size=config.hidden_size,
+            family="llama",
+            num_layers=config.num_hidden_layers,
+            hidden_size=config.hidden_size,
             num_attention_heads=config.num_attention_heads,
             num_query_groups=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
-            ffn_hidden_size=config.intermediate_size, vocab_size=config.vocab_size,
-            seq_length=seq_length or config.max_position_embeddings, norm_epsilon=config.rms_norm_eps,
+            ffn_hidden_size=config.intermediate_size,
+            vocab_size=config.vocab_size,
+            seq_length=seq_length or config.max_position_embeddings,
+            norm_epsilon=config.rms_norm_eps,
             rotary_base=int(rope.get("rope_theta", getattr(config, "rope_theta", 10000))),
-            kv_channels=None if head_dim * config.num_attention_heads == config.hidden_size else head_dim)
+            kv_channels=None if head_dim * config.num_attention_heads == config.hidden_size else head_dim,
+        )
     if kind == "gpt2":
         act = config.activation_function
         if act not in FROM_HF_ACTIVATIONS:
@@ -111,10 +142,16 @@ def model_config_from_hf(config, seq_length: int = None) -> ModelConfig:
         if seq_length and seq_length > config.n_positions:
             raise ConfigError(f"--seq-length {seq_length} exceeds the model's {config.n_positions} positions")
         return ModelConfig(
-            family="gpt2", num_layers=config.n_layer, hidden_size=config.n_embd,
-            num_attention_heads=config.n_head, ffn_hidden_size=config.n_inner or 4 * config.n_embd,
-            vocab_size=config.vocab_size, seq_length=config.n_positions, norm_epsilon=config.layer_norm_epsilon,
-            activation=FROM_HF_ACTIVATIONS[act])
+            family="gpt2",
+            num_layers=config.n_layer,
+            hidden_size=config.n_embd,
+            num_attention_heads=config.n_head,
+            ffn_hidden_size=config.n_inner or 4 * config.n_embd,
+            vocab_size=config.vocab_size,
+            seq_length=config.n_positions,
+            norm_epsilon=config.layer_norm_epsilon,
+            activation=FROM_HF_ACTIVATIONS[act],
+        )
     raise ConfigError(f"model_type {kind!r} is not supported; supported: llama (Llama-family) and gpt2")
 
 
@@ -125,8 +162,8 @@ def _qkv_split(model: ModelConfig, size: LayerSize, qkv: torch.Tensor):
     per_group = size.num_attention_heads // groups
     blocks = qkv.reshape(groups, (per_group + 2) * hd, *qkv.shape[1:])
     q = blocks[:, : per_group * hd].reshape(groups * per_group * hd, *qkv.shape[1:])
-    k = blocks[:, per_group * hd: (per_group + 1) * hd].reshape(groups * hd, *qkv.shape[1:])
-    v = blocks[:, (per_group + 1) * hd:].reshape(groups * hd, *qkv.shape[1:])
+    k = blocks[:, per_group * hd : (per_group + 1) * hd].reshape(groups * hd, *qkv.shape[1:])
+    v = blocks[:, (per_group + 1) * hd :].reshape(groups * hd, *qkv.shape[1:])
     return q, k, v
 
 
@@ -134,13 +171,15 @@ def _qkv_join(model: ModelConfig, size: LayerSize, q, k, v) -> torch.Tensor:
     hd, groups = model.head_dim, size.num_query_groups
     per_group = size.num_attention_heads // groups
     rest = q.shape[1:]
-    blocks = torch.cat([q.reshape(groups, per_group * hd, *rest), k.reshape(groups, hd, *rest),
-                        v.reshape(groups, hd, *rest)], dim=1)
+    blocks = torch.cat(
+        [q.reshape(groups, per_group * hd, *rest), k.reshape(groups, hd, *rest), v.reshape(groups, hd, *rest)], dim=1
+    )
     return blocks.reshape(groups * (per_group + 2) * hd, *rest)
 
 
-def to_hf_state(model: ModelConfig, layer_sizes: Sequence[LayerSize],
-                state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+def to_hf_state(
+    model: ModelConfig, layer_sizes: Sequence[LayerSize], state: Dict[str, torch.Tensor]
+) -> Dict[str, torch.Tensor]:
     """Megatron-core parameter names -> HF names (Llama / GPT-2)."""
     size = uniform_size(model, layer_sizes)
     out: Dict[str, torch.Tensor] = {}
@@ -192,11 +231,16 @@ def from_hf_state(model: ModelConfig, state: Dict[str, torch.Tensor]) -> Dict[st
         for i in range(model.num_layers):
             m, h = f"decoder.layers.{i}.", f"model.layers.{i}."
             out[m + "self_attention.linear_qkv.weight"] = _qkv_join(
-                model, size, state[h + "self_attn.q_proj.weight"], state[h + "self_attn.k_proj.weight"],
-                state[h + "self_attn.v_proj.weight"])
+                model,
+                size,
+                state[h + "self_attn.q_proj.weight"],
+                state[h + "self_attn.k_proj.weight"],
+                state[h + "self_attn.v_proj.weight"],
+            )
             out[m + "self_attention.linear_proj.weight"] = state[h + "self_attn.o_proj.weight"]
-            out[m + "mlp.linear_fc1.weight"] = torch.cat([state[h + "mlp.gate_proj.weight"],
-                                                          state[h + "mlp.up_proj.weight"]], dim=0)
+            out[m + "mlp.linear_fc1.weight"] = torch.cat(
+                [state[h + "mlp.gate_proj.weight"], state[h + "mlp.up_proj.weight"]], dim=0
+            )
             out[m + "mlp.linear_fc2.weight"] = state[h + "mlp.down_proj.weight"]
             out[m + "input_layernorm.weight"] = state[h + "input_layernorm.weight"]
             out[m + "pre_mlp_layernorm.weight"] = state[h + "post_attention_layernorm.weight"]
@@ -221,4 +265,3 @@ def from_hf_state(model: ModelConfig, state: Dict[str, torch.Tensor]) -> Dict[st
             out[m + "mlp.linear_fc2.weight"] = state[h + "mlp.c_proj.weight"].t()
             out[m + "mlp.linear_fc2.bias"] = state[h + "mlp.c_proj.bias"]
     return {k: v.detach().float().contiguous().clone() for k, v in out.items()}
-

@@ -12,6 +12,7 @@
 Weights are read only from safetensors; pickle-based ``*.bin`` files are
 refused, never unpickled.
 """
+
 from __future__ import annotations
 
 import json
@@ -67,8 +68,14 @@ def read_hf_weights(path: str) -> Dict[str, torch.Tensor]:
         files = ["model.safetensors"]
     else:
         pickled = sorted(p.name for p in root.glob("*.bin"))
-        hint = (f" ({', '.join(pickled)} are pickle files, which are never loaded here: re-save the model with "
-                "`model.save_pretrained(DIR, safe_serialization=True)`)") if pickled else ""
+        hint = (
+            (
+                f" ({', '.join(pickled)} are pickle files, which are never loaded here: re-save the model with "
+                "`model.save_pretrained(DIR, safe_serialization=True)`)"
+            )
+            if pickled
+            else ""
+        )
         raise CheckpointError(f"{root} has no model.safetensors{hint}")
     state: Dict[str, torch.Tensor] = {}
     for name in files:
@@ -82,8 +89,8 @@ def read_hf_weights(path: str) -> Dict[str, torch.Tensor]:
 def import_hf(path: str, out: str, seq_length: Optional[int] = None, overwrite: bool = False) -> ModelConfig:
     """A HF checkpoint -> a megatron-twist central checkpoint (step 0, zero Adam moments)."""
     outputs.check_output(out, (outputs.CENTRAL,), "--save", overwrite)  # before any work
-    from ..model.gpt import build_gpt_model
     from ..checkpoint.models import save_central
+    from ..model.gpt import build_gpt_model
     from ..twist.central import CentralModel
     from ..twist.extraction import load_named_parameters
 
@@ -100,10 +107,15 @@ def import_hf(path: str, out: str, seq_length: Optional[int] = None, overwrite: 
     except ConfigError as e:
         raise CheckpointError(f"{path}: {e}") from None
     tokenizer = find_tokenizer(path)
-    save_central(out, central, TwistConfig(), TrainConfig(),
-                 data={"hf_tokenizer": str(Path(path).resolve())} if tokenizer else None,
-                 extra={"origin": {"format": "huggingface", "path": str(Path(path).resolve()),
-                                   "model_type": config.model_type}}, overwrite=overwrite)
+    save_central(
+        out,
+        central,
+        TwistConfig(),
+        TrainConfig(),
+        data={"hf_tokenizer": str(Path(path).resolve())} if tokenizer else None,
+        extra={"origin": {"format": "huggingface", "path": str(Path(path).resolve()), "model_type": config.model_type}},
+        overwrite=overwrite,
+    )
     return model
 
 
@@ -132,30 +144,44 @@ def export_hf(load: str, out: str, tokenizer: Optional[str] = None, overwrite: b
     if tokenizer is not None:
         source_tokenizer = find_tokenizer(tokenizer)
         if source_tokenizer is None:
-            raise ConfigError(f"--tokenizer {tokenizer} is neither a sentencepiece .model file, nor a directory from "
-                              "`twist prepare-data`, nor a HuggingFace tokenizer directory")
+            raise ConfigError(
+                f"--tokenizer {tokenizer} is neither a sentencepiece .model file, nor a directory from "
+                "`twist prepare-data`, nor a HuggingFace tokenizer directory"
+            )
     else:
-        source_tokenizer = find_tokenizer(meta.get("data", {}).get("path")) or \
-            find_tokenizer(meta.get("data", {}).get("hf_tokenizer"))
+        source_tokenizer = find_tokenizer(meta.get("data", {}).get("path")) or find_tokenizer(
+            meta.get("data", {}).get("hf_tokenizer")
+        )
     if source_tokenizer is None:
-        raise ConfigError(f"no tokenizer found for {load}: pass --tokenizer (a sentencepiece .model, a directory "
-                          "from `twist prepare-data`, or a HuggingFace tokenizer directory)")
+        raise ConfigError(
+            f"no tokenizer found for {load}: pass --tokenizer (a sentencepiece .model, a directory "
+            "from `twist prepare-data`, or a HuggingFace tokenizer directory)"
+        )
     state = to_hf_state(model, sizes, weights)
     if model.family == "gpt2":
         state["lm_head.weight"] = state["transformer.wte.weight"]
     hf_model = AutoModelForCausalLM.from_config(config)
     result = hf_model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
-        raise CheckpointError(f"{load}: weights do not fit the HF model (missing {result.missing_keys[:4]}, "
-                              f"unexpected {result.unexpected_keys[:4]})")
+        raise CheckpointError(
+            f"{load}: weights do not fit the HF model (missing {result.missing_keys[:4]}, "
+            f"unexpected {result.unexpected_keys[:4]})"
+        )
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = outputs.make_temporary(final.parent / f".{final.name}.tmp-{os.getpid()}")
     hf_model.save_pretrained(str(tmp), safe_serialization=True)
-    vocab = export_tokenizer(source_tokenizer, str(tmp), model.vocab_size,
-                             expected_sha256=meta.get("data", {}).get("tokenizer_sha256"))
-    summary = {"source": str(Path(load).resolve()), "kind": meta["kind"], "keep_ratio": meta.get("keep_ratio", 1.0),
-               "family": model.family, "layer_sizes": [s.__dict__ for s in sizes], "tokenizer": vocab,
-               "data": meta.get("data", {})}
+    vocab = export_tokenizer(
+        source_tokenizer, str(tmp), model.vocab_size, expected_sha256=meta.get("data", {}).get("tokenizer_sha256")
+    )
+    summary = {
+        "source": str(Path(load).resolve()),
+        "kind": meta["kind"],
+        "keep_ratio": meta.get("keep_ratio", 1.0),
+        "family": model.family,
+        "layer_sizes": [s.__dict__ for s in sizes],
+        "tokenizer": vocab,
+        "data": meta.get("data", {}),
+    }
     (tmp / EXPORT_META).write_text(json.dumps(summary, indent=1))
     fsync_dir(tmp)
     outputs.check_replaceable(final, outputs.HF_EXPORT, overwrite)
@@ -170,15 +196,20 @@ def load_hf_model(path: str):
     config = read_hf_config(path)
     model_config_from_hf(config)  # refuses unsupported architectures with the reason
     read_hf_weights(path)  # refuses pickle-only or corrupt weights before transformers touches them
-    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, trust_remote_code=False,
-                                                 dtype=torch.float32, use_safetensors=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, local_files_only=True, trust_remote_code=False, dtype=torch.float32, use_safetensors=True
+    )
     model.eval()
     info = {}
     if (Path(path) / EXPORT_META).is_file():
         info = json.loads((Path(path) / EXPORT_META).read_text())
-    seq = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions")
-    meta = {"kind": "huggingface", "keep_ratio": info.get("keep_ratio", 1.0),
-            "model": {"seq_length": seq, "vocab_size": config.vocab_size}, "data": info.get("data", {})}
+    seq = getattr(config, "max_position_embeddings", None) or config.n_positions
+    meta = {
+        "kind": "huggingface",
+        "keep_ratio": info.get("keep_ratio", 1.0),
+        "model": {"seq_length": seq, "vocab_size": config.vocab_size},
+        "data": info.get("data", {}),
+    }
     return model, meta
 
 

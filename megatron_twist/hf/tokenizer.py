@@ -8,6 +8,7 @@ written: a probe text (code, non-ASCII, runs of whitespace) must encode to
 the same ids with both, or the export is refused. A HuggingFace tokenizer
 directory is copied through ``AutoTokenizer``.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -18,7 +19,7 @@ from ..config import ConfigError
 
 PROBE_TEXT = (
     "def f(x):\n    return {'a': [1, 2.5e-3]}  # comment\n\n\tclass Déjà(vu):\n"
-    "        pass  \n日本語 ☃ naïve — \"quotes\"\r\n    \n"
+    '        pass  \n日本語 ☃ naïve — "quotes"\r\n    \n'
 )
 
 
@@ -57,13 +58,22 @@ def hf_tokenizer_from_sentencepiece(model_file: str):
         raise ConfigError(f"{model_file} is not a BPE sentencepiece model; only BPE models are exported")
     parts = extractor.extract(BPE)
     sp = spm.SentencePieceProcessor(model_file=model_file)
-    tok = LlamaTokenizer(vocab=parts["vocab"], merges=parts["merges"], add_prefix_space=False,
-                         unk_token=sp.id_to_piece(UNK_ID), eos_token=sp.id_to_piece(EOS_ID), bos_token=None,
-                         add_bos_token=False, add_eos_token=False)
+    tok = LlamaTokenizer(
+        vocab=parts["vocab"],
+        merges=parts["merges"],
+        add_prefix_space=False,
+        unk_token=sp.id_to_piece(UNK_ID),
+        eos_token=sp.id_to_piece(EOS_ID),
+        bos_token=None,
+        add_bos_token=False,
+        add_eos_token=False,
+    )
     if tok.encode(PROBE_TEXT, add_special_tokens=False) != sp.encode(PROBE_TEXT):
-        raise ConfigError(f"{model_file}: the HuggingFace conversion does not reproduce sentencepiece's ids "
-                          "(a normalisation or dummy-prefix setting it cannot express); export with "
-                          "--tokenizer pointing at a HuggingFace tokenizer directory instead")
+        raise ConfigError(
+            f"{model_file}: the HuggingFace conversion does not reproduce sentencepiece's ids "
+            "(a normalisation or dummy-prefix setting it cannot express); export with "
+            "--tokenizer pointing at a HuggingFace tokenizer directory instead"
+        )
     return tok
 
 
@@ -76,8 +86,10 @@ def export_tokenizer(source: str, out_dir: str, model_vocab: int, expected_sha25
             raise ConfigError(f"tokenizer {source} does not exist")
         digest = _sha256(source)
         if expected_sha256 and digest != expected_sha256:
-            raise ConfigError(f"tokenizer {source} (sha256 {digest[:12]}...) is not the one the model was trained "
-                              f"with (sha256 {expected_sha256[:12]}...); pass the training data's tokenizer.model")
+            raise ConfigError(
+                f"tokenizer {source} (sha256 {digest[:12]}...) is not the one the model was trained "
+                f"with (sha256 {expected_sha256[:12]}...); pass the training data's tokenizer.model"
+            )
         tok = hf_tokenizer_from_sentencepiece(source)
         info = {"kind": "sentencepiece", "sha256": digest}
     else:
@@ -85,15 +97,19 @@ def export_tokenizer(source: str, out_dir: str, model_vocab: int, expected_sha25
 
         digest = directory_sha256(source)
         if expected_sha256 and digest != expected_sha256:
-            raise ConfigError(f"tokenizer {source} is not the one the model was trained with (sha256 differs); "
-                              "pass the training data's tokenizer")
+            raise ConfigError(
+                f"tokenizer {source} is not the one the model was trained with (sha256 differs); "
+                "pass the training data's tokenizer"
+            )
         try:
             tok = AutoTokenizer.from_pretrained(source, local_files_only=True, trust_remote_code=False)
         except (OSError, ValueError) as e:
             raise ConfigError(f"{source} is not a readable HuggingFace tokenizer directory ({e})") from None
         info = {"kind": "huggingface", "sha256": digest}
     if len(tok) > model_vocab:
-        raise ConfigError(f"the tokenizer has {len(tok)} tokens but the model's vocabulary is {model_vocab}: "
-                          "wrong tokenizer for this model")
+        raise ConfigError(
+            f"the tokenizer has {len(tok)} tokens but the model's vocabulary is {model_vocab}: "
+            "wrong tokenizer for this model"
+        )
     tok.save_pretrained(out_dir)
     return dict(info, vocab_size=len(tok), source=str(Path(source).resolve()))

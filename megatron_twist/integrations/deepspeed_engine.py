@@ -31,6 +31,7 @@ FIRST parameter group, before later groups have any state: the fragments of
 the second group (no weight decay) stay empty. ``relink_optimizer_state``
 links them again after the first step (a documented workaround).
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -46,8 +47,10 @@ class TwistMpu:
 
     def __init__(self, groups: TwistGroups):
         if groups.subnet_group is None:
-            raise ValueError("DeepSpeed needs one subnet per data-parallel rank group: launch at least "
-                             "num_subnets data-parallel ranks")
+            raise ValueError(
+                "DeepSpeed needs one subnet per data-parallel rank group: launch at least "
+                "num_subnets data-parallel ranks"
+            )
         self.groups = groups
 
     def _tp(self):
@@ -141,7 +144,7 @@ class EngineFragments:
             return (start, part.detach().reshape(-1)[:n].float()) if n > 0 else None
         full = p if field == "param" else torch_optimizer(self.engine).state[p][field]
         start, n = self._whole_range(p.numel())
-        return (start, full.detach().reshape(-1)[start: start + n].float()) if n > 0 else None
+        return (start, full.detach().reshape(-1)[start : start + n].float()) if n > 0 else None
 
     @torch.no_grad()
     def write(self, p: torch.nn.Parameter, value: torch.Tensor, field: str = "param") -> None:
@@ -160,13 +163,13 @@ class EngineFragments:
             if mapping is not None:
                 a = mapping.lp_fragment_address
                 target = mapping.get_hp_fragment() if field == "param" else mapping.get_optim_state_fragment(field)
-                target.copy_(flat[a.start: a.start + a.numel])
+                target.copy_(flat[a.start : a.start + a.numel])
             return
         from deepspeed.utils import safe_set_local_fp32_param, safe_set_local_optimizer_state
 
         start, n = self._zero3_range(p)
         part = torch.zeros(p.ds_tensor.numel())
-        part[:n] = flat[start: start + n]
+        part[:n] = flat[start : start + n]
         if field == "param":
             safe_set_local_fp32_param(p, part)
             p.ds_tensor.data.copy_(part.to(p.ds_tensor.dtype))  # the partitioned working copy
@@ -179,5 +182,6 @@ class EngineFragments:
         """Adam's step count (bias correction) in every state of the torch optimizer."""
         for state in torch_optimizer(self.engine).state.values():
             if "step" in state:
-                state["step"] = torch.tensor(float(step), dtype=torch.float32) \
-                    if isinstance(state["step"], torch.Tensor) else step
+                state["step"] = (
+                    torch.tensor(float(step), dtype=torch.float32) if isinstance(state["step"], torch.Tensor) else step
+                )

@@ -67,13 +67,14 @@ strict JSON and refuses duplicate keys too; a file with comments is refused
 with a message saying so (hjson also "parses" an empty file or a bare word,
 which would hide mistakes).
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import os
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterable, Optional, Tuple, Union
 
 from ..arguments import validate_twist_args
@@ -141,15 +142,18 @@ def load_config(ds_config: Optional[DsConfig]) -> Tuple[dict, str]:
             with open(path, "r", encoding="utf-8") as f:
                 text = f.read()
         except FileNotFoundError:
-            raise ConfigError(f"DeepSpeed config {path} does not exist; pass the path of a JSON file "
-                              "(templates: ds_configs/)") from None
+            raise ConfigError(
+                f"DeepSpeed config {path} does not exist; pass the path of a JSON file (templates: ds_configs/)"
+            ) from None
         except OSError as e:
             raise ConfigError(f"DeepSpeed config {path} cannot be read ({e.strerror}); check the path") from None
         try:
             data = json.loads(text, object_pairs_hook=_reject_duplicates)
         except json.JSONDecodeError as e:
-            raise ConfigError(f"DeepSpeed config {path} is not valid JSON ({e.msg} at line {e.lineno} column "
-                              f"{e.colno}); fix the file (strict JSON: no comments, no trailing commas)") from None
+            raise ConfigError(
+                f"DeepSpeed config {path} is not valid JSON ({e.msg} at line {e.lineno} column "
+                f"{e.colno}); fix the file (strict JSON: no comments, no trailing commas)"
+            ) from None
         except ConfigError as e:
             raise ConfigError(f"DeepSpeed config {path} has a {e}; keep one of them") from None
         if not isinstance(data, dict):
@@ -172,8 +176,10 @@ def _section_and_name(ds_config: Optional[DsConfig]) -> Tuple[dict, str]:
     data, name = load_config(ds_config)
     section = data.get(SECTION, {})
     if not isinstance(section, dict):
-        raise ConfigError(f'"{SECTION}" in {name} must be a JSON object like {{"keep_ratio": 0.5, '
-                          f'"num_subnets": 4}}, got {type(section).__name__}')
+        raise ConfigError(
+            f'"{SECTION}" in {name} must be a JSON object like {{"keep_ratio": 0.5, '
+            f'"num_subnets": 4}}, got {type(section).__name__}'
+        )
     return dict(section), name
 
 
@@ -205,8 +211,10 @@ def _coerce(key: _Key, value: Any, name: str):
         ok = isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
         value = tuple(value) if ok else value
     if not ok:
-        raise ConfigError(f'"{SECTION}": {{"{key.name}": {json_text(value)}}} in {name} must be {_KIND_TEXT[kind]}, '
-                          f"got {type(value).__name__}; fix {key.name!r} (its flag is {key.flag})")
+        raise ConfigError(
+            f'"{SECTION}": {{"{key.name}": {json_text(value)}}} in {name} must be {_KIND_TEXT[kind]}, '
+            f"got {type(value).__name__}; fix {key.name!r} (its flag is {key.flag})"
+        )
     return value
 
 
@@ -249,8 +257,9 @@ def _flag_default(key: _Key):
     return _DEFAULT_PARSER.get_default(key.dest)
 
 
-def twist_config_from_ds(ds_config: Optional[DsConfig], args: Optional[argparse.Namespace] = None,
-                         explicit: Iterable[str] = ()) -> TwistConfig:
+def twist_config_from_ds(
+    ds_config: Optional[DsConfig], args: Optional[argparse.Namespace] = None, explicit: Iterable[str] = ()
+) -> TwistConfig:
     """A validated TwistConfig from the ``"twist"`` section and the command-line flags.
 
     Per key: the section's value if it has one (a flag the user typed with a
@@ -269,8 +278,9 @@ def twist_config_from_ds(ds_config: Optional[DsConfig], args: Optional[argparse.
 
     unknown = sorted(set(section) - set(ALLOWED_KEYS))
     if unknown:
-        raise ConfigError(f'unknown key(s) {unknown} in "{SECTION}" of {name}; the allowed keys are '
-                          f"{list(ALLOWED_KEYS)}")
+        raise ConfigError(
+            f'unknown key(s) {unknown} in "{SECTION}" of {name}; the allowed keys are {list(ALLOWED_KEYS)}'
+        )
 
     values, explicit = {}, set(explicit)
     for key in _KEYS:
@@ -281,7 +291,8 @@ def twist_config_from_ds(ds_config: Optional[DsConfig], args: Optional[argparse.
             if key.dest in explicit and given != value:
                 raise ConfigError(
                     f'{_flag_text(key, given)} conflicts with "{SECTION}": {{"{key.name}": {json_text(value)}}} in '
-                    f"{name}; set it in one place")
+                    f"{name}; set it in one place"
+                )
         else:
             value = given if given is not None else default
         values[key.field] = value
@@ -313,13 +324,22 @@ def _positive_int(ds: dict, key: str, name: str) -> Optional[int]:
     if value is None:
         return None
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ConfigError(f"{key} in {name} must be a positive integer, got {json_text(value)}; DeepSpeed does not "
-                          "resolve 'auto' itself: write the number, or leave the key out and let it be derived")
+        raise ConfigError(
+            f"{key} in {name} must be a positive integer, got {json_text(value)}; DeepSpeed does not "
+            "resolve 'auto' itself: write the number, or leave the key out and let it be derived"
+        )
     return value
 
 
-def check_batch_consistency(ds_config: DsConfig, micro_batch_size: Optional[int], world_size: int,
-                            twist: TwistConfig, *, tensor_parallel: int = 1, pipeline_parallel: int = 1) -> dict:
+def check_batch_consistency(
+    ds_config: DsConfig,
+    micro_batch_size: Optional[int],
+    world_size: int,
+    twist: TwistConfig,
+    *,
+    tensor_parallel: int = 1,
+    pipeline_parallel: int = 1,
+) -> dict:
     """Check DeepSpeed's batch sizes against a TwIST layout; return them resolved.
 
     DeepSpeed requires ``train_batch_size = train_micro_batch_size_per_gpu x
@@ -357,14 +377,19 @@ def check_batch_consistency(ds_config: DsConfig, micro_batch_size: Optional[int]
         if mb is not None and mb != micro_batch_size:
             raise ConfigError(
                 f"--micro-batch-size {micro_batch_size} conflicts with train_micro_batch_size_per_gpu {mb} in "
-                f"{name}; set them equal (or leave the config's key out)")
+                f"{name}; set them equal (or leave the config's key out)"
+            )
         mb = micro_batch_size
 
-    group = (f"x {dp} data-parallel ranks per subnet (world {world_size} / (TP {tensor_parallel} x "
-             f"PP {pipeline_parallel}) / {twist.num_subnets} subnets)")
+    group = (
+        f"x {dp} data-parallel ranks per subnet (world {world_size} / (TP {tensor_parallel} x "
+        f"PP {pipeline_parallel}) / {twist.num_subnets} subnets)"
+    )
     if tb is None and mb is None:
-        raise ConfigError(f"{name} sets neither train_micro_batch_size_per_gpu nor train_batch_size; set "
-                          "train_micro_batch_size_per_gpu (or pass --micro-batch-size)")
+        raise ConfigError(
+            f"{name} sets neither train_micro_batch_size_per_gpu nor train_batch_size; set "
+            "train_micro_batch_size_per_gpu (or pass --micro-batch-size)"
+        )
     if tb is None:
         ga = ga or 1
         tb = mb * ga * dp
@@ -372,23 +397,36 @@ def check_batch_consistency(ds_config: DsConfig, micro_batch_size: Optional[int]
         if tb != mb * ga * dp:
             raise ConfigError(
                 f"train_batch_size {tb} in {name} is not micro batch {mb} x gradient accumulation {ga} {group} "
-                f"= {mb * ga * dp}; set train_batch_size to {mb * ga * dp} or leave it out (DeepSpeed derives it)")
+                f"= {mb * ga * dp}; set train_batch_size to {mb * ga * dp} or leave it out (DeepSpeed derives it)"
+            )
     elif mb is not None:
         if tb % (mb * dp):
             raise ConfigError(
                 f"train_batch_size {tb} in {name} is not a multiple of micro batch {mb} {group} = {mb * dp}; "
-                f"use a multiple of {mb * dp} or leave train_batch_size out")
+                f"use a multiple of {mb * dp} or leave train_batch_size out"
+            )
         ga = tb // (mb * dp)
     else:
         ga = ga or 1
         if tb % (ga * dp):
             raise ConfigError(
                 f"train_batch_size {tb} in {name} is not a multiple of gradient accumulation {ga} {group} = "
-                f"{ga * dp}; use a multiple of {ga * dp} or set train_micro_batch_size_per_gpu")
+                f"{ga * dp}; use a multiple of {ga * dp} or set train_micro_batch_size_per_gpu"
+            )
         mb = tb // (ga * dp)
-    return {"train_batch_size": tb, "train_micro_batch_size_per_gpu": mb, "gradient_accumulation_steps": ga,
-            "data_parallel_size": dp}
+    return {
+        "train_batch_size": tb,
+        "train_micro_batch_size_per_gpu": mb,
+        "gradient_accumulation_steps": ga,
+        "data_parallel_size": dp,
+    }
 
 
-__all__ = ["ALLOWED_KEYS", "twist_section", "twist_config_from_ds", "resolve_deepspeed", "strip_twist_section",
-           "check_batch_consistency"]
+__all__ = [
+    "ALLOWED_KEYS",
+    "twist_section",
+    "twist_config_from_ds",
+    "resolve_deepspeed",
+    "strip_twist_section",
+    "check_batch_consistency",
+]

@@ -19,6 +19,7 @@ replicas), fp32 parameters with Megatron's non-distributed optimizer, whose
 clear error: ``--use-distributed-optimizer``, fp16/bf16 main-parameter
 copies, ``--whole-layers`` (Megatron-LM's args hold one size for all layers).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -88,8 +89,10 @@ class TwistMegatronLM:
         self.twist = validate_twist_args(args)
         self.model_config = model_config_from_megatron_args(args)
         if self.twist.whole_layers:
-            raise ConfigError("--whole-layers needs per-layer sizes, which Megatron-LM's arguments cannot express; "
-                              "use `twist train` for it")
+            raise ConfigError(
+                "--whole-layers needs per-layer sizes, which Megatron-LM's arguments cannot express; "
+                "use `twist train` for it"
+            )
         if getattr(args, "use_distributed_optimizer", False):
             raise ConfigError("TwIST refills Adam state per parameter; run without --use-distributed-optimizer")
         if getattr(args, "fp16", False) or getattr(args, "bf16", False):
@@ -105,8 +108,13 @@ class TwistMegatronLM:
         self.central = CentralModel(self.model_config, central_module)
         tp = getattr(args, "tensor_model_parallel_size", 1)
         size = SubnetSampler(self.model_config, self.twist, tp).subnet_layer_sizes()[0]
-        with overlay(args, num_attention_heads=size.num_attention_heads, num_query_groups=size.num_query_groups,
-                     ffn_hidden_size=size.ffn_hidden_size, kv_channels=self.model_config.head_dim):
+        with overlay(
+            args,
+            num_attention_heads=size.num_attention_heads,
+            num_query_groups=size.num_query_groups,
+            ffn_hidden_size=size.ffn_hidden_size,
+            kv_channels=self.model_config.head_dim,
+        ):
             return self.base_provider(pre_process, post_process, *extra, **kwargs)
 
     def make_hook(self, model, optimizer):
@@ -114,8 +122,9 @@ class TwistMegatronLM:
         from .round_hook import TwistRoundHook
 
         args = self.args()
-        groups = build_twist_groups(self.twist, getattr(args, "tensor_model_parallel_size", 1),
-                                    getattr(args, "pipeline_model_parallel_size", 1))
+        groups = build_twist_groups(
+            self.twist, getattr(args, "tensor_model_parallel_size", 1), getattr(args, "pipeline_model_parallel_size", 1)
+        )
         module = model[0] if isinstance(model, (list, tuple)) else model
         module = getattr(module, "module", module)  # unwrap Megatron's DDP
         torch_optimizer = getattr(optimizer, "optimizer", optimizer)  # Megatron's FP32Optimizer wraps torch Adam

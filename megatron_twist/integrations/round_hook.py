@@ -20,6 +20,7 @@ on a twist/worker.py ``SubnetState`` - the round code ``twist train`` runs - so
 a host loop that takes the same steps on the same data reaches the same
 central model bit for bit (tested).
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -35,8 +36,16 @@ from ..twist.worker import SubnetState
 
 
 class TwistRoundHook:
-    def __init__(self, model: ModelConfig, twist: TwistConfig, groups: TwistGroups, central: CentralModel,
-                 subnet_module: torch.nn.Module, optimizer: torch.optim.Optimizer, worker=None):
+    def __init__(
+        self,
+        model: ModelConfig,
+        twist: TwistConfig,
+        groups: TwistGroups,
+        central: CentralModel,
+        subnet_module: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        worker=None,
+    ):
         """``worker``: how to read/refill the subnet (``load(central, plan)``, ``contribution()``);
         default: a ``SubnetState`` over plain parameters + torch optimizer state (the DeepSpeed path
         uses integrations/zero_round_hook.py instead)."""

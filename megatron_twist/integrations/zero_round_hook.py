@@ -30,6 +30,7 @@ Only the two boundaries above are ZeRO's own. When they happen (twist/rounds.py
 averages and the activation correction (twist/hooks.py ``CorrectionHooks``) are
 the code the replicated paths run.
 """
+
 from __future__ import annotations
 
 from typing import List, Optional
@@ -51,15 +52,26 @@ from .deepspeed_engine import EngineFragments, relink_optimizer_state
 class ZeroRoundHook:
     """``on_iteration_start(it)`` before every engine step, ``finish(it)`` after the last one."""
 
-    def __init__(self, model: ModelConfig, twist: TwistConfig, groups: TwistGroups, central: ShardedCentral,
-                 engine, fragments: Optional[EngineFragments] = None):
+    def __init__(
+        self,
+        model: ModelConfig,
+        twist: TwistConfig,
+        groups: TwistGroups,
+        central: ShardedCentral,
+        engine,
+        fragments: Optional[EngineFragments] = None,
+    ):
         if groups.tp_size != 1 or groups.pp_size != 1:
-            raise ConfigError("TwIST on DeepSpeed supports tensor/pipeline parallel size 1; use `twist train` "
-                              "without --deepspeed for TP/PP layouts")
+            raise ConfigError(
+                "TwIST on DeepSpeed supports tensor/pipeline parallel size 1; use `twist train` "
+                "without --deepspeed for TP/PP layouts"
+            )
         subnets = groups.local_subnets(twist.num_subnets)
         if len(subnets) != 1:
-            raise ConfigError(f"DeepSpeed trains one subnet per rank, but this rank would hold {len(subnets)}; "
-                              f"launch at least {twist.num_subnets} data-parallel ranks (num_subnets x replicas)")
+            raise ConfigError(
+                f"DeepSpeed trains one subnet per rank, but this rank would hold {len(subnets)}; "
+                f"launch at least {twist.num_subnets} data-parallel ranks (num_subnets x replicas)"
+            )
         self.subnet = subnets[0]
         self.model, self.twist, self.central, self.engine = model, twist, central, engine
         self.module = engine.module

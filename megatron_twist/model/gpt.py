@@ -7,6 +7,7 @@ in size (a subnet with some layers kept whole) use Megatron's own
 heterogeneous-block hook (``heterogeneous_block_specs`` +
 ``get_config_for_layer``), so no Megatron module is modified.
 """
+
 from __future__ import annotations
 
 import dataclasses

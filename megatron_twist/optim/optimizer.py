@@ -4,6 +4,7 @@ Dense and TwIST training build their optimizer here, with the same parameter
 groups and Megatron's OptimizerParamScheduler, so that TwIST with one subnet
 at kappa=1 reproduces dense training bit for bit (a test checks it).
 """
+
 from __future__ import annotations
 
 from typing import Dict

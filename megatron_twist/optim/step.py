@@ -12,6 +12,7 @@ Parallel context (:class:`StepParallelism`), all optional:
   the model-parallel groups (sharded parameters once, replicated ones once).
 Without any of these the step is plain PyTorch (and bit-identical to it).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -41,8 +42,16 @@ def masked_mean_loss(per_token_loss: torch.Tensor, loss_mask: torch.Tensor) -> t
     return (per_token_loss.float() * loss_mask).sum() / loss_mask.sum().clamp(min=1.0)
 
 
-def train_step(model, optimizer, scheduler, batch: Dict[str, torch.Tensor], global_step: int, clip_grad: float,
-               parallel: Optional[StepParallelism] = None, stats: Optional[dict] = None) -> float:
+def train_step(
+    model,
+    optimizer,
+    scheduler,
+    batch: Dict[str, torch.Tensor],
+    global_step: int,
+    clip_grad: float,
+    parallel: Optional[StepParallelism] = None,
+    stats: Optional[dict] = None,
+) -> float:
     """Returns the loss. ``stats``: if given, receives ``grad_norm``, the gradient norm before clipping
     (over TP/PP shards, after replica averaging: the same value on every rank of the subnet)."""
     set_schedule_step(scheduler, global_step)
@@ -90,8 +99,13 @@ def _pipelined_forward_backward(model, batch, parallel: StepParallelism) -> floa
 
     b, s = batch["tokens"].shape
     losses = get_forward_backward_func()(
-        forward_step_func=_forward_step, data_iterator=iter([batch]), model=[model], num_microbatches=1,
-        seq_length=s, micro_batch_size=b, forward_only=False,
+        forward_step_func=_forward_step,
+        data_iterator=iter([batch]),
+        model=[model],
+        num_microbatches=1,
+        seq_length=s,
+        micro_batch_size=b,
+        forward_only=False,
     )
     loss = torch.zeros(1, dtype=torch.float64, device=batch["tokens"].device)
     if parallel_state.is_pipeline_last_stage():

@@ -80,6 +80,7 @@ transients of a refill (one tensor at a time), data-loader memory, TP
 all-reduces and PP point-to-point traffic (the same for a subnet as for dense
 training, scaled by the subnet's width).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -89,8 +90,19 @@ from typing import Dict, List, Optional, Tuple
 from ..config import ConfigError, ModelConfig, TrainConfig, TwistConfig
 from ..distributed.layout import ParallelLayout
 from .checks import check_deepspeed, check_layout, divisors, refuse
-from .sizes import (GIB, LayerShape, activation_bytes, embedding_params, forward_flops, head_params, layer_params,
-                    stage_kinds, stage_params, stage_tensor_sizes, subnet_layer_shapes)
+from .sizes import (
+    GIB,
+    LayerShape,
+    activation_bytes,
+    embedding_params,
+    forward_flops,
+    head_params,
+    layer_params,
+    stage_kinds,
+    stage_params,
+    stage_tensor_sizes,
+    subnet_layer_shapes,
+)
 
 PATHS = ("megatron", "deepspeed")
 
@@ -159,17 +171,29 @@ class Plan:
 
     def to_dict(self) -> dict:
         d = {
-            "path": self.path, "dtype": self.dtype, "zero_stage": self.zero_stage,
-            "model": self.model.to_dict(), "twist": self.twist.to_dict(),
-            "world_size": self.world_size, "gpus_per_node": self.gpus_per_node, "nodes": self.nodes,
-            "tensor_parallel": self.tensor_parallel, "pipeline_parallel": self.pipeline_parallel,
-            "data_parallel": self.data_parallel, "replicas": self.replicas,
-            "subnets_per_rank": self.subnets_per_rank, "aggregation_group_size": self.aggregation_group_size,
-            "micro_batch_size": self.micro_batch_size, "local_steps": self.local_steps,
+            "path": self.path,
+            "dtype": self.dtype,
+            "zero_stage": self.zero_stage,
+            "model": self.model.to_dict(),
+            "twist": self.twist.to_dict(),
+            "world_size": self.world_size,
+            "gpus_per_node": self.gpus_per_node,
+            "nodes": self.nodes,
+            "tensor_parallel": self.tensor_parallel,
+            "pipeline_parallel": self.pipeline_parallel,
+            "data_parallel": self.data_parallel,
+            "replicas": self.replicas,
+            "subnets_per_rank": self.subnets_per_rank,
+            "aggregation_group_size": self.aggregation_group_size,
+            "micro_batch_size": self.micro_batch_size,
+            "local_steps": self.local_steps,
             "tokens_per_step": self.tokens_per_step,
-            "central_params_total": self.central_params_total, "subnet_params_total": self.subnet_params_total,
-            "subnet_layer": dataclasses.asdict(self.subnet_layer), "gpu_memory_bytes": self.gpu_memory_bytes,
-            "checks": list(self.checks), "notes": list(self.notes),
+            "central_params_total": self.central_params_total,
+            "subnet_params_total": self.subnet_params_total,
+            "subnet_layer": dataclasses.asdict(self.subnet_layer),
+            "gpu_memory_bytes": self.gpu_memory_bytes,
+            "checks": list(self.checks),
+            "notes": list(self.notes),
             "stages": {s.kind: dict(dataclasses.asdict(s), total_memory=s.total_memory) for s in self.stages},
             "peak_stage": self.peak_stage.kind,
         }
@@ -183,10 +207,20 @@ class _Hardware:
     gpu_memory_bytes: int
 
 
-def make_plan(model: ModelConfig, twist: TwistConfig, train: TrainConfig, *, world_size: int,
-              tensor_parallel: int = 1, pipeline_parallel: int = 1, gpus_per_node: int = 8,
-              gpu_memory_gib: float = 80.0, path: str = "megatron", ds_config: Optional[dict] = None,
-              suggest: bool = True) -> Plan:
+def make_plan(
+    model: ModelConfig,
+    twist: TwistConfig,
+    train: TrainConfig,
+    *,
+    world_size: int,
+    tensor_parallel: int = 1,
+    pipeline_parallel: int = 1,
+    gpus_per_node: int = 8,
+    gpu_memory_gib: float = 80.0,
+    path: str = "megatron",
+    ds_config: Optional[dict] = None,
+    suggest: bool = True,
+) -> Plan:
     """Check the layout and size it; ConfigError (reason + suggested fix) when it cannot run."""
     if path not in PATHS:
         raise ConfigError(f"unknown path {path!r}; use one of {PATHS}")
@@ -202,19 +236,28 @@ def make_plan(model: ModelConfig, twist: TwistConfig, train: TrainConfig, *, wor
     if path == "deepspeed":
         dtype, zero_stage = check_deepspeed(ds_config, train, twist, world_size, tp, pp, layout, checks)
     else:
-        checks.append(f"batch: micro batch {train.micro_batch_size} x seq {model.seq_length} per subnet replica "
-                      f"and step")
+        checks.append(
+            f"batch: micro batch {train.micro_batch_size} x seq {model.seq_length} per subnet replica and step"
+        )
     if tp > gpus_per_node or gpus_per_node % tp:
-        notes.append(f"TP {tp} does not fit inside one node of {gpus_per_node} GPUs: tensor-parallel "
-                     f"all-reduces would cross the network")
+        notes.append(
+            f"TP {tp} does not fit inside one node of {gpus_per_node} GPUs: tensor-parallel "
+            f"all-reduces would cross the network"
+        )
     plan = _size(model, twist, train, hw, layout, path, dtype, zero_stage, tuple(checks), notes)
     if hw.gpu_memory_bytes and plan.peak_stage.total_memory > hw.gpu_memory_bytes:
         peak = plan.peak_stage
         where = "every GPU" if peak.kind == "only" else f"a GPU of the {peak.kind} pipeline stage"
-        reason = (f"{where} needs {peak.total_memory / GIB:.1f} GiB "
-                  f"({_biggest(peak.memory)}), more than the {gpu_memory_gib:g} GiB of a GPU")
-        raise refuse(reason, _memory_fix(model, twist, train, hw, path, ds_config) if suggest else
-                     "a larger pipeline or tensor parallel size")
+        reason = (
+            f"{where} needs {peak.total_memory / GIB:.1f} GiB "
+            f"({_biggest(peak.memory)}), more than the {gpu_memory_gib:g} GiB of a GPU"
+        )
+        raise refuse(
+            reason,
+            _memory_fix(model, twist, train, hw, path, ds_config)
+            if suggest
+            else "a larger pipeline or tensor parallel size",
+        )
     return plan
 
 
@@ -223,8 +266,9 @@ def _biggest(memory: Dict[str, int]) -> str:
     return ", ".join(f"{k} {v / GIB:.1f}" for v, k in items)
 
 
-def _size(model, twist, train, hw: _Hardware, layout: ParallelLayout, path, dtype, zero_stage, checks,
-          notes: List[str]) -> Plan:
+def _size(
+    model, twist, train, hw: _Hardware, layout: ParallelLayout, path, dtype, zero_stage, checks, notes: List[str]
+) -> Plan:
     tp, pp, dp = layout.tensor_parallel, layout.pipeline_parallel, layout.data_parallel
     full = [LayerShape(model.num_attention_heads, model.num_query_groups, model.ffn_hidden_size)] * model.num_layers
     sub = subnet_layer_shapes(model, twist, tp)
@@ -259,36 +303,69 @@ def _size(model, twist, train, hw: _Hardware, layout: ParallelLayout, path, dtyp
             dense_dp = 4 * nc if dp > 1 else 0
         else:
             memory, dense_memory, agg, replica, dense_dp = _deepspeed_memory(
-                model, twist, sub, ns, nc, act, dense_act, dp, reps, fields, dtype, zero_stage)
+                model, twist, sub, ns, nc, act, dense_act, dp, reps, fields, dtype, zero_stage
+            )
         startup = memory.pop("start-up peak: full central weights, fp32", 0)
         memory["total"] = max(sum(memory.values()), startup)  # the start-up peak is transient, not added
         if startup:
-            memory = {**{k: v for k, v in memory.items() if k != "total"},
-                      "start-up peak: full central weights, fp32": startup, "total": memory["total"]}
+            memory = {
+                **{k: v for k, v in memory.items() if k != "total"},
+                "start-up peak: full central weights, fp32": startup,
+                "total": memory["total"],
+            }
         wire = int(agg * 2 * (agg_group - 1) / agg_group) if path == "megatron" else agg
-        stages.append(StagePlan(
-            kind=kind, pp_rank=rank, layers=model.num_layers // pp, central_params=nc, subnet_params=ns,
-            memory=memory, dense_memory=dense_memory,
-            subnet_flops_per_step=3 * per_rank * forward_flops(model, sub, tp, pp, rank, mbs, seq),
-            dense_flops_per_step=3 * forward_flops(model, full, tp, pp, rank, mbs, seq),
-            aggregation_bytes_per_round=agg, aggregation_wire_bytes_per_round=wire,
-            replica_grad_bytes_per_round=replica, dense_dp_bytes_per_step=dense_dp,
-        ))
+        stages.append(
+            StagePlan(
+                kind=kind,
+                pp_rank=rank,
+                layers=model.num_layers // pp,
+                central_params=nc,
+                subnet_params=ns,
+                memory=memory,
+                dense_memory=dense_memory,
+                subnet_flops_per_step=3 * per_rank * forward_flops(model, sub, tp, pp, rank, mbs, seq),
+                dense_flops_per_step=3 * forward_flops(model, full, tp, pp, rank, mbs, seq),
+                aggregation_bytes_per_round=agg,
+                aggregation_wire_bytes_per_round=wire,
+                replica_grad_bytes_per_round=replica,
+                dense_dp_bytes_per_step=dense_dp,
+            )
+        )
     if pp > 1:
-        notes.append(f"pipeline: one micro-batch per optimizer step through 1F1B, so each stage idles about "
-                     f"{pp - 1}/{pp} of a step (the same holds for dense training with this step)")
+        notes.append(
+            f"pipeline: one micro-batch per optimizer step through 1F1B, so each stage idles about "
+            f"{pp - 1}/{pp} of a step (the same holds for dense training with this step)"
+        )
     if per_rank > 1:
         notes.append(f"each rank trains {per_rank} subnets in turn: a global step costs {per_rank} subnet steps")
     if agg_group == 1:
         notes.append("the aggregation group has one rank: aggregation moves no bytes")
     n_total = sum(layer_params(model, s, 1) for s in full) + embedding_params(model, 1) + head_params(model, 1)
     s_total = sum(layer_params(model, s, 1) for s in sub) + embedding_params(model, 1) + head_params(model, 1)
-    return Plan(path=path, dtype=dtype, zero_stage=zero_stage, model=model, twist=twist, world_size=hw.world_size,
-                gpus_per_node=hw.gpus_per_node, tensor_parallel=tp, pipeline_parallel=pp, data_parallel=dp,
-                replicas=reps, subnets_per_rank=per_rank, aggregation_group_size=agg_group,
-                micro_batch_size=mbs, local_steps=twist.local_steps, central_params_total=n_total,
-                subnet_params_total=s_total, subnet_layer=split_layer, gpu_memory_bytes=hw.gpu_memory_bytes,
-                checks=checks, notes=tuple(notes), stages=tuple(stages))
+    return Plan(
+        path=path,
+        dtype=dtype,
+        zero_stage=zero_stage,
+        model=model,
+        twist=twist,
+        world_size=hw.world_size,
+        gpus_per_node=hw.gpus_per_node,
+        tensor_parallel=tp,
+        pipeline_parallel=pp,
+        data_parallel=dp,
+        replicas=reps,
+        subnets_per_rank=per_rank,
+        aggregation_group_size=agg_group,
+        micro_batch_size=mbs,
+        local_steps=twist.local_steps,
+        central_params_total=n_total,
+        subnet_params_total=s_total,
+        subnet_layer=split_layer,
+        gpu_memory_bytes=hw.gpu_memory_bytes,
+        checks=checks,
+        notes=tuple(notes),
+        stages=tuple(stages),
+    )
 
 
 def _deepspeed_memory(model, twist, sub, ns, nc, act, dense_act, dp, reps, fields, dtype, zero):
@@ -305,8 +382,12 @@ def _deepspeed_memory(model, twist, sub, ns, nc, act, dense_act, dp, reps, field
         "activations (estimate)": act,
     }
     memory["start-up peak: full central weights, fp32"] = 4 * nc  # once, before the engine; not added
-    dense_memory = w * nc // (dp if zero >= 3 else 1) + g * nc // (dp if zero >= 2 else 1) + \
-        o * nc // (dp if zero >= 1 else 1) + dense_act
+    dense_memory = (
+        w * nc // (dp if zero >= 3 else 1)
+        + g * nc // (dp if zero >= 2 else 1)
+        + o * nc // (dp if zero >= 1 else 1)
+        + dense_act
+    )
     agg = 2 * fields * 4 * padded
     replica = twist.local_steps * g * ns if reps > 1 else 0
     dense_dp = g * nc if dp > 1 else 0
@@ -323,9 +404,18 @@ def _memory_fix(model, twist, train, hw: _Hardware, path, ds_config) -> str:
                 if hw.world_size % (t * p):
                     continue
                 try:
-                    plan = make_plan(model, twist, train, world_size=hw.world_size, tensor_parallel=t,
-                                     pipeline_parallel=p, gpus_per_node=hw.gpus_per_node, gpu_memory_gib=world_gib,
-                                     path=path, suggest=False)
+                    plan = make_plan(
+                        model,
+                        twist,
+                        train,
+                        world_size=hw.world_size,
+                        tensor_parallel=t,
+                        pipeline_parallel=p,
+                        gpus_per_node=hw.gpus_per_node,
+                        gpu_memory_gib=world_gib,
+                        path=path,
+                        suggest=False,
+                    )
                 except ConfigError:
                     continue
                 key = (t * p, p)
@@ -333,10 +423,16 @@ def _memory_fix(model, twist, train, hw: _Hardware, path, ds_config) -> str:
                     best = (key, t, p, plan)
     if best is not None:
         _, t, p, plan = best
-        return (f"--tensor-model-parallel-size {t} --pipeline-model-parallel-size {p} "
-                f"(DP {plan.data_parallel}; {plan.peak_stage.total_memory / GIB:.1f} GiB on the fullest GPU)")
+        return (
+            f"--tensor-model-parallel-size {t} --pipeline-model-parallel-size {p} "
+            f"(DP {plan.data_parallel}; {plan.peak_stage.total_memory / GIB:.1f} GiB on the fullest GPU)"
+        )
     if path == "deepspeed":
-        return ("the DeepSpeed path runs at TP = PP = 1 in this release; use the Megatron path (drop --deepspeed) "
-                "with TP x PP, or a smaller --micro-batch-size / --seq-length")
-    return ("no TP x PP of these GPUs that divides the model fits: lower --micro-batch-size or --seq-length, "
-            "use GPUs with more memory, or (with the DeepSpeed path's sharded central model) more GPUs")
+        return (
+            "the DeepSpeed path runs at TP = PP = 1 in this release; use the Megatron path (drop --deepspeed) "
+            "with TP x PP, or a smaller --micro-batch-size / --seq-length"
+        )
+    return (
+        "no TP x PP of these GPUs that divides the model fits: lower --micro-batch-size or --seq-length, "
+        "use GPUs with more memory, or (with the DeepSpeed path's sharded central model) more GPUs"
+    )

@@ -2,6 +2,7 @@
 
 (The JSON form is :meth:`Plan.to_dict`.)
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -20,17 +21,19 @@ def _unit(values, units) -> Tuple[str, float]:
     return units[-1]
 
 
-_BYTES = (("GiB", GIB), ("MiB", 2 ** 20), ("KiB", 2 ** 10))
+_BYTES = (("GiB", GIB), ("MiB", 2**20), ("KiB", 2**10))
 _FLOPS = (("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6))
 
 
 def format_plan(plan: Plan) -> str:
     m, t = plan.model, plan.twist
     kinds = [s.kind for s in plan.stages]
-    path_text = {"megatron": "Megatron-core path (`twist train`): central model replicated over data parallel, "
-                             "fp32 weights, gradients and Adam",
-                 "deepspeed": f"DeepSpeed path (`twist train --deepspeed`): ZeRO-{plan.zero_stage}, {plan.dtype}, "
-                              f"central model sharded over data parallel"}[plan.path]
+    path_text = {
+        "megatron": "Megatron-core path (`twist train`): central model replicated over data parallel, "
+        "fp32 weights, gradients and Adam",
+        "deepspeed": f"DeepSpeed path (`twist train --deepspeed`): ZeRO-{plan.zero_stage}, {plan.dtype}, "
+        f"central model sharded over data parallel",
+    }[plan.path]
     sl = plan.subnet_layer
     nodes = f"{plan.nodes} nodes x {plan.gpus_per_node}" if plan.nodes else f"{plan.gpus_per_node} per node"
     lines = [
@@ -58,40 +61,63 @@ def format_plan(plan: Plan) -> str:
 
     st = plan.stages
     mem_unit, mem_size = _unit([s.total_memory for s in st], _BYTES)
-    lines += [head, row("  layers", [s.layers for s in st], str),
-              row("  central parameters (this shard)", [s.central_params for s in st], lambda v: f"{v:,}"),
-              row("  subnet parameters (this shard)", [s.subnet_params for s in st], lambda v: f"{v:,}"),
-              f"  memory, {mem_unit}"]
+    lines += [
+        head,
+        row("  layers", [s.layers for s in st], str),
+        row("  central parameters (this shard)", [s.central_params for s in st], lambda v: f"{v:,}"),
+        row("  subnet parameters (this shard)", [s.subnet_params for s in st], lambda v: f"{v:,}"),
+        f"  memory, {mem_unit}",
+    ]
     in_mem = lambda v: f"{v / mem_size:.2f}"  # noqa: E731
     for key in st[0].memory:
         lines.append(row(f"    {key}", [s.memory.get(key, 0) for s in st], in_mem))
     if plan.gpu_memory_bytes:
-        lines.append(row(f"    share of {plan.gpu_memory_bytes / GIB:g} GiB",
-                         [s.total_memory / plan.gpu_memory_bytes for s in st], lambda v: f"{100 * v:.0f}%"))
+        lines.append(
+            row(
+                f"    share of {plan.gpu_memory_bytes / GIB:g} GiB",
+                [s.total_memory / plan.gpu_memory_bytes for s in st],
+                lambda v: f"{100 * v:.0f}%",
+            )
+        )
     lines.append(row("    (dense training, same layout: total)", [s.dense_memory for s in st], in_mem))
     fl_unit, fl_size = _unit([s.dense_flops_per_step for s in st], _FLOPS)
-    lines += [f"  compute per step, {fl_unit}",
-              row("    TwIST (subnet forward + backward)", [s.subnet_flops_per_step for s in st],
-                  lambda v: f"{v / fl_size:.2f}"),
-              row("    dense (same micro-batch)", [s.dense_flops_per_step for s in st],
-                  lambda v: f"{v / fl_size:.2f}"),
-              row("    TwIST / dense", [s.subnet_flops_per_step / s.dense_flops_per_step for s in st],
-                  lambda v: f"{v:.3f}")]
-    traffic = [v for s in st for v in (s.aggregation_bytes_per_round, s.replica_grad_bytes_per_round,
-                                         s.dense_dp_bytes_per_step * plan.local_steps)]
+    lines += [
+        f"  compute per step, {fl_unit}",
+        row(
+            "    TwIST (subnet forward + backward)",
+            [s.subnet_flops_per_step for s in st],
+            lambda v: f"{v / fl_size:.2f}",
+        ),
+        row("    dense (same micro-batch)", [s.dense_flops_per_step for s in st], lambda v: f"{v / fl_size:.2f}"),
+        row("    TwIST / dense", [s.subnet_flops_per_step / s.dense_flops_per_step for s in st], lambda v: f"{v:.3f}"),
+    ]
+    traffic = [
+        v
+        for s in st
+        for v in (
+            s.aggregation_bytes_per_round,
+            s.replica_grad_bytes_per_round,
+            s.dense_dp_bytes_per_step * plan.local_steps,
+        )
+    ]
     tr_unit, tr_size = _unit(traffic, _BYTES)
     in_tr = lambda v: f"{v / tr_size:.2f}"  # noqa: E731
     lines.append(f"  traffic per round of {plan.local_steps} steps, {tr_unit}")
-    agg_label = ("    aggregation all-reduce (payload)" if plan.path == "megatron"
-                 else "    aggregation all-gather + reduce-scatter")
+    agg_label = (
+        "    aggregation all-reduce (payload)"
+        if plan.path == "megatron"
+        else "    aggregation all-gather + reduce-scatter"
+    )
     lines.append(row(agg_label, [s.aggregation_bytes_per_round for s in st], in_tr))
     if plan.path == "megatron":
         lines.append(row("      ring wire bytes per GPU", [s.aggregation_wire_bytes_per_round for s in st], in_tr))
-    lines += [row("    subnet replicas' gradients", [s.replica_grad_bytes_per_round for s in st], in_tr),
-              row("    dense data parallel (gradients)", [s.dense_dp_bytes_per_step * plan.local_steps for s in st],
-                  in_tr),
-              row("    TwIST / dense", [_ratio(s, plan.local_steps) for s in st],
-                  lambda v: "n/a" if v is None else f"{v:.3f}")]
+    lines += [
+        row("    subnet replicas' gradients", [s.replica_grad_bytes_per_round for s in st], in_tr),
+        row("    dense data parallel (gradients)", [s.dense_dp_bytes_per_step * plan.local_steps for s in st], in_tr),
+        row(
+            "    TwIST / dense", [_ratio(s, plan.local_steps) for s in st], lambda v: "n/a" if v is None else f"{v:.3f}"
+        ),
+    ]
     if plan.notes:
         lines += ["notes", *[f"  - {n}" for n in plan.notes]]
     return "\n".join(lines)

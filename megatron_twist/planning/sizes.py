@@ -4,6 +4,7 @@ What a subnet keeps in each layer, parameter counts, forward FLOPs and activatio
 functions of the configs. The formulas and what they leave out are written out in
 :mod:`megatron_twist.planning.arithmetic`.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -11,7 +12,7 @@ from typing import List, Sequence, Tuple
 
 from ..config import ModelConfig, TwistConfig
 
-GIB = 2 ** 30
+GIB = 2**30
 
 
 @dataclass(frozen=True)
@@ -46,9 +47,13 @@ def subnet_layer_shapes(model: ModelConfig, twist: TwistConfig, tensor_parallel:
         if layer in whole:
             out.append(full)
             continue
-        out.append(LayerShape(heads if twist.splits_heads else full.heads,
-                              groups if twist.splits_heads else full.groups,
-                              ffn if twist.splits_mlp else full.ffn))
+        out.append(
+            LayerShape(
+                heads if twist.splits_heads else full.heads,
+                groups if twist.splits_heads else full.groups,
+                ffn if twist.splits_mlp else full.ffn,
+            )
+        )
     return out
 
 
@@ -102,7 +107,7 @@ def stage_kinds(pp: int) -> List[Tuple[str, int]]:
 
 def stage_params(model: ModelConfig, shapes: Sequence[LayerShape], tp: int, pp: int, pp_rank: int) -> int:
     per = model.num_layers // pp
-    n = sum(layer_params(model, s, tp) for s in shapes[pp_rank * per:(pp_rank + 1) * per])
+    n = sum(layer_params(model, s, tp) for s in shapes[pp_rank * per : (pp_rank + 1) * per])
     if pp_rank == 0:
         n += embedding_params(model, tp)
     if pp_rank == pp - 1:
@@ -126,12 +131,13 @@ def stage_tensor_sizes(model: ModelConfig) -> List[int]:
     return sizes
 
 
-def forward_flops(model: ModelConfig, shapes: Sequence[LayerShape], tp: int, pp: int, pp_rank: int,
-                  micro_batch: int, seq: int) -> float:
+def forward_flops(
+    model: ModelConfig, shapes: Sequence[LayerShape], tp: int, pp: int, pp_rank: int, micro_batch: int, seq: int
+) -> float:
     per = model.num_layers // pp
     tokens = micro_batch * seq
     flops = 0.0
-    for s in shapes[pp_rank * per:(pp_rank + 1) * per]:
+    for s in shapes[pp_rank * per : (pp_rank + 1) * per]:
         flops += 2.0 * tokens * layer_matmul_params(model, s, tp)
         flops += 4.0 * micro_batch * seq * seq * (s.heads // tp) * model.head_dim
     if pp_rank == pp - 1:
@@ -139,16 +145,23 @@ def forward_flops(model: ModelConfig, shapes: Sequence[LayerShape], tp: int, pp:
     return flops
 
 
-def activation_bytes(model: ModelConfig, shapes: Sequence[LayerShape], tp: int, pp: int, pp_rank: int,
-                     micro_batch: int, seq: int, element_bytes: int) -> int:
+def activation_bytes(
+    model: ModelConfig,
+    shapes: Sequence[LayerShape],
+    tp: int,
+    pp: int,
+    pp_rank: int,
+    micro_batch: int,
+    seq: int,
+    element_bytes: int,
+) -> int:
     per = model.num_layers // pp
     h, d, b, s = model.hidden_size, model.head_dim, micro_batch, seq
     m = 3 if model.gated_mlp else 2
     n = 0
-    for sh in shapes[pp_rank * per:(pp_rank + 1) * per]:
+    for sh in shapes[pp_rank * per : (pp_rank + 1) * per]:
         n += s * b * (4 * h + (sh.heads + 2 * sh.groups) * d // tp + sh.heads * d // tp + m * sh.ffn // tp)
         n += b * (sh.heads // tp) * s * s
     if pp_rank == pp - 1:
         n += s * b * 2 * h + 2 * s * b * model.vocab_size // tp
     return n * element_bytes
-

@@ -5,29 +5,28 @@ Same model, data addressing, optimizer, schedule and round hook as
 ``engine.step``: ZeRO partitioning, gradient reduction over the subnet's
 replicas, gradient clipping from the ds_config).
 """
+
 from __future__ import annotations
 
 import os
 import time
 from typing import Callable, List, Optional
 
-import torch.distributed as dist
-
 from .. import faults
+from ..checkpoint.deepspeed import DeepSpeedCheckpointer
+from ..checkpoint.sharded import load_sharded
+from ..checkpoint.vetting import load_vetted
 from ..config import ConfigError, ModelConfig, TrainConfig, TwistConfig
 from ..cpu_shim import seed_everything
 from ..distributed.runtime import TwistGroups
 from ..distributed.sharded_central import ShardedCentral
 from ..integrations.deepspeed_engine import TwistMpu
-from ..checkpoint.vetting import load_vetted
-from ..checkpoint.deepspeed import DeepSpeedCheckpointer
-from ..checkpoint.sharded import load_sharded
 from ..integrations.ds_config import strip_twist_section
 from ..integrations.zero_round_hook import ZeroRoundHook
 from ..model.gpt import build_gpt_model, gpt_forward
-from ..twist.sampler import SubnetSampler
 from ..optim.optimizer import build_optimizer, build_scheduler, set_schedule_step
 from ..optim.step import masked_mean_loss
+from ..twist.sampler import SubnetSampler
 from .metrics import MetricsFile
 from .twist_trainer import TrainResult
 
@@ -43,9 +42,21 @@ class DeepSpeedTrainer:
     logging rank. ``watchdog``: distributed/watchdog.py, told the step for its heartbeat.
     """
 
-    def __init__(self, model: ModelConfig, twist: TwistConfig, train: TrainConfig, groups: TwistGroups, batches,
-                 ds_config: dict, *, load: Optional[str] = None, checkpointer: Optional[DeepSpeedCheckpointer] = None,
-                 metrics: Optional[MetricsFile] = None, log: Callable[[str], None] = print, watchdog=None):
+    def __init__(
+        self,
+        model: ModelConfig,
+        twist: TwistConfig,
+        train: TrainConfig,
+        groups: TwistGroups,
+        batches,
+        ds_config: dict,
+        *,
+        load: Optional[str] = None,
+        checkpointer: Optional[DeepSpeedCheckpointer] = None,
+        metrics: Optional[MetricsFile] = None,
+        log: Callable[[str], None] = print,
+        watchdog=None,
+    ):
         self.model, self.twist, self.train, self.groups = model, twist, train, groups
         self.batches, self.ds_config, self.load = batches, ds_config, load
         self.checkpointer, self.metrics, self.log, self.watchdog = checkpointer, metrics, log, watchdog
@@ -57,12 +68,12 @@ class DeepSpeedTrainer:
         model, twist, train, groups, batches = self.model, self.twist, self.train, self.groups, self.batches
         ds_config, load, log, watchdog = self.ds_config, self.load, self.log, self.watchdog
 
-
         central = build_sharded_central(model, train.seed, groups.data_parallel_group)
         if load is not None:
             load_sharded(central, os.path.join(load, "central"))
-        subnet = build_gpt_model(model, SubnetSampler(model, twist, groups.tp_size).subnet_layer_sizes(),
-                                 tensor_parallel_size=groups.tp_size)
+        subnet = build_gpt_model(
+            model, SubnetSampler(model, twist, groups.tp_size).subnet_layer_sizes(), tensor_parallel_size=groups.tp_size
+        )
         client_optimizer = build_optimizer(subnet, train)
         scheduler = build_scheduler(client_optimizer, train)
         if groups.world_size == 1:
@@ -71,15 +82,18 @@ class DeepSpeedTrainer:
             # set earlier (at launcher discovery) it would leak into every child process (accelerate,
             # for one, then tries an env:// rendezvous).
             os.environ.setdefault("LOCAL_RANK", "0")
-        engine, _, _, _ = deepspeed.initialize(model=subnet, optimizer=client_optimizer,
-                                               config=strip_twist_section(ds_config), mpu=TwistMpu(groups))
+        engine, _, _, _ = deepspeed.initialize(
+            model=subnet, optimizer=client_optimizer, config=strip_twist_section(ds_config), mpu=TwistMpu(groups)
+        )
         hook = ZeroRoundHook(model, twist, groups, central, engine)
         # Gradient accumulation: a step (of --train-iters, --local-steps, the LR schedule, Adam's count)
         # is one OPTIMIZER step of `accumulation` micro-batches; the engine steps at the boundary only.
         accumulation = engine.gradient_accumulation_steps()
         if accumulation != ds_config.get("gradient_accumulation_steps", 1):
-            raise ConfigError(f"DeepSpeed resolved gradient_accumulation_steps {accumulation}, TwIST "
-                              f"{ds_config.get('gradient_accumulation_steps', 1)}: set it explicitly in the ds_config")
+            raise ConfigError(
+                f"DeepSpeed resolved gradient_accumulation_steps {accumulation}, TwIST "
+                f"{ds_config.get('gradient_accumulation_steps', 1)}: set it explicitly in the ds_config"
+            )
         if load is not None:
             # The engine's checkpoint brings the optimizer-state structure; the round hook then refills
             # weights and moments from the central model at the round boundary we stopped at.
@@ -94,8 +108,10 @@ class DeepSpeedTrainer:
         t0 = time.perf_counter()
         stop_at = min(train.train_iters, train.exit_interval or train.train_iters)
         if stop_at % twist.local_steps and stop_at != train.train_iters:
-            raise ConfigError(f"--exit-interval {stop_at} must be a multiple of --local-steps {twist.local_steps} "
-                              "with DeepSpeed (checkpoints are taken at round boundaries)")
+            raise ConfigError(
+                f"--exit-interval {stop_at} must be a multiple of --local-steps {twist.local_steps} "
+                "with DeepSpeed (checkpoints are taken at round boundaries)"
+            )
         for it in range(central.step, stop_at):
             # Close the round that ends here (if any), save at the boundary, open the next one. The
             # checkpoint holds the engine as the round left it, the state the final save has too.
@@ -121,8 +137,11 @@ class DeepSpeedTrainer:
             hook.after_step()
             losses.append(step_losses[0] if accumulation == 1 else sum(step_losses) / accumulation)
             if moved is not None and groups.is_logging_rank:
-                log(f"[twist-ds] round {central.round} step {it}/{train.train_iters} | loss {losses[-1]:.4f} | "
-                    f"ZeRO {engine.zero_optimization_stage()} | agg {moved / 2**20:.1f} MiB | {time.perf_counter() - t0:.0f}s")
+                log(
+                    f"[twist-ds] round {central.round} step {it}/{train.train_iters} | loss {losses[-1]:.4f} | "
+                    f"ZeRO {engine.zero_optimization_stage()} | agg {moved / 2**20:.1f} MiB | "
+                    f"{time.perf_counter() - t0:.0f}s"
+                )
         moved = hook.finish(stop_at)
         if moved is not None:
             record_round(engine, groups, central, hook.subnet, losses, moved)
@@ -140,20 +159,39 @@ class DeepSpeedTrainer:
         all_losses = all_gather_objects(losses)
         if not self.groups.is_logging_rank:
             return
-        self.log(f"[twist-ds] done at step {central.step}: ZeRO {engine.zero_optimization_stage()}, final loss per "
-                 f"rank {[round(x[-1], 4) for x in all_losses]}")
+        self.log(
+            f"[twist-ds] done at step {central.step}: ZeRO {engine.zero_optimization_stage()}, final loss per "
+            f"rank {[round(x[-1], 4) for x in all_losses]}"
+        )
         if self.metrics is not None:
             group = torch_optimizer(engine).param_groups[0]
-            self.metrics.write({"losses_per_rank": all_losses, "twist": self.twist.to_dict(),
-                                "zero_stage": engine.zero_optimization_stage(), "train": self.train.to_dict(),
-                                "engine_global_steps": engine.global_steps,
-                                "gradient_accumulation_steps": engine.gradient_accumulation_steps(),
-                                "optimizer": {"betas": list(group["betas"]), "eps": group["eps"],
-                                              "weight_decay": group["weight_decay"]}})
+            self.metrics.write(
+                {
+                    "losses_per_rank": all_losses,
+                    "twist": self.twist.to_dict(),
+                    "zero_stage": engine.zero_optimization_stage(),
+                    "train": self.train.to_dict(),
+                    "engine_global_steps": engine.global_steps,
+                    "gradient_accumulation_steps": engine.gradient_accumulation_steps(),
+                    "optimizer": {
+                        "betas": list(group["betas"]),
+                        "eps": group["eps"],
+                        "weight_decay": group["weight_decay"],
+                    },
+                }
+            )
 
 
-def train_with_deepspeed(model: ModelConfig, twist: TwistConfig, train: TrainConfig, groups: TwistGroups, batches,
-                         ds_config: dict, log: Callable[[str], None] = print, load: Optional[str] = None):
+def train_with_deepspeed(
+    model: ModelConfig,
+    twist: TwistConfig,
+    train: TrainConfig,
+    groups: TwistGroups,
+    batches,
+    ds_config: dict,
+    log: Callable[[str], None] = print,
+    load: Optional[str] = None,
+):
     """(sharded central model, this rank's per-step losses, engine) of a run without checkpoints or
     metrics (tests, benchmarks)."""
     trainer = DeepSpeedTrainer(model, twist, train, groups, batches, ds_config, load=load, log=log)
@@ -169,7 +207,7 @@ def _micro_batches(batch: dict, accumulation: int):
     rows = batch["tokens"].shape[0]
     mb = rows // accumulation
     for j in range(accumulation):
-        yield {k: v[j * mb:(j + 1) * mb] for k, v in batch.items()}
+        yield {k: v[j * mb : (j + 1) * mb] for k, v in batch.items()}
 
 
 def build_sharded_central(model: ModelConfig, seed: int, group) -> ShardedCentral:

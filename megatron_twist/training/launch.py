@@ -6,6 +6,7 @@ TwIST groups, seeding, then the trainer of the job's engine, which owns its chec
 metrics: ``TwistTrainer`` (Megatron-core's TP x PP path) or ``DeepSpeedTrainer``. Both have the
 same shape: ``run() -> TrainResult``.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -49,18 +50,42 @@ def build_trainer(job: TrainingJob, log: Callable[[str], None], watchdog=None):
 
         # One batch of micro x accumulation samples per (step, subnet slot), split into micro-batches.
         accumulation = job.ds_config.get("gradient_accumulation_steps", 1)
-        batches = job.data.batches(model, dataclasses.replace(
-            train_config, micro_batch_size=train_config.micro_batch_size * accumulation), twist)
+        batches = job.data.batches(
+            model,
+            dataclasses.replace(train_config, micro_batch_size=train_config.micro_batch_size * accumulation),
+            twist,
+        )
         checkpointer = DeepSpeedCheckpointer(run, twist, train_config, groups, job.data.meta, log)
-        return DeepSpeedTrainer(model, twist, train_config, groups, batches, job.ds_config, load=run.load,
-                                checkpointer=checkpointer, metrics=metrics, log=log, watchdog=watchdog)
+        return DeepSpeedTrainer(
+            model,
+            twist,
+            train_config,
+            groups,
+            batches,
+            job.ds_config,
+            load=run.load,
+            checkpointer=checkpointer,
+            metrics=metrics,
+            log=log,
+            watchdog=watchdog,
+        )
     from ..checkpoint.manager import CentralCheckpointer
     from .twist_trainer import TwistTrainer
 
     central = load_or_build_central(job, groups)
     checkpointer = CentralCheckpointer(run, twist, train_config, job.data.meta, groups.is_logging_rank, log)
-    return TwistTrainer(model, twist, train_config, groups, job.data.batches(model, train_config, twist),
-                        central=central, log=log, watchdog=watchdog, checkpointer=checkpointer, metrics=metrics)
+    return TwistTrainer(
+        model,
+        twist,
+        train_config,
+        groups,
+        job.data.batches(model, train_config, twist),
+        central=central,
+        log=log,
+        watchdog=watchdog,
+        checkpointer=checkpointer,
+        metrics=metrics,
+    )
 
 
 def load_or_build_central(job: TrainingJob, groups):

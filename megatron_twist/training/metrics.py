@@ -3,6 +3,7 @@
 It is stamped (``"megatron_twist": "metrics"``) so that a rerun may replace it and nothing else
 (outputs.check_output_file refuses to replace a file megatron-twist did not write).
 """
+
 from __future__ import annotations
 
 import json

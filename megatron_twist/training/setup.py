@@ -8,6 +8,7 @@ layout (TP x PP over the model, subnets over the ranks), the checkpoint flags, a
 ``--save`` / ``--metrics-file`` would replace something megatron-twist did not write.
 Megatron and DeepSpeed (seconds to import) come after.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -62,9 +63,11 @@ def prepare_job(args, explicit: Set[str], log: Callable[[str], None] = print) ->
     except ConfigError as e:
         if not run.load:
             raise
-        raise ConfigError(f"--load {run.load} cannot continue at tensor parallel {tp} x pipeline parallel {pp}: {e} "
-                          f"(the checkpoint's subnets are balanced over {twist.balance_shards or tp} shard(s); "
-                          "choose sizes that divide the saved model and that number)") from None
+        raise ConfigError(
+            f"--load {run.load} cannot continue at tensor parallel {tp} x pipeline parallel {pp}: {e} "
+            f"(the checkpoint's subnets are balanced over {twist.balance_shards or tp} shard(s); "
+            "choose sizes that divide the saved model and that number)"
+        ) from None
     _check_save_interval(run, twist)
     _check_outputs(run)  # nothing of the user's is replaced
     data.check_fits(model.seq_length)
@@ -80,12 +83,20 @@ def prepare_job(args, explicit: Set[str], log: Callable[[str], None] = print) ->
 
 def _run_config(args, deepspeed: bool) -> RunConfig:
     series = bool(args.save) and (args.save_interval is not None or checkpoint_series.is_series(args.save))
-    return RunConfig(tensor_parallel_size=args.tensor_model_parallel_size,
-                     pipeline_parallel_size=args.pipeline_model_parallel_size, save=args.save, load=args.load,
-                     series=series, save_interval=args.save_interval, keep_checkpoints=args.keep_checkpoints,
-                     ckpt_format=args.ckpt_format, metrics_file=args.metrics_file, overwrite=args.overwrite,
-                     distributed_timeout_minutes=args.distributed_timeout_minutes,
-                     deepspeed_config=args.deepspeed_config if deepspeed else None)
+    return RunConfig(
+        tensor_parallel_size=args.tensor_model_parallel_size,
+        pipeline_parallel_size=args.pipeline_model_parallel_size,
+        save=args.save,
+        load=args.load,
+        series=series,
+        save_interval=args.save_interval,
+        keep_checkpoints=args.keep_checkpoints,
+        ckpt_format=args.ckpt_format,
+        metrics_file=args.metrics_file,
+        overwrite=args.overwrite,
+        distributed_timeout_minutes=args.distributed_timeout_minutes,
+        deepspeed_config=args.deepspeed_config if deepspeed else None,
+    )
 
 
 def _resolve_load(run: RunConfig, log) -> Optional[str]:
@@ -123,9 +134,11 @@ def _resumed(args, explicit, run: RunConfig, data: TrainingData, twist: TwistCon
     # A pretrained model's embedding table may be padded beyond its tokenizer; ours match exactly.
     vocab = data.vocab_size
     if vocab is not None and (vocab > model.vocab_size if imported else vocab != model.vocab_size):
-        raise ConfigError(f"{run.load} has vocabulary {model.vocab_size}, the data {vocab}: wrong tokenizer? "
-                          "Prepare the data with the model's tokenizer (`twist prepare-data --hf-tokenizer "
-                          "DIR` for an imported model)")
+        raise ConfigError(
+            f"{run.load} has vocabulary {model.vocab_size}, the data {vocab}: wrong tokenizer? "
+            "Prepare the data with the model's tokenizer (`twist prepare-data --hf-tokenizer "
+            "DIR` for an imported model)"
+        )
     return model, twist
 
 
@@ -134,12 +147,16 @@ def _check_save_interval(run: RunConfig, twist: TwistConfig) -> None:
         return
     k = twist.local_steps
     if run.save_interval < 1 or run.save_interval % k:
-        raise ConfigError(f"--save-interval {run.save_interval} must be a positive multiple of --local-steps {k}: "
-                          f"checkpoints are taken at round boundaries (e.g. --save-interval "
-                          f"{k * max(1, round(run.save_interval / k))})")
+        raise ConfigError(
+            f"--save-interval {run.save_interval} must be a positive multiple of --local-steps {k}: "
+            f"checkpoints are taken at round boundaries (e.g. --save-interval "
+            f"{k * max(1, round(run.save_interval / k))})"
+        )
     if detect.holds_checkpoint(run.save):
-        raise ConfigError(f"--save {run.save} is a checkpoint, not a save directory; with --save-interval pass a new "
-                          "or existing save directory (it will hold iter_XXXXXXX checkpoints and a latest pointer)")
+        raise ConfigError(
+            f"--save {run.save} is a checkpoint, not a save directory; with --save-interval pass a new "
+            "or existing save directory (it will hold iter_XXXXXXX checkpoints and a latest pointer)"
+        )
 
 
 def _check_outputs(run: RunConfig) -> None:
@@ -151,8 +168,7 @@ def _check_outputs(run: RunConfig) -> None:
         outputs.check_output_file(run.metrics_file, "--metrics-file", run.overwrite)
 
 
-def _resolve_ds_batches(run: RunConfig, ds_config: dict, train: TrainConfig, twist: TwistConfig, explicit,
-                        world: int):
+def _resolve_ds_batches(run: RunConfig, ds_config: dict, train: TrainConfig, twist: TwistConfig, explicit, world: int):
     """DeepSpeed's batch sizes for this layout (ds_config.check_batch_consistency), before any work: the
     micro-batch size comes from the config (an explicit --micro-batch-size that disagrees is refused);
     gradient accumulation is honoured (a round is --local-steps OPTIMIZER steps, each of
@@ -160,10 +176,18 @@ def _resolve_ds_batches(run: RunConfig, ds_config: dict, train: TrainConfig, twi
     gets, so its arithmetic and TwIST's agree."""
     from ..integrations.ds_config import check_batch_consistency
 
-    flag = train.micro_batch_size if ("micro_batch_size" in explicit or not (
-        {"train_micro_batch_size_per_gpu", "train_batch_size"} & set(ds_config))) else None
+    flag = (
+        train.micro_batch_size
+        if (
+            "micro_batch_size" in explicit
+            or not ({"train_micro_batch_size_per_gpu", "train_batch_size"} & set(ds_config))
+        )
+        else None
+    )
     sizes = check_batch_consistency(run.deepspeed_config, flag, world, twist)
     train = dataclasses.replace(train, micro_batch_size=sizes["train_micro_batch_size_per_gpu"])
-    ds_config = dict(ds_config, **{k: sizes[k] for k in ("train_batch_size", "train_micro_batch_size_per_gpu",
-                                                         "gradient_accumulation_steps")})
+    ds_config = dict(
+        ds_config,
+        **{k: sizes[k] for k in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")},
+    )
     return train, ds_config

@@ -17,6 +17,7 @@ the holder counts. ``--nonfinite-policy skip`` (default) goes on with the others
 :class:`NonFiniteError` with the central model as it was before the round; if every subnet of a
 round is non-finite, both policies stop.
 """
+
 from __future__ import annotations
 
 import math
@@ -28,17 +29,17 @@ import torch
 import torch.distributed as dist
 
 from .. import faults
-from ..config import ConfigError, ModelConfig, TrainConfig, TrainingError, TwistConfig
+from ..config import ModelConfig, TrainConfig, TrainingError, TwistConfig
+from ..cpu_shim import seed_everything
+from ..data.batches import BatchSource
 from ..distributed.full_state import layer_range
 from ..distributed.layout import check_model_layout  # noqa: F401  (re-exported: cli, tests)
-from ..optim.step import StepParallelism
-from ..cpu_shim import seed_everything
 from ..distributed.runtime import TwistGroups
 from ..model.gpt import build_gpt_model, count_parameters
+from ..optim.step import StepParallelism
 from ..twist.central import CentralModel
 from ..twist.rounds import LocalPlans, ReplicatedRound
 from ..twist.worker import SubnetWorker
-from ..data.batches import BatchSource
 
 
 @dataclass
@@ -81,12 +82,17 @@ class TrainResult:
         return out
 
 
-def build_central(model: ModelConfig, seed: int, tensor_parallel_size: int = 1,
-                  pipeline_parallel_size: int = 1) -> CentralModel:
+def build_central(
+    model: ModelConfig, seed: int, tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1
+) -> CentralModel:
     # Same seed on every rank before building: CPU init draws from the default RNG.
     seed_everything(seed)
-    return CentralModel(model, build_gpt_model(model, tensor_parallel_size=tensor_parallel_size,
-                                               pipeline_parallel_size=pipeline_parallel_size))
+    return CentralModel(
+        model,
+        build_gpt_model(
+            model, tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size
+        ),
+    )
 
 
 class TwistTrainer:
@@ -118,9 +124,16 @@ class TwistTrainer:
         self.local_plans = LocalPlans(model, twist, groups.tp_rank, tp, self.first_layer, self.num_local_layers)
         self.sampler, self.geometry = self.local_plans.sampler, self.local_plans.geometry
         self.central = central if central is not None else build_central(model, train.seed, tp, pp)
-        self.worker = SubnetWorker(model, twist, train, self.sampler.subnet_layer_sizes(), geometry=self.geometry,
-                                   tensor_parallel_size=tp, pipeline_parallel_size=pp,
-                                   parallel=step_parallelism(groups))
+        self.worker = SubnetWorker(
+            model,
+            twist,
+            train,
+            self.sampler.subnet_layer_sizes(),
+            geometry=self.geometry,
+            tensor_parallel_size=tp,
+            pipeline_parallel_size=pp,
+            parallel=step_parallelism(groups),
+        )
         self.device = next(self.central.module.parameters()).device
         self.round = ReplicatedRound(self.local_plans, self.central, twist, groups.aggregation_group)
         self.aggregator, self.fields = self.round.aggregator, self.round.fields
@@ -152,8 +165,9 @@ class TwistTrainer:
         pp_group = parallel_state.get_pipeline_model_parallel_group() if g.pp_size > 1 else None
 
         def gather(tensors):
-            return gather_full_state(tensors, self.model_config, g.tp_rank, g.tp_size, self.first_layer,
-                                     tp_group, pp_group)
+            return gather_full_state(
+                tensors, self.model_config, g.tp_rank, g.tp_size, self.first_layer, tp_group, pp_group
+            )
 
         return gather(self.central.params), {m: gather(t) for m, t in self.central.moments.items()}
 
@@ -189,7 +203,7 @@ class TwistTrainer:
                     # replica averaging), so they all leave the loop here together: no collective
                     # inside a step is left unmatched.
                     bad_at[s] = bad_at[s] or first + t + 1
-                    losses[s, t + 1:] = math.nan
+                    losses[s, t + 1 :] = math.nan
                     break
             if not bad_at[s]:
                 self.round.contribute(self.worker, s)
@@ -199,13 +213,17 @@ class TwistTrainer:
             # Each rank filled in only its own subnets' losses; a sum completes the table.
             dist.all_reduce(losses, group=self.groups.aggregation_group)
         seconds = time.perf_counter() - t0
-        tokens = (steps * twist.num_subnets * self.groups.layout.replicas * self.train.micro_batch_size
-                  * self.model_config.seq_length)
+        tokens = (
+            steps
+            * twist.num_subnets
+            * self.groups.layout.replicas
+            * self.train.micro_batch_size
+            * self.model_config.seq_length
+        )
         dense_dp = 0
         if self.groups.dp_size > 1:  # dense DP all-reduces this rank's gradient shard at every step
             dense_dp = steps * sum(p.numel() * p.element_size() for p in central.params.values())
-        return RoundRecord(central.round - 1, first, steps, losses.tolist(), seconds, tokens,
-                           moved, dense_dp, excluded)
+        return RoundRecord(central.round - 1, first, steps, losses.tolist(), seconds, tokens, moved, dense_dp, excluded)
 
     def _agree_on_nonfinite(self, bad_at: torch.Tensor, round_index: int) -> List[int]:
         """Every rank learns which subnets went non-finite (MAX over all ranks), applies the policy,
@@ -218,16 +236,22 @@ class TwistTrainer:
         where = ", ".join(f"subnet {s} at step {int(bad_at[s]) - 1}" for s in excluded)
         policy = self.train.nonfinite_policy
         if policy == "stop" or len(excluded) == self.twist.num_subnets:
-            why = ("--nonfinite-policy stop" if policy == "stop"
-                   else "every subnet of the round is non-finite, nothing is left to aggregate")
+            why = (
+                "--nonfinite-policy stop"
+                if policy == "stop"
+                else "every subnet of the round is non-finite, nothing is left to aggregate"
+            )
             raise NonFiniteError(
                 f"non-finite loss or gradient in round {round_index} ({where}); {why}. The central model is "
                 f"left as it was before this round (step {self.central.step}). Resume from the latest checkpoint "
                 "(--load SAVE_DIR), e.g. with a lower --lr or a smaller --clip-grad"
-                + ("" if policy == "skip" else ", or use --nonfinite-policy skip to leave such subnets out"))
+                + ("" if policy == "skip" else ", or use --nonfinite-policy skip to leave such subnets out")
+            )
         self.round.drop(excluded)
-        self.log(f"[twist] round {round_index}: non-finite loss or gradient ({where}); left out of the "
-                 f"aggregation (--nonfinite-policy skip): {len(excluded)} of {self.twist.num_subnets} subnets")
+        self.log(
+            f"[twist] round {round_index}: non-finite loss or gradient ({where}); left out of the "
+            f"aggregation (--nonfinite-policy skip): {len(excluded)} of {self.twist.num_subnets} subnets"
+        )
         return excluded
 
     def run(self, on_round_end: Optional[Callable[[RoundRecord], None]] = None) -> TrainResult:
@@ -243,8 +267,9 @@ class TwistTrainer:
                 self.checkpointer.on_round_end(self.central, self.full_central_state)  # collective
             if on_round_end is not None:
                 on_round_end(rec)
-            if (rec.round + 1) % max(1, self.train.log_interval // self.twist.local_steps) == 0 or \
-                    self.central.step >= stop_at:
+            if (rec.round + 1) % max(
+                1, self.train.log_interval // self.twist.local_steps
+            ) == 0 or self.central.step >= stop_at:
                 per_subnet = " ".join(f"{sum(r) / len(r):.3f}" for r in rec.losses)
                 self.log(
                     f"[twist] round {rec.round + 1}/{total_rounds} step {self.central.step}/{self.train.train_iters} "
@@ -257,9 +282,16 @@ class TwistTrainer:
         if self.checkpointer is not None:
             self.checkpointer.finish(self.central, self.full_central_state)  # collective
         if self.metrics is not None and self.groups.is_logging_rank:
-            self.metrics.write({"rounds": [r.__dict__ for r in result.rounds], "loss_curve": result.loss_curve(),
-                                "model": self.model_config.to_dict(), "twist": self.twist.to_dict(),
-                                "train": self.train.to_dict(), "world_size": self.groups.world_size})
+            self.metrics.write(
+                {
+                    "rounds": [r.__dict__ for r in result.rounds],
+                    "loss_curve": result.loss_curve(),
+                    "model": self.model_config.to_dict(),
+                    "twist": self.twist.to_dict(),
+                    "train": self.train.to_dict(),
+                    "world_size": self.groups.world_size,
+                }
+            )
         return result
 
 
@@ -278,8 +310,9 @@ def step_parallelism(groups: TwistGroups) -> StepParallelism:
         pipeline_group = parallel_state.get_pipeline_model_parallel_group()
         norm_groups.append(pipeline_group)
         last = parallel_state.get_pipeline_model_parallel_last_rank()
-    return StepParallelism(subnet_group=replicas, norm_groups=tuple(norm_groups),
-                           pipeline_group=pipeline_group, pipeline_last_rank=last)
+    return StepParallelism(
+        subnet_group=replicas, norm_groups=tuple(norm_groups), pipeline_group=pipeline_group, pipeline_last_rank=last
+    )
 
 
 def train_dense(model: ModelConfig, train: TrainConfig, batches: BatchSource, log: Callable[[str], None] = print):

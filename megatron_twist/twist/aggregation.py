@@ -14,6 +14,7 @@ communication: every rank knows every subnet's plan (the sampler is
 deterministic). Summation into zeros makes a single-process run (subnets in
 turn) and a multi-rank run produce bit-identical sums for two subnets.
 """
+
 from __future__ import annotations
 
 from typing import Dict, Iterable, List, Optional, Sequence
@@ -29,8 +30,13 @@ from .slicing import holder_count, put_add, slice_for
 class RoundAggregator:
     """Accumulates subnets' tensors for several fields (weights, Adam moments)."""
 
-    def __init__(self, model: ModelConfig, shapes: Dict[str, torch.Size], fields: Sequence[str],
-                 device: Optional[torch.device] = None):
+    def __init__(
+        self,
+        model: ModelConfig,
+        shapes: Dict[str, torch.Size],
+        fields: Sequence[str],
+        device: Optional[torch.device] = None,
+    ):
         self.model = model
         self.shapes = dict(shapes)
         self.fields = tuple(fields)
@@ -41,7 +47,7 @@ class RoundAggregator:
         for field in self.fields:
             for name, shape in self.shapes.items():
                 n = shape.numel()
-                self.views[(field, name)] = self.flat[offset: offset + n].view(shape)
+                self.views[(field, name)] = self.flat[offset : offset + n].view(shape)
                 offset += n
         self.plans: List[SubnetPlan] = []
         self.counts: Dict[str, torch.Tensor] = {}
@@ -50,8 +56,9 @@ class RoundAggregator:
     def begin_round(self, plans: Sequence[SubnetPlan]) -> None:
         self.flat.zero_()
         self.plans = list(plans)
-        self.counts = {n: holder_count(self.model, n, s, self.plans).to(self.flat.device)
-                       for n, s in self.shapes.items()}
+        self.counts = {
+            n: holder_count(self.model, n, s, self.plans).to(self.flat.device) for n, s in self.shapes.items()
+        }
 
     def drop_subnets(self, subnets: Iterable[int]) -> None:
         """Leave these subnets (indices into this round's plans) out of the average: holder counts are

@@ -4,6 +4,7 @@ Every data-parallel rank holds an identical copy of ITS tensor-parallel shard
 and pipeline stage of the central model (the whole model at TP = PP = 1). It
 changes only at aggregation, so ranks stay in lock-step without broadcasting it.
 """
+
 from __future__ import annotations
 
 from typing import Dict

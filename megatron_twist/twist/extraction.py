@@ -15,6 +15,7 @@ so the result stays GQA-valid and TP-balanced):
   "any subnet is a good ticket" reading of TwIST.
 Layers kept whole during training stay whole.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,7 +27,7 @@ from ..config import ConfigError, ModelConfig, TwistConfig
 from ..model.gpt import LayerSize, build_gpt_model
 from .hooks import correction_scales
 from .sampler import LayerUnits, SubnetPlan, SubnetSampler
-from .slicing import fc1_rows, proj_columns, qkv_rows, slice_for, take
+from .slicing import proj_columns, qkv_rows, slice_for, take
 
 
 def _unit_scores(model: ModelConfig, params: Dict[str, torch.Tensor], layer: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -35,24 +36,30 @@ def _unit_scores(model: ModelConfig, params: Dict[str, torch.Tensor], layer: int
     proj = params[pre + "self_attention.linear_proj.weight"].detach().float()
     fc1 = params[pre + "mlp.linear_fc1.weight"].detach().float()
     fc2 = params[pre + "mlp.linear_fc2.weight"].detach().float()
-    heads = torch.stack([
-        qkv[qkv_rows(model, [h])].norm() * proj[:, proj_columns(model, [h])].norm()
-        for h in range(model.num_attention_heads)
-    ])
+    heads = torch.stack(
+        [
+            qkv[qkv_rows(model, [h])].norm() * proj[:, proj_columns(model, [h])].norm()
+            for h in range(model.num_attention_heads)
+        ]
+    )
     row_norms_sq = fc1.pow(2).sum(dim=1)
     if model.gated_mlp:  # a neuron's gate row and up row together
-        row_norms_sq = row_norms_sq[: model.ffn_hidden_size] + row_norms_sq[model.ffn_hidden_size:]
+        row_norms_sq = row_norms_sq[: model.ffn_hidden_size] + row_norms_sq[model.ffn_hidden_size :]
     neurons = row_norms_sq.sqrt() * fc2.norm(dim=0)
     return heads, neurons
 
 
 def select_plan(
-    model: ModelConfig, twist: TwistConfig, params: Dict[str, torch.Tensor], keep_ratio: float, method: str = "magnitude"
+    model: ModelConfig,
+    twist: TwistConfig,
+    params: Dict[str, torch.Tensor],
+    keep_ratio: float,
+    method: str = "magnitude",
 ) -> SubnetPlan:
     """The subnet to cut at ``keep_ratio`` (which may differ from the training kappa)."""
     cut = dataclasses.replace(twist, keep_ratio=keep_ratio, num_subnets=1, coverage=False)
     try:
-        sampler = SubnetSampler(model, cut)
+        SubnetSampler(model, cut)  # refuses a keep ratio this model cannot be cut at
     except ConfigError as e:
         raise ConfigError(f"cannot cut at keep ratio {keep_ratio}: {e}") from None
     if method.startswith("random"):
@@ -60,12 +67,14 @@ def select_plan(
         return SubnetSampler(model, dataclasses.replace(cut, seed=int(seed or twist.seed))).sample(0)[0]
     if method != "magnitude":
         raise ConfigError(f"extraction method {method!r} is unknown; use 'magnitude' or 'random:SEED'")
-    return plan_from_scores(model, twist, keep_ratio,
-                            [_unit_scores(model, params, layer) for layer in range(model.num_layers)])
+    return plan_from_scores(
+        model, twist, keep_ratio, [_unit_scores(model, params, layer) for layer in range(model.num_layers)]
+    )
 
 
-def plan_from_scores(model: ModelConfig, twist: TwistConfig, keep_ratio: float,
-                     scores: List[Tuple[torch.Tensor, torch.Tensor]]) -> SubnetPlan:
+def plan_from_scores(
+    model: ModelConfig, twist: TwistConfig, keep_ratio: float, scores: List[Tuple[torch.Tensor, torch.Tensor]]
+) -> SubnetPlan:
     """Keep the best-scoring units per bucket: ``scores[layer] = (head scores, neuron scores)``.
 
     The buckets (KV groups, TP-balance blocks) and whole layers are the sampler's, so any score
@@ -97,7 +106,9 @@ def _top_per_bucket(scores: torch.Tensor, buckets, keep_ratio: float) -> List[in
 
 
 @torch.no_grad()
-def cut_state(model: ModelConfig, twist: TwistConfig, params: Dict[str, torch.Tensor], plan: SubnetPlan) -> Dict[str, torch.Tensor]:
+def cut_state(
+    model: ModelConfig, twist: TwistConfig, params: Dict[str, torch.Tensor], plan: SubnetPlan
+) -> Dict[str, torch.Tensor]:
     """Sliced central weights with the correction scale folded into the projections."""
     out = {}
     scales = correction_scales(model, twist, plan)

@@ -17,6 +17,7 @@ Megatron is modified; removing the hooks restores the plain model.
   zeroed (and the same correction scale on the kept ones) computes exactly
   what the materialized subnet computes. Tests use it to check slicing.
 """
+
 from __future__ import annotations
 
 from typing import List, Tuple
@@ -31,10 +32,7 @@ def correction_scales(model: ModelConfig, twist: TwistConfig, plan: SubnetPlan) 
     """Per layer (attention scale, MLP scale) applied to a subnet's summed unit outputs."""
     if twist.correction == "none":
         return [(1.0, 1.0)] * model.num_layers
-    return [
-        (model.num_attention_heads / len(lu.heads), model.ffn_hidden_size / len(lu.neurons))
-        for lu in plan.layers
-    ]
+    return [(model.num_attention_heads / len(lu.heads), model.ffn_hidden_size / len(lu.neurons)) for lu in plan.layers]
 
 
 def _scale_input_hook(scale):

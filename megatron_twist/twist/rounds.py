@@ -15,6 +15,7 @@ unless said otherwise:
 * ``RoundClock``: when a host loop's iteration closes a round and opens the
   next. ``twist train`` runs whole rounds itself and needs no clock.
 """
+
 from __future__ import annotations
 
 from typing import List, Optional, Protocol, Sequence, Tuple
@@ -39,8 +40,15 @@ class LocalPlans:
     Every rank draws every subnet's plan: aggregation's holder counts need them all, and the
     sampler is deterministic, so no rank has to tell another."""
 
-    def __init__(self, model: ModelConfig, twist: TwistConfig, tp_rank: int = 0, tp_size: int = 1,
-                 first_layer: int = 0, num_layers: Optional[int] = None):
+    def __init__(
+        self,
+        model: ModelConfig,
+        twist: TwistConfig,
+        tp_rank: int = 0,
+        tp_size: int = 1,
+        first_layer: int = 0,
+        num_layers: Optional[int] = None,
+    ):
         self.model, self.tp_rank, self.tp_size = model, tp_rank, tp_size
         self.first_layer, self.num_layers = first_layer, num_layers
         self.sampler = SubnetSampler(model, twist, tp_size)

@@ -16,6 +16,7 @@ Properties (tested in tests/twist/test_sampler.py):
 * grouped-query validity: with GQA every KV group is kept and the same number
   of query heads is kept inside each group, which is a valid Llama-style config.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -11,6 +11,7 @@ shard's geometry and the plan in shard-local indices - which is what this
 module computes. The sampler guarantees every shard keeps the same number of
 its own units, so all shards of a subnet have one shape.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -19,8 +20,9 @@ from ..config import ModelConfig
 from .sampler import LayerUnits, SubnetPlan
 
 
-def local_model_view(model: ModelConfig, tensor_parallel_size: int, first_layer: int = 0,
-                     num_layers: int = None) -> ModelConfig:
+def local_model_view(
+    model: ModelConfig, tensor_parallel_size: int, first_layer: int = 0, num_layers: int = None
+) -> ModelConfig:
     """The geometry of one TP shard / PP stage, as a ModelConfig of per-shard sizes."""
     tp = tensor_parallel_size
     return dataclasses.replace(
@@ -33,8 +35,14 @@ def local_model_view(model: ModelConfig, tensor_parallel_size: int, first_layer:
     )
 
 
-def local_plan(plan: SubnetPlan, model: ModelConfig, tp_rank: int, tensor_parallel_size: int,
-               first_layer: int = 0, num_layers: int = None) -> SubnetPlan:
+def local_plan(
+    plan: SubnetPlan,
+    model: ModelConfig,
+    tp_rank: int,
+    tensor_parallel_size: int,
+    first_layer: int = 0,
+    num_layers: int = None,
+) -> SubnetPlan:
     """``plan`` restricted to one TP shard and PP stage, in shard-local indices."""
     tp = tensor_parallel_size
     heads_per_shard = model.num_attention_heads // tp

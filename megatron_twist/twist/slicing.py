@@ -15,6 +15,7 @@ Layouts (Megatron-core local spec, tensor parallel size 1):
   a neuron's gate and up rows move together.
 * ``linear_fc2`` columns: one per neuron.
 """
+
 from __future__ import annotations
 
 import re
@@ -129,7 +130,7 @@ def central_flat_index(spec: SliceSpec, central_shape: torch.Size, start: int, n
         return k
     dim, index = spec
     inner = 1
-    for size in central_shape[dim + 1:]:
+    for size in central_shape[dim + 1 :]:
         inner *= size
     kept = len(index)
     outer, coord, rem = k // (kept * inner), (k // inner) % kept, k % inner
@@ -146,7 +147,7 @@ def holder_count_at(model: ModelConfig, name: str, shape: torch.Size, plans, pos
     else:
         dim = next(d for d, s in enumerate(counts.shape) if s != 1)
         inner = 1
-        for size in shape[dim + 1:]:
+        for size in shape[dim + 1 :]:
             inner *= size
         out = counts.reshape(-1)[(positions.clamp(max=numel - 1) // inner) % shape[dim]]
     return torch.where(valid, out, torch.zeros_like(out))

@@ -12,6 +12,7 @@ training step but not TwIST's round boundary:
   its optimizer and LR schedule, and takes training steps. A rank that trains
   several subnets in turn reuses the same model and optimizer.
 """
+
 from __future__ import annotations
 
 from typing import Dict
@@ -35,8 +36,9 @@ class SubnetState:
     twist/sharding.py; plans are in its local indices.
     """
 
-    def __init__(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, geometry: ModelConfig,
-                 twist: TwistConfig):
+    def __init__(
+        self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, geometry: ModelConfig, twist: TwistConfig
+    ):
         self.module, self.optimizer, self.geometry, self.twist = module, optimizer, geometry, twist
         self.plan: SubnetPlan = None
         self.hooks = CorrectionHooks(module, geometry, twist)
@@ -70,15 +72,24 @@ class SubnetWorker:
     """``model`` and ``layer_sizes`` are global (what to build); ``geometry`` is this rank's
     TP shard / PP stage of the central model (how to slice), see twist/sharding.py."""
 
-    def __init__(self, model: ModelConfig, twist: TwistConfig, train: TrainConfig, layer_sizes,
-                 geometry: ModelConfig = None, tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
-                 parallel: StepParallelism = None):
+    def __init__(
+        self,
+        model: ModelConfig,
+        twist: TwistConfig,
+        train: TrainConfig,
+        layer_sizes,
+        geometry: ModelConfig = None,
+        tensor_parallel_size: int = 1,
+        pipeline_parallel_size: int = 1,
+        parallel: StepParallelism = None,
+    ):
         self.model_config = geometry or model
         self.twist = twist
         self.train = train
         self.parallel = parallel
-        self.module = build_gpt_model(model, layer_sizes, tensor_parallel_size=tensor_parallel_size,
-                                      pipeline_parallel_size=pipeline_parallel_size)
+        self.module = build_gpt_model(
+            model, layer_sizes, tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size
+        )
         self.optimizer = build_optimizer(self.module, train)
         self.scheduler = build_scheduler(self.optimizer, train)
         self.state = SubnetState(self.module, self.optimizer, self.model_config, twist)
@@ -94,8 +105,16 @@ class SubnetWorker:
     def step(self, batch: Dict[str, torch.Tensor], global_step: int) -> float:
         """One optimizer step; returns the loss, and leaves the gradient norm in ``last_grad_norm``."""
         stats = {}
-        loss = train_step(self.module, self.optimizer, self.scheduler, batch, global_step, self.train.clip_grad,
-                          self.parallel, stats=stats)
+        loss = train_step(
+            self.module,
+            self.optimizer,
+            self.scheduler,
+            batch,
+            global_step,
+            self.train.clip_grad,
+            self.parallel,
+            stats=stats,
+        )
         self.last_grad_norm = stats["grad_norm"]
         return loss
 

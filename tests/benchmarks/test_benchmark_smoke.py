@@ -3,6 +3,7 @@
 The full runs and their measured output are in docs/RESULTS.md; here the scripts run end to end on a
 tiny model and what they report must be self-consistent.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,8 +30,11 @@ def test_quality_benchmark_smoke(tmp_path, launch):
     # same sizes compared: the cut model and the small dense model have the same parameter count
     assert cut["parameters"] == small["parameters"] == result["b_dense_magnitude"]["0.5"]["parameters"]
     assert cut["parameters"] < result["e_dense_full"]["parameters"]
-    assert all(math.isfinite(v["perplexity"]) for k in ("a_twist_cut", "b_dense_magnitude", "c_dense_activation",
-                                                        "d_small_from_scratch") for v in result[k].values())
+    assert all(
+        math.isfinite(v["perplexity"])
+        for k in ("a_twist_cut", "b_dense_magnitude", "c_dense_activation", "d_small_from_scratch")
+        for v in result[k].values()
+    )
     assert len(result["golden_ticket"]["twist"]) == 2
     assert (tmp_path / "quality.png").is_file() and "(a) TwIST cut" in proc.stdout
 

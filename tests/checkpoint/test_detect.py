@@ -1,5 +1,6 @@
 """A path means the checkpoint a user expects, whatever layout this project wrote (issue #14):
 a checkpoint, a save directory's latest, a DeepSpeed save directory's central model."""
+
 from __future__ import annotations
 
 import pytest
@@ -33,8 +34,11 @@ def test_locate_every_layout(tmp_path):
 def test_a_path_holding_no_checkpoint_is_refused_naming_what_to_pass(tmp_path):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("x")
-    with pytest.raises(CheckpointError, match=r"mine/meta.json is missing: .* \(it holds \['notes.txt'\]\); pass the "
-                                              r"directory `twist train --save`"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"mine/meta.json is missing: .* \(it holds \['notes.txt'\]\); pass the "
+        r"directory `twist train --save`",
+    ):
         detect.locate(tmp_path / "mine")
     with pytest.raises(CheckpointError, match="does not exist"):
         detect.locate(tmp_path / "missing")
@@ -51,6 +55,7 @@ def test_model_readers_follow_the_layouts(mcore, tmp_path):
     (tmp_path / "ds" / "engine").mkdir(parents=True)
     save_central(str(tmp_path / "ds" / "central"), central, TwistConfig(), TrainConfig())
     meta, weights, _ = read_central(str(tmp_path / "ds"))
-    assert meta["step"] == 9 and torch.equal(weights["embedding.word_embeddings.weight"],
-                                             central.params["embedding.word_embeddings.weight"])
+    assert meta["step"] == 9 and torch.equal(
+        weights["embedding.word_embeddings.weight"], central.params["embedding.word_embeddings.weight"]
+    )
     assert detect.read_central_meta(tmp_path / "ds")[0]["step"] == 9

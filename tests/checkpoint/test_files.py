@@ -1,8 +1,8 @@
 """Checkpoints: atomic writes, safe loads, corrupt and mismatched files refused."""
+
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch

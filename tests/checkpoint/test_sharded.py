@@ -3,18 +3,19 @@
 Multi-rank saving, resharding 2 -> 1 and a corrupt shard are covered by the DeepSpeed resume test
 (tests/integrations/test_deepspeed_engine.py); these cover atomicity and refusals.
 """
+
 from __future__ import annotations
 
 import pytest
 import torch
 
-from megatron_twist.checkpoint.files import CheckpointError
-from megatron_twist.config import MODEL_PRESETS, ModelConfig, TrainConfig, TwistConfig
 from megatron_twist.checkpoint import sharded as sharded_checkpoint
+from megatron_twist.checkpoint.files import CheckpointError
+from megatron_twist.checkpoint.models import read_central
 from megatron_twist.checkpoint.sharded import load_sharded, save_sharded
+from megatron_twist.config import MODEL_PRESETS, ModelConfig, TrainConfig, TwistConfig
 from megatron_twist.distributed.sharded_central import ShardedCentral
 from megatron_twist.model.gpt import build_gpt_model
-from megatron_twist.checkpoint.models import read_central
 
 MODEL = ModelConfig(**MODEL_PRESETS["tiny"])
 TWIST, TRAIN = TwistConfig(), TrainConfig()

@@ -16,6 +16,7 @@ shard of a full tensor is cut with the formula Megatron's CPU init uses
 parameter's ``partition_dim``, take every tp-th chunk from the rank), which for
 the SwiGLU fc1 weight gives [gate_r; up_r].
 """
+
 from __future__ import annotations
 
 import json
@@ -89,7 +90,8 @@ def make_central(preset: str, seed: int, step: int, round_: int):
             p.add_(0.05 * local_slice(p, full_random(name, shape, f"w{seed}"), rank, tp))
             central.moments["exp_avg"][name].copy_(local_slice(p, full_random(name, shape, f"m{seed}"), rank, tp))
             central.moments["exp_avg_sq"][name].copy_(
-                local_slice(p, full_random(name, shape, f"v{seed}").abs(), rank, tp))
+                local_slice(p, full_random(name, shape, f"v{seed}").abs(), rank, tp)
+            )
     central.step, central.round = step, round_
     return central
 
@@ -199,7 +201,8 @@ def phase_save_tp2(out: Path) -> dict:
     try:
         newer = make_central("tiny", SEED + 1, step=999, round_=99)
         res["crash_raised_on_every_rank"] = expect_error(
-            lambda: dc.save_central_dist(out / "llama", newer, twist, train), "simulated crash")
+            lambda: dc.save_central_dist(out / "llama", newer, twist, train), "simulated crash"
+        )
     finally:
         dc.publish_checkpoint = real
     res["temp_dir_left_by_crash"] = dc.temporary_path((out / "llama").resolve()).is_dir()
@@ -217,25 +220,28 @@ def phase_save_tp2(out: Path) -> dict:
         filesystem_async._write_item = failing_write_item
     try:
         res["one_rank_write_failure_raised_on_every_rank"] = expect_error(
-            lambda: dc.save_central_dist(out / "llama", newer, twist, train), "writing the distributed checkpoint")
+            lambda: dc.save_central_dist(out / "llama", newer, twist, train), "writing the distributed checkpoint"
+        )
     finally:
         filesystem_async._write_item = real_write_item
     # extra state must be JSON-able, refused before anything is written
     res["non_json_extra_refused"] = expect_error(
-        lambda: dc.save_central_dist(out / "bad", central, twist, train, extra={"t": torch.zeros(1)}),
-        "JSON")
+        lambda: dc.save_central_dist(out / "bad", central, twist, train, extra={"t": torch.zeros(1)}), "JSON"
+    )
     res["nothing_written_for_refused_save"] = not (out / "bad").exists()
     return res
 
 
 def phase_load_tp1(out: Path) -> dict:
     """TP=1, one process: load the TP=2 checkpoints and compare; refusals; save the TP=1 one."""
-    from megatron_twist.cpu_shim import seed_everything
     from megatron_twist.checkpoint import torch_dist as dc
+    from megatron_twist.cpu_shim import seed_everything
 
     res = {}
-    for preset, tag, step, round_, extra in (("tiny", "llama", 17, 5, {"note": "tp2", "list": [1, 2]}),
-                                             ("tiny-gpt2", "gpt2", 8, 4, {"note": "gpt2"})):
+    for preset, tag, step, round_, extra in (
+        ("tiny", "llama", 17, 5, {"note": "tp2", "list": [1, 2]}),
+        ("tiny-gpt2", "gpt2", 8, 4, {"note": "gpt2"}),
+    ):
         ref = make_central(preset, SEED, step=step, round_=round_)  # TP=1, same seed
         ref_logits = logits(ref, preset)
         seed_everything(OTHER_SEED)
@@ -243,34 +249,46 @@ def phase_load_tp1(out: Path) -> dict:
         res[f"{tag}/weights_and_moments_equal_tp1_build"] = compare_to_full(central, full_tensors(ref))
         saved_logits = torch.load(out / f"{tag}_logits.pt")
         got = logits(central, preset)
-        res[f"{tag}/logits_equal_tp2_logits"] = (torch.allclose(got, saved_logits, atol=1e-5, rtol=0)
-                                                 or f"max diff {(got - saved_logits).abs().max().item()}")
+        res[f"{tag}/logits_equal_tp2_logits"] = (
+            torch.allclose(got, saved_logits, atol=1e-5, rtol=0)
+            or f"max diff {(got - saved_logits).abs().max().item()}"
+        )
         # Megatron's CPU init is TP-invariant: the fresh TP=1 build computes the TP=2 model's function.
         res[f"{tag}/fresh_tp1_build_logits_equal_tp2_logits"] = (
             torch.allclose(ref_logits, saved_logits, atol=1e-5, rtol=0)
-            or f"max diff {(ref_logits - saved_logits).abs().max().item()}")
+            or f"max diff {(ref_logits - saved_logits).abs().max().item()}"
+        )
         res[f"{tag}/central_step_round"] = (central.step, central.round) == (step, round_)
         exp_twist, exp_train = _twist_train(tag)
         res[f"{tag}/configs_returned"] = (twist, train) == (exp_twist, exp_train) or f"{twist}, {train}"
-        res.update({f"{tag}/common/{k}": v for k, v in common_checks(common, preset, tag, step, round_, 2,
-                                                                       extra).items()})
+        res.update(
+            {f"{tag}/common/{k}": v for k, v in common_checks(common, preset, tag, step, round_, 2, extra).items()}
+        )
 
     # (d) refusals
     res["refuse_hidden_size"] = expect_error(
-        lambda: dc.load_central_dist(out / "llama", _cfg("tiny", hidden_size=128), 1), "hidden_size", "saved 64")
+        lambda: dc.load_central_dist(out / "llama", _cfg("tiny", hidden_size=128), 1), "hidden_size", "saved 64"
+    )
     res["refuse_ffn_and_vocab"] = expect_error(
         lambda: dc.load_central_dist(out / "llama", _cfg("tiny", ffn_hidden_size=256, vocab_size=1024), 1),
-        "ffn_hidden_size", "vocab_size")
+        "ffn_hidden_size",
+        "vocab_size",
+    )
     res["refuse_layers_heads_groups"] = expect_error(
-        lambda: dc.load_central_dist(out / "llama", _cfg("tiny", num_layers=3, num_attention_heads=8,
-                                                         num_query_groups=4), 1),
-        "num_layers", "num_attention_heads", "num_query_groups")
-    res["refuse_other_family"] = expect_error(
-        lambda: dc.load_central_dist(out / "gpt2", _cfg("tiny"), 1), "family")
+        lambda: dc.load_central_dist(
+            out / "llama", _cfg("tiny", num_layers=3, num_attention_heads=8, num_query_groups=4), 1
+        ),
+        "num_layers",
+        "num_attention_heads",
+        "num_query_groups",
+    )
+    res["refuse_other_family"] = expect_error(lambda: dc.load_central_dist(out / "gpt2", _cfg("tiny"), 1), "family")
     res["refuse_missing_dir"] = expect_error(
-        lambda: dc.load_central_dist(out / "nope", _cfg("tiny"), 1), "does not exist")
+        lambda: dc.load_central_dist(out / "nope", _cfg("tiny"), 1), "does not exist"
+    )
     res["refuse_plain_dir"] = expect_error(
-        lambda: dc.load_central_dist(out, _cfg("tiny"), 1), "not a Megatron distributed checkpoint")
+        lambda: dc.load_central_dist(out, _cfg("tiny"), 1), "not a Megatron distributed checkpoint"
+    )
     from megatron.core import dist_checkpointing
 
     from megatron_twist.checkpoint.models import save_central
@@ -280,16 +298,20 @@ def phase_load_tp1(out: Path) -> dict:
     save_central(str(out / "safetensors_ckpt"), ref, twist, train)
     res["refuse_safetensors_checkpoint"] = expect_error(
         lambda: dc.load_central_dist(out / "safetensors_ckpt", _cfg("tiny"), 1),
-        "not a Megatron distributed checkpoint", "load_central")
+        "not a Megatron distributed checkpoint",
+        "load_central",
+    )
     (out / "foreign").mkdir()
     with dc.in_process_write_results_queue():
         dist_checkpointing.save(ref.module.sharded_state_dict(), str(out / "foreign"))
     res["refuse_foreign_dist_checkpoint"] = expect_error(
-        lambda: dc.load_central_dist(out / "foreign", _cfg("tiny"), 1), "not a megatron-twist central checkpoint")
+        lambda: dc.load_central_dist(out / "foreign", _cfg("tiny"), 1), "not a megatron-twist central checkpoint"
+    )
     # interrupted between "move the old one aside" and "move the new one in": the error names the old one
     (out / "gpt2").rename(dc.old_path((out / "gpt2").resolve()))
     res["missing_dir_names_previous_checkpoint"] = expect_error(
-        lambda: dc.load_central_dist(out / "gpt2", _cfg("tiny-gpt2"), 1), "does not exist", ".gpt2.dist-old")
+        lambda: dc.load_central_dist(out / "gpt2", _cfg("tiny-gpt2"), 1), "does not exist", ".gpt2.dist-old"
+    )
 
     # (e) the crashed save left the previous checkpoint in place; the next save clears the temp dir
     common = dc.read_common(out / "llama")
@@ -312,8 +334,8 @@ def phase_load_tp1(out: Path) -> dict:
 
 def phase_load_tp2(out: Path) -> dict:
     """TP=2: load the TP=1 checkpoint; every rank's shards are the slices of the full tensors."""
-    from megatron_twist.cpu_shim import seed_everything
     from megatron_twist.checkpoint import torch_dist as dc
+    from megatron_twist.cpu_shim import seed_everything
 
     res = {}
     full = torch.load(out / "llama_tp1_full.pt")
@@ -325,13 +347,16 @@ def phase_load_tp2(out: Path) -> dict:
     res["local_shards_equal_slices"] = compare_to_full(central, full)
     saved_logits = torch.load(out / "llama_tp1_logits.pt")
     got = logits(central, "tiny")
-    res["logits_equal_tp1_logits"] = (torch.allclose(got, saved_logits, atol=1e-5, rtol=0)
-                                      or f"max diff {(got - saved_logits).abs().max().item()}")
+    res["logits_equal_tp1_logits"] = (
+        torch.allclose(got, saved_logits, atol=1e-5, rtol=0) or f"max diff {(got - saved_logits).abs().max().item()}"
+    )
     res["central_step_round"] = (central.step, central.round) == (30, 10)
-    res.update({f"common/{k}": v for k, v in
-                common_checks(common, "tiny", "llama_tp1", 30, 10, 1, {"from": "tp1"}).items()})
+    res.update(
+        {f"common/{k}": v for k, v in common_checks(common, "tiny", "llama_tp1", 30, 10, 1, {"from": "tp1"}).items()}
+    )
     res["refused_on_every_rank"] = expect_error(
-        lambda: dc.load_central_dist(out / "llama_tp1", _cfg("tiny", hidden_size=128), 2), "hidden_size")
+        lambda: dc.load_central_dist(out / "llama_tp1", _cfg("tiny", hidden_size=128), 2), "hidden_size"
+    )
 
     # TwIST's own layout: TP=1 with 2 data-parallel replicas, every rank holding the whole model
     from megatron.core import parallel_state
@@ -347,8 +372,9 @@ def phase_load_tp2(out: Path) -> dict:
     seed_everything(OTHER_SEED + 1)
     back, _, _, common2 = dc.load_central_dist(out / "llama_dp2", _cfg("tiny"), 1)
     res["dp2/save_load_round_trip"] = compare_to_full(back, full)
-    res["dp2/common"] = ((back.step, common2["tensor_parallel_size"], common2["world_size"]) == (31, 1, 2)
-                         or str(common2))
+    res["dp2/common"] = (back.step, common2["tensor_parallel_size"], common2["world_size"]) == (31, 1, 2) or str(
+        common2
+    )
 
     # pipeline parallelism: TP=1 x PP=2 (each rank one stage), load and save; then that checkpoint at TP=2
     parallel_state.destroy_model_parallel()
@@ -365,8 +391,11 @@ def phase_load_tp2(out: Path) -> dict:
     init_model_parallel(seed=OTHER_SEED, tensor_parallel_size=2)
     back, _, _, common3 = dc.load_central_dist(out / "llama_pp2", _cfg("tiny"), 2)
     res["pp2_to_tp2/local_shards_equal_slices"] = compare_to_full(back, full)
-    res["pp2_to_tp2/common"] = ((back.step, common3["tensor_parallel_size"], common3["pipeline_parallel_size"])
-                                == (32, 1, 2) or str(common3))
+    res["pp2_to_tp2/common"] = (back.step, common3["tensor_parallel_size"], common3["pipeline_parallel_size"]) == (
+        32,
+        1,
+        2,
+    ) or str(common3)
     return res
 
 

@@ -4,6 +4,7 @@ The corpus is a ~100 kB prefix of the stdlib train split (real Python code,
 so tokenizer behaviour on indentation is exercised) and the vocabulary is
 tiny, so tokenizer training takes well under a second.
 """
+
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,5 @@
 """The embedded stdlib corpus and user text/JSON-lines inputs."""
+
 from __future__ import annotations
 
 import json
@@ -16,7 +17,6 @@ from megatron_twist.data import (
     text_documents,
 )
 from megatron_twist.data.corpus import EXCLUDED_DIRS
-
 
 # ---------------------------------------------------------------- stdlib corpus
 

@@ -1,4 +1,5 @@
 """Megatron GPTDataset samples from a prepared directory, alone and on 2 gloo ranks."""
+
 from __future__ import annotations
 
 import os
@@ -59,7 +60,7 @@ def _is_window_of_packed_documents(window, docs, eod):
     first, middle, last = pieces[0], pieces[1:-1], pieces[-1]
     doc_set = {d.tobytes() for d in docs}
     return (
-        any(len(d) >= len(first) and numpy.array_equal(d[len(d) - len(first):], first) for d in docs)
+        any(len(d) >= len(first) and numpy.array_equal(d[len(d) - len(first) :], first) for d in docs)
         and all(p.tobytes() in doc_set for p in middle)
         and any(numpy.array_equal(d[: len(last)], last) for d in docs)
     )

@@ -1,4 +1,5 @@
 """Tokenizer training/wrapping and prepared-directory writing/reading."""
+
 from __future__ import annotations
 
 import hashlib
@@ -229,8 +230,8 @@ def test_hf_tokenizer_directory_that_is_not_one_is_refused(tmp_path, small_docs)
     (tmp_path / "not-a-tokenizer").mkdir()
     train, valid = small_docs
     with pytest.raises(DataError, match="is not a HuggingFace tokenizer directory"):
-        prepare_data(str(tmp_path / "out"), train, valid, hf_tokenizer=str(tmp_path / "not-a-tokenizer"),
-                     progress=False)
+        prepare_data(
+            str(tmp_path / "out"), train, valid, hf_tokenizer=str(tmp_path / "not-a-tokenizer"), progress=False
+        )
     with pytest.raises(DataError, match="exactly one of"):
-        prepare_data(str(tmp_path / "out"), train, valid, vocab_size=300, hf_tokenizer=str(tmp_path),
-                     progress=False)
+        prepare_data(str(tmp_path / "out"), train, valid, vocab_size=300, hf_tokenizer=str(tmp_path), progress=False)

@@ -4,6 +4,7 @@ Real launchers with 2 ranks on 127.0.0.1. mpirun ranks are discovered through mp
 job under mpirun and torchrun computes the same thing bit for bit; the deepspeed launcher runs
 the DeepSpeed engine path and matches TwIST without DeepSpeed to 1e-5.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,24 @@ from megatron_twist.config import ConfigError
 from megatron_twist.distributed.runtime import discover_launcher
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[2]
-JOB = ["-m", "megatron_twist", "train", "--model-preset", "tiny", "--mock-data", "--train-iters", "8",
-       "--local-steps", "4", "--micro-batch-size", "2", "--num-subnets", "2", "--keep-ratio", "0.5"]
+JOB = [
+    "-m",
+    "megatron_twist",
+    "train",
+    "--model-preset",
+    "tiny",
+    "--mock-data",
+    "--train-iters",
+    "8",
+    "--local-steps",
+    "4",
+    "--micro-batch-size",
+    "2",
+    "--num-subnets",
+    "2",
+    "--keep-ratio",
+    "0.5",
+]
 
 
 def _venv_tool(name: str) -> str:
@@ -30,8 +47,21 @@ def _venv_tool(name: str) -> str:
 @pytest.mark.multiprocess
 def test_mpirun_and_deepspeed_launchers(tmp_path, run_torchrun, launch):
     run_torchrun(2, [*JOB, "--metrics-file", tmp_path / "torchrun.json"])
-    mpi = launch([_venv_tool("mpirun"), "-n", "2", "-genv", "MASTER_ADDR", "127.0.0.1", sys.executable,
-                             *JOB, "--metrics-file", tmp_path / "mpirun.json"], timeout=240)
+    mpi = launch(
+        [
+            _venv_tool("mpirun"),
+            "-n",
+            "2",
+            "-genv",
+            "MASTER_ADDR",
+            "127.0.0.1",
+            sys.executable,
+            *JOB,
+            "--metrics-file",
+            tmp_path / "mpirun.json",
+        ],
+        timeout=240,
+    )
     assert mpi.returncode == 0, mpi.stderr[-3000:]
     ref = json.loads((tmp_path / "torchrun.json").read_text())
     got = json.loads((tmp_path / "mpirun.json").read_text())
@@ -40,12 +70,29 @@ def test_mpirun_and_deepspeed_launchers(tmp_path, run_torchrun, launch):
     # the deepspeed launcher, with --num_gpus and with a hostfile (`localhost slots=2`, no ssh)
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("localhost slots=2\n")
-    for name, placement in (("num_gpus", ["--num_gpus", "2"]),
-                            ("hostfile", ["--hostfile", str(hostfile), "--no_ssh_check"])):
-        ds = launch([_venv_tool("deepspeed"), *placement, "--master_addr", "127.0.0.1",
-                     "--master_port", str(launch.free_port()), "--no_local_rank", "--module", *JOB[1:],
-                     "--deepspeed", "--deepspeed_config", REPO / "ds_configs" / "cpu_zero1.json",
-                     "--metrics-file", tmp_path / f"deepspeed-{name}.json"], timeout=300)
+    for name, placement in (
+        ("num_gpus", ["--num_gpus", "2"]),
+        ("hostfile", ["--hostfile", str(hostfile), "--no_ssh_check"]),
+    ):
+        ds = launch(
+            [
+                _venv_tool("deepspeed"),
+                *placement,
+                "--master_addr",
+                "127.0.0.1",
+                "--master_port",
+                str(launch.free_port()),
+                "--no_local_rank",
+                "--module",
+                *JOB[1:],
+                "--deepspeed",
+                "--deepspeed_config",
+                REPO / "ds_configs" / "cpu_zero1.json",
+                "--metrics-file",
+                tmp_path / f"deepspeed-{name}.json",
+            ],
+            timeout=300,
+        )
         assert ds.returncode == 0, ds.stderr[-3000:]
         per_rank = json.loads((tmp_path / f"deepspeed-{name}.json").read_text())["losses_per_rank"]
         assert len(per_rank) == 2

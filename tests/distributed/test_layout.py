@@ -1,4 +1,5 @@
 """Parallel layouts are validated before any process group exists (pure checks, no processes)."""
+
 from __future__ import annotations
 
 import pytest
@@ -8,25 +9,31 @@ from megatron_twist.distributed.runtime import ParallelLayout
 from megatron_twist.training.twist_trainer import check_model_layout
 
 
-@pytest.mark.parametrize("world,subnets,tp,pp,replicas,per_rank", [
-    (8, 2, 2, 1, 2, 1),   # TP=2, DP=4 = 2 subnets x 2 replicas
-    (4, 2, 2, 1, 1, 1),   # TP=2 x 2 subnets
-    (4, 2, 1, 2, 1, 1),   # PP=2 x 2 subnets
-    (2, 4, 1, 1, 1, 2),   # 2 ranks take 4 subnets in turn
-    (16, 4, 2, 2, 1, 1),
-])
+@pytest.mark.parametrize(
+    "world,subnets,tp,pp,replicas,per_rank",
+    [
+        (8, 2, 2, 1, 2, 1),  # TP=2, DP=4 = 2 subnets x 2 replicas
+        (4, 2, 2, 1, 1, 1),  # TP=2 x 2 subnets
+        (4, 2, 1, 2, 1, 1),  # PP=2 x 2 subnets
+        (2, 4, 1, 1, 1, 2),  # 2 ranks take 4 subnets in turn
+        (16, 4, 2, 2, 1, 1),
+    ],
+)
 def test_valid_layouts(world, subnets, tp, pp, replicas, per_rank):
     layout = ParallelLayout.for_world(world, subnets, tp, pp)
     assert layout.data_parallel * tp * pp == world
     assert layout.replicas == replicas and layout.subnets_per_rank == per_rank
 
 
-@pytest.mark.parametrize("world,subnets,tp,pp,match", [
-    (6, 2, 4, 1, "do not divide into tensor parallel 4 x pipeline parallel 1"),
-    (6, 4, 1, 1, "6 data-parallel ranks do not divide into 4 subnets"),
-    (4, 3, 2, 1, "--num-subnets 3 does not divide over 2 data-parallel ranks"),
-    (4, 2, 0, 1, "must be at least 1"),
-])
+@pytest.mark.parametrize(
+    "world,subnets,tp,pp,match",
+    [
+        (6, 2, 4, 1, "do not divide into tensor parallel 4 x pipeline parallel 1"),
+        (6, 4, 1, 1, "6 data-parallel ranks do not divide into 4 subnets"),
+        (4, 3, 2, 1, "--num-subnets 3 does not divide over 2 data-parallel ranks"),
+        (4, 2, 0, 1, "must be at least 1"),
+    ],
+)
 def test_bad_layouts(world, subnets, tp, pp, match):
     with pytest.raises(ConfigError, match=match):
         ParallelLayout.for_world(world, subnets, tp, pp)

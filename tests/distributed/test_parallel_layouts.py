@@ -14,6 +14,7 @@ and <= 1e-5 on weights after 8 steps. Adam divides by sqrt(second moment), which
 can turn a rounding-level gradient difference on a parameter with a tiny
 gradient into a larger weight difference, hence 1e-4 rather than 1e-6.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,8 +26,19 @@ from safetensors.torch import load_file
 from megatron_twist.config import ModelConfig, TwistConfig
 from megatron_twist.twist.extraction import cut_state, select_plan
 
-BASE = ["--mock-data", "--micro-batch-size", "2", "--local-steps", "4", "--num-subnets", "2", "--keep-ratio", "0.5",
-        "--log-interval", "4"]
+BASE = [
+    "--mock-data",
+    "--micro-batch-size",
+    "2",
+    "--local-steps",
+    "4",
+    "--num-subnets",
+    "2",
+    "--keep-ratio",
+    "0.5",
+    "--log-interval",
+    "4",
+]
 LAYOUTS = {
     "tp2": (2, ["--tensor-model-parallel-size", "2"]),
     "pp2": (2, ["--pipeline-model-parallel-size", "2"]),
@@ -39,10 +51,38 @@ LAYOUTS = {
 def reference(tmp_path_factory, run_twist):
     """A 16-step run stopped at step 8 (balance shards 2), and its single-process continuation to 16."""
     root = tmp_path_factory.mktemp("layouts")
-    run_twist(["train", "--model-preset", "tiny", *BASE, "--train-iters", "16", "--exit-interval", "8",
-               "--twist-balance-shards", "2", "--save", root / "init"])
-    run_twist(["train", "--model-preset", "tiny", *BASE, "--train-iters", "16", "--load", root / "init",
-               "--save", root / "ref", "--metrics-file", root / "ref.json"])
+    run_twist(
+        [
+            "train",
+            "--model-preset",
+            "tiny",
+            *BASE,
+            "--train-iters",
+            "16",
+            "--exit-interval",
+            "8",
+            "--twist-balance-shards",
+            "2",
+            "--save",
+            root / "init",
+        ]
+    )
+    run_twist(
+        [
+            "train",
+            "--model-preset",
+            "tiny",
+            *BASE,
+            "--train-iters",
+            "16",
+            "--load",
+            root / "init",
+            "--save",
+            root / "ref",
+            "--metrics-file",
+            root / "ref.json",
+        ]
+    )
     return root
 
 
@@ -73,9 +113,27 @@ def _compare_to_reference(root, name):
 
 def _run_layout(reference, run_torchrun, name):
     nproc, flags = LAYOUTS[name]
-    return run_torchrun(nproc, ["-m", "megatron_twist", "train", "--model-preset", "tiny", *BASE, *flags,
-                                "--train-iters", "16", "--load", reference / "init", "--save", reference / name,
-                                "--metrics-file", reference / f"{name}.json"], timeout=300)
+    return run_torchrun(
+        nproc,
+        [
+            "-m",
+            "megatron_twist",
+            "train",
+            "--model-preset",
+            "tiny",
+            *BASE,
+            *flags,
+            "--train-iters",
+            "16",
+            "--load",
+            reference / "init",
+            "--save",
+            reference / name,
+            "--metrics-file",
+            reference / f"{name}.json",
+        ],
+        timeout=300,
+    )
 
 
 @pytest.mark.multiprocess
@@ -99,8 +157,22 @@ def test_layout_matches_single_process_reference(reference, run_torchrun, name):
 @pytest.mark.multiprocess
 def test_resume_is_bitwise_identical_to_uninterrupted_run(reference, run_twist):
     """init (8 steps) + resume (8 steps) == one uninterrupted 16-step run, bit for bit."""
-    run_twist(["train", "--model-preset", "tiny", *BASE, "--train-iters", "16", "--twist-balance-shards", "2",
-               "--save", reference / "straight", "--metrics-file", reference / "straight.json"])
+    run_twist(
+        [
+            "train",
+            "--model-preset",
+            "tiny",
+            *BASE,
+            "--train-iters",
+            "16",
+            "--twist-balance-shards",
+            "2",
+            "--save",
+            reference / "straight",
+            "--metrics-file",
+            reference / "straight.json",
+        ]
+    )
     straight = json.loads((reference / "straight.json").read_text())["loss_curve"]
     resumed = json.loads((reference / "ref.json").read_text())["loss_curve"]
     assert straight[8:] == resumed
@@ -115,15 +187,48 @@ def test_resume_is_bitwise_identical_to_uninterrupted_run(reference, run_twist):
 def test_tp2_checkpoint_resumes_at_tp1_in_both_formats(reference, run_twist, run_torchrun):
     """A TP=2 run saved as Megatron dist_checkpointing (resharded on load) and as the gathered
     safetensors checkpoint both resume at TP=1, and continue identically."""
-    run_torchrun(2, ["-m", "megatron_twist", "train", "--model-preset", "tiny", *BASE, "--train-iters", "16",
-                     "--tensor-model-parallel-size", "2", "--load", reference / "init",
-                     "--ckpt-format", "torch_dist", "--save", reference / "tp2-dist"], timeout=300)
+    run_torchrun(
+        2,
+        [
+            "-m",
+            "megatron_twist",
+            "train",
+            "--model-preset",
+            "tiny",
+            *BASE,
+            "--train-iters",
+            "16",
+            "--tensor-model-parallel-size",
+            "2",
+            "--load",
+            reference / "init",
+            "--ckpt-format",
+            "torch_dist",
+            "--save",
+            reference / "tp2-dist",
+        ],
+        timeout=300,
+    )
     assert (reference / "tp2-dist" / "metadata.json").is_file()
     if not (reference / "tp2").is_dir():  # normally written by test_layout_matches_single_process_reference
         _run_layout(reference, run_torchrun, "tp2")
     for source in ("tp2", "tp2-dist"):
-        run_twist(["train", "--model-preset", "tiny", *BASE, "--train-iters", "20", "--load", reference / source,
-                   "--save", reference / f"{source}-then-tp1", "--metrics-file", reference / f"{source}-then-tp1.json"])
+        run_twist(
+            [
+                "train",
+                "--model-preset",
+                "tiny",
+                *BASE,
+                "--train-iters",
+                "20",
+                "--load",
+                reference / source,
+                "--save",
+                reference / f"{source}-then-tp1",
+                "--metrics-file",
+                reference / f"{source}-then-tp1.json",
+            ]
+        )
     a = json.loads((reference / "tp2-then-tp1.json").read_text())["loss_curve"]
     b = json.loads((reference / "tp2-dist-then-tp1.json").read_text())["loss_curve"]
     assert len(a) == 4 and a == b
@@ -136,8 +241,23 @@ def test_tp2_checkpoint_resumes_at_tp1_in_both_formats(reference, run_twist, run
 @pytest.mark.multiprocess
 def test_bad_layout_refused_under_torchrun(run_torchrun_raw):
     """2 data-parallel ranks cannot share 3 subnets: both ranks refuse before creating any group."""
-    proc = run_torchrun_raw(2, ["-m", "megatron_twist", "train", "--model-preset", "tiny", *BASE,
-                                "--train-iters", "4", "--num-subnets", "3", "--keep-ratio", "0.5"])
+    proc = run_torchrun_raw(
+        2,
+        [
+            "-m",
+            "megatron_twist",
+            "train",
+            "--model-preset",
+            "tiny",
+            *BASE,
+            "--train-iters",
+            "4",
+            "--num-subnets",
+            "3",
+            "--keep-ratio",
+            "0.5",
+        ],
+    )
     assert proc.returncode != 0
     assert proc.stderr.count("--num-subnets 3 does not divide over 2 data-parallel ranks") == 2
     assert "[twist] round" not in proc.stdout

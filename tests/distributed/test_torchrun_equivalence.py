@@ -4,6 +4,7 @@ Real processes, real gloo on 127.0.0.1, real Megatron parallel_state: the
 only thing that differs between the two runs is where each subnet is trained
 and that aggregation goes through an all-reduce.
 """
+
 from __future__ import annotations
 
 import json
@@ -12,15 +13,34 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-ARGS = ["train", "--model-preset", "tiny", "--mock-data", "--train-iters", "12", "--local-steps", "4",
-        "--micro-batch-size", "2", "--num-subnets", "2", "--keep-ratio", "0.5", "--log-interval", "4"]
+ARGS = [
+    "train",
+    "--model-preset",
+    "tiny",
+    "--mock-data",
+    "--train-iters",
+    "12",
+    "--local-steps",
+    "4",
+    "--micro-batch-size",
+    "2",
+    "--num-subnets",
+    "2",
+    "--keep-ratio",
+    "0.5",
+    "--log-interval",
+    "4",
+]
 
 
 @pytest.mark.multiprocess
 def test_two_ranks_equal_single_process(tmp_path, run_torchrun, run_twist):
     dist_dir, single_dir = tmp_path / "dist", tmp_path / "single"
-    proc = run_torchrun(2, ["-m", "megatron_twist", *ARGS, "--save", dist_dir / "ckpt",
-                            "--metrics-file", dist_dir / "metrics.json"], timeout=300)
+    proc = run_torchrun(
+        2,
+        ["-m", "megatron_twist", *ARGS, "--save", dist_dir / "ckpt", "--metrics-file", dist_dir / "metrics.json"],
+        timeout=300,
+    )
     assert "rank 0/2 trains subnets [0]" in proc.stdout
     run_twist([*ARGS, "--save", single_dir / "ckpt", "--metrics-file", single_dir / "metrics.json"])
 

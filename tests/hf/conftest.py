@@ -1,5 +1,6 @@
 """A prepared dataset whose vocabulary (512) is the tiny presets', so a model trained on it exports
 with its real sentencepiece tokenizer."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,5 @@
 """Bad HuggingFace input is refused with a clear error, before anything is written."""
+
 from __future__ import annotations
 
 import json
@@ -26,8 +27,9 @@ def test_not_a_checkpoint_and_unsupported_architecture(mcore, tmp_path):
         import_hf(str(tmp_path / "empty"), str(tmp_path / "out"))
     from transformers import BertConfig
 
-    BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-               intermediate_size=64).save_pretrained(str(tmp_path / "bert"))
+    BertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64
+    ).save_pretrained(str(tmp_path / "bert"))
     with pytest.raises(ConfigError, match="model_type 'bert' is not supported"):
         import_hf(str(tmp_path / "bert"), str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
@@ -82,13 +84,16 @@ def test_tokenizer_that_does_not_fit_the_model(mcore, tmp_path, hf_dir, prepared
     assert not (tmp_path / "bad").exists()
 
 
-@pytest.mark.parametrize("preset,twist,reason", [
-    ("tiny", TwistConfig(keep_ratio=0.5, whole_layers=(0,)), "layers differ in size"),
-    ("tiny-gpt2", TwistConfig(keep_ratio=0.5), "cannot be expressed as a HuggingFace GPT2Config"),
-])
+@pytest.mark.parametrize(
+    "preset,twist,reason",
+    [
+        ("tiny", TwistConfig(keep_ratio=0.5, whole_layers=(0,)), "layers differ in size"),
+        ("tiny-gpt2", TwistConfig(keep_ratio=0.5), "cannot be expressed as a HuggingFace GPT2Config"),
+    ],
+)
 def test_cut_models_a_hf_config_cannot_express_are_refused(mcore, tmp_path, prepared512, preset, twist, reason):
-    from megatron_twist.model.gpt import build_gpt_model
     from megatron_twist.checkpoint.models import save_extracted
+    from megatron_twist.model.gpt import build_gpt_model
     from megatron_twist.twist.extraction import cut_model, select_plan
 
     model = ModelConfig(**MODEL_PRESETS[preset])
@@ -105,8 +110,8 @@ def test_gpt2_with_only_mlp_cut_exports(mcore, tmp_path, prepared512):
     """The supported GPT-2 cut: neurons only (n_inner), all heads."""
     from transformers import AutoModelForCausalLM
 
-    from megatron_twist.model.gpt import build_gpt_model, gpt_forward
     from megatron_twist.checkpoint.models import save_extracted
+    from megatron_twist.model.gpt import build_gpt_model, gpt_forward
     from megatron_twist.twist.extraction import cut_model, select_plan
 
     model = ModelConfig(**MODEL_PRESETS["tiny-gpt2"])

@@ -1,4 +1,5 @@
 """HuggingFace import -> megatron-twist -> export: logits equal the original model's (1e-4)."""
+
 from __future__ import annotations
 
 import json
@@ -6,9 +7,9 @@ import json
 import pytest
 import torch
 
+from megatron_twist.checkpoint.models import load_model
 from megatron_twist.hf.io import export_hf, import_hf, load_hf_model
 from megatron_twist.model.gpt import gpt_forward
-from megatron_twist.checkpoint.models import load_model
 
 TOKENS = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(0))
 
@@ -16,17 +17,36 @@ TOKENS = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(
 def _llama_config():
     from transformers import LlamaConfig
 
-    return LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
-                       rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-                       tie_word_embeddings=False)
+    return LlamaConfig(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=64,
+        rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        tie_word_embeddings=False,
+    )
 
 
 def _gpt2_config():
     from transformers import GPT2Config
 
-    return GPT2Config(vocab_size=512, n_positions=64, n_embd=64, n_layer=2, n_head=4, n_inner=160,
-                      activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2Config(
+        vocab_size=512,
+        n_positions=64,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        n_inner=160,
+        activation_function="gelu_new",
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
 
 
 def _random_hf_model(config, path):
@@ -77,23 +97,54 @@ def test_twist_trained_cut_exports_with_reduced_sizes_and_same_perplexity(mcore,
     from megatron_twist.hf.io import hf_forward
 
     data = prepared512.data_dir
-    run_twist(["train", "--data-path", data, "--model-preset", "tiny", "--train-iters", "8", "--local-steps", "4",
-               "--num-subnets", "2", "--keep-ratio", "0.5", "--micro-batch-size", "4", "--save", tmp_path / "central"])
+    run_twist(
+        [
+            "train",
+            "--data-path",
+            data,
+            "--model-preset",
+            "tiny",
+            "--train-iters",
+            "8",
+            "--local-steps",
+            "4",
+            "--num-subnets",
+            "2",
+            "--keep-ratio",
+            "0.5",
+            "--micro-batch-size",
+            "4",
+            "--save",
+            tmp_path / "central",
+        ]
+    )
     from megatron_twist.checkpoint.models import load_central, save_extracted
     from megatron_twist.twist.extraction import cut_model, select_plan
 
     central, twist, _ = load_central(str(tmp_path / "central"))  # in-process: what `twist extract` does
     plan = select_plan(central.config, twist, central.params, 0.5)
     module, _ = cut_model(central.config, twist, central.params, plan)
-    save_extracted(str(tmp_path / "cut"), module, central.config, twist, plan, 0.5, "magnitude",
-                   source={"data": json.loads((tmp_path / "central" / "meta.json").read_text())["data"]})
+    save_extracted(
+        str(tmp_path / "cut"),
+        module,
+        central.config,
+        twist,
+        plan,
+        0.5,
+        "magnitude",
+        source={"data": json.loads((tmp_path / "central" / "meta.json").read_text())["data"]},
+    )
     run_twist(["export-hf", "--load", tmp_path / "cut", "--save", tmp_path / "hf-cut"])  # tokenizer from the data
     export_hf(str(tmp_path / "central"), str(tmp_path / "hf-central"))
 
     config = json.loads((tmp_path / "hf-cut" / "config.json").read_text())
     # tiny: 4 query heads in 2 KV groups, FFN 128; kappa 0.5 keeps 1 head per group and 64 neurons
-    assert (config["num_attention_heads"], config["num_key_value_heads"], config["intermediate_size"],
-            config["head_dim"]) == (2, 2, 64, 16)
+    assert (
+        config["num_attention_heads"],
+        config["num_key_value_heads"],
+        config["intermediate_size"],
+        config["head_dim"],
+    ) == (2, 2, 64, 16)
     cut, _ = load_model(str(tmp_path / "cut"))
     hf_cut = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf-cut"), local_files_only=True).eval()
     with torch.no_grad():
@@ -134,10 +185,22 @@ def test_imported_model_with_its_tokenizer_is_continued_by_twist_train(mcore, tm
     _random_hf_model(_llama_config(), tmp_path / "hf")
     export_tokenizer(f"{prepared512.data_dir}/tokenizer.model", str(tmp_path / "hf"), 512)
     text = tmp_path / "corpus.jsonl"  # one record per document, text in the "code" field
-    text.write_text("\n".join(json.dumps({"code": f"def f{i}(x):\n    return x * {i} + {i % 7}\n" * 3})
-                              for i in range(400)))
-    run_twist(["prepare-data", "--input", text, "--json-field", "code", "--hf-tokenizer", tmp_path / "hf",
-               "--output", tmp_path / "data"])
+    text.write_text(
+        "\n".join(json.dumps({"code": f"def f{i}(x):\n    return x * {i} + {i % 7}\n" * 3}) for i in range(400))
+    )
+    run_twist(
+        [
+            "prepare-data",
+            "--input",
+            text,
+            "--json-field",
+            "code",
+            "--hf-tokenizer",
+            tmp_path / "hf",
+            "--output",
+            tmp_path / "data",
+        ]
+    )
     manifest = json.loads((tmp_path / "data" / "manifest.json").read_text())
     assert manifest["tokenizer_file"] == "hf_tokenizer" and manifest["vocab_size"] == 512
     run_twist(["import-hf", tmp_path / "hf", "--save", tmp_path / "central"])
@@ -148,12 +211,36 @@ def test_imported_model_with_its_tokenizer_is_continued_by_twist_train(mcore, tm
     tokens = load_token_stream(str(tmp_path / "data"), "valid")
     imported, _ = load_model(str(tmp_path / "central"))
     hf_model, _ = load_hf_model(str(tmp_path / "hf"))
-    before = [perplexity(imported, tokens, 64)["perplexity"],
-              perplexity(hf_model, tokens, 64, forward=hf_forward)["perplexity"]]
+    before = [
+        perplexity(imported, tokens, 64)["perplexity"],
+        perplexity(hf_model, tokens, 64, forward=hf_forward)["perplexity"],
+    ]
     assert abs(before[0] - before[1]) <= 1e-4 * before[0]  # the import IS the HF model
-    out = run_twist(["train", "--load", tmp_path / "central", "--data-path", tmp_path / "data", "--train-iters", "12",
-                     "--local-steps", "4", "--num-subnets", "2", "--keep-ratio", "0.5", "--micro-batch-size", "4",
-                     "--lr", "3e-3", "--save", tmp_path / "trained", "--metrics-file", tmp_path / "m.json"])
+    out = run_twist(
+        [
+            "train",
+            "--load",
+            tmp_path / "central",
+            "--data-path",
+            tmp_path / "data",
+            "--train-iters",
+            "12",
+            "--local-steps",
+            "4",
+            "--num-subnets",
+            "2",
+            "--keep-ratio",
+            "0.5",
+            "--micro-batch-size",
+            "4",
+            "--lr",
+            "3e-3",
+            "--save",
+            tmp_path / "trained",
+            "--metrics-file",
+            tmp_path / "m.json",
+        ]
+    )
     assert "starting from the imported model" in out.stdout + out.stderr
     after = perplexity(load_model(str(tmp_path / "trained"))[0], tokens, 64)["perplexity"]
     assert after < before[0] / 2, (before, after)
@@ -173,12 +260,21 @@ def test_lm_eval_harness_on_an_exported_model_with_a_local_file(mcore, tmp_path,
     import_hf(str(tmp_path / "hf"), str(tmp_path / "central"))
     export_hf(str(tmp_path / "central"), str(tmp_path / "export"), tokenizer=prepared512.data_dir)
     text = __import__("pathlib").Path(json.__file__).read_text()
-    documents = [text[i * 50:(i + 1) * 50] for i in range(4)]
+    documents = [text[i * 50 : (i + 1) * 50] for i in range(4)]
     docs = tmp_path / "heldout.jsonl"
     docs.write_text("\n".join(json.dumps({"body": d}) for d in documents))
     repo = __import__("pathlib").Path(__file__).resolve().parents[2]
-    proc = launch(["bash", repo / "examples" / "lm_eval" / "run_lm_eval.sh", tmp_path / "export", docs,
-                   tmp_path / "results", "body"], timeout=300)
+    proc = launch(
+        [
+            "bash",
+            repo / "examples" / "lm_eval" / "run_lm_eval.sh",
+            tmp_path / "export",
+            docs,
+            tmp_path / "results",
+            "body",
+        ],
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = [json.loads(p.read_text()) for p in (tmp_path / "results").rglob("results*.json")]
     assert len(results) == 1 and results[0]["n-samples"]["twist_heldout"]["effective"] == 4

@@ -5,8 +5,8 @@ engine; writes OUT_DIR/zeroN/central.safetensors (rank 0) and OUT_DIR/zeroN/loss
 Also checks, on the real engine, that the units outside this rank's subnet cannot move during its
 local steps (they are not in its model or optimizer), and that every parameter's Adam state is linked.
 """
+
 import json
-import os
 import sys
 import warnings
 
@@ -18,9 +18,9 @@ import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from megatron_twist.config import MODEL_PRESETS, ModelConfig, TrainConfig  # noqa: E402
+from megatron_twist.data.batches import SyntheticBatches  # noqa: E402
 from megatron_twist.distributed.runtime import build_twist_groups, init_distributed, shutdown  # noqa: E402
 from megatron_twist.integrations.ds_config import twist_config_from_ds  # noqa: E402
-from megatron_twist.data.batches import SyntheticBatches  # noqa: E402
 from megatron_twist.training.deepspeed_trainer import train_with_deepspeed  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -42,10 +42,12 @@ for stage in sys.argv[2:]:  # "2" = ds_configs/cpu_zero2.json; "2bf16" = the sam
     for name, p in engine.module.named_parameters():  # every parameter's Adam state reachable
         if engine.zero_optimization_stage() > 0:
             from deepspeed.utils import safe_get_full_optimizer_state
+
             assert safe_get_full_optimizer_state(p, "exp_avg") is not None, name
     # The engine's optimizer holds exactly this subnet's units: units outside it have no optimizer
     # state on this rank, so they cannot move during its local steps (no frozen-parameter drift).
     from megatron_twist.model.gpt import count_parameters
+
     subnet_params = count_parameters(engine.module)
     assert subnet_params < central.num_parameters()
     # The central model is sharded over the ranks: this rank keeps ~1/W of every tensor, nothing more.

@@ -5,6 +5,7 @@
 Same model, data, optimizer and schedule as `twist train --model-preset tiny --mock-data ...` in
 test_round_hook.py; writes OUT_DIR/central.safetensors (rank 0) and OUT_DIR/losses.json.
 """
+
 import json
 import sys
 import warnings
@@ -14,10 +15,10 @@ warnings.filterwarnings("ignore")
 from safetensors.torch import save_file  # noqa: E402
 
 from megatron_twist.config import MODEL_PRESETS, ModelConfig, TrainConfig, TwistConfig  # noqa: E402
+from megatron_twist.data.batches import SyntheticBatches  # noqa: E402
 from megatron_twist.distributed.runtime import build_twist_groups, init_distributed, shutdown  # noqa: E402
 from megatron_twist.integrations.round_hook import TwistRoundHook  # noqa: E402
 from megatron_twist.model.gpt import build_gpt_model  # noqa: E402
-from megatron_twist.data.batches import SyntheticBatches  # noqa: E402
 from megatron_twist.optim.optimizer import build_optimizer, build_scheduler  # noqa: E402
 from megatron_twist.optim.step import train_step  # noqa: E402
 from megatron_twist.training.twist_trainer import build_central  # noqa: E402

@@ -8,6 +8,7 @@ one rank; where a larger data-parallel world is wanted, DeepSpeed is given an
 ``mpu`` whose data-parallel size is the subnet group's and its rank query is
 stood in for (``monkeypatch``), so its real batch arithmetic runs unchanged.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,22 +20,49 @@ import pytest
 
 from megatron_twist.arguments import add_training_args, add_twist_args, explicit_dests
 from megatron_twist.config import MODEL_PRESETS, ConfigError, ModelConfig, TwistConfig
-from megatron_twist.integrations.ds_config import (ALLOWED_KEYS, check_batch_consistency, resolve_deepspeed,
-                                                   strip_twist_section, twist_config_from_ds, twist_section)
+from megatron_twist.integrations.ds_config import (
+    ALLOWED_KEYS,
+    check_batch_consistency,
+    resolve_deepspeed,
+    strip_twist_section,
+    twist_config_from_ds,
+    twist_section,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 DS_CONFIGS = REPO / "ds_configs"
-EXPECTED_TEMPLATES = {"zero1_bf16.json", "zero2_bf16.json", "zero3_bf16.json", "cpu_zero0.json", "cpu_zero1.json",
-                      "cpu_zero2.json", "cpu_zero3.json"}
+EXPECTED_TEMPLATES = {
+    "zero1_bf16.json",
+    "zero2_bf16.json",
+    "zero3_bf16.json",
+    "cpu_zero0.json",
+    "cpu_zero1.json",
+    "cpu_zero2.json",
+    "cpu_zero3.json",
+}
 
-FULL_SECTION = {"keep_ratio": 0.5, "num_subnets": 4, "local_steps": 15, "seed": 99, "split": "mlp",
-                "whole_layers": [0, -1], "coverage": False, "activation_correction": "rescale",
-                "optimizer_state": "reset", "balance_shards": 2}
+FULL_SECTION = {
+    "keep_ratio": 0.5,
+    "num_subnets": 4,
+    "local_steps": 15,
+    "seed": 99,
+    "split": "mlp",
+    "whole_layers": [0, -1],
+    "coverage": False,
+    "activation_correction": "rescale",
+    "optimizer_state": "reset",
+    "balance_shards": 2,
+}
 
 
 def ds(**twist) -> dict:
-    return {"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 1,
-            "zero_optimization": {"stage": 2}, "bf16": {"enabled": True}, "twist": twist}
+    return {
+        "train_micro_batch_size_per_gpu": 8,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": 2},
+        "bf16": {"enabled": True},
+        "twist": twist,
+    }
 
 
 def parse(*argv):
@@ -53,9 +81,18 @@ def write(tmp_path: Path, config, name="ds_config.json") -> Path:
 
 def test_all_keys_parsed():
     cfg = twist_config_from_ds(ds(**FULL_SECTION))
-    assert cfg == TwistConfig(keep_ratio=0.5, num_subnets=4, local_steps=15, seed=99, split="mlp",
-                              whole_layers=(0, -1), coverage=False, correction="rescale", optimizer_state="reset",
-                              balance_shards=2)
+    assert cfg == TwistConfig(
+        keep_ratio=0.5,
+        num_subnets=4,
+        local_steps=15,
+        seed=99,
+        split="mlp",
+        whole_layers=(0, -1),
+        coverage=False,
+        correction="rescale",
+        optimizer_state="reset",
+        balance_shards=2,
+    )
     assert set(FULL_SECTION) == set(ALLOWED_KEYS)
 
 
@@ -78,8 +115,14 @@ def test_absent_keys_take_the_defaults():
 def test_absent_keys_fall_back_to_flags():
     args, explicit = parse("--local-steps", "9", "--twist-seed", "7", "--no-coverage", "--whole-layers", "0")
     cfg = twist_config_from_ds(ds(keep_ratio=0.25, num_subnets=4), args, explicit)
-    assert (cfg.keep_ratio, cfg.num_subnets, cfg.local_steps, cfg.seed, cfg.coverage, cfg.whole_layers) == \
-        (0.25, 4, 9, 7, False, (0,))
+    assert (cfg.keep_ratio, cfg.num_subnets, cfg.local_steps, cfg.seed, cfg.coverage, cfg.whole_layers) == (
+        0.25,
+        4,
+        9,
+        7,
+        False,
+        (0,),
+    )
 
 
 def test_deepspeed_config_flag_supplies_the_path(tmp_path):
@@ -100,9 +143,20 @@ def test_unknown_key_refused_with_allowed_keys():
         assert key in msg
 
 
-@pytest.mark.parametrize("key,value", [("keep_ratio", "0.5"), ("num_subnets", 2.0), ("num_subnets", True),
-                                       ("coverage", "yes"), ("whole_layers", "0,-1"), ("whole_layers", [0.5]),
-                                       ("split", 3), ("balance_shards", -1), ("seed", None)])
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("keep_ratio", "0.5"),
+        ("num_subnets", 2.0),
+        ("num_subnets", True),
+        ("coverage", "yes"),
+        ("whole_layers", "0,-1"),
+        ("whole_layers", [0.5]),
+        ("split", 3),
+        ("balance_shards", -1),
+        ("seed", None),
+    ],
+)
 def test_wrong_type_refused_naming_the_key(key, value):
     with pytest.raises(ConfigError, match=f'"{key}"'):
         twist_config_from_ds(ds(**{key: value}))
@@ -121,11 +175,16 @@ def test_missing_file_refused(tmp_path):
         twist_config_from_ds(str(missing))
 
 
-@pytest.mark.parametrize("text,match", [('{"twist": {"keep_ratio": 0.5', "not valid JSON"),
-                                        ('// comment\n{"twist": {}}', "not valid JSON.*no comments"),
-                                        ('{"twist": {"keep_ratio": 0.5,}}', "not valid JSON"),
-                                        ('[1, 2]', "must hold a JSON object"),
-                                        ('{"twist": {}, "twist": {"seed": 1}}', "duplicate key 'twist'")])
+@pytest.mark.parametrize(
+    "text,match",
+    [
+        ('{"twist": {"keep_ratio": 0.5', "not valid JSON"),
+        ('// comment\n{"twist": {}}', "not valid JSON.*no comments"),
+        ('{"twist": {"keep_ratio": 0.5,}}', "not valid JSON"),
+        ("[1, 2]", "must hold a JSON object"),
+        ('{"twist": {}, "twist": {"seed": 1}}', "duplicate key 'twist'"),
+    ],
+)
 def test_invalid_json_refused_naming_the_file(tmp_path, text, match):
     path = write(tmp_path, text, name="broken.json")
     with pytest.raises(ConfigError, match=match) as e:
@@ -143,18 +202,21 @@ def test_strip_twist_section_is_a_copy():
 # --------------------------------------------------------------------------- flags against the section
 
 
-@pytest.mark.parametrize("argv,key,value,flag_text", [
-    (["--keep-ratio", "0.25"], "keep_ratio", 0.5, "--keep-ratio 0.25"),
-    (["--num-subnets", "8"], "num_subnets", 4, "--num-subnets 8"),
-    (["--local-steps", "3"], "local_steps", 15, "--local-steps 3"),
-    (["--twist-seed", "5"], "seed", 1234, "--twist-seed 5"),
-    (["--twist-split", "heads"], "split", "both", "--twist-split heads"),
-    (["--whole-layers", "0,-1"], "whole_layers", [1], "--whole-layers 0,-1"),
-    (["--no-coverage"], "coverage", True, "--no-coverage"),
-    (["--activation-correction", "rescale"], "activation_correction", "none", "--activation-correction rescale"),
-    (["--optimizer-state", "reset"], "optimizer_state", "aggregate", "--optimizer-state reset"),
-    (["--twist-balance-shards", "4"], "balance_shards", 2, "--twist-balance-shards 4"),
-])
+@pytest.mark.parametrize(
+    "argv,key,value,flag_text",
+    [
+        (["--keep-ratio", "0.25"], "keep_ratio", 0.5, "--keep-ratio 0.25"),
+        (["--num-subnets", "8"], "num_subnets", 4, "--num-subnets 8"),
+        (["--local-steps", "3"], "local_steps", 15, "--local-steps 3"),
+        (["--twist-seed", "5"], "seed", 1234, "--twist-seed 5"),
+        (["--twist-split", "heads"], "split", "both", "--twist-split heads"),
+        (["--whole-layers", "0,-1"], "whole_layers", [1], "--whole-layers 0,-1"),
+        (["--no-coverage"], "coverage", True, "--no-coverage"),
+        (["--activation-correction", "rescale"], "activation_correction", "none", "--activation-correction rescale"),
+        (["--optimizer-state", "reset"], "optimizer_state", "aggregate", "--optimizer-state reset"),
+        (["--twist-balance-shards", "4"], "balance_shards", 2, "--twist-balance-shards 4"),
+    ],
+)
 def test_explicit_flag_conflicting_with_section_refused(tmp_path, argv, key, value, flag_text):
     args, explicit = parse(*argv)
     path = write(tmp_path, ds(**{key: value}))
@@ -169,18 +231,38 @@ def test_conflict_message_matches_the_documented_form(tmp_path, monkeypatch):
     write(tmp_path, ds(keep_ratio=0.5, num_subnets=4))
     monkeypatch.chdir(tmp_path)  # the path as a user would type it
     args, explicit = parse("--keep-ratio", "0.25")
-    with pytest.raises(ConfigError, match=r'^--keep-ratio 0.25 conflicts with "twist": \{"keep_ratio": 0.5\} in '
-                                          r'ds_config.json; set it in one place$'):
+    with pytest.raises(
+        ConfigError,
+        match=r'^--keep-ratio 0.25 conflicts with "twist": \{"keep_ratio": 0.5\} in '
+        r"ds_config.json; set it in one place$",
+    ):
         twist_config_from_ds("ds_config.json", args, explicit)
 
 
 def test_explicit_flag_equal_to_section_accepted():
-    args, explicit = parse("--keep-ratio", "0.5", "--num-subnets", "4", "--whole-layers", "0,-1", "--no-coverage",
-                         "--activation-correction", "rescale")
-    cfg = twist_config_from_ds(ds(keep_ratio=0.5, num_subnets=4, whole_layers=[0, -1], coverage=False,
-                                  activation_correction="rescale"), args, explicit)
-    assert (cfg.keep_ratio, cfg.num_subnets, cfg.whole_layers, cfg.coverage, cfg.correction) == \
-        (0.5, 4, (0, -1), False, "rescale")
+    args, explicit = parse(
+        "--keep-ratio",
+        "0.5",
+        "--num-subnets",
+        "4",
+        "--whole-layers",
+        "0,-1",
+        "--no-coverage",
+        "--activation-correction",
+        "rescale",
+    )
+    cfg = twist_config_from_ds(
+        ds(keep_ratio=0.5, num_subnets=4, whole_layers=[0, -1], coverage=False, activation_correction="rescale"),
+        args,
+        explicit,
+    )
+    assert (cfg.keep_ratio, cfg.num_subnets, cfg.whole_layers, cfg.coverage, cfg.correction) == (
+        0.5,
+        4,
+        (0, -1),
+        False,
+        "rescale",
+    )
 
 
 def test_flag_left_at_default_is_not_a_conflict():
@@ -202,8 +284,11 @@ def test_a_typed_flag_is_explicit_whatever_its_value():
 
 
 def test_coverage_impossibility_refused_with_twist_configs_message():
-    with pytest.raises(ConfigError, match=r"coverage needs num_subnets x keep_ratio >= 1.*"
-                                          r"raise --num-subnets to at least 4 or pass --no-coverage"):
+    with pytest.raises(
+        ConfigError,
+        match=r"coverage needs num_subnets x keep_ratio >= 1.*"
+        r"raise --num-subnets to at least 4 or pass --no-coverage",
+    ):
         twist_config_from_ds(ds(keep_ratio=0.25, num_subnets=2))
     assert not twist_config_from_ds(ds(keep_ratio=0.25, num_subnets=2, coverage=False)).coverage
 
@@ -283,14 +368,19 @@ def deepspeed_config(config: dict, monkeypatch, data_parallel: int = 1):
     return out
 
 
-@pytest.mark.parametrize("world,tp,pp,subnets,dp", [(8, 1, 1, 4, 2), (16, 2, 1, 4, 2), (4, 1, 1, 4, 1),
-                                                    (2, 1, 1, 4, 1), (32, 2, 2, 2, 4)])
+@pytest.mark.parametrize(
+    "world,tp,pp,subnets,dp", [(8, 1, 1, 4, 2), (16, 2, 1, 4, 2), (4, 1, 1, 4, 1), (2, 1, 1, 4, 1), (32, 2, 2, 2, 4)]
+)
 def test_batch_consistency_subnet_group_is_deepspeeds_data_parallel(monkeypatch, world, tp, pp, subnets, dp):
     twist = TwistConfig(keep_ratio=0.5, num_subnets=subnets)
     config = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2, "twist": {}}
     got = check_batch_consistency(config, 4, world, twist, tensor_parallel=tp, pipeline_parallel=pp)
-    assert got == {"train_batch_size": 4 * 2 * dp, "train_micro_batch_size_per_gpu": 4,
-                   "gradient_accumulation_steps": 2, "data_parallel_size": dp}
+    assert got == {
+        "train_batch_size": 4 * 2 * dp,
+        "train_micro_batch_size_per_gpu": 4,
+        "gradient_accumulation_steps": 2,
+        "data_parallel_size": dp,
+    }
     # with the derived train_batch_size written in, DeepSpeed's own check agrees
     config["train_batch_size"] = got["train_batch_size"]
     assert check_batch_consistency(config, None, world, twist, tensor_parallel=tp, pipeline_parallel=pp) == got
@@ -299,14 +389,19 @@ def test_batch_consistency_subnet_group_is_deepspeeds_data_parallel(monkeypatch,
 
 def test_batch_consistency_derives_what_deepspeed_derives(monkeypatch):
     twist = TwistConfig(keep_ratio=0.5, num_subnets=2)  # world 8 -> 4 replicas per subnet
-    for config in ({"train_batch_size": 64, "train_micro_batch_size_per_gpu": 4},
-                   {"train_batch_size": 64, "gradient_accumulation_steps": 4},
-                   {"train_batch_size": 16},
-                   {"train_micro_batch_size_per_gpu": 4}):
+    for config in (
+        {"train_batch_size": 64, "train_micro_batch_size_per_gpu": 4},
+        {"train_batch_size": 64, "gradient_accumulation_steps": 4},
+        {"train_batch_size": 16},
+        {"train_micro_batch_size_per_gpu": 4},
+    ):
         got = check_batch_consistency(config, None, 8, twist)
         ours = deepspeed_config(config, monkeypatch, 4)
-        assert (got["train_batch_size"], got["train_micro_batch_size_per_gpu"], got["gradient_accumulation_steps"]) \
-            == (ours.train_batch_size, ours.train_micro_batch_size_per_gpu, ours.gradient_accumulation_steps)
+        assert (got["train_batch_size"], got["train_micro_batch_size_per_gpu"], got["gradient_accumulation_steps"]) == (
+            ours.train_batch_size,
+            ours.train_micro_batch_size_per_gpu,
+            ours.gradient_accumulation_steps,
+        )
 
 
 def test_batch_consistency_refuses_bad_sizes(monkeypatch):
@@ -326,8 +421,9 @@ def test_batch_consistency_refuses_bad_sizes(monkeypatch):
     with pytest.raises(ConfigError, match="must be a positive integer.*'auto'"):
         check_batch_consistency({"train_micro_batch_size_per_gpu": "auto"}, None, 8, twist)
     with pytest.raises(ConfigError, match="6 data-parallel ranks do not divide into 4 subnets"):  # the layout itself
-        check_batch_consistency({"train_micro_batch_size_per_gpu": 2}, None, 6, TwistConfig(num_subnets=4,
-                                                                                           keep_ratio=0.5))
+        check_batch_consistency(
+            {"train_micro_batch_size_per_gpu": 2}, None, 6, TwistConfig(num_subnets=4, keep_ratio=0.5)
+        )
 
 
 def test_deepspeed_ignores_unknown_top_level_keys_but_not_unknown_zero_keys(monkeypatch):
@@ -380,5 +476,4 @@ def test_template_is_valid(path, monkeypatch):
         assert ours.monitor_config.tensorboard.output_path.startswith("runs/")
         world = 8  # one node: 4 subnets x 2 replicas
     sizes = check_batch_consistency(raw, None, world, twist)
-    assert deepspeed_config(raw, monkeypatch, sizes["data_parallel_size"]).train_batch_size == \
-        sizes["train_batch_size"]
+    assert deepspeed_config(raw, monkeypatch, sizes["data_parallel_size"]).train_batch_size == sizes["train_batch_size"]

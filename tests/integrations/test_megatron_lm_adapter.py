@@ -4,6 +4,7 @@ Megatron-LM itself is not installed here (only megatron-core is a dependency), s
 touch points are injected: an argparse Namespace as `get_args()` and a module-like object
 whose `train_step` runs the project's step. Everything else is the real code.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -14,10 +15,10 @@ import torch
 
 from megatron_twist.config import MODEL_PRESETS, ConfigError, ModelConfig, TrainConfig, TwistConfig
 from megatron_twist.cpu_shim import seed_everything
+from megatron_twist.data.batches import SyntheticBatches
 from megatron_twist.distributed.runtime import build_twist_groups
 from megatron_twist.integrations.megatron_lm import TwistMegatronLM, model_config_from_megatron_args, overlay
 from megatron_twist.model.gpt import build_gpt_model, count_parameters
-from megatron_twist.data.batches import SyntheticBatches
 from megatron_twist.optim.optimizer import build_optimizer, build_scheduler
 from megatron_twist.optim.step import train_step
 from megatron_twist.training.twist_trainer import TwistTrainer
@@ -29,19 +30,39 @@ def megatron_args(**twist_flags) -> argparse.Namespace:
     """What Megatron-LM's parser (with our extra_args_provider) would give for the tiny model."""
     parser = argparse.ArgumentParser()
     TwistMegatronLM.extra_args_provider(parser)
-    args = parser.parse_args([f"--{k.replace('_', '-')}={v}" if v is not True else f"--{k.replace('_', '-')}"
-                              for k, v in twist_flags.items()])
-    args.__dict__.update(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
-                         group_query_attention=True, ffn_hidden_size=128, padded_vocab_size=512, seq_length=64,
-                         swiglu=True, kv_channels=None, tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
-                         use_distributed_optimizer=False, fp16=False, bf16=False, curr_iteration=0)
+    args = parser.parse_args(
+        [
+            f"--{k.replace('_', '-')}={v}" if v is not True else f"--{k.replace('_', '-')}"
+            for k, v in twist_flags.items()
+        ]
+    )
+    args.__dict__.update(
+        num_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_query_groups=2,
+        group_query_attention=True,
+        ffn_hidden_size=128,
+        padded_vocab_size=512,
+        seq_length=64,
+        swiglu=True,
+        kv_channels=None,
+        tensor_model_parallel_size=1,
+        pipeline_model_parallel_size=1,
+        use_distributed_optimizer=False,
+        fp16=False,
+        bf16=False,
+        curr_iteration=0,
+    )
     return args
 
 
 def provider_for(args):
     """A user's model_provider: builds a GPTModel from (possibly overlaid) Megatron args."""
+
     def model_provider(pre_process=True, post_process=True):
         return build_gpt_model(model_config_from_megatron_args(args))
+
     return model_provider
 
 
@@ -62,10 +83,13 @@ def test_wrapped_provider_builds_central_and_smaller_subnet(mcore):
     assert subnet.decoder.layers[0].mlp.linear_fc2.weight.shape == (64, 64)  # 64 of 128 neurons
 
 
-@pytest.mark.parametrize("flags,match", [
-    (dict(use_distributed_optimizer=True), "without --use-distributed-optimizer"),
-    (dict(bf16=True), "drop --fp16/--bf16"),
-])
+@pytest.mark.parametrize(
+    "flags,match",
+    [
+        (dict(use_distributed_optimizer=True), "without --use-distributed-optimizer"),
+        (dict(bf16=True), "drop --fp16/--bf16"),
+    ],
+)
 def test_unsupported_megatron_settings_are_refused(flags, match):
     args = megatron_args(keep_ratio=0.5, num_subnets=2)
     args.__dict__.update(flags)

@@ -5,20 +5,36 @@ steps, 2 subnets): the work is small, the processes are real. The uninterrupted 
 made once per session and is what interrupted runs must reproduce bit for bit. Helpers reach the
 tests through the ``rel`` fixture (test modules cannot import a conftest in importlib mode).
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
-
 import types
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-ARGS = ["train", "--model-preset", "tiny", "--mock-data", "--train-iters", "8", "--local-steps", "2",
-        "--micro-batch-size", "2", "--num-subnets", "2", "--keep-ratio", "0.5", "--log-interval", "2"]
+ARGS = [
+    "train",
+    "--model-preset",
+    "tiny",
+    "--mock-data",
+    "--train-iters",
+    "8",
+    "--local-steps",
+    "2",
+    "--micro-batch-size",
+    "2",
+    "--num-subnets",
+    "2",
+    "--keep-ratio",
+    "0.5",
+    "--log-interval",
+    "2",
+]
 POINTER = "latest_checkpointed_iteration.txt"
 
 
@@ -47,8 +63,11 @@ def assert_same_tensors(a: Path, b: Path) -> None:
 
 def file_hashes(root: Path) -> dict:
     """Every file under ``root`` (names and contents): to show that a refused command wrote nothing."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(Path(root).rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(Path(root).rglob("*"))
+        if p.is_file()
+    }
 
 
 def meta(ckpt: Path) -> dict:
@@ -57,8 +76,14 @@ def meta(ckpt: Path) -> dict:
 
 @pytest.fixture(scope="session")
 def rel():
-    return types.SimpleNamespace(ARGS=ARGS, POINTER=POINTER, tensors=tensors, assert_same_tensors=assert_same_tensors,
-                                 file_hashes=file_hashes, meta=meta)
+    return types.SimpleNamespace(
+        ARGS=ARGS,
+        POINTER=POINTER,
+        tensors=tensors,
+        assert_same_tensors=assert_same_tensors,
+        file_hashes=file_hashes,
+        meta=meta,
+    )
 
 
 @pytest.fixture

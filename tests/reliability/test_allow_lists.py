@@ -9,6 +9,7 @@ through every module an allow-list names, to ``os.system``, ``builtins.exec`` an
 running process (so they are real), each is shown to fire under plain ``pickle.loads``, and then
 each is put where a loader vets: the marker never appears and no file of the checkpoint changes.
 """
+
 from __future__ import annotations
 
 import functools
@@ -34,8 +35,11 @@ TARGETS = {
     "builtins.exec": ("exec", lambda m: f"open({str(m)!r}, 'w').close()"),
     "subprocess.getoutput": ("getoutput", lambda m: f"touch '{m}'"),
 }
-_TARGET_OBJECTS = {"os.system": __import__("os").system, "builtins.exec": exec,
-                   "subprocess.getoutput": subprocess.getoutput}
+_TARGET_OBJECTS = {
+    "os.system": __import__("os").system,
+    "builtins.exec": exec,
+    "subprocess.getoutput": subprocess.getoutput,
+}
 
 
 def _ustr(s: str) -> bytes:
@@ -58,8 +62,11 @@ def global_call(module: str, dotted: str, arg: str) -> bytes:
 # Ways a module commonly reaches each target through its own imports, tried first (fast); a short
 # breadth-first search over module attributes is the fallback.
 _CANDIDATE_PREFIXES = ("", "torch.", "dataclasses.", "io.", "_dynamo.convert_frame.", "torch._dynamo.convert_frame.")
-_TARGET_TAILS = {"os.system": ("os.system",), "builtins.exec": ("builtins.exec",),
-                 "subprocess.getoutput": ("subprocess.getoutput",)}
+_TARGET_TAILS = {
+    "os.system": ("os.system",),
+    "builtins.exec": ("builtins.exec",),
+    "subprocess.getoutput": ("subprocess.getoutput",),
+}
 
 
 def _resolve(module: str, dotted: str):
@@ -107,22 +114,27 @@ def dotted_path(module: str, target: str) -> Optional[str]:
 def payloads(modules, marker: Path, opcode=stack_global_call):
     """(module, target, bytes) for every module x target that the module reaches; every target must
     be reached from at least one of ``modules`` (or the test would prove nothing about it)."""
-    out = [(module, target, opcode(module, dotted_path(module, target), arg(marker)))
-           for module in sorted(modules) for target, (_, arg) in TARGETS.items() if dotted_path(module, target)]
+    out = [
+        (module, target, opcode(module, dotted_path(module, target), arg(marker)))
+        for module in sorted(modules)
+        for target, (_, arg) in TARGETS.items()
+        if dotted_path(module, target)
+    ]
     assert {t for _, t, _ in out} == set(TARGETS), f"some target is unreachable from {sorted(modules)}"
     return out
 
 
 def file_hashes(root: Path) -> dict:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(Path(root).rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(Path(root).rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_every_dotted_payload_is_live(tmp_path):
     """Control: under plain pickle each payload below really runs (so refusing it means something)."""
-    from megatron_twist.checkpoint.vetting import METADATA_GLOBALS
-
-    from megatron_twist.checkpoint.vetting import allowed_globals
+    from megatron_twist.checkpoint.vetting import METADATA_GLOBALS, allowed_globals
 
     modules = {m for m, _ in METADATA_GLOBALS} | {cls.__module__ for cls in allowed_globals()} | {"torch._utils"}
     for opcode in (stack_global_call, global_call):
@@ -138,8 +150,8 @@ def test_every_dotted_payload_is_live(tmp_path):
 @pytest.fixture(scope="module")
 def torch_dist_checkpoint(mcore, tmp_path_factory):
     """A real torch_dist central checkpoint (tiny llama) in the session's single-rank group."""
-    from megatron_twist.config import MODEL_PRESETS, ModelConfig, TrainConfig, TwistConfig
     from megatron_twist.checkpoint.torch_dist import save_central_dist
+    from megatron_twist.config import MODEL_PRESETS, ModelConfig, TrainConfig, TwistConfig
     from megatron_twist.training.twist_trainer import build_central
 
     out = tmp_path_factory.mktemp("torch_dist") / "central"

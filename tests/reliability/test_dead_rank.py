@@ -11,6 +11,7 @@ sends it SIGTERM (torchrun's default when a worker fails, `--max-restarts 0`); w
 (plain processes, as under srun/mpirun) gloo's collective fails on the closed connection, or, when
 the dead rank hosted the job's store, the store stops answering.
 """
+
 from __future__ import annotations
 
 import os
@@ -38,10 +39,25 @@ def _kill_time(text: str) -> float:
 @pytest.mark.multiprocess
 def test_killed_rank_stops_the_job_and_restart_is_bitwise(tmp_path, rel, reference, launch, monkeypatch):
     save = tmp_path / "save"
-    job = [*rel.ARGS, "--save", save, "--load", save, "--save-interval", "4",
-           "--distributed-timeout-minutes", TIMEOUT_MIN]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--max-restarts=0",
-                "--master_addr=127.0.0.1"]
+    job = [
+        *rel.ARGS,
+        "--save",
+        save,
+        "--load",
+        save,
+        "--save-interval",
+        "4",
+        "--distributed-timeout-minutes",
+        TIMEOUT_MIN,
+    ]
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--max-restarts=0",
+        "--master_addr=127.0.0.1",
+    ]
     # launch() hands os.environ to the job
     monkeypatch.setenv("TWIST_FAULT_KILL_RANK", "1")
     monkeypatch.setenv("TWIST_FAULT_KILL_AT_STEP", "6")
@@ -73,13 +89,31 @@ def _plain_job(rel, launch, **fault_env):
     port = launch.free_port()
     procs = []
     for rank in range(2):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port), OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", PYTHONUNBUFFERED="1",
-                   **fault_env)
-        cmd = [sys.executable, "-m", "megatron_twist", *map(str, rel.ARGS), "--distributed-timeout-minutes",
-               str(TIMEOUT_MIN)]
-        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                      start_new_session=True))
+        env = dict(
+            os.environ,
+            RANK=str(rank),
+            WORLD_SIZE="2",
+            LOCAL_RANK=str(rank),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            OMP_NUM_THREADS="1",
+            GLOO_SOCKET_IFNAME="lo",
+            PYTHONUNBUFFERED="1",
+            **fault_env,
+        )
+        cmd = [
+            sys.executable,
+            "-m",
+            "megatron_twist",
+            *map(str, rel.ARGS),
+            "--distributed-timeout-minutes",
+            str(TIMEOUT_MIN),
+        ]
+        procs.append(
+            subprocess.Popen(
+                cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+            )
+        )
     outs = []
     try:
         for p in procs:
@@ -140,8 +174,9 @@ def test_watchdog_reports_a_silent_rank_after_the_timeout_and_only_then():
     assert time.monotonic() - t0 > 1.0 and store.get("twist/watchdog/0/lost").decode() == a.failures[0]
 
 
-@pytest.mark.parametrize("marker,reported", [("done", False), ("stopped: ConfigError: refused", False),
-                                             ("error: RuntimeError: boom", True)])
+@pytest.mark.parametrize(
+    "marker,reported", [("done", False), ("stopped: ConfigError: refused", False), ("error: RuntimeError: boom", True)]
+)
 def test_watchdog_tells_a_finished_rank_from_a_failed_one(marker, reported):
     import torch.distributed as dist
 
@@ -180,12 +215,15 @@ def test_rank_alive_but_stuck_is_named_after_the_collective_timeout(rel, launch)
     m = re.search(r"\[fault\] rank 1 hangs before step 6 at ([0-9.]+)", outs[1])
     assert m, outs[1][-3000:]
     assert procs[0].returncode == EXIT_RANK_FAILURE, outs[0][-4000:]
-    assert "[twist] rank 0/2: rank(s) [1] alive but stuck (heartbeat still moving; rank 1 at step 6" in outs[0], \
-        outs[0][-4000:]
+    assert "[twist] rank 0/2: rank(s) [1] alive but stuck (heartbeat still moving; rank 1 at step 6" in outs[0], outs[
+        0
+    ][-4000:]
     assert procs[1].returncode == EXIT_RANK_FAILURE, outs[1][-4000:]
     # Rank 1 sees rank 0's exit marker, or (rank 0 hosts the job's store here) the store going away
     # with it, whichever its watchdog thread meets first: either way it stops instead of hanging.
-    assert ("[twist] rank 1/2: rank 0 stopped: failed after: rank(s) [1] alive but stuck" in outs[1]
-            or "[twist] rank 1/2: rank 0 was lost: the job's store it hosts" in outs[1]), outs[1][-4000:]
+    assert (
+        "[twist] rank 1/2: rank 0 stopped: failed after: rank(s) [1] alive but stuck" in outs[1]
+        or "[twist] rank 1/2: rank 0 was lost: the job's store it hosts" in outs[1]
+    ), outs[1][-4000:]
     # the collective timeout (15 s) plus the diagnosis, with margin
     assert end - float(m.group(1)) < TIMEOUT_MIN * 60 + 60

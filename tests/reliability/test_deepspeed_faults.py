@@ -11,6 +11,7 @@
   nothing in the checkpoint changes. A file swapped for a hostile one AFTER vetting never runs
   either: DeepSpeed's own reads are restricted (issue #13).
 """
+
 from __future__ import annotations
 
 import json
@@ -24,8 +25,8 @@ import pytest
 import torch
 
 from megatron_twist.checkpoint.files import CheckpointError
-from megatron_twist.distributed.watchdog import EXIT_RANK_FAILURE
 from megatron_twist.checkpoint.vetting import vet_deepspeed_checkpoint
+from megatron_twist.distributed.watchdog import EXIT_RANK_FAILURE
 
 REPO = Path(__file__).resolve().parents[2]
 TIMEOUT_MIN = 0.25
@@ -66,11 +67,35 @@ def test_killed_rank_stops_a_deepspeed_job_and_restart_is_bitwise(tmp_path, laun
     keeps the newest 2."""
     from megatron_twist.checkpoint.models import read_central
 
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--max-restarts=0",
-                "--master_addr=127.0.0.1"]
-    job = ["-m", "megatron_twist", "train", "--model-preset", "tiny", "--mock-data", "--train-iters", "12",
-           "--micro-batch-size", "2", "--deepspeed", "--deepspeed_config", _ds_config(tmp_path, 2),
-           "--distributed-timeout-minutes", TIMEOUT_MIN, "--save-interval", "4", "--keep-checkpoints", "2"]
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--max-restarts=0",
+        "--master_addr=127.0.0.1",
+    ]
+    job = [
+        "-m",
+        "megatron_twist",
+        "train",
+        "--model-preset",
+        "tiny",
+        "--mock-data",
+        "--train-iters",
+        "12",
+        "--micro-batch-size",
+        "2",
+        "--deepspeed",
+        "--deepspeed_config",
+        _ds_config(tmp_path, 2),
+        "--distributed-timeout-minutes",
+        TIMEOUT_MIN,
+        "--save-interval",
+        "4",
+        "--keep-checkpoints",
+        "2",
+    ]
     reference, save = tmp_path / "reference", tmp_path / "save"
     proc = launch([*torchrun, f"--master_port={launch.free_port()}", *job, "--save", reference], timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -114,8 +139,24 @@ def test_killed_rank_stops_a_deepspeed_job_and_restart_is_bitwise(tmp_path, laun
 def engine_checkpoint(tmp_path_factory, run_twist):
     """A real DeepSpeed ZeRO-2 checkpoint (one process, one subnet, 4 steps)."""
     tmp = tmp_path_factory.mktemp("ds_ckpt")
-    run_twist(["train", "--model-preset", "tiny", "--mock-data", "--train-iters", "4", "--micro-batch-size", "2",
-               "--deepspeed", "--deepspeed_config", _ds_config(tmp, 1), "--save", tmp / "save"], timeout=300)
+    run_twist(
+        [
+            "train",
+            "--model-preset",
+            "tiny",
+            "--mock-data",
+            "--train-iters",
+            "4",
+            "--micro-batch-size",
+            "2",
+            "--deepspeed",
+            "--deepspeed_config",
+            _ds_config(tmp, 1),
+            "--save",
+            tmp / "save",
+        ],
+        timeout=300,
+    )
     return tmp / "save", _ds_config(tmp, 1)
 
 
@@ -136,9 +177,27 @@ def test_hostile_engine_checkpoint_is_refused_and_never_executed(engine_checkpoi
     with pytest.raises(CheckpointError, match=r"zero_pp_rank_0_mp_rank_00_optim_states\.pt is not plain checkpoint"):
         vet_deepspeed_checkpoint(hostile / "engine")
     assert not marker.exists()
-    proc = run_twist(["train", "--model-preset", "tiny", "--mock-data", "--train-iters", "8", "--micro-batch-size",
-                      "2", "--deepspeed", "--deepspeed_config", config, "--load", hostile, "--save", hostile],
-                     timeout=300, check=False)
+    proc = run_twist(
+        [
+            "train",
+            "--model-preset",
+            "tiny",
+            "--mock-data",
+            "--train-iters",
+            "8",
+            "--micro-batch-size",
+            "2",
+            "--deepspeed",
+            "--deepspeed_config",
+            config,
+            "--load",
+            hostile,
+            "--save",
+            hostile,
+        ],
+        timeout=300,
+        check=False,
+    )
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "is not plain checkpoint data" in proc.stderr and "optim_states.pt" in proc.stderr, proc.stderr[-3000:]
     assert not marker.exists(), "the hostile pickle ran"
@@ -160,9 +219,27 @@ def test_file_swapped_after_vetting_is_never_executed(engine_checkpoint, tmp_pat
     swap.parent.mkdir()
     torch.save({"optimizer_state_dict": _Payload(marker)}, swap)
     monkeypatch.setenv("TWIST_FAULT_SWAP_AFTER_VET", str(swap))  # run_twist hands os.environ on
-    proc = run_twist(["train", "--model-preset", "tiny", "--mock-data", "--train-iters", "8", "--micro-batch-size",
-                      "2", "--deepspeed", "--deepspeed_config", config, "--load", ckpt, "--save", tmp_path / "out"],
-                     timeout=300, check=False)
+    proc = run_twist(
+        [
+            "train",
+            "--model-preset",
+            "tiny",
+            "--mock-data",
+            "--train-iters",
+            "8",
+            "--micro-batch-size",
+            "2",
+            "--deepspeed",
+            "--deepspeed_config",
+            config,
+            "--load",
+            ckpt,
+            "--save",
+            tmp_path / "out",
+        ],
+        timeout=300,
+        check=False,
+    )
     out = proc.stdout + proc.stderr
     assert "[fault] swapped" in out, out[-3000:]
     assert not marker.exists(), "a file swapped after vetting was unpickled with code execution"

@@ -12,6 +12,7 @@
   steps, the central model's step); an AdamW optimizer block's betas, eps, weight decay and peak lr
   reach the torch AdamW.
 """
+
 from __future__ import annotations
 
 import json
@@ -42,24 +43,44 @@ def _config(tmp_path: Path, name: str, **changes) -> Path:
 
 REFUSED = {
     "fp16": ({"fp16": {"enabled": True}}, [], ['"fp16" is enabled', '"bf16": {"enabled": true}']),
-    "offload_optimizer": ({"zero": {"offload_optimizer": {"device": "cpu"}}}, [],
-                          ["ZeRO-Offload (offload_optimizer", "remove offload_optimizer"]),
-    "offload_param": ({"zero": {"stage": 3, "offload_param": {"device": "cpu"}}}, [],
-                      ["ZeRO-Offload (offload_param", "remove offload_param"]),
+    "offload_optimizer": (
+        {"zero": {"offload_optimizer": {"device": "cpu"}}},
+        [],
+        ["ZeRO-Offload (offload_optimizer", "remove offload_optimizer"],
+    ),
+    "offload_param": (
+        {"zero": {"stage": 3, "offload_param": {"device": "cpu"}}},
+        [],
+        ["ZeRO-Offload (offload_param", "remove offload_param"],
+    ),
     "cpu_offload": ({"zero": {"cpu_offload": True}}, [], ["ZeRO-Offload (cpu_offload", "remove cpu_offload"]),
-    "lamb": ({"optimizer": {"type": "Lamb", "params": {"lr": 0.001}}}, [],
-             ['optimizer "Lamb"', "is not supported with TwIST", '"type": "AdamW"']),
-    "adam_l2": ({"optimizer": {"type": "Adam", "params": {"adam_w_mode": False}}}, [],
-                ['"adam_w_mode": false', "remove it"]),
-    "unknown_param": ({"optimizer": {"type": "AdamW", "params": {"lr": 0.001, "momentum": 0.9}}}, [],
-                      ["optimizer param 'momentum'", "lr, betas, eps, weight_decay; remove it"]),
-    "scheduler": ({"scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 10}}}, [],
-                  ['"scheduler" block', "--lr, --min-lr, --lr-warmup-iters"]),
+    "lamb": (
+        {"optimizer": {"type": "Lamb", "params": {"lr": 0.001}}},
+        [],
+        ['optimizer "Lamb"', "is not supported with TwIST", '"type": "AdamW"'],
+    ),
+    "adam_l2": (
+        {"optimizer": {"type": "Adam", "params": {"adam_w_mode": False}}},
+        [],
+        ['"adam_w_mode": false', "remove it"],
+    ),
+    "unknown_param": (
+        {"optimizer": {"type": "AdamW", "params": {"lr": 0.001, "momentum": 0.9}}},
+        [],
+        ["optimizer param 'momentum'", "lr, betas, eps, weight_decay; remove it"],
+    ),
+    "scheduler": (
+        {"scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 10}}},
+        [],
+        ['"scheduler" block', "--lr, --min-lr, --lr-warmup-iters"],
+    ),
     "lr_conflict": ({"optimizer": ADAMW}, ["--lr", "0.005"], ["--lr 0.005 conflicts with", "set it in one place"]),
     "clip_conflict": ({}, ["--clip-grad", "0.5"], ["--clip-grad 0.5 conflicts with gradient_clipping = 1.0"]),
-    "micro_batch_conflict": ({}, ["--micro-batch-size", "4"],
-                             ["--micro-batch-size 4 conflicts with train_micro_batch_size_per_gpu 2",
-                              "set them equal"]),
+    "micro_batch_conflict": (
+        {},
+        ["--micro-batch-size", "4"],
+        ["--micro-batch-size 4 conflicts with train_micro_batch_size_per_gpu 2", "set them equal"],
+    ),
 }
 
 
@@ -69,8 +90,19 @@ def test_unsupported_settings_are_refused_before_any_work(case, tmp_path, in_pro
     changes, flags, expected = REFUSED[case]
     config = _config(tmp_path, case, **changes)
     before = config.read_bytes()
-    rc, out, err = in_process_cli([*JOB, "--deepspeed", "--deepspeed_config", config, *flags,
-                                   "--save", tmp_path / "save", "--metrics-file", tmp_path / "m.json"])
+    rc, out, err = in_process_cli(
+        [
+            *JOB,
+            "--deepspeed",
+            "--deepspeed_config",
+            config,
+            *flags,
+            "--save",
+            tmp_path / "save",
+            "--metrics-file",
+            tmp_path / "m.json",
+        ]
+    )
     assert rc == 2, err
     assert err.startswith("twist train: error: "), err
     for text in expected:
@@ -83,11 +115,19 @@ def test_adamw_block_is_mapped_and_templates_pass():
     from megatron_twist.integrations.ds_engine_settings import engine_settings
 
     train = engine_settings({"optimizer": ADAMW, "gradient_clipping": 0.3}, TrainConfig(), set())
-    assert (train.lr, train.adam_beta1, train.adam_beta2, train.adam_eps, train.weight_decay, train.clip_grad) == \
-        (0.002, 0.8, 0.9, 1e-7, 0.02, 0.3)
+    assert (train.lr, train.adam_beta1, train.adam_beta2, train.adam_eps, train.weight_decay, train.clip_grad) == (
+        0.002,
+        0.8,
+        0.9,
+        1e-7,
+        0.02,
+        0.3,
+    )
     # the same value typed on the command line is no conflict; DeepSpeed's "Adam" is AdamW by default
-    assert engine_settings({"optimizer": {"type": "adam", "params": {"lr": 0.002}}}, TrainConfig(lr=0.002),
-                           {"lr"}).lr == 0.002
+    assert (
+        engine_settings({"optimizer": {"type": "adam", "params": {"lr": 0.002}}}, TrainConfig(lr=0.002), {"lr"}).lr
+        == 0.002
+    )
     assert engine_settings({}, TrainConfig(), set()).clip_grad == 0.0  # DeepSpeed's default: no clipping
     assert engine_settings({"zero_optimization": {"offload_optimizer": {"device": "none"}}}, TrainConfig(), set())
     for template in sorted((REPO / "ds_configs").glob("*.json")):
@@ -102,10 +142,29 @@ def test_gradient_accumulation_equals_the_same_batches_by_hand(tmp_path, run_tor
 
     runs = {}
     for name, micro, accumulation in (("accumulated", 1, 2), ("by_hand", 2, 1)):
-        config = _config(tmp_path, name, train_micro_batch_size_per_gpu=micro,
-                         gradient_accumulation_steps=accumulation, optimizer=ADAMW)
-        run_torchrun(2, ["-m", "megatron_twist", *JOB, "--deepspeed", "--deepspeed_config", config,
-                         "--save", tmp_path / name, "--metrics-file", tmp_path / f"{name}-metrics.json"], timeout=300)
+        config = _config(
+            tmp_path,
+            name,
+            train_micro_batch_size_per_gpu=micro,
+            gradient_accumulation_steps=accumulation,
+            optimizer=ADAMW,
+        )
+        run_torchrun(
+            2,
+            [
+                "-m",
+                "megatron_twist",
+                *JOB,
+                "--deepspeed",
+                "--deepspeed_config",
+                config,
+                "--save",
+                tmp_path / name,
+                "--metrics-file",
+                tmp_path / f"{name}-metrics.json",
+            ],
+            timeout=300,
+        )
         runs[name] = json.loads((tmp_path / f"{name}-metrics.json").read_text())
     acc, ref = runs["accumulated"], runs["by_hand"]
     assert acc["gradient_accumulation_steps"] == 2 and ref["gradient_accumulation_steps"] == 1

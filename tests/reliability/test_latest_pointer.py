@@ -5,6 +5,7 @@ renamed when complete) and only then moves SAVE_DIR/latest_checkpointed_iteratio
 crashes are real: the writing process sends itself SIGKILL at a chosen point
 (megatron_twist/faults.py), and what it leaves behind is inspected and loaded.
 """
+
 from __future__ import annotations
 
 import os
@@ -57,16 +58,18 @@ def test_pointer_moves_only_after_a_complete_write(tmp_path):
     """Killed after iter_0000004 is complete but before the pointer moved: the pointer still says 2."""
     save = tmp_path / "save"
     env = dict(os.environ, TWIST_FAULT_KILL_IN_SAVE="before-pointer:2")
-    proc = subprocess.run([sys.executable, "-c", _WRITER, str(save)], env=env, capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", _WRITER, str(save)], env=env, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == -9, proc.stderr
     assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
     assert cs.resolve_load(save) == save / "iter_0000002"
     assert load_checkpoint(str(save / "iter_0000002"))[1]["model"]["w"].tolist() == [2.0] * 3
     # iter_0000004 is complete but not pointed to: it is not used, and saving 4 again replaces it.
     assert load_checkpoint(str(save / "iter_0000004"))[0]["step"] == 4
-    cs.save_iteration(save, 4, lambda p: save_checkpoint(str(p), {"kind": "central", "step": 44},
-                                                         {"model": {"w": torch.zeros(3)}}))
+    cs.save_iteration(
+        save, 4, lambda p: save_checkpoint(str(p), {"kind": "central", "step": 44}, {"model": {"w": torch.zeros(3)}})
+    )
     assert cs.read_pointer(save) == 4 and load_checkpoint(str(cs.resolve_load(save)))[0]["step"] == 44
 
 
@@ -79,8 +82,12 @@ def test_pointer_retention_and_refusals(tmp_path):
     for it in (2, 4, 6, 8):
         cs.save_iteration(save, it, _write(it), keep=2)
     assert cs.list_iterations(save) == [6, 8] and cs.read_pointer(save) == 8
-    assert sorted(p.name for p in save.iterdir()) == [".megatron-twist-output", "iter_0000006", "iter_0000008",
-                                                      cs.POINTER]
+    assert sorted(p.name for p in save.iterdir()) == [
+        ".megatron-twist-output",
+        "iter_0000006",
+        "iter_0000008",
+        cs.POINTER,
+    ]
     cs.save_iteration(save, 10, _write(10))  # keep=0: keep all
     assert cs.list_iterations(save) == [6, 8, 10]
     # A plain checkpoint directory is loaded as itself.
@@ -107,16 +114,22 @@ def test_save_interval_flags_are_checked(tmp_path, rel, reference, in_process_cl
 def test_torch_dist_checkpoints_follow_the_same_protocol(mcore, tmp_path):
     """`--ckpt-format torch_dist` in a save directory: collective write, then rank 0 moves the pointer."""
     from megatron_twist.checkpoint.manager import CentralCheckpointer
-    from megatron_twist.config import MODEL_PRESETS, ModelConfig, RunConfig, TrainConfig, TwistConfig
     from megatron_twist.checkpoint.torch_dist import read_common
-    from megatron_twist.distributed.runtime import build_twist_groups
+    from megatron_twist.config import MODEL_PRESETS, ModelConfig, RunConfig, TrainConfig, TwistConfig
     from megatron_twist.data.batches import SyntheticBatches
+    from megatron_twist.distributed.runtime import build_twist_groups
     from megatron_twist.training.twist_trainer import TwistTrainer
 
     model, twist = ModelConfig(**MODEL_PRESETS["tiny"]), TwistConfig(keep_ratio=0.5, num_subnets=2, local_steps=2)
     train = TrainConfig(train_iters=4, micro_batch_size=2, log_interval=100)
-    trainer = TwistTrainer(model, twist, train, build_twist_groups(twist),
-                           SyntheticBatches(model.vocab_size, model.seq_length, 2), log=lambda m: None)
+    trainer = TwistTrainer(
+        model,
+        twist,
+        train,
+        build_twist_groups(twist),
+        SyntheticBatches(model.vocab_size, model.seq_length, 2),
+        log=lambda m: None,
+    )
     run = RunConfig(save=str(tmp_path / "save"), series=True, ckpt_format="torch_dist", keep_checkpoints=1)
     checkpointer = CentralCheckpointer(run, twist, train, {"mock": True}, trainer.groups.is_logging_rank)
     for _ in range(2):

@@ -7,6 +7,7 @@ a round in which every subnet is non-finite stops under both. The NaN is real: t
 (megatron_twist/faults.py) fills a transformer weight of the subnet with NaN (kind `loss`) or
 turns one weight's gradient into NaN while the loss stays finite (kind `grad`).
 """
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,8 @@ import pytest
 import torch
 
 from megatron_twist.config import MODEL_PRESETS, ModelConfig, TrainConfig, TwistConfig
-from megatron_twist.distributed.runtime import build_twist_groups
 from megatron_twist.data.batches import SyntheticBatches
+from megatron_twist.distributed.runtime import build_twist_groups
 from megatron_twist.training.twist_trainer import NonFiniteError, TwistTrainer
 from megatron_twist.twist.slicing import put_add, slice_for
 
@@ -116,11 +117,15 @@ def test_ranks_agree_on_the_excluded_subnet(mcore, tmp_path, rel, run_torchrun, 
     """2 ranks, one subnet each: subnet 1 (rank 1) goes NaN; rank 0 leaves it out too, and the result
     equals the single-process run with the same fault, bit for bit."""
     _poison(monkeypatch)
-    proc = run_torchrun(2, ["-m", "megatron_twist", *rel.ARGS, "--save", tmp_path / "ckpt",
-                            "--metrics-file", tmp_path / "metrics.json"], timeout=300)
+    proc = run_torchrun(
+        2,
+        ["-m", "megatron_twist", *rel.ARGS, "--save", tmp_path / "ckpt", "--metrics-file", tmp_path / "metrics.json"],
+        timeout=300,
+    )
     # rank 0 (the logging rank) trained subnet 0 only, and still knows subnet 1 is out
-    assert "[twist] round 1: non-finite loss or gradient (subnet 1 at step 2); left out of the aggregation" \
-        in proc.stdout
+    assert (
+        "[twist] round 1: non-finite loss or gradient (subnet 1 at step 2); left out of the aggregation" in proc.stdout
+    )
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert [r["excluded"] for r in metrics["rounds"]] == [[], [1], [], []]
 

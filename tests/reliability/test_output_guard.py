@@ -7,6 +7,7 @@ is refused before any work (exit 2, the message naming the path and the fix); th
 sha256 is unchanged afterwards. Our own outputs are still replaced (atomically, as before), and
 ``--overwrite`` replaces a foreign one only when asked.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -125,9 +126,9 @@ def test_safetensors_writers(mcore, tmp_path):
 
 
 def test_sharded_writer(mcore, tmp_path):
+    from megatron_twist.checkpoint.models import read_central
     from megatron_twist.checkpoint.sharded import save_sharded
     from megatron_twist.distributed.sharded_central import ShardedCentral
-    from megatron_twist.checkpoint.models import read_central
 
     sibling = precious_next_to(tmp_path)
     central = _central()
@@ -174,8 +175,7 @@ def test_checkpoint_series_removes_only_its_own(tmp_path):
     assert series.remove_stale_temporaries(save) == [marked.name]
     for i in (2, 3):
         (save / f"iter_000000{i}").mkdir()
-        (save / f"iter_000000{i}" / "meta.json").write_text(json.dumps({"format": "megatron-twist",
-                                                                        "kind": "central"}))
+        (save / f"iter_000000{i}" / "meta.json").write_text(json.dumps({"format": "megatron-twist", "kind": "central"}))
     series.publish(save, 3, keep=1)
     assert not (save / "iter_0000002").exists() and (save / "iter_0000003").is_dir()
     assert intact(user_iter) and intact(user_tmp)
@@ -204,8 +204,20 @@ DS_CONFIG = str(REPO / "ds_configs" / "cpu_zero2.json")
 TRAIN = ["train", "--model-preset", "tiny", "--mock-data", "--train-iters", "2", "--local-steps", "1"]
 
 
-@pytest.mark.parametrize("case", ["train", "train-torch_dist", "train-series", "train-deepspeed", "metrics-file",
-                                  "extract", "import-hf", "export-hf", "prepare-data"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "train",
+        "train-torch_dist",
+        "train-series",
+        "train-deepspeed",
+        "metrics-file",
+        "extract",
+        "import-hf",
+        "export-hf",
+        "prepare-data",
+    ],
+)
 def test_every_subcommand_refuses_a_foreign_target_before_any_work(in_process_cli, tmp_path, case):
     """In-process: a command that got as far as creating a process group fails the test."""
     user = foreign_dir(tmp_path)
@@ -249,23 +261,34 @@ def test_extract_end_to_end_next_to_precious_files_and_overwrite(tmp_path, run_t
     run_twist(["extract", "--load", central, "--save", user, "--overwrite"])
     assert json.loads((user / "meta.json").read_text())["kind"] == "extracted" and not (user / "notes.txt").exists()
     assert sibling.read_bytes() == PRECIOUS
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["central", "cut", "metrics.json", "precious.txt",
-                                                          "target"], "no temporaries left behind"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["central", "cut", "metrics.json", "precious.txt", "target"], (
+        "no temporaries left behind"
+    )
 
 
 @pytest.mark.parametrize("script", ["quality.py", "speed.py", "deployment.py", "deepspeed_memory.py"])
 def test_benchmarks_refuse_a_foreign_out_folder(tmp_path, script):
     user = foreign_dir(tmp_path)
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--smoke", "--out", str(user)],
-                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / script), "--smoke", "--out", str(user)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
     assert proc.returncode != 0 and f"--out {user}" in proc.stderr and "did not write" in proc.stderr, proc.stderr
     assert intact(user)
 
 
 def test_run_all_refuses_a_foreign_out_folder(tmp_path):
     user = foreign_dir(tmp_path)
-    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "run_all.sh"), str(user)], capture_output=True,
-                          text=True, timeout=300, cwd=REPO)
+    proc = subprocess.run(
+        ["bash", str(REPO / "benchmarks" / "run_all.sh"), str(user)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
     assert proc.returncode == 2 and "was not made by benchmarks/run_all.sh" in proc.stderr, proc.stderr
     assert intact(user)
 

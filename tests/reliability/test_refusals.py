@@ -4,6 +4,7 @@ config or model sizes, a parallel layout the checkpoint cannot be resharded to, 
 tokenizer. Each case goes through the `twist` command line with --load and --save naming the
 same save directory (the restart idiom), and every file in it is compared before and after.
 """
+
 from __future__ import annotations
 
 import json
@@ -11,9 +12,9 @@ import shutil
 
 import pytest
 
-from megatron_twist.cli import build_parser
 from megatron_twist.arguments import explicit_dests
 from megatron_twist.checkpoint.resume import resume_conflicts
+from megatron_twist.cli import build_parser
 
 
 @pytest.fixture
@@ -30,22 +31,28 @@ def _resume(rel, save):
 
 def test_flags_typed_on_the_command_line_are_told_from_defaults():
     train = build_parser().train_parser
-    assert explicit_dests(train, ["--mock-data", "--keep-r", "0.25", "--no-coverage"]) == \
-        {"mock_data", "keep_ratio", "twist_coverage"}
+    assert explicit_dests(train, ["--mock-data", "--keep-r", "0.25", "--no-coverage"]) == {
+        "mock_data",
+        "keep_ratio",
+        "twist_coverage",
+    }
     assert explicit_dests(train, []) == set()
     assert train.get_default("keep_ratio") == 0.5, "the parser's defaults are restored"
 
 
-@pytest.mark.parametrize("flags,expected", [
-    (["--keep-ratio", "0.25"], "--keep-ratio 0.25 (the checkpoint was trained with keep_ratio=0.5)"),
-    (["--num-subnets", "4"], "--num-subnets 4 (the checkpoint was trained with num_subnets=2)"),
-    (["--local-steps", "3"], "--local-steps 3 (the checkpoint was trained with local_steps=2)"),
-    (["--whole-layers", "0"], "--whole-layers 0 (the checkpoint was trained with whole_layers=[])"),
-    (["--no-coverage"], "--no-coverage (the checkpoint was trained with coverage=True)"),
-    (["--model-preset", "small"], "--model-preset small (num_layers 4 vs 2"),
-    (["--hidden-size", "128"], "--hidden-size 128 (the checkpoint's model has hidden_size=64)"),
-    (["--seq-length", "128"], "--seq-length 128 (the checkpoint's model has seq_length=64)"),
-])
+@pytest.mark.parametrize(
+    "flags,expected",
+    [
+        (["--keep-ratio", "0.25"], "--keep-ratio 0.25 (the checkpoint was trained with keep_ratio=0.5)"),
+        (["--num-subnets", "4"], "--num-subnets 4 (the checkpoint was trained with num_subnets=2)"),
+        (["--local-steps", "3"], "--local-steps 3 (the checkpoint was trained with local_steps=2)"),
+        (["--whole-layers", "0"], "--whole-layers 0 (the checkpoint was trained with whole_layers=[])"),
+        (["--no-coverage"], "--no-coverage (the checkpoint was trained with coverage=True)"),
+        (["--model-preset", "small"], "--model-preset small (num_layers 4 vs 2"),
+        (["--hidden-size", "128"], "--hidden-size 128 (the checkpoint's model has hidden_size=64)"),
+        (["--seq-length", "128"], "--seq-length 128 (the checkpoint's model has seq_length=64)"),
+    ],
+)
 def test_conflicting_flags(rel, reference, flags, expected):
     parser = build_parser()
     argv = [*rel.ARGS, *flags]
@@ -55,18 +62,28 @@ def test_conflicting_flags(rel, reference, flags, expected):
     assert len(conflicts) == 1 and conflicts[0].startswith(expected), conflicts
     # The saved values typed explicitly are no conflict.
     same = parser.parse_args([*rel.ARGS, "--keep-ratio", "0.5", "--model-preset", "tiny"])
-    assert resume_conflicts(saved, same, explicit_dests(parser.train_parser, ["--keep-ratio", "0.5",
-                                                                              "--model-preset", "tiny"])) == []
+    assert (
+        resume_conflicts(
+            saved, same, explicit_dests(parser.train_parser, ["--keep-ratio", "0.5", "--model-preset", "tiny"])
+        )
+        == []
+    )
 
 
 @pytest.mark.multiprocess
 def test_contradicting_flags_are_refused_and_nothing_changes(rel, save_dir, run_twist):
     before = rel.file_hashes(save_dir)
-    proc = run_twist([*_resume(rel, save_dir), "--keep-ratio", "0.25", "--num-subnets", "4", "--hidden-size", "128"],
-                     check=False)
+    proc = run_twist(
+        [*_resume(rel, save_dir), "--keep-ratio", "0.25", "--num-subnets", "4", "--hidden-size", "128"], check=False
+    )
     assert proc.returncode == 2, proc.stderr[-3000:]
-    for part in ("these flags contradict the checkpoint", "--keep-ratio 0.25", "--num-subnets 4",
-                 "--hidden-size 128", "drop these flags"):
+    for part in (
+        "these flags contradict the checkpoint",
+        "--keep-ratio 0.25",
+        "--num-subnets 4",
+        "--hidden-size 128",
+        "drop these flags",
+    ):
         assert part in proc.stderr
     assert "[twist] round" not in proc.stdout
     assert rel.file_hashes(save_dir) == before
@@ -79,8 +96,7 @@ def test_truncated_checkpoint_is_refused_and_nothing_changes(rel, save_dir, run_
     before = rel.file_hashes(save_dir)
     proc = run_twist(_resume(rel, save_dir), check=False, timeout=300)
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "model.safetensors does not match its checksum in meta.json: the file is corrupt or truncated" \
-        in proc.stderr
+    assert "model.safetensors does not match its checksum in meta.json: the file is corrupt or truncated" in proc.stderr
     assert "[twist] round" not in proc.stdout
     assert rel.file_hashes(save_dir) == before
 

@@ -5,6 +5,7 @@ say `weights_only=True`; no `pickle.load(s)`; a `pickle.Unpickler` subclass only
 `find_class`), and hostile files whose unpickling would create a marker file are put where the
 loaders look: the marker must never appear.
 """
+
 from __future__ import annotations
 
 import ast
@@ -56,23 +57,30 @@ def _offenders(source: str, where: str) -> list:
         if isinstance(node, ast.Call):
             name = _call_name(node)
             if name == "torch.load" or name.endswith(".torch.load"):
-                if not any(k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True
-                           for k in node.keywords):
+                if not any(
+                    k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True
+                    for k in node.keywords
+                ):
                     out.append(f"{at}: {name} without weights_only=True")
             if name in ("pickle.load", "pickle.loads", "dill.load", "dill.loads", "joblib.load"):
                 out.append(f"{at}: {name}")
             if name in ("numpy.load", "np.load") and any(
-                    k.arg == "allow_pickle" and not (isinstance(k.value, ast.Constant) and k.value.value is False)
-                    for k in node.keywords):
+                k.arg == "allow_pickle" and not (isinstance(k.value, ast.Constant) and k.value.value is False)
+                for k in node.keywords
+            ):
                 out.append(f"{at}: {name} with allow_pickle")
         if isinstance(node, ast.ClassDef) and any(
-                (isinstance(b, ast.Attribute) and b.attr == "Unpickler") or (isinstance(b, ast.Name) and
-                                                                             b.id == "Unpickler")
-                for b in node.bases):
+            (isinstance(b, ast.Attribute) and b.attr == "Unpickler")
+            or (isinstance(b, ast.Name) and b.id == "Unpickler")
+            for b in node.bases
+        ):
             if not any(isinstance(f, ast.FunctionDef) and f.name == "find_class" for f in node.body):
                 out.append(f"{at}: Unpickler subclass {node.name} without a restricting find_class")
-        if isinstance(node, ast.ImportFrom) and node.module in ("pickle", "dill") and \
-                any(a.name in ("load", "loads", "Unpickler") for a in node.names):
+        if (
+            isinstance(node, ast.ImportFrom)
+            and node.module in ("pickle", "dill")
+            and any(a.name in ("load", "loads", "Unpickler") for a in node.names)
+        ):
             out.append(f"{at}: from {node.module} import ...")
     return out
 
@@ -85,8 +93,10 @@ def test_package_source_never_unpickles_unrestricted():
 
 
 def test_the_scan_catches_what_it_forbids():
-    bad = ("import torch, pickle\nfrom pickle import loads\ntorch.load('x')\n"
-           "torch.load('x', weights_only=False)\npickle.loads(b'')\nclass U(pickle.Unpickler):\n    pass\n")
+    bad = (
+        "import torch, pickle\nfrom pickle import loads\ntorch.load('x')\n"
+        "torch.load('x', weights_only=False)\npickle.loads(b'')\nclass U(pickle.Unpickler):\n    pass\n"
+    )
     assert len(_offenders(bad, "bad.py")) == 5
     assert _offenders("import torch\ntorch.load('x', map_location='cpu', weights_only=True)\n", "ok.py") == []
 
@@ -131,8 +141,14 @@ def test_hostile_huggingface_directory_is_never_executed(tmp_path):
 
     marker = tmp_path / "PWNED"
     hf = tmp_path / "hf"
-    LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                num_key_value_heads=2).save_pretrained(str(hf))
+    LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+    ).save_pretrained(str(hf))
     (hf / "pytorch_model.bin").write_bytes(_hostile(marker))
     with pytest.raises(CheckpointError, match="pickle files, which are never loaded"):
         read_hf_weights(str(hf))
@@ -142,9 +158,9 @@ def test_hostile_huggingface_directory_is_never_executed(tmp_path):
 def test_hostile_torch_dist_checkpoint_is_never_executed(mcore, tmp_path):
     """torch.distributed.checkpoint itself reads `.metadata` with pickle.load and byte items with
     torch.load(weights_only=False): megatron-twist vets both before Megatron touches the directory."""
-    from megatron_twist.config import MODEL_PRESETS, ModelConfig, TrainConfig, TwistConfig
     from megatron_twist.checkpoint.torch_dist import read_common, save_central_dist
     from megatron_twist.checkpoint.vetting import MetadataUnpickler
+    from megatron_twist.config import MODEL_PRESETS, ModelConfig, TrainConfig, TwistConfig
     from megatron_twist.training.twist_trainer import build_central
 
     model = ModelConfig(**MODEL_PRESETS["tiny"])
@@ -176,8 +192,9 @@ def test_hostile_torch_dist_checkpoint_is_never_executed(mcore, tmp_path):
         metadata = MetadataUnpickler(f).load()
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
-    idx = next(i for i in metadata.storage_data
-               if isinstance(metadata.state_dict_metadata[i.fqn], BytesStorageMetadata))
+    idx = next(
+        i for i in metadata.storage_data if isinstance(metadata.state_dict_metadata[i.fqn], BytesStorageMetadata)
+    )
     buf = io.BytesIO()
     torch.save(_Payload(marker), buf)
     (d / "__evil.distcp").write_bytes(buf.getvalue())

@@ -5,6 +5,7 @@ the caller's environment (or Slurm's own, or torchrun's) must not leak into a te
 starts from the suite's subprocess environment without any variable a recipe reads (found by
 parsing the recipes' ``VAR=${VAR:-default}`` lines), any SLURM_* variable, or MASTER_ADDR.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,8 +34,13 @@ def clean_env(**overrides) -> dict:
     for name in list(env):
         if name.startswith("SLURM_") or name in recipe_variables() or name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
             env.pop(name)
-    env.update(OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", PYTHONUNBUFFERED="1", DS_ACCELERATOR="cpu",
-               VENV=str(Path(sys.executable).parents[1]))
+    env.update(
+        OMP_NUM_THREADS="1",
+        GLOO_SOCKET_IFNAME="lo",
+        PYTHONUNBUFFERED="1",
+        DS_ACCELERATOR="cpu",
+        VENV=str(Path(sys.executable).parents[1]),
+    )
     env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".venv" / "torch_extensions"))
     env.update({k: str(v) for k, v in overrides.items()})
     return env
@@ -50,8 +56,14 @@ def run_script():
     """run_script("twist_70b.sh", "--plan", "--json", TP=16) -> CompletedProcess (no assertion)."""
 
     def run(name, *args, timeout: float = 120, env=None, **overrides) -> subprocess.CompletedProcess:
-        return subprocess.run(["bash", str(SLURM / name), *map(str, args)], capture_output=True, text=True,
-                              timeout=timeout, cwd=REPO, env=env if env is not None else clean_env(**overrides))
+        return subprocess.run(
+            ["bash", str(SLURM / name), *map(str, args)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=REPO,
+            env=env if env is not None else clean_env(**overrides),
+        )
 
     return run
 

@@ -12,6 +12,7 @@
 
 The test puts tiny shell wrappers named srun / scontrol / sinfo on PATH that exec this file.
 """
+
 from __future__ import annotations
 
 import os
@@ -20,8 +21,22 @@ import subprocess
 import sys
 import time
 
-_VALUED = {"-n", "--ntasks", "-N", "--nodes", "--ntasks-per-node", "--export", "--nodelist", "-w",
-           "--gpus-per-node", "--comment", "--kill-on-bad-exit", "-K", "--cpus-per-task", "-c"}
+_VALUED = {
+    "-n",
+    "--ntasks",
+    "-N",
+    "--nodes",
+    "--ntasks-per-node",
+    "--export",
+    "--nodelist",
+    "-w",
+    "--gpus-per-node",
+    "--comment",
+    "--kill-on-bad-exit",
+    "-K",
+    "--cpus-per-task",
+    "-c",
+}
 
 
 def _parse_srun(argv):
@@ -55,9 +70,15 @@ def srun(argv) -> int:
     procs = []
     for task in range(ntasks):
         env = dict(os.environ)
-        env.update(SLURM_PROCID=str(task), SLURM_LOCALID=str(task % per_node), SLURM_NODEID=str(task // per_node),
-                   SLURM_NTASKS=str(ntasks), SLURM_NNODES=str(nodes), SLURM_STEP_NUM_TASKS=str(ntasks),
-                   SLURM_STEP_NUM_NODES=str(nodes))
+        env.update(
+            SLURM_PROCID=str(task),
+            SLURM_LOCALID=str(task % per_node),
+            SLURM_NODEID=str(task // per_node),
+            SLURM_NTASKS=str(ntasks),
+            SLURM_NNODES=str(nodes),
+            SLURM_STEP_NUM_TASKS=str(ntasks),
+            SLURM_STEP_NUM_NODES=str(nodes),
+        )
         procs.append(subprocess.Popen(cmd, env=env, start_new_session=True))
     kill_on_bad_exit = opts.get("--kill-on-bad-exit", opts.get("-K", "0")) not in ("0", "")
     worst = 0
@@ -88,7 +109,8 @@ def scontrol(argv) -> int:
 
 def sinfo(argv) -> int:
     print("PARTITION AVAIL TIMELIMIT NODES STATE NODELIST")
-    print(f"local* up infinite {os.environ.get('SLURM_JOB_NUM_NODES', '1')} idle {os.environ.get('SLURM_JOB_NODELIST', '')}")
+    nodes, nodelist = os.environ.get("SLURM_JOB_NUM_NODES", "1"), os.environ.get("SLURM_JOB_NODELIST", "")
+    print(f"local* up infinite {nodes} idle {nodelist}")
     return 0
 
 

@@ -14,6 +14,7 @@ use them.
 
     python group_wiring_worker.py WORLD TP PP NUM_SUBNETS KEEP_RATIO SAMPLE_RANKS(comma) OUT.json
 """
+
 from __future__ import annotations
 
 import json
@@ -50,8 +51,9 @@ def main() -> None:
     coords, megatron_groups = [], {}
     for r in range(world):
         init(r, world, tp, pp)
-        coords.append((r, ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(),
-                       ps.get_data_parallel_rank()))
+        coords.append(
+            (r, ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(), ps.get_data_parallel_rank())
+        )
         megatron_groups[r] = {
             "tp": dist.get_process_group_ranks(ps.get_tensor_model_parallel_group()),
             "pp": dist.get_process_group_ranks(ps.get_pipeline_model_parallel_group()),
@@ -66,19 +68,26 @@ def main() -> None:
         groups = runtime.build_twist_groups(twist, tp, pp)
         built[r] = {
             "coords": [groups.rank, groups.tp_rank, groups.pp_rank, groups.dp_rank],
-            "subnet_group": (dist.get_process_group_ranks(groups.subnet_group)
-                             if groups.subnet_group is not None else None),
+            "subnet_group": (
+                dist.get_process_group_ranks(groups.subnet_group) if groups.subnet_group is not None else None
+            ),
             "aggregation_group": dist.get_process_group_ranks(groups.aggregation_group),
             "data_parallel_group": dist.get_process_group_ranks(groups.data_parallel_group),
             "local_subnets": list(groups.local_subnets(subnets)),
             "replica_index": groups.replica_index,
-            "layout": [groups.layout.tensor_parallel, groups.layout.pipeline_parallel,
-                       groups.layout.data_parallel, groups.layout.replicas],
+            "layout": [
+                groups.layout.tensor_parallel,
+                groups.layout.pipeline_parallel,
+                groups.layout.data_parallel,
+                groups.layout.replicas,
+            ],
         }
         teardown()
     with open(out_path, "w") as f:
-        json.dump({"coords": coords, "megatron_groups": megatron_groups, "built": built,
-                   "seconds": time.perf_counter() - t0}, f)
+        json.dump(
+            {"coords": coords, "megatron_groups": megatron_groups, "built": built, "seconds": time.perf_counter() - t0},
+            f,
+        )
 
 
 if __name__ == "__main__":

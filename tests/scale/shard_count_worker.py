@@ -4,6 +4,7 @@ Run under torchrun with TP x PP ranks: builds the central GPTModel and a subnet 
 sampler's sizes) for several configs in this rank's TP shard / PP stage and writes the counts to
 OUT_DIR/rank-R.json.  python shard_count_worker.py TP PP OUT_DIR
 """
+
 from __future__ import annotations
 
 import json
@@ -33,8 +34,11 @@ def main() -> None:
     init_distributed()
     try:
         init_model_parallel(1234, tp, pp)
-        out = {"tp_rank": ps.get_tensor_model_parallel_rank(), "pp_rank": ps.get_pipeline_model_parallel_rank(),
-               "cases": {}}
+        out = {
+            "tp_rank": ps.get_tensor_model_parallel_rank(),
+            "pp_rank": ps.get_pipeline_model_parallel_rank(),
+            "cases": {},
+        }
         for name, (sizes, twist) in CASES.items():
             model, twist = ModelConfig(**sizes), TwistConfig(**twist)
             layer_sizes = SubnetSampler(model, twist, tp).subnet_layer_sizes()

@@ -8,6 +8,7 @@ here from the launch geometry alone: torchrun's static rendezvous with node rank
 gives global rank = node x GPUs per node + local rank, and Megatron's documented order is
 tp-cp-ep-dp-pp (tensor parallel fastest, pipeline slowest).
 """
+
 from __future__ import annotations
 
 import json
@@ -33,9 +34,24 @@ def test_70b_groups_at_real_world_size(tmp_path, script_plan, script_env):
     middle = W // 2 + 3
     sample = [0, middle, W - 1]
     out = tmp_path / "groups.json"
-    proc = subprocess.run([sys.executable, str(REPO / "tests" / "scale" / "group_wiring_worker.py"), str(W), str(T),
-                           str(P), str(n), str(plan["twist"]["keep_ratio"]), ",".join(map(str, sample)), str(out)],
-                          capture_output=True, text=True, timeout=300, cwd=REPO, env=script_env())
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "tests" / "scale" / "group_wiring_worker.py"),
+            str(W),
+            str(T),
+            str(P),
+            str(n),
+            str(plan["twist"]["keep_ratio"]),
+            ",".join(map(str, sample)),
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+        env=script_env(),
+    )
     assert proc.returncode == 0, proc.stderr[-5000:]
     got = json.loads(out.read_text())
 

@@ -5,6 +5,7 @@ and its refusals.
 The arithmetic below is written out from the sizes on purpose (no planner function is called to
 get an expected value): 70B = Llama 3 70B's shape, whose parameter count is public.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,7 +20,7 @@ from megatron_twist.planning.arithmetic import make_plan
 from megatron_twist.planning.sizes import LayerShape, stage_params, subnet_layer_shapes
 
 REPO = Path(__file__).resolve().parents[2]
-GIB = 2 ** 30
+GIB = 2**30
 # Llama 3 70B (the issue's sizes); 70,553,706,496 parameters is its published count
 L, H_, Q, G, F, V = 80, 8192, 64, 8, 28672, 128256
 LLAMA3_70B_PARAMS = 70_553_706_496
@@ -40,8 +41,10 @@ def llama_stage(layers, h, heads, groups, ffn, vocab, tp, pp, k, d):
 
 
 def llama_activations(layers, h, heads, groups, ffn, vocab, tp, pp, k, d, seq, mbs, e=4):
-    per_layer = seq * mbs * (4 * h + (heads + 2 * groups) * d // tp + heads * d // tp + 3 * ffn // tp) \
+    per_layer = (
+        seq * mbs * (4 * h + (heads + 2 * groups) * d // tp + heads * d // tp + 3 * ffn // tp)
         + mbs * (heads // tp) * seq * seq
+    )
     n = layers // pp * per_layer
     if k == pp - 1:
         n += 2 * seq * mbs * h + 2 * seq * mbs * vocab // tp
@@ -71,8 +74,15 @@ def megatron_peak(tp, pp, kappa=0.5, seq=4096, mbs=1):
 def test_70b_script_plan_matches_independent_arithmetic(script_plan, run_script):
     plan = script_plan("twist_70b.sh")
     m = plan["model"]
-    assert (m["num_layers"], m["hidden_size"], m["num_attention_heads"], m["num_query_groups"], m["ffn_hidden_size"],
-            m["vocab_size"], m["family"]) == (L, H_, Q, G, F, V, "llama")
+    assert (
+        m["num_layers"],
+        m["hidden_size"],
+        m["num_attention_heads"],
+        m["num_query_groups"],
+        m["ffn_hidden_size"],
+        m["vocab_size"],
+        m["family"],
+    ) == (L, H_, Q, G, F, V, "llama")
     seq, mbs, n, kappa, steps = m["seq_length"], plan["micro_batch_size"], 2, 0.5, plan["local_steps"]
     assert plan["twist"]["num_subnets"] == n and plan["twist"]["keep_ratio"] == kappa
     T, P, W, d = 8, 8, 256, H_ // Q
@@ -94,9 +104,15 @@ def test_70b_script_plan_matches_independent_arithmetic(script_plan, run_script)
         ns = llama_stage(L, H_, kq, G, kf, V, T, P, k, d)
         assert (st["central_params"], st["subnet_params"]) == (nc, ns)
         act = llama_activations(L, H_, kq, G, kf, V, T, P, k, d, seq, mbs)
-        expected = {"central weights": 4 * nc, "central Adam moments": 8 * nc, "aggregation buffer": 12 * nc,
-                    "subnet weights": 4 * ns, "subnet gradients": 4 * ns, "subnet Adam moments": 8 * ns,
-                    "activations (estimate)": act}
+        expected = {
+            "central weights": 4 * nc,
+            "central Adam moments": 8 * nc,
+            "aggregation buffer": 12 * nc,
+            "subnet weights": 4 * ns,
+            "subnet gradients": 4 * ns,
+            "subnet Adam moments": 8 * ns,
+            "activations (estimate)": act,
+        }
         expected["total"] = sum(expected.values())
         assert st["memory"] == expected
         assert st["total_memory"] < 80 * GIB  # the recipe's PP 8 fits 80 GiB GPUs
@@ -122,13 +138,26 @@ def test_70b_script_plan_matches_independent_arithmetic(script_plan, run_script)
 
 
 def _cli_plan(*args):
-    return subprocess.run([sys.executable, "-m", "megatron_twist", "plan", *map(str, args)], capture_output=True,
-                          text=True, timeout=120, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-m", "megatron_twist", "plan", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
 
 
 def _model70(**kw) -> ModelConfig:
-    sizes = dict(family="llama", num_layers=L, hidden_size=H_, num_attention_heads=Q, num_query_groups=G,
-                 ffn_hidden_size=F, vocab_size=V, seq_length=4096)
+    sizes = dict(
+        family="llama",
+        num_layers=L,
+        hidden_size=H_,
+        num_attention_heads=Q,
+        num_query_groups=G,
+        ffn_hidden_size=F,
+        vocab_size=V,
+        seq_length=4096,
+    )
     sizes.update(kw)
     return ModelConfig(**sizes)
 
@@ -143,16 +172,46 @@ def test_refuses_tp_that_does_not_divide_the_heads_kept():
     msg = str(e.value)
     assert "tensor parallel size 8 does not divide the 12 query heads a subnet keeps per layer" in msg
     # the suggested sizes: TP up to a node's 8 GPUs dividing heads, kept heads, FFN, kept FFN and vocab
-    good = [t for t in (1, 2, 4, 8) if 48 % t == 0 and 12 % t == 0 and 16384 % t == 0 and 4096 % t == 0
-            and V % t == 0 and (48 // t) % 4 == 0]
+    good = [
+        t
+        for t in (1, 2, 4, 8)
+        if 48 % t == 0 and 12 % t == 0 and 16384 % t == 0 and 4096 % t == 0 and V % t == 0 and (48 // t) % 4 == 0
+    ]
     assert good == [1, 2, 4] and "suggested fix: use --tensor-model-parallel-size in {1, 2, 4}" in msg
     make_plan(model, twist, train, world_size=256, tensor_parallel=4, pipeline_parallel=8, gpu_memory_gib=0)
 
     # the same through the command line: exit code 2, the reason and the fix on stderr
-    proc = _cli_plan("--model-family", "llama", "--num-layers", 80, "--hidden-size", 6144, "--num-attention-heads", 48,
-                     "--num-query-groups", 48, "--ffn-hidden-size", 16384, "--vocab-size", V, "--seq-length", 4096,
-                     "--mock-data", "--keep-ratio", 0.25, "--num-subnets", 4, "--micro-batch-size", 1,
-                     "--tensor-model-parallel-size", 8, "--pipeline-model-parallel-size", 8, "--nodes", 32)
+    proc = _cli_plan(
+        "--model-family",
+        "llama",
+        "--num-layers",
+        80,
+        "--hidden-size",
+        6144,
+        "--num-attention-heads",
+        48,
+        "--num-query-groups",
+        48,
+        "--ffn-hidden-size",
+        16384,
+        "--vocab-size",
+        V,
+        "--seq-length",
+        4096,
+        "--mock-data",
+        "--keep-ratio",
+        0.25,
+        "--num-subnets",
+        4,
+        "--micro-batch-size",
+        1,
+        "--tensor-model-parallel-size",
+        8,
+        "--pipeline-model-parallel-size",
+        8,
+        "--nodes",
+        32,
+    )
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.startswith("twist plan: error: tensor parallel size 8 does not divide the 12 query heads")
     assert "suggested fix: use --tensor-model-parallel-size in {1, 2, 4}" in proc.stderr
@@ -178,8 +237,12 @@ def test_refuses_impossible_70b_layouts_with_a_fix(run_script):
     assert megatron_peak(8, 4) > 80 * GIB
     msg = refusal(pipeline_parallel=4)
     assert f"needs {megatron_peak(8, 4) / GIB:.1f} GiB" in msg
-    fits = sorted((t * p, p, t) for t in (1, 2, 4, 8) for p in (1, 2, 4, 5, 8, 10, 16, 20, 40, 80)
-                  if 256 % (t * p) == 0 and 256 // (t * p) % 2 == 0 and megatron_peak(t, p) <= 80 * GIB)
+    fits = sorted(
+        (t * p, p, t)
+        for t in (1, 2, 4, 8)
+        for p in (1, 2, 4, 5, 8, 10, 16, 20, 40, 80)
+        if 256 % (t * p) == 0 and 256 // (t * p) % 2 == 0 and megatron_peak(t, p) <= 80 * GIB
+    )
     _, p, t = fits[0]
     assert (t, p) == (8, 8)
     assert f"suggested fix: --tensor-model-parallel-size {t} --pipeline-model-parallel-size {p}" in msg
@@ -191,8 +254,10 @@ def test_refuses_impossible_70b_layouts_with_a_fix(run_script):
 
 
 def test_the_planner_needs_no_torch():
-    code = ("import sys, megatron_twist.planning, megatron_twist.distributed.layout; "
-            "assert 'torch' not in sys.modules, 'torch imported'")
+    code = (
+        "import sys, megatron_twist.planning, megatron_twist.distributed.layout; "
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO, timeout=60).returncode == 0
 
 
@@ -208,15 +273,20 @@ def test_parameter_counts_equal_built_models(mcore):
     from megatron_twist.model.gpt import build_gpt_model, count_parameters
     from megatron_twist.twist.sampler import SubnetSampler
 
-    cases = dict(CASES, **{"tiny-gpt2": (MODEL_PRESETS["tiny-gpt2"], dict(keep_ratio=0.5)),
-                           "small-gpt2-heads": (MODEL_PRESETS["small-gpt2"], dict(keep_ratio=0.25, num_subnets=4,
-                                                                                 split="heads"))})
+    cases = dict(
+        CASES,
+        **{
+            "tiny-gpt2": (MODEL_PRESETS["tiny-gpt2"], dict(keep_ratio=0.5)),
+            "small-gpt2-heads": (MODEL_PRESETS["small-gpt2"], dict(keep_ratio=0.25, num_subnets=4, split="heads")),
+        },
+    )
     for name, (sizes, tw) in cases.items():
         model, twist = ModelConfig(**sizes), TwistConfig(**tw)
         layer_sizes = SubnetSampler(model, twist, 1).subnet_layer_sizes()
         shapes = subnet_layer_shapes(model, twist, 1)
-        assert [(s.num_attention_heads, s.num_query_groups, s.ffn_hidden_size) for s in layer_sizes] == \
-            [(s.heads, s.groups, s.ffn) for s in shapes], name
+        assert [(s.num_attention_heads, s.num_query_groups, s.ffn_hidden_size) for s in layer_sizes] == [
+            (s.heads, s.groups, s.ffn) for s in shapes
+        ], name
         full = [LayerShape(model.num_attention_heads, model.num_query_groups, model.ffn_hidden_size)] * model.num_layers
         assert stage_params(model, full, 1, 1, 0) == count_parameters(build_gpt_model(model)), name
         assert stage_params(model, shapes, 1, 1, 0) == count_parameters(build_gpt_model(model, layer_sizes)), name
@@ -232,8 +302,9 @@ def test_shard_counts_equal_megatron_shards(tmp_path, run_torchrun):
     for r in ranks:
         for name, (sizes, tw) in CASES.items():
             model, twist = ModelConfig(**sizes), TwistConfig(**tw)
-            full = [LayerShape(model.num_attention_heads, model.num_query_groups,
-                               model.ffn_hidden_size)] * model.num_layers
+            full = [
+                LayerShape(model.num_attention_heads, model.num_query_groups, model.ffn_hidden_size)
+            ] * model.num_layers
             sub = subnet_layer_shapes(model, twist, 2)
             assert r["cases"][name]["central"] == stage_params(model, full, 2, 2, r["pp_rank"]), (name, r)
             assert r["cases"][name]["subnet"] == stage_params(model, sub, 2, 2, r["pp_rank"]), (name, r)
@@ -242,11 +313,23 @@ def test_shard_counts_equal_megatron_shards(tmp_path, run_torchrun):
 def test_deepspeed_path_arithmetic(tmp_path):
     """8B recipe's DeepSpeed variant: ZeRO-3 bf16 over 8 replicas per subnet, central sharded 16 ways."""
     L8, h, q, g, f = 32, 4096, 32, 8, 14336
-    model = ModelConfig(family="llama", num_layers=L8, hidden_size=h, num_attention_heads=q, num_query_groups=g,
-                        ffn_hidden_size=f, vocab_size=V, seq_length=4096)
+    model = ModelConfig(
+        family="llama",
+        num_layers=L8,
+        hidden_size=h,
+        num_attention_heads=q,
+        num_query_groups=g,
+        ffn_hidden_size=f,
+        vocab_size=V,
+        seq_length=4096,
+    )
     twist, train = TwistConfig(keep_ratio=0.5, num_subnets=2, local_steps=20), TrainConfig(micro_batch_size=1)
-    ds = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "bf16": {"enabled": True},
-          "zero_optimization": {"stage": 3}}
+    ds = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "bf16": {"enabled": True},
+        "zero_optimization": {"stage": 3},
+    }
     plan = make_plan(model, twist, train, world_size=16, path="deepspeed", ds_config=ds, gpus_per_node=8)
     d, W, R = h // q, 16, 8
     assert plan.central_params_total == 8_030_261_248  # Llama 3 8B's published count

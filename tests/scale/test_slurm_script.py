@@ -5,6 +5,7 @@ trains the tiny model with 2 CPU ranks end to end: once through srun + torchrun 
 rendezvous, node rank = SLURM_NODEID), once through the DeepSpeed variant (hostfile written from
 `scontrol show hostnames`, `deepspeed --launcher slurm`, which calls srun itself).
 """
+
 from __future__ import annotations
 
 import json
@@ -31,10 +32,12 @@ def _fake_slurm_bin(directory: Path, log: Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     for tool in ("srun", "scontrol", "sinfo"):
         path = directory / tool
-        path.write_text("#!/bin/sh\n"
-                        f"echo \"{tool} $*\" >> {shlex.quote(str(log))}\n"
-                        f"exec {shlex.quote(sys.executable)} {shlex.quote(str(REPO / 'tests/scale/fake_slurm.py'))} "
-                        f"{tool} \"$@\"\n")
+        path.write_text(
+            "#!/bin/sh\n"
+            f'echo "{tool} $*" >> {shlex.quote(str(log))}\n'
+            f"exec {shlex.quote(sys.executable)} {shlex.quote(str(REPO / 'tests/scale/fake_slurm.py'))} "
+            f'{tool} "$@"\n'
+        )
         path.chmod(0o755)
     return directory
 
@@ -44,8 +47,14 @@ def simulated_job(tmp: Path, script_env, job_id: int, **overrides) -> dict:
     bin_dir = _fake_slurm_bin(tmp / "bin", log)
     env = script_env(RUN_DIR=tmp / "run", MASTER_PORT=_free_port(), **overrides)
     env.pop("MASTER_ADDR", None)  # the script must take it from scontrol
-    env.update(PATH=f"{bin_dir}:{env['PATH']}", SLURM_JOB_ID=str(job_id), SLURM_JOB_NODELIST=",".join(HOSTS),
-               SLURM_JOB_NUM_NODES="2", SLURM_NNODES="2", SLURM_SUBMIT_DIR=str(REPO))
+    env.update(
+        PATH=f"{bin_dir}:{env['PATH']}",
+        SLURM_JOB_ID=str(job_id),
+        SLURM_JOB_NODELIST=",".join(HOSTS),
+        SLURM_JOB_NUM_NODES="2",
+        SLURM_NNODES="2",
+        SLURM_SUBMIT_DIR=str(REPO),
+    )
     return env
 
 
@@ -98,8 +107,14 @@ def test_tiny_recipe_trains_under_simulated_slurm(torchrun_job):
         assert r["dense_dp_bytes"] == stage["dense_dp_bytes_per_step"] * r["steps"]
     # and independently: weights + 2 Adam moments of the whole tiny model, fp32
     n = metrics["model"]
-    h, H, G, F, V, L = (n["hidden_size"], n["num_attention_heads"], n["num_query_groups"], n["ffn_hidden_size"],
-                        n["vocab_size"], n["num_layers"])
+    h, H, G, F, V, L = (
+        n["hidden_size"],
+        n["num_attention_heads"],
+        n["num_query_groups"],
+        n["ffn_hidden_size"],
+        n["vocab_size"],
+        n["num_layers"],
+    )
     d = h // H
     params = L * (h * (H + 2 * G) * d + H * d * h + 3 * h * F + 2 * h) + 2 * V * h + h
     assert metrics["rounds"][0]["aggregation_bytes"] == 3 * 4 * params

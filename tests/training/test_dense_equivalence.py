@@ -1,11 +1,12 @@
 """With one subnet and kappa = 1, TwIST training IS plain training, bit for bit."""
+
 from __future__ import annotations
 
 import torch
 
 from megatron_twist.config import MODEL_PRESETS, ModelConfig, TrainConfig, TwistConfig
-from megatron_twist.distributed.runtime import build_twist_groups
 from megatron_twist.data.batches import SyntheticBatches
+from megatron_twist.distributed.runtime import build_twist_groups
 from megatron_twist.training.twist_trainer import TwistTrainer, train_dense
 
 

@@ -35,6 +35,7 @@ and the code of optim/optimizer.py, optim/step.py, twist/worker.py):
   heads, its kept neuron outputs by neurons / kept neurons; `none`: no scale;
 * subnet s at global step t reads batch (t, slot s of num_subnets).
 """
+
 from __future__ import annotations
 
 import math
@@ -49,6 +50,7 @@ EPS = 1e-8  # AdamW's eps in the project (optim.build_optimizer)
 
 
 # ---------------------------------------------------------------- masks from index lists
+
 
 @dataclass
 class SubnetUnits:
@@ -78,7 +80,7 @@ def qkv_row_mask(head_mask: torch.Tensor, groups: int, head_dim: int) -> torch.T
     per_group = len(head_mask) // groups
     rows = []
     for g in range(groups):
-        group_heads = head_mask[g * per_group:(g + 1) * per_group]
+        group_heads = head_mask[g * per_group : (g + 1) * per_group]
         for h in range(per_group):
             rows += [float(group_heads[h])] * head_dim
         kv = 1.0 if float(group_heads.sum()) > 0 else 0.0
@@ -148,6 +150,7 @@ def _times(vector: torch.Tensor):
 
 # ---------------------------------------------------------------- schedule and loss
 
+
 def learning_rate(train, step: int) -> float:
     """Megatron's warmup + cosine as the project configures it (init 0, decay over train_iters)."""
     warmup = min(train.lr_warmup_iters, train.train_iters - 1)
@@ -170,6 +173,7 @@ def mean_token_loss(module, batch) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- training
+
 
 @dataclass
 class SubnetResult:
@@ -201,8 +205,9 @@ class MaskedReference:
         self.params = dict(module.named_parameters())
         assert set(self.params) == set(initial_weights)
         w = {n: t.detach().clone().float() for n, t in initial_weights.items()}
-        self.state = ReferenceState(w, {n: torch.zeros_like(t) for n, t in w.items()},
-                                    {n: torch.zeros_like(t) for n, t in w.items()})
+        self.state = ReferenceState(
+            w, {n: torch.zeros_like(t) for n, t in w.items()}, {n: torch.zeros_like(t) for n, t in w.items()}
+        )
 
     def run_round(self, plans) -> List[SubnetResult]:
         steps = min(self.twist.local_steps, self.train.train_iters - self.state.step)
@@ -259,7 +264,7 @@ class MaskedReference:
 
     def _adam(self, weights, m1, m2, grads, masks, lr: float, count: int) -> None:
         b1, b2 = self.train.adam_beta1, self.train.adam_beta2
-        bc1, bc2 = 1 - b1 ** count, 1 - b2 ** count
+        bc1, bc2 = 1 - b1**count, 1 - b2**count
         for n, w in weights.items():
             held = masks[n] > 0
             g = grads[n]

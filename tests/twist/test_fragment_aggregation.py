@@ -5,6 +5,7 @@ subnet parameter) into central positions with ``central_flat_index`` and divides
 ``holder_count_at``. Here a subnet's parameters are cut into random fragments, the central tensor
 into W shards, and the result must equal RoundAggregator's on the whole tensors, bit for bit.
 """
+
 from __future__ import annotations
 
 import random
@@ -35,8 +36,13 @@ def test_fragments_and_shards_reproduce_whole_tensor_aggregation(mcore, preset, 
     shapes = {n: p.shape for n, p in central.items()}
     rng = random.Random(shards)
     # Each subnet's trained values: its slice of the central model plus noise.
-    subnet_values = [{n: take(p, slice_for(model, n, plan)) + torch.randn(take(p, slice_for(model, n, plan)).shape)
-                      for n, p in central.items()} for plan in plans]
+    subnet_values = [
+        {
+            n: take(p, slice_for(model, n, plan)) + torch.randn(take(p, slice_for(model, n, plan)).shape)
+            for n, p in central.items()
+        }
+        for plan in plans
+    ]
 
     reference = RoundAggregator(model, shapes, fields=("param",))
     reference.begin_round(plans)
@@ -52,8 +58,9 @@ def test_fragments_and_shards_reproduce_whole_tensor_aggregation(mcore, preset, 
         for plan, values in zip(plans, subnet_values):  # every subnet, cut into random ZeRO-like fragments
             flat = values[name].reshape(-1)
             for start, n in _random_cuts(flat.numel(), rng, pieces=3):
-                buffer.index_add_(0, central_flat_index(slice_for(model, name, plan), shape, start, n),
-                                  flat[start: start + n])
+                buffer.index_add_(
+                    0, central_flat_index(slice_for(model, name, plan), shape, start, n), flat[start : start + n]
+                )
         full_counts = holder_count(model, name, shape, plans).expand(shape).reshape(-1)
         got = []
         for k in range(shards):
@@ -64,7 +71,7 @@ def test_fragments_and_shards_reproduce_whole_tensor_aggregation(mcore, preset, 
             assert torch.all(counts[~valid] == 0), "padding is held by nobody"
             old = torch.zeros(ps)
             old[valid] = central[name].detach().reshape(-1)[positions[valid]]
-            total = buffer[k * ps: (k + 1) * ps]
+            total = buffer[k * ps : (k + 1) * ps]
             got.append(torch.where(counts > 0, total / counts.clamp(min=1.0), old))
         result = torch.cat(got)[:numel].view(shape)
         assert torch.equal(result, expected[name]), name

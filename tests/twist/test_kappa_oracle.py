@@ -10,15 +10,16 @@ tensor's largest magnitude (fp32 on both sides; see SMALL_CLIP for why most
 cases clip hard). Measured worst differences: weights 3e-6 (reset) and 5e-7
 (aggregate), moments 1e-6.
 """
+
 from __future__ import annotations
 
 import pytest
 import torch
 
 from megatron_twist.config import ModelConfig, TrainConfig, TwistConfig
+from megatron_twist.data.batches import SyntheticBatches
 from megatron_twist.distributed.runtime import build_twist_groups
 from megatron_twist.model.gpt import build_gpt_model
-from megatron_twist.data.batches import SyntheticBatches
 from megatron_twist.training.twist_trainer import TwistTrainer
 from megatron_twist.twist.sampler import SubnetSampler
 
@@ -61,14 +62,30 @@ CASES = [  # (model, optimizer state, correction, whole layers, coverage, clip n
 
 
 def tiny_model(kind: str) -> ModelConfig:
-    return ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64, vocab_size=64,
-                       seq_length=16, **MODELS[kind])
+    return ModelConfig(
+        num_layers=2,
+        hidden_size=32,
+        num_attention_heads=4,
+        ffn_hidden_size=64,
+        vocab_size=64,
+        seq_length=16,
+        **MODELS[kind],
+    )
 
 
 def train_config(clip: float) -> TrainConfig:
     # Warmup from 0 then cosine to min_lr, weight decay, clipping: all of it must match.
-    return TrainConfig(train_iters=ROUNDS * LOCAL_STEPS, micro_batch_size=2, lr=3e-3, min_lr=1e-4, lr_warmup_iters=2,
-                       weight_decay=0.1, clip_grad=clip, log_interval=100, seed=11)
+    return TrainConfig(
+        train_iters=ROUNDS * LOCAL_STEPS,
+        micro_batch_size=2,
+        lr=3e-3,
+        min_lr=1e-4,
+        lr_warmup_iters=2,
+        weight_decay=0.1,
+        clip_grad=clip,
+        log_interval=100,
+        seed=11,
+    )
 
 
 def assert_matches(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
@@ -96,8 +113,10 @@ class Recorder:
 
         def recording_add_subnet(plan, tensors_by_field):
             worker = trainer.worker
-            state = {n: {k: (v.detach().clone() if torch.is_tensor(v) else v) for k, v in
-                         worker.optimizer.state[p].items()} for n, p in worker.module.named_parameters()}
+            state = {
+                n: {k: (v.detach().clone() if torch.is_tensor(v) else v) for k, v in worker.optimizer.state[p].items()}
+                for n, p in worker.module.named_parameters()
+            }
             weights = {n: p.detach().clone() for n, p in worker.module.named_parameters()}
             self.subnets.append((weights, state))
             add_subnet(plan, tensors_by_field)
@@ -106,22 +125,38 @@ class Recorder:
 
     def on_round_end(self, _record) -> None:
         c = self.trainer.central
-        self.central.append(({n: p.detach().clone() for n, p in c.params.items()},
-                             {m: {n: t.clone() for n, t in ts.items()} for m, ts in c.moments.items()}))
+        self.central.append(
+            (
+                {n: p.detach().clone() for n, p in c.params.items()},
+                {m: {n: t.clone() for n, t in ts.items()} for m, ts in c.moments.items()},
+            )
+        )
 
 
 def case_id(case) -> str:
     kind, policy, correction, whole, coverage, clip = case
-    return "-".join([kind, policy, correction] + (["whole"] if whole else []) + ([] if coverage else ["nocov"])
-                    + (["clip0.5"] if clip == NATURAL_CLIP else []))
+    return "-".join(
+        [kind, policy, correction]
+        + (["whole"] if whole else [])
+        + ([] if coverage else ["nocov"])
+        + (["clip0.5"] if clip == NATURAL_CLIP else [])
+    )
 
 
 @pytest.mark.parametrize("kind,policy,correction,whole,coverage,clip", CASES, ids=[case_id(c) for c in CASES])
 def test_materialized_twist_matches_masked_reference(mcore, kind, policy, correction, whole, coverage, clip):
     model = tiny_model(kind)
     train = train_config(clip)
-    twist = TwistConfig(keep_ratio=0.5, num_subnets=SUBNETS, local_steps=LOCAL_STEPS, seed=3, correction=correction,
-                        optimizer_state=policy, whole_layers=whole, coverage=coverage)
+    twist = TwistConfig(
+        keep_ratio=0.5,
+        num_subnets=SUBNETS,
+        local_steps=LOCAL_STEPS,
+        seed=3,
+        correction=correction,
+        optimizer_state=policy,
+        whole_layers=whole,
+        coverage=coverage,
+    )
     batches = SyntheticBatches(model.vocab_size, model.seq_length, train.micro_batch_size, seed=5)
 
     trainer = TwistTrainer(model, twist, train, build_twist_groups(twist), batches, log=lambda m: None)
@@ -144,8 +179,9 @@ def test_materialized_twist_matches_masked_reference(mcore, kind, policy, correc
                 assert int(mask.sum()) == w.numel(), f"{where} {n}: the subnet's shape is not the plan's"
                 assert_matches(w.flatten(), held(ref.weights[n], mask), f"{where} weight {n}")
                 assert_matches(adam[n]["exp_avg"].flatten(), held(ref.exp_avg[n], mask), f"{where} exp_avg {n}")
-                assert_matches(adam[n]["exp_avg_sq"].flatten(), held(ref.exp_avg_sq[n], mask),
-                               f"{where} exp_avg_sq {n}")
+                assert_matches(
+                    adam[n]["exp_avg_sq"].flatten(), held(ref.exp_avg_sq[n], mask), f"{where} exp_avg_sq {n}"
+                )
                 assert float(adam[n]["step"]) == expected_count, f"{where} {n}: Adam step count"
         weights, moments = recorder.central[r]
         st = reference.state

@@ -3,6 +3,7 @@
 The clock is shared by TwistRoundHook and ZeroRoundHook; the bit-for-bit results of both are
 tested end to end (tests/integrations/); here its rule alone, with a boundary that records calls.
 """
+
 from types import SimpleNamespace
 
 import pytest

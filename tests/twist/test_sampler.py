@@ -1,4 +1,5 @@
 """Sampler properties, property-based: coverage, equal sizes, determinism, TP balance, GQA validity."""
+
 from __future__ import annotations
 
 from fractions import Fraction
@@ -31,9 +32,16 @@ def layouts(draw):
     kappa = draw(st.sampled_from(kappas))
     min_subnets = int(np.ceil(1 / kappa))
     n = draw(st.integers(min_subnets, min_subnets + 3))
-    model = ModelConfig(family="llama", num_layers=draw(st.integers(1, 3)), hidden_size=8 * heads,
-                        num_attention_heads=heads, num_query_groups=groups, ffn_hidden_size=ffn_per_shard * tp,
-                        vocab_size=64, seq_length=8)
+    model = ModelConfig(
+        family="llama",
+        num_layers=draw(st.integers(1, 3)),
+        hidden_size=8 * heads,
+        num_attention_heads=heads,
+        num_query_groups=groups,
+        ffn_hidden_size=ffn_per_shard * tp,
+        vocab_size=64,
+        seq_length=8,
+    )
     twist = TwistConfig(keep_ratio=float(kappa), num_subnets=n, local_steps=1, seed=draw(st.integers(0, 10**6)))
     return model, tp, twist
 
@@ -93,14 +101,21 @@ def test_grouped_query_attention_validity(layout, round_index):
             assert size.num_query_groups % tp == 0, "KV groups must still divide over TP"
             if model.heads_per_group > 1:
                 assert size.num_query_groups == model.num_query_groups, "GQA keeps every KV group"
-                per_group = np.bincount(np.asarray(lu.heads) // model.heads_per_group,
-                                        minlength=model.num_query_groups)
+                per_group = np.bincount(np.asarray(lu.heads) // model.heads_per_group, minlength=model.num_query_groups)
                 assert (per_group == per_group[0]).all() and per_group[0] >= 1
 
 
 def test_rounds_differ():
-    model = ModelConfig(family="llama", num_layers=2, hidden_size=64, num_attention_heads=8, num_query_groups=2,
-                        ffn_hidden_size=64, vocab_size=64, seq_length=8)
+    model = ModelConfig(
+        family="llama",
+        num_layers=2,
+        hidden_size=64,
+        num_attention_heads=8,
+        num_query_groups=2,
+        ffn_hidden_size=64,
+        vocab_size=64,
+        seq_length=8,
+    )
     sampler = SubnetSampler(model, TwistConfig(keep_ratio=0.5, num_subnets=2, seed=3))
     assert len({tuple(sampler.sample(r)) for r in range(8)}) > 1, "resampling must change subnets across rounds"
 
@@ -112,8 +127,16 @@ def test_disjoint_partition_when_quota_times_subnets_equals_units():
 
 
 def test_no_coverage_draws_independently_and_allows_few_subnets():
-    model = ModelConfig(family="llama", num_layers=1, hidden_size=64, num_attention_heads=4, num_query_groups=1,
-                        ffn_hidden_size=16, vocab_size=64, seq_length=8)
+    model = ModelConfig(
+        family="llama",
+        num_layers=1,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_query_groups=1,
+        ffn_hidden_size=16,
+        vocab_size=64,
+        seq_length=8,
+    )
     with pytest.raises(ConfigError, match="coverage needs"):
         TwistConfig(keep_ratio=0.25, num_subnets=2)
     twist = TwistConfig(keep_ratio=0.25, num_subnets=2, coverage=False)
@@ -122,8 +145,16 @@ def test_no_coverage_draws_independently_and_allows_few_subnets():
 
 
 def test_whole_layers_hold_every_unit():
-    model = ModelConfig(family="llama", num_layers=4, hidden_size=64, num_attention_heads=4, num_query_groups=2,
-                        ffn_hidden_size=16, vocab_size=64, seq_length=8)
+    model = ModelConfig(
+        family="llama",
+        num_layers=4,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_query_groups=2,
+        ffn_hidden_size=16,
+        vocab_size=64,
+        seq_length=8,
+    )
     twist = TwistConfig(keep_ratio=0.5, num_subnets=2, whole_layers=(0, -1))
     for plan in SubnetSampler(model, twist).sample(5):
         sizes = plan.layer_sizes(model)

@@ -1,4 +1,5 @@
 """The masked full model is the oracle for the materialized subnet and the cut-out model."""
+
 from __future__ import annotations
 
 import pytest
@@ -62,11 +63,16 @@ def test_masked_full_model_equals_materialized_subnet(mcore, preset, correction,
         assert (gpt_forward(central.module, tokens) - expected).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("preset,keep_ratio,method", [
-    ("tiny", 0.5, "magnitude"), ("tiny", 0.5, "random:3"), ("tiny-gpt2", 0.5, "magnitude"),
-    ("tiny-gpt2", 0.5, "random:3"),
-    ("tiny-gpt2", 0.25, "magnitude"),  # a kappa other than the training one (0.25 of a 2-head GQA group is refused)
-])
+@pytest.mark.parametrize(
+    "preset,keep_ratio,method",
+    [
+        ("tiny", 0.5, "magnitude"),
+        ("tiny", 0.5, "random:3"),
+        ("tiny-gpt2", 0.5, "magnitude"),
+        ("tiny-gpt2", 0.5, "random:3"),
+        ("tiny-gpt2", 0.25, "magnitude"),  # a kappa other than the training one (0.25 of a 2-head GQA group is refused)
+    ],
+)
 def test_extracted_model_equals_masked_central(mcore, preset, keep_ratio, method):
     model, central = _central(preset)
     twist = TwistConfig(keep_ratio=0.5, num_subnets=2, correction="rescale")
@@ -87,7 +93,7 @@ def test_magnitude_selection_keeps_the_largest_units(mcore):
     model, central = _central("tiny")
     twist = TwistConfig(keep_ratio=0.5, num_subnets=2)
     with torch.no_grad():  # make head 3 and neurons 0..63 of layer 0 dominant
-        central.params["decoder.layers.0.self_attention.linear_proj.weight"][:, 3 * 16:4 * 16] *= 100
+        central.params["decoder.layers.0.self_attention.linear_proj.weight"][:, 3 * 16 : 4 * 16] *= 100
         central.params["decoder.layers.0.mlp.linear_fc2.weight"][:, :64] *= 100
     plan = select_plan(model, twist, central.params, 0.5, "magnitude")
     assert 3 in plan.layers[0].heads
