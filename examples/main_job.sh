@@ -8,7 +8,7 @@
 #   4. `twist extract`: cut the dense kappa=0.5 model;
 #   5. `twist eval` on the held-out modules, for the central and the cut-out model;
 #   6. a table (and a loss plot) of perplexity and parameters.
-# About 10 minutes on 2 CPU cores. Override the size with TRAIN_ITERS=..., the place with RUN_DIR=...
+# About 3 minutes on 2 CPU cores after set-up. Override the size with TRAIN_ITERS=..., the place with RUN_DIR=...
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
