@@ -235,6 +235,7 @@ def phase_save_tp2(out: Path) -> dict:
 def phase_load_tp1(out: Path) -> dict:
     """TP=1, one process: load the TP=2 checkpoints and compare; refusals; save the TP=1 one."""
     from megatron_twist.checkpoint import torch_dist as dc
+    from megatron_twist.checkpoint.torch_dist_state import in_process_write_results_queue
     from megatron_twist.cpu_shim import seed_everything
 
     res = {}
@@ -302,7 +303,7 @@ def phase_load_tp1(out: Path) -> dict:
         "load_central",
     )
     (out / "foreign").mkdir()
-    with dc.in_process_write_results_queue():
+    with in_process_write_results_queue():
         dist_checkpointing.save(ref.module.sharded_state_dict(), str(out / "foreign"))
     res["refuse_foreign_dist_checkpoint"] = expect_error(
         lambda: dc.load_central_dist(out / "foreign", _cfg("tiny"), 1), "not a megatron-twist central checkpoint"
