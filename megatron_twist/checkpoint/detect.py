@@ -37,10 +37,6 @@ def holds_checkpoint(path) -> bool:
     return any((Path(path) / f).exists() for f in ("meta.json", "metadata.json", f"{DEEPSPEED_CENTRAL}/meta.json"))
 
 
-def is_deepspeed_checkpoint(path) -> bool:
-    return (Path(path) / DEEPSPEED_CENTRAL / "meta.json").is_file() and (Path(path) / "engine").is_dir()
-
-
 def locate(path) -> Path:
     """The directory holding the model that ``path`` means (see the module docstring)."""
     root = Path(path)

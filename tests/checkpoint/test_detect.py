@@ -27,7 +27,7 @@ def test_locate_every_layout(tmp_path):
     ds = tmp_path / "ds"
     (ds / "engine").mkdir(parents=True)
     _central(ds / "central", 6)
-    assert detect.locate(ds) == ds / "central" and detect.is_deepspeed_checkpoint(ds)
+    assert detect.locate(ds) == ds / "central"
     assert detect.holds_checkpoint(ds) and detect.holds_checkpoint(plain) and not detect.holds_checkpoint(save)
 
 
