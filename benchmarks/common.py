@@ -115,7 +115,7 @@ def is_prepared(path) -> bool:
 
 def user_documents(path, valid_fraction: float = 0.1, max_bytes: Optional[int] = None):
     """(train, held-out) documents of a text file or folder (as `twist prepare-data PATH`: each file a
-    document, every 10th held out; a single file is split into paragraphs), or of a prepared
+    document, every 10th held out; a single file, or fewer than 20, split into paragraphs), or of a prepared
     directory (its token streams decoded with its own tokenizer, its own split kept)."""
     from megatron_twist.data import text_documents
     from megatron_twist.data.corpus import paragraph_documents, split_documents
@@ -125,8 +125,9 @@ def user_documents(path, valid_fraction: float = 0.1, max_bytes: Optional[int] =
         return prepared_documents(p)
     if not p.exists():
         raise SystemExit(f"error: corpus {p} does not exist (a text file, a folder or a `twist prepare-data` dir)")
-    docs = text_documents(str(p))
-    docs = list(paragraph_documents(docs) if p.is_file() else docs)
+    docs = list(text_documents(str(p)))
+    if p.is_file() or len(docs) < 20:  # too few files for a held-out split: their paragraphs
+        docs = list(paragraph_documents(docs))
     if max_bytes is not None:
         kept, total = [], 0
         for d in docs:
