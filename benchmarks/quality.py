@@ -19,6 +19,12 @@ model (the "golden ticket" claim), and TwIST with the activation-shift correctio
 on the stdlib corpus only by default, --correction-corpora: one more training run per corpus).
 TwIST is trained once, at kappa 0.5, and cut at every kappa (training per kappa would cost 2 more
 runs per corpus). Writes OUT/quality.json, OUT/quality.png and prints the tables.
+
+Issue #15: `--corpus PATH ...` adds a user's corpus (a text file, a folder, or a `twist prepare-data`
+directory; `--corpora` with no name: only those); `--seeds S ...` runs every arm once per seed
+(OUT/CORPUS/seed-S) and reports the mean and [min-max]; every table ends with whether the full dense
+model beats every smaller dense model on the same tokens ("regime where size matters: yes/no",
+also `regime` / `size_matters` in the JSON).
 """
 
 from __future__ import annotations
