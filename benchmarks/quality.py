@@ -19,6 +19,12 @@ model (the "golden ticket" claim), and TwIST with the activation-shift correctio
 on the stdlib corpus only by default, --correction-corpora: one more training run per corpus).
 TwIST is trained once, at kappa 0.5, and cut at every kappa (training per kappa would cost 2 more
 runs per corpus). Writes OUT/quality.json, OUT/quality.png and prints the tables.
+
+Issue #15: `--corpus PATH ...` adds a user's corpus (a text file, a folder, or a `twist prepare-data`
+directory; `--corpora` with no name: only those); `--seeds S ...` runs every arm once per seed
+(OUT/CORPUS/seed-S) and reports the mean and [min-max]; every table ends with whether the full dense
+model beats every smaller dense model on the same tokens ("regime where size matters: yes/no",
+also `regime` / `size_matters` in the JSON).
 """
 
 from __future__ import annotations
@@ -27,7 +33,6 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 import warnings
@@ -36,7 +41,17 @@ from typing import Dict, List
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import free_port, prepare_out  # noqa: E402
+from common import (  # noqa: E402
+    is_prepared,
+    merge_seeds,
+    model_flags,
+    prepare_corpus,
+    prepare_out,
+    show,
+    size_matters,
+    user_documents,
+)
+from common import train as run_train  # noqa: E402
 
 sys.path.insert(0, str(REPO))
 KAPPAS = (0.25, 0.5, 0.75)  # --smoke: 0.5 only
@@ -61,124 +76,19 @@ SMOKE = dict(
 )
 
 
-def _env() -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", PYTHONUNBUFFERED="1")
-    env.pop("RANK", None)
-    env.pop("WORLD_SIZE", None)
-    return env
-
-
-def _model_flags(model: dict, kappa: float = 1.0) -> List[str]:
-    head_dim = model["hidden_size"] // model["num_attention_heads"]
-    return [
-        "--num-layers",
-        str(model["num_layers"]),
-        "--hidden-size",
-        str(model["hidden_size"]),
-        "--num-attention-heads",
-        str(int(model["num_attention_heads"] * kappa)),
-        "--num-query-groups",
-        str(model["num_query_groups"]),
-        "--kv-channels",
-        str(head_dim),
-        "--ffn-hidden-size",
-        str(int(model["ffn_hidden_size"] * kappa)),
-        "--seq-length",
-        str(model["seq_length"]),
-    ]
-
-
 def train(name: str, data: Path, out: Path, flags: List[str], args) -> Path:
-    """One `twist train` run (torchrun with --nproc ranks, or one process); returns its checkpoint."""
-    ckpt = out / name
-    if (ckpt / "meta.json").is_file() and not args.retrain:
-        print(f"[quality] {name}: reusing {ckpt}", flush=True)
-        return ckpt
-    launcher = (
-        [sys.executable, "-m", "megatron_twist"]
-        if args.nproc == 1
-        else [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            f"--nproc_per_node={args.nproc}",
-            "--master_addr=127.0.0.1",
-            f"--master_port={free_port()}",
-            "-m",
-            "megatron_twist",
-        ]
-    )
-    cmd = [
-        *launcher,
-        "train",
-        "--data-path",
-        str(data),
-        "--train-iters",
-        str(args.steps),
-        "--micro-batch-size",
-        str(args.micro_batch),
-        "--lr",
-        str(args.lr),
-        "--local-steps",
-        str(args.local_steps),
-        "--log-interval",
-        str(max(1, args.steps // 4)),
-        *flags,
-        "--save",
-        str(ckpt),
-    ]
-    t0 = time.perf_counter()
-    print(f"[quality] {name}: training ({args.steps} steps) ...", flush=True)
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"{name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-    print(f"[quality] {name}: done in {time.perf_counter() - t0:.0f} s", flush=True)
-    return ckpt
-
-
-def activation_scores(module, model, calib) -> list:
-    """Wanda-style structured scores: per unit, ||W[:, unit columns]|| x ||X[unit columns]|| summed over
-    the calibration tokens, at the inputs of linear_proj (heads) and linear_fc2 (neurons)."""
-    import torch
-
-    from megatron_twist.model.gpt import gpt_forward
-    from megatron_twist.twist.slicing import proj_columns
-
-    sq = {}
-    hooks = []
-    for i, layer in enumerate(module.decoder.layers):
-        for kind, sub in (("proj", layer.self_attention.linear_proj), ("fc2", layer.mlp.linear_fc2)):
-
-            def hook(mod, inputs, key=(i, kind)):
-                x = inputs[0].detach().float()
-                sq[key] = sq.get(key, 0) + x.pow(2).reshape(-1, x.shape[-1]).sum(0)
-
-            hooks.append(sub.register_forward_pre_hook(hook))
-    module.eval()
-    with torch.no_grad():
-        for start in range(0, len(calib), 8):
-            gpt_forward(module, calib[start : start + 8])
-    for h in hooks:
-        h.remove()
-    scores = []
-    for i, layer in enumerate(module.decoder.layers):
-        w_proj = layer.self_attention.linear_proj.weight.detach().float()
-        w_fc2 = layer.mlp.linear_fc2.weight.detach().float()
-        col_proj = w_proj.norm(dim=0) * sq[(i, "proj")].sqrt()
-        heads = torch.stack([col_proj[proj_columns(model, [h])].sum() for h in range(model.num_attention_heads)])
-        neurons = w_fc2.norm(dim=0) * sq[(i, "fc2")].sqrt()
-        scores.append((heads, neurons))
-    return scores
+    return run_train("quality", name, data, out, flags, args)
 
 
 def evaluate(args, corpus: str, data: Path, out: Path) -> Dict:
 
+    from pruning import Pruner, calibration
+
     from megatron_twist.checkpoint.models import load_central, load_model
-    from megatron_twist.config import TwistConfig
     from megatron_twist.data import load_token_stream
     from megatron_twist.evaluation import perplexity
     from megatron_twist.model.gpt import count_parameters
-    from megatron_twist.twist.extraction import cut_model, plan_from_scores, select_plan
+    from megatron_twist.twist.extraction import cut_model, select_plan
 
     tokens = load_token_stream(str(data), "valid")
     seq = args.model["seq_length"]
@@ -190,27 +100,18 @@ def evaluate(args, corpus: str, data: Path, out: Path) -> Dict:
     res: Dict = {"corpus": corpus}
     twist_central, twist_cfg, _ = load_central(str(out / "twist"))
     dense_central, _, _ = load_central(str(out / "dense"))
-    cut_cfg = TwistConfig(keep_ratio=0.5, num_subnets=1, coverage=False)  # split heads and MLP, no correction
     res["e_dense_full"] = ppl(dense_central.module)
     res["e_twist_central"] = ppl(twist_central.module)
-    train_tokens = load_token_stream(str(data), "train")
-    n_calib = args.calib_sequences
-    calib = train_tokens[: n_calib * seq].long().view(n_calib, seq)
-    act_scores = activation_scores(dense_central.module, dense_central.config, calib)
+    pruner = Pruner(dense_central, calibration(data, args.calib_sequences, seq))
+    cut_cfg = pruner.cfg
     for kappa in KAPPAS:
         k = str(kappa)
         plan = select_plan(twist_central.config, twist_cfg, twist_central.params, kappa)
         res.setdefault("a_twist_cut", {})[k] = ppl(
             cut_model(twist_central.config, twist_cfg, twist_central.params, plan)[0]
         )
-        plan = select_plan(dense_central.config, cut_cfg, dense_central.params, kappa)
-        res.setdefault("b_dense_magnitude", {})[k] = ppl(
-            cut_model(dense_central.config, cut_cfg, dense_central.params, plan)[0]
-        )
-        plan = plan_from_scores(dense_central.config, cut_cfg, kappa, act_scores)
-        res.setdefault("c_dense_activation", {})[k] = ppl(
-            cut_model(dense_central.config, cut_cfg, dense_central.params, plan)[0]
-        )
+        res.setdefault("b_dense_magnitude", {})[k] = ppl(pruner.prune(kappa, "magnitude")[0])
+        res.setdefault("c_dense_activation", {})[k] = ppl(pruner.prune(kappa, "activation")[0])
         small, _ = load_model(str(out / f"small-{kappa}"))
         res.setdefault("d_small_from_scratch", {})[k] = ppl(small)
         print(
@@ -236,40 +137,60 @@ def evaluate(args, corpus: str, data: Path, out: Path) -> Dict:
     return res
 
 
-def run_corpus(args, corpus: str) -> Dict:
-    from megatron_twist.data import prepare_data, stdlib_documents, text_documents
-    from megatron_twist.data.corpus import paragraph_documents
+def prepare(args, corpus: str, data: Path) -> Path:
+    """The corpus's prepared directory: a user's prepared directory as is, else made under --out."""
+    from megatron_twist.data import stdlib_documents
 
-    out = Path(args.out) / corpus
-    data = out / "data"
-    if not (data / "manifest.json").is_file():
-        if corpus == "stdlib":
-            train_docs = stdlib_documents("train", max_bytes=args.stdlib_bytes)
-            valid_docs = stdlib_documents("valid", max_bytes=None if not args.smoke else 150_000)
-        else:
-            docs = list(paragraph_documents(text_documents(args.shakespeare)))
-            train_docs = [d for i, d in enumerate(docs) if i % 10 != 9]
-            valid_docs = [d for i, d in enumerate(docs) if i % 10 == 9]
-        prepare_data(str(data), train_docs, valid_docs, vocab_size=args.vocab, progress=False, source=corpus)
+    if corpus in args.user_corpora and is_prepared(args.user_corpora[corpus]):
+        return Path(args.user_corpora[corpus])
+    if corpus == "stdlib":
+        docs = (
+            stdlib_documents("train", max_bytes=args.stdlib_bytes),
+            stdlib_documents("valid", max_bytes=None if not args.smoke else 150_000),
+        )
+    elif is_prepared(data):
+        docs = ([], [])  # made by an earlier run: kept
+    else:  # tinyshakespeare (one file: its paragraphs) or a user's file or folder
+        path = args.shakespeare if corpus == "shakespeare" else args.user_corpora[corpus]
+        docs = user_documents(path, max_bytes=args.stdlib_bytes if args.smoke else None)
+    return prepare_corpus(data, docs, args.vocab, corpus)
+
+
+def run_seed(args, corpus: str, data: Path, out: Path) -> Dict:
     m = args.model
-    train("twist", data, out, [*_model_flags(m), "--num-subnets", "2", "--keep-ratio", "0.5"], args)
-    train("dense", data, out, [*_model_flags(m), "--num-subnets", "1", "--keep-ratio", "1.0"], args)
+    train("twist", data, out, [*model_flags(m), "--num-subnets", "2", "--keep-ratio", "0.5"], args)
+    train("dense", data, out, [*model_flags(m), "--num-subnets", "1", "--keep-ratio", "1.0"], args)
     for kappa in KAPPAS:
-        train(f"small-{kappa}", data, out, [*_model_flags(m, kappa), "--num-subnets", "1", "--keep-ratio", "1.0"], args)
+        train(f"small-{kappa}", data, out, [*model_flags(m, kappa), "--num-subnets", "1", "--keep-ratio", "1.0"], args)
     if corpus in args.correction_corpora:
         train(
             "twist-rescale",
             data,
             out,
-            [*_model_flags(m), "--num-subnets", "2", "--keep-ratio", "0.5", "--activation-correction", "rescale"],
+            [*model_flags(m), "--num-subnets", "2", "--keep-ratio", "0.5", "--activation-correction", "rescale"],
             args,
         )
     return evaluate(args, corpus, data, out)
 
 
+def run_corpus(args, corpus: str) -> Dict:
+    """Every arm on one corpus, once per seed (one seed: OUT/CORPUS; several: OUT/CORPUS/seed-S)."""
+    out = Path(args.out) / corpus
+    data = prepare(args, corpus, out / "data")
+    runs = []
+    for seed in args.seeds:
+        args.seed = seed
+        runs.append(run_seed(args, corpus, data, out if len(args.seeds) == 1 else out / f"seed-{seed}"))
+    res = merge_seeds(runs)
+    res["seeds"] = list(args.seeds)
+    res["regime"] = size_matters(res["e_dense_full"], res["d_small_from_scratch"])
+    return res
+
+
 def report(results: List[Dict], args) -> None:
     for r in results:
-        print(f"\n== {r['corpus']}: held-out perplexity (parameters) ==")
+        seeds = f", mean [min-max] of seeds {r['seeds']}" if len(r["seeds"]) > 1 else ""
+        print(f"\n== {r['corpus']}: held-out perplexity (parameters){seeds} ==")
         print(
             f"{'kappa':>6s} {'(a) TwIST cut':>18s} {'(b) magnitude':>18s} {'(c) activation':>18s} "
             f"{'(d) small dense':>18s} {'a vs best(b,c)':>15s} {'a vs d':>8s}"
@@ -281,12 +202,18 @@ def report(results: List[Dict], args) -> None:
             best = min(b["perplexity"], c["perplexity"])
             print(
                 f"{k:>6s} "
-                + " ".join(f"{x['perplexity']:9.2f} ({x['parameters'] / 1e6:4.2f}M)" for x in (a, b, c, d))
+                + " ".join(f"{show(x):>9s} ({x['parameters'] / 1e6:4.2f}M)" for x in (a, b, c, d))
                 + f" {a['perplexity'] / best - 1:+14.1%} {a['perplexity'] / d['perplexity'] - 1:+7.1%}"
             )
         print(
-            f"(e) dense full {r['e_dense_full']['perplexity']:.2f} ({r['e_dense_full']['parameters'] / 1e6:.2f}M), "
-            f"TwIST central {r['e_twist_central']['perplexity']:.2f}"
+            f"(e) dense full {show(r['e_dense_full'])} ({r['e_dense_full']['parameters'] / 1e6:.2f}M), "
+            f"TwIST central {show(r['e_twist_central'])}"
+        )
+        g = r["regime"]
+        print(
+            f"regime where size matters: {'yes' if g['size_matters'] else 'no'} (dense full "
+            f"{g['full_perplexity']:.2f} vs the best smaller dense model, kappa {g['best_smaller_kappa']}: "
+            f"{g['best_smaller_perplexity']:.2f})"
         )
         for label, values in r["golden_ticket"].items():
             mean = sum(values) / len(values)
@@ -310,6 +237,8 @@ def report(results: List[Dict], args) -> None:
                 "steps": args.steps,
                 "nproc": args.nproc,
                 "micro_batch": args.micro_batch,
+                "seeds": list(args.seeds),
+                "size_matters": all(r["regime"]["size_matters"] for r in results),
                 "results": results,
             },
             indent=1,
@@ -352,7 +281,18 @@ def report(results: List[Dict], args) -> None:
 def main() -> int:
     warnings.filterwarnings("ignore")
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--corpora", nargs="+", default=["stdlib", "shakespeare"], choices=["stdlib", "shakespeare"])
+    p.add_argument("--corpora", nargs="*", default=["stdlib", "shakespeare"], choices=["stdlib", "shakespeare"])
+    p.add_argument(
+        "--seeds", nargs="+", type=int, default=[1234], help="every arm once per seed (init, data order, subnets)"
+    )
+    p.add_argument(
+        "--corpus",
+        nargs="+",
+        default=[],
+        metavar="PATH",
+        help="a user's corpus as well (`--corpora` with no name: only it): a text file (its paragraphs are the "
+        "documents), a folder of text files, or a `twist prepare-data` directory; named after its last component",
+    )
     p.add_argument("--shakespeare", default=str(REPO.parent / "shared" / "data" / "tinyshakespeare.txt"))
     # 120 steps x 8 sequences x 256 tokens x 2 ranks = 491,520 tokens per model: what keeps the whole
     # benchmark set (benchmarks/run_all.sh) within one hour on 2 CPU cores.
@@ -382,12 +322,23 @@ def main() -> int:
         args.steps, args.nproc, args.micro_batch, args.local_steps, args.vocab = 4, 1, 2, 2, 512
         args.stdlib_bytes, args.eval_tokens, args.calib_sequences, args.random_subnets = 60_000, 2048, 8, 2
         args.correction_corpora = []
-        args.corpora = ["stdlib"]
+        args.corpora = ["stdlib"] if args.corpora else []
         global KAPPAS
         KAPPAS = (0.5,)
     corpora = [c for c in args.corpora if c != "shakespeare" or Path(args.shakespeare).is_file()]
     if len(corpora) < len(args.corpora):
         print(f"[quality] {args.shakespeare} not found: tinyshakespeare skipped", flush=True)
+    args.user_corpora = {}
+    for path in args.corpus:
+        name = Path(path).resolve().name.split(".")[0] or "corpus"
+        while name in corpora:
+            name += "_"
+        if not Path(path).exists():
+            raise SystemExit(f"error: --corpus {path} does not exist")
+        args.user_corpora[name] = path
+        corpora.append(name)
+    if not corpora:
+        raise SystemExit("error: no corpus to run (pass --corpora NAME... or --corpus PATH)")
     prepare_out(args.out)  # before any work: a user's own folder is refused
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     from megatron_twist.distributed.runtime import init_distributed, init_model_parallel, shutdown

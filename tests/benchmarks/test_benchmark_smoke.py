@@ -16,8 +16,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _run(launch, script, out, timeout=300):
-    proc = launch([sys.executable, REPO / "benchmarks" / script, "--smoke", "--out", out], timeout=timeout)
+def _run(launch, script, out, timeout=300, extra=()):
+    proc = launch([sys.executable, REPO / "benchmarks" / script, "--smoke", "--out", out, *extra], timeout=timeout)
     assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
     return proc
 
@@ -37,6 +37,47 @@ def test_quality_benchmark_smoke(tmp_path, launch):
     )
     assert len(result["golden_ticket"]["twist"]) == 2
     assert (tmp_path / "quality.png").is_file() and "(a) TwIST cut" in proc.stdout
+
+
+@pytest.mark.multiprocess
+def test_quality_benchmark_smoke_on_a_users_text_with_seeds(tmp_path, launch):
+    # issue #15 items 2, 6, 8: a user's text file instead of the built-in corpora, two seeds
+    import argparse
+    import typing
+
+    text = tmp_path / "mytext.txt"
+    text.write_text(Path(argparse.__file__).read_text() + "\n\n" + Path(typing.__file__).read_text())
+    out = tmp_path / "out"
+    proc = _run(launch, "quality.py", out, extra=("--corpora", "--corpus", text, "--seeds", "1", "2"))
+    data = json.loads((out / "quality.json").read_text())
+    result = data["results"][0]
+    assert [r["corpus"] for r in data["results"]] == ["mytext"] and data["seeds"] == [1, 2]
+    for entry in (result["e_dense_full"], result["a_twist_cut"]["0.5"], result["d_small_from_scratch"]["0.5"]):
+        assert len(entry["perplexity_seeds"]) == 2 and entry["perplexity_spread"]["n"] == 2
+        assert entry["perplexity"] == pytest.approx(sum(entry["perplexity_seeds"]) / 2)
+    assert (out / "mytext" / "seed-1" / "twist").is_dir() and (out / "mytext" / "seed-2" / "twist").is_dir()
+    regime = result["regime"]
+    assert isinstance(regime["size_matters"], bool) and data["size_matters"] == regime["size_matters"]
+    assert ("regime where size matters: " + ("yes" if regime["size_matters"] else "no")) in proc.stdout
+
+
+@pytest.mark.multiprocess
+def test_continued_benchmark_smoke(tmp_path, launch):
+    # phase 2 on the standard-library files phase 1 did not use: runs without ../shared/data
+    proc = _run(launch, "continued.py", tmp_path, extra=("--phase2", "stdlib"))
+    res = json.loads((tmp_path / "continued.json").read_text())
+    arms = ("a_twist_cut", "b_dense_magnitude", "b_dense_activation", "c_prune_retrain", "d_small_from_scratch")
+    assert res["kappas"] == [0.5] and res["phase2_tokens"] > 0
+    for arm in arms:
+        assert set(res[arm]) == {"0.5"} and math.isfinite(res[arm]["0.5"]["perplexity"])
+    # every arm at one kappa has the same size, below the full model's
+    sizes = {res[arm]["0.5"]["parameters"] for arm in arms}
+    assert len(sizes) == 1 and sizes.pop() < res["e_dense_full"]["parameters"]
+    for key in ("e_dense_full", "e_twist_central", "phase1_only"):
+        assert math.isfinite(res[key]["perplexity"])
+    assert res["size_matters"] == res["regime"]["size_matters"] in (True, False)
+    assert (tmp_path / "phase1-imported" / "meta.json").is_file() and (tmp_path / "phase1-imported-hf").is_dir()
+    assert (tmp_path / "continued.png").is_file() and "regime where size matters: " in proc.stdout
 
 
 @pytest.mark.multiprocess
