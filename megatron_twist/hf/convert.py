@@ -60,6 +60,20 @@ def hf_config(model: ModelConfig, layer_sizes: Sequence[LayerSize]):
 
     size = uniform_size(model, layer_sizes)
     if model.family == "llama":
+        if model.hidden_size % size.num_attention_heads:
+            # transformers (5.x) validates hidden_size % num_attention_heads == 0 for Llama even though
+            # its config states head_dim; such a model cannot be saved or loaded as a LlamaConfig.
+            fits = [
+                h
+                for h in range(1, model.num_attention_heads + 1)
+                if model.hidden_size % h == 0 and h % size.num_query_groups == 0
+            ]
+            raise ExportError(
+                f"a Llama with {size.num_attention_heads} of {model.num_attention_heads} heads and hidden size "
+                f"{model.hidden_size} cannot be expressed as a HuggingFace LlamaConfig (transformers requires the "
+                f"hidden size to be a multiple of the number of heads). Cut at a keep ratio that keeps {fits} "
+                "heads, or use the megatron-twist checkpoint directly"
+            )
         return LlamaConfig(
             vocab_size=model.vocab_size,
             hidden_size=model.hidden_size,

@@ -127,3 +127,25 @@ def test_gpt2_with_only_mlp_cut_exports(mcore, tmp_path, prepared512):
     hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), local_files_only=True).eval()
     with torch.no_grad():
         torch.testing.assert_close(hf(input_ids=tokens).logits, gpt_forward(module.eval(), tokens), atol=1e-4, rtol=0)
+
+
+def test_a_llama_cut_whose_heads_do_not_divide_the_hidden_size_is_refused():
+    """transformers' LlamaConfig requires hidden_size % num_attention_heads == 0 although it states
+    head_dim: 6 of 8 heads (kappa 0.75) at hidden 256 is refused with the keep ratios that work,
+    not with transformers' traceback; 4 of 8 heads exports."""
+    from megatron_twist.hf.convert import ExportError, hf_config
+    from megatron_twist.model.gpt import LayerSize
+
+    model = ModelConfig(
+        family="llama",
+        num_layers=2,
+        hidden_size=256,
+        num_attention_heads=8,
+        num_query_groups=2,
+        ffn_hidden_size=704,
+        seq_length=64,
+        vocab_size=512,
+    )
+    with pytest.raises(ExportError, match=r"6 of 8 heads and hidden size 256 cannot be expressed .* keeps \[2, 4, 8\]"):
+        hf_config(model, [LayerSize(6, 2, 528)] * 2)
+    assert hf_config(model, [LayerSize(4, 2, 352)] * 2).head_dim == 32
