@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import time
 import warnings
@@ -53,9 +54,21 @@ from common import (  # noqa: E402
     train,
     user_documents,
 )
-from quality import FULL, SMOKE  # noqa: E402  (the same model sizes as the from-scratch benchmark)
+from quality import SMOKE  # noqa: E402  (the from-scratch benchmark's smoke size)
 
 sys.path.insert(0, str(REPO))
+# Llama-style, 4 layers, 8 query heads in 2 KV groups of head size 24: every cut (2, 4, 6 heads) has a
+# hidden size its head count divides, which transformers' LlamaConfig requires of arms (c) and (d)'s HF
+# round trip (quality.py's hidden 256 fails at 6 heads). Sequence 128 keeps a default run near 30 min.
+MODEL = dict(
+    family="llama",
+    num_layers=4,
+    hidden_size=192,
+    num_attention_heads=8,
+    num_query_groups=2,
+    ffn_hidden_size=512,
+    seq_length=128,
+)
 KAPPAS = (0.25, 0.5, 0.75)  # --smoke: 0.5 only
 DENSE = ["--num-subnets", "1", "--keep-ratio", "1.0"]
 SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
@@ -133,19 +146,34 @@ def pruned_central(imported: Path, p2: Path, tokenizer: Path, kappa: float, out:
     return round_trip(cut, target, args.model["seq_length"], tokenizer)
 
 
-def run_seed(args, p1: Path, p2: Path, imported: Path, tokenizer: Path, out: Path) -> Dict:
-    m, steps2, shared = args.model, args.phase2_steps, Path(args.out)
-    load = ["--load", str(imported)]
-    train("continued", "twist", p2, out, [*load, "--num-subnets", "2", "--keep-ratio", "0.5"], args, steps2)
-    train("continued", "dense", p2, out, [*load, *DENSE], args, steps2)
+def phase1_models(args, p1: Path, tokenizer: Path, out: Path) -> Dict[str, Path]:
+    """Phase 1, run once (seed 1234, like hub checkpoints): the full dense model and (arm d) a dense
+    model of each cut size, each exported to HF and imported back. Returns name -> imported checkpoint."""
+    m, seq = args.model, args.model["seq_length"]
+    pre = train("continued", "phase1-dense", p1, out, [*model_flags(m), *DENSE], args, args.phase1_steps)
+    # the user's path: the commands (--smoke: their library calls, two process starts fewer)
+    models = {"full": round_trip(pre, out / "phase1-imported", seq, tokenizer, cli=not args.smoke)}
     for kappa in KAPPAS:
-        start = pruned_central(imported, p2, tokenizer, kappa, shared, args)
-        train("continued", f"prune-retrain-{kappa}", p2, out, ["--load", str(start), *DENSE], args, steps2)
         small = train(
             "continued", f"small-{kappa}-phase1", p1, out, [*model_flags(m, kappa), *DENSE], args, args.phase1_steps
         )
-        small = round_trip(small, out / f"small-{kappa}-imported", m["seq_length"], tokenizer)
-        train("continued", f"small-{kappa}", p2, out, ["--load", str(small), *DENSE], args, steps2)
+        models[str(kappa)] = round_trip(small, out / f"small-{kappa}-imported", seq, tokenizer)
+    return models
+
+
+def run_seed(args, p2: Path, phase1: Dict[str, Path], tokenizer: Path, out: Path) -> Dict:
+    steps2, shared, imported = args.phase2_steps, Path(args.out), phase1["full"]
+    load, lr = ["--load", str(imported)], ["--lr", str(args.phase2_lr)]
+    twist = ["--num-subnets", "2", "--keep-ratio", "0.5"]
+    train("continued", "twist", p2, out, [*load, *twist, *lr], args, steps2)
+    for name, flags in args.variants.items():
+        train("continued", f"twist-{name}", p2, out, [*load, *twist, *lr, *flags], args, steps2)
+    train("continued", "dense", p2, out, [*load, *DENSE, *lr], args, steps2)
+    for kappa in KAPPAS:
+        start = pruned_central(imported, p2, tokenizer, kappa, shared, args)
+        train("continued", f"prune-retrain-{kappa}", p2, out, ["--load", str(start), *DENSE, *lr], args, steps2)
+        small = ["--load", str(phase1[str(kappa)]), *DENSE, *lr]
+        train("continued", f"small-{kappa}", p2, out, small, args, steps2)
     return evaluate(args, p2, imported, out)
 
 
@@ -168,18 +196,25 @@ def evaluate(args, p2: Path, imported: Path, out: Path) -> Dict:
     tw, tw_cfg, _ = load_central(str(out / "twist"))
     dense, _, _ = load_central(str(out / "dense"))
     res["e_dense_full"], res["e_twist_central"] = ppl(dense.module), ppl(tw.module)
+    variants = {name: load_central(str(out / f"twist-{name}")) for name in args.variants}
+    for name, (v, _, _) in variants.items():
+        res[f"e_twist_{name}_central"] = ppl(v.module)
     pruner = Pruner(dense, calibration(p2, args.calib_sequences, seq))
     for kappa in KAPPAS:
         k = str(kappa)
         res.setdefault("a_twist_cut", {})[k] = ppl(
             cut_model(tw.config, tw_cfg, tw.params, select_plan(tw.config, tw_cfg, tw.params, kappa))[0]
         )
+        for name, (v, v_cfg, _) in variants.items():
+            plan = select_plan(v.config, v_cfg, v.params, kappa)
+            res.setdefault(f"a_twist_{name}_cut", {})[k] = ppl(cut_model(v.config, v_cfg, v.params, plan)[0])
         res.setdefault("b_dense_magnitude", {})[k] = ppl(pruner.prune(kappa, "magnitude")[0])
         res.setdefault("b_dense_activation", {})[k] = ppl(pruner.prune(kappa, "activation")[0])
         res.setdefault("c_prune_retrain", {})[k] = ppl(load_central(str(out / f"prune-retrain-{kappa}"))[0].module)
         res.setdefault("d_small_from_scratch", {})[k] = ppl(load_central(str(out / f"small-{kappa}"))[0].module)
         print(
-            f"[continued] kappa {kappa}: " + ", ".join(f"{a} {res[a][k]['perplexity']:.2f}" for a in ARMS), flush=True
+            f"[continued] kappa {kappa}: " + ", ".join(f"{a} {res[a][k]['perplexity']:.2f}" for a in arms(args)[0]),
+            flush=True,
         )
     return res
 
@@ -188,21 +223,33 @@ ARMS = ("a_twist_cut", "b_dense_magnitude", "b_dense_activation", "c_prune_retra
 LABELS = ("(a) TwIST cut", "(b) magnitude", "(b) activation", "(c) prune+retrain", "(d) small dense")
 
 
+def arms(args):
+    """(keys, labels) of the table's columns: the five arms, then one (a) column per --variant."""
+    names = list(args.variants)
+    return ARMS + tuple(f"a_twist_{n}_cut" for n in names), LABELS + tuple(f"(a) {n}" for n in names)
+
+
 def report(res: Dict, args) -> None:
     seeds = f", mean [min-max] of seeds {args.seeds}" if len(args.seeds) > 1 else ""
     print(f"\n== phase 2 held-out perplexity (parameters){seeds}; {res['phase2_tokens']:,} phase-2 tokens per arm ==")
-    print(f"{'kappa':>6s} " + " ".join(f"{x:>24s}" for x in LABELS) + f" {'a vs best(b)':>13s} {'a vs c':>8s}")
+    keys, labels = arms(args)
+    print(f"{'kappa':>6s} " + " ".join(f"{x:>24s}" for x in labels) + f" {'a vs best(b)':>13s} {'a vs c':>8s}")
     for k in map(str, KAPPAS):
-        row = [res[a][k] for a in ARMS]
+        row = [res[a][k] for a in keys]
         best_b = min(row[1]["perplexity"], row[2]["perplexity"])
         print(
             f"{k:>6s} "
             + " ".join(f"{show(x):>16s} ({x['parameters'] / 1e6:4.2f}M)" for x in row)
             + f" {row[0]['perplexity'] / best_b - 1:+12.1%} {row[0]['perplexity'] / row[3]['perplexity'] - 1:+7.1%}"
+            + "".join(
+                f"  {n}: {r['perplexity'] / best_b - 1:+.1%} / {r['perplexity'] / row[3]['perplexity'] - 1:+.1%}"
+                for n, r in zip(args.variants, row[len(ARMS) :])
+            )
         )
     print(
         f"(e) dense full fine-tuned {show(res['e_dense_full'])} ({res['e_dense_full']['parameters'] / 1e6:.2f}M), "
         f"TwIST central {show(res['e_twist_central'])}, imported model before phase 2 {show(res['phase1_only'])}"
+        + "".join(f", {n} central {show(res[f'e_twist_{n}_central'])}" for n in args.variants)
     )
     g = res["regime"]
     print(
@@ -218,12 +265,13 @@ def report(res: Dict, args) -> None:
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(7.5, 4))
-        for j, (key, label) in enumerate(zip(ARMS, LABELS)):
-            xs = [i + 0.16 * (j - 2) for i in range(len(KAPPAS))]
+        width = 0.8 / len(keys)
+        for j, (key, label) in enumerate(zip(keys, labels)):
+            xs = [i + width * (j - (len(keys) - 1) / 2) for i in range(len(KAPPAS))]
             ys = [res[key][str(k)]["perplexity"] for k in KAPPAS]
             err = [[y - res[key][str(k)].get("perplexity_spread", {"min": y})["min"] for y, k in zip(ys, KAPPAS)]]
             err.append([res[key][str(k)].get("perplexity_spread", {"max": y})["max"] - y for y, k in zip(ys, KAPPAS)])
-            ax.bar(xs, ys, 0.16, yerr=err, label=label)
+            ax.bar(xs, ys, width, yerr=err, label=label)
         ax.axhline(res["e_dense_full"]["perplexity"], color="k", ls="--", lw=1, label="(e) dense full")
         ax.set_xticks(range(len(KAPPAS)), [f"kappa {k}" for k in KAPPAS])
         ax.set_yscale("log")
@@ -247,8 +295,17 @@ def main() -> int:
         help="continued-training text: file, folder or prepared dir, or 'stdlib' (the standard-library files "
         "phase 1 did not use); default: ../shared/data/tinyshakespeare.txt if present, else 'stdlib'",
     )
-    p.add_argument("--phase1-steps", type=int, default=400)
-    p.add_argument("--phase2-steps", type=int, default=120)
+    p.add_argument("--phase1-steps", type=int, default=600)
+    p.add_argument("--phase2-steps", type=int, default=200)
+    p.add_argument("--phase2-lr", type=float, default=1e-3, help="peak learning rate of every phase-2 arm")
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME=FLAGS",
+        help="one more TwIST arm with extra `twist train` flags, e.g. cutaware='--twist-cut-aware-rounds 3' "
+        "(repeatable; each is cut and reported beside (a))",
+    )
     p.add_argument("--phase1-bytes", type=int, default=None, help="cap on the stdlib phase-1 text")
     p.add_argument("--phase2-bytes", type=int, default=None, help="cap on the phase-2 text")
     p.add_argument("--seeds", nargs="+", type=int, default=[1234], help="every phase-2 arm once per seed")
@@ -263,7 +320,13 @@ def main() -> int:
     p.add_argument("--out", default="runs/bench-continued")
     p.add_argument("--smoke", action="store_true", help="seconds-long version: tiny model, few steps (CI)")
     args = p.parse_args()
-    args.model = SMOKE if args.smoke else FULL
+    args.model = SMOKE if args.smoke else MODEL
+    args.variants = {}
+    for v in args.variant:
+        name, sep, flags = v.partition("=")
+        if not sep or not name.isidentifier():
+            p.error(f"--variant {v!r}: expected NAME=FLAGS with NAME a plain word, e.g. cutaware='--flag 3'")
+        args.variants[name] = shlex.split(flags)
     if args.smoke:
         args.phase1_steps, args.phase2_steps, args.nproc, args.micro_batch, args.local_steps = 4, 4, 1, 2, 2
         args.vocab, args.phase1_bytes, args.phase2_bytes, args.eval_tokens, args.calib_sequences = (
@@ -288,15 +351,11 @@ def main() -> int:
 
         tokenizer = Path(load_manifest(str(p1)).tokenizer_path)
         args.seed = 1234
-        pre = train("continued", "phase1-dense", p1, out, [*model_flags(args.model), *DENSE], args, args.phase1_steps)
-        # the user's path: the commands (--smoke: their library calls, two process starts fewer)
-        imported = round_trip(pre, out / "phase1-imported", args.model["seq_length"], tokenizer, cli=not args.smoke)
+        phase1 = phase1_models(args, p1, tokenizer, out)
         runs = []
         for seed in args.seeds:
             args.seed = seed
-            runs.append(
-                run_seed(args, p1, p2, imported, tokenizer, out if len(args.seeds) == 1 else out / f"seed-{seed}")
-            )
+            runs.append(run_seed(args, p2, phase1, tokenizer, out if len(args.seeds) == 1 else out / f"seed-{seed}"))
     finally:
         shutdown()
     res = merge_seeds(runs)

@@ -77,6 +77,12 @@ def add_twist_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="draw units with equal quotas from this many blocks (default: the tensor parallel size); "
         "keep it fixed to reproduce a run at another tensor parallel size",
     )
+    g.add_argument(
+        "--twist-pin-cut",
+        action="store_true",
+        help="subnet 0 holds, each round, the units the magnitude cut at --keep-ratio would keep now "
+        "(trains the final cut as one model; TP = PP = 1)",
+    )
     return parser
 
 
@@ -92,6 +98,7 @@ def validate_twist_args(args: argparse.Namespace) -> TwistConfig:
         correction=args.activation_correction,
         optimizer_state=args.optimizer_state,
         balance_shards=args.twist_balance_shards,
+        pin_cut=args.twist_pin_cut,
     )
 
 

@@ -169,6 +169,12 @@ class TwistConfig:
                        dividing it keeps shards balanced. 0: the run's tensor-parallel size.
                        Part of the run's identity: the same value gives the same subnets
                        at every layout (TP=1 reproduces a TP=2 run, checkpoints reshard).
+    pin_cut:           subnet 0 holds, every round, the units a magnitude cut at keep_ratio
+                       of the current central model would keep (the zero-cost extraction's
+                       choice); the other subnets are dealt the rest. The final cut is then
+                       trained as one model all along (issue #15's cut-aware sampling).
+                       Replicated central model at TP = PP = 1 only (`twist train`, the
+                       host-loop hook).
     """
 
     keep_ratio: float = 0.5
@@ -181,6 +187,7 @@ class TwistConfig:
     correction: str = "none"
     optimizer_state: str = "aggregate"
     balance_shards: int = 0
+    pin_cut: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "whole_layers", tuple(int(i) for i in self.whole_layers))

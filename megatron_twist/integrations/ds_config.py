@@ -105,6 +105,7 @@ _KEYS: Tuple[_Key, ...] = (
     _Key("activation_correction", "correction", "activation_correction", "--activation-correction", "str"),
     _Key("optimizer_state", "optimizer_state", "optimizer_state", "--optimizer-state", "str"),
     _Key("balance_shards", "balance_shards", "twist_balance_shards", "--twist-balance-shards", "nonneg_int"),
+    _Key("pin_cut", "pin_cut", "twist_pin_cut", "--twist-pin-cut", "bool"),
 )
 
 #: The keys a "twist" section may hold, in documentation order.
@@ -238,8 +239,9 @@ def json_text(value: Any) -> str:
 
 def _flag_text(key: _Key, value: Any) -> str:
     """How the user wrote a flag on the command line."""
-    if key.kind == "bool":  # --no-coverage is a store_false switch
-        return key.flag if value is False else f"coverage left on (no {key.flag})"
+    if key.kind == "bool":  # --no-coverage is a store_false switch, --twist-pin-cut a store_true one
+        default = _flag_default(key)
+        return key.flag if value != default else f"{key.field} left {'on' if default else 'off'} (no {key.flag})"
     if key.kind == "int_list":
         return f"{key.flag} {','.join(str(v) for v in value) or repr('')}"
     return f"{key.flag} {value}"

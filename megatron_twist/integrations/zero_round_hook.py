@@ -73,6 +73,11 @@ class ZeroRoundHook:
                 f"launch at least {twist.num_subnets} data-parallel ranks (num_subnets x replicas)"
             )
         self.subnet = subnets[0]
+        if twist.pin_cut:
+            raise ConfigError(
+                "--twist-pin-cut needs the whole central model on every rank; under DeepSpeed ZeRO it is "
+                "partitioned: leave --twist-pin-cut off, or train without --deepspeed"
+            )
         self.model, self.twist, self.central, self.engine = model, twist, central, engine
         self.module = engine.module
         self.fragments = fragments or EngineFragments(engine)

@@ -18,12 +18,16 @@ unless said otherwise:
 
 from __future__ import annotations
 
+import hashlib
 from typing import List, Optional, Protocol, Sequence, Tuple
 
-from ..config import ModelConfig, TwistConfig
+import torch
+
+from ..config import ConfigError, ModelConfig, TwistConfig
 from ..optim.optimizer import ADAM_MOMENTS
 from .aggregation import RoundAggregator
 from .central import CentralModel
+from .extraction import select_plan
 from .sampler import SubnetPlan, SubnetSampler
 from .sharding import local_model_view, local_plan
 
@@ -51,14 +55,37 @@ class LocalPlans:
     ):
         self.model, self.tp_rank, self.tp_size = model, tp_rank, tp_size
         self.first_layer, self.num_layers = first_layer, num_layers
+        if twist.pin_cut and (tp_size > 1 or (num_layers is not None and num_layers != model.num_layers)):
+            raise ConfigError(
+                "--twist-pin-cut picks the cut from the whole central model, which a tensor-parallel shard or a "
+                "pipeline stage does not hold; run it at --tensor-model-parallel-size 1 and "
+                "--pipeline-model-parallel-size 1, or leave --twist-pin-cut off"
+            )
         self.sampler = SubnetSampler(model, twist, tp_size)
         self.geometry = local_model_view(model, tp_size, first_layer, num_layers)
 
     def local(self, plan: SubnetPlan) -> SubnetPlan:
         return local_plan(plan, self.model, self.tp_rank, self.tp_size, self.first_layer, self.num_layers)
 
-    def sample(self, round_index: int) -> List[SubnetPlan]:
-        return [self.local(p) for p in self.sampler.sample(round_index)]
+    def sample(self, round_index: int, pinned: Optional[SubnetPlan] = None) -> List[SubnetPlan]:
+        return [self.local(p) for p in self.sampler.sample(round_index, pinned)]
+
+
+def pinned_cut(central: CentralModel, twist: TwistConfig, group) -> Optional[SubnetPlan]:
+    """Under --twist-pin-cut, the magnitude cut of the central model at the keep ratio (what extraction
+    would take now), the same on every rank of ``group``: the copies are identical after aggregation,
+    and a one-integer check refuses to go on with plans that differ (aggregation would mix units)."""
+    if not twist.pin_cut:
+        return None
+    plan = select_plan(central.config, twist, central.params, twist.keep_ratio)
+    if group is not None and torch.distributed.is_initialized() and torch.distributed.get_world_size(group) > 1:
+        digest = int.from_bytes(hashlib.sha256(repr(plan).encode()).digest()[:7], "little")
+        device = next(iter(central.params.values())).device
+        both = torch.tensor([digest, -digest], dtype=torch.int64, device=device)
+        torch.distributed.all_reduce(both, op=torch.distributed.ReduceOp.MAX, group=group)
+        if int(both[0]) != -int(both[1]):
+            raise RuntimeError("--twist-pin-cut: ranks chose different cuts from central copies that differ")
+    return plan
 
 
 class Subnet(Protocol):
@@ -80,13 +107,15 @@ class ReplicatedRound:
 
     def __init__(self, plans: LocalPlans, central: CentralModel, twist: TwistConfig, aggregation_group):
         self.planner, self.central, self.aggregation_group = plans, central, aggregation_group
+        self.twist = twist
         self.fields = aggregated_fields(twist)
         device = next(central.module.parameters()).device
         self.aggregator = RoundAggregator(plans.geometry, central.shapes(), self.fields, device=device)
         self.plans: List[SubnetPlan] = []
 
     def open(self) -> List[SubnetPlan]:
-        self.plans = self.planner.sample(self.central.round)
+        pinned = pinned_cut(self.central, self.twist, self.aggregation_group)
+        self.plans = self.planner.sample(self.central.round, pinned)
         self.aggregator.begin_round(self.plans)
         return self.plans
 

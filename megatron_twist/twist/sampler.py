@@ -14,13 +14,16 @@ Properties (tested in tests/twist/test_sampler.py):
   straddles a TP shard (a KV group of query heads, or a shard's contiguous
   slice of heads / neurons), so each shard keeps the same number of its own units;
 * grouped-query validity: with GQA every KV group is kept and the same number
-  of query heads is kept inside each group, which is a valid Llama-style config.
+  of query heads is kept inside each group, which is a valid Llama-style config;
+* a pinned subnet (``--twist-pin-cut``): subnet 0 may be given its units (the
+  cut extraction would take now); the other subnets are then dealt the units
+  it does not hold first, so coverage still holds, and fill up at random.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -91,6 +94,28 @@ def deal_units(
     return out
 
 
+def deal_around(
+    units: Sequence[int], pinned: Sequence[int], num_subnets: int, quota: int, rng: np.random.Generator, coverage: bool
+) -> List[np.ndarray]:
+    """``pinned`` (``quota`` of ``units``) for subnet 0; the other subnets as ``deal_units`` would give
+    them, except that with ``coverage`` the units outside ``pinned`` are the ones dealt round-robin."""
+    units, pinned = np.asarray(units, dtype=np.int64), np.sort(np.asarray(pinned, dtype=np.int64))
+    if len(pinned) != quota or not np.isin(pinned, units).all():
+        raise ValueError(f"a pinned subnet must hold {quota} of the bucket's units, got {pinned.tolist()}")
+    rest, out = np.setdiff1d(units, pinned), [pinned]
+    if num_subnets == 1:
+        return out
+    if not coverage or len(rest) == 0:
+        return out + [np.sort(rng.choice(units, size=quota, replace=False)) for _ in range(num_subnets - 1)]
+    for held in np.array_split(rng.permutation(rest), num_subnets - 1):
+        missing = quota - len(held)
+        if missing < 0:
+            raise ValueError(f"{num_subnets - 1} subnets x quota {quota} cannot cover the {len(rest)} unpinned units")
+        fill = rng.choice(np.setdiff1d(units, held), size=missing, replace=False) if missing else []
+        out.append(np.sort(np.concatenate([held, np.asarray(fill, dtype=np.int64)])))
+    return out
+
+
 class SubnetSampler:
     """Draws the plans of all subnets for a round, identically on every rank."""
 
@@ -117,29 +142,40 @@ class SubnetSampler:
         per = self.model.ffn_hidden_size // self.tp
         return [np.arange(t * per, (t + 1) * per) for t in range(self.tp)]
 
-    def _draw(self, buckets, round_index, layer, kind) -> List[np.ndarray]:
+    def _draw(self, buckets, round_index, layer, kind, pinned: Optional[Sequence[int]] = None) -> List[np.ndarray]:
         n = self.twist.num_subnets
         rng = self._rng(round_index, layer, kind)
         per_subnet = [[] for _ in range(n)]
         for bucket in buckets:
             quota = int(round(len(bucket) * self.twist.keep_ratio))
-            for s, idx in enumerate(deal_units(bucket, n, quota, rng, self.twist.coverage)):
+            if pinned is None:
+                dealt = deal_units(bucket, n, quota, rng, self.twist.coverage)
+            else:
+                dealt = deal_around(bucket, np.intersect1d(bucket, pinned), n, quota, rng, self.twist.coverage)
+            for s, idx in enumerate(dealt):
                 per_subnet[s].append(idx)
         return [np.concatenate(parts) for parts in per_subnet]
 
-    def sample(self, round_index: int) -> List[SubnetPlan]:
+    def sample(self, round_index: int, pinned: Optional[SubnetPlan] = None) -> List[SubnetPlan]:
+        """Every subnet's plan for the round; ``pinned``: subnet 0's units (a plan at the keep ratio,
+        e.g. extraction's cut), the others dealt around it."""
         m, n = self.model, self.twist.num_subnets
+        if pinned is not None and len(pinned.layers) != m.num_layers:
+            raise ValueError(f"a pinned plan needs all {m.num_layers} layers, got {len(pinned.layers)}")
         all_heads = tuple(range(m.num_attention_heads))
         all_neurons = tuple(range(m.ffn_hidden_size))
         layers_per_subnet = [[] for _ in range(n)]
         for layer in range(m.num_layers):
             whole = layer in self.whole
+            pin = pinned.layers[layer] if pinned is not None else None
             if self.twist.splits_heads and not whole:
-                heads = [tuple(h.tolist()) for h in self._draw(self.head_buckets(), round_index, layer, _HEADS)]
+                drawn = self._draw(self.head_buckets(), round_index, layer, _HEADS, pin and pin.heads)
+                heads = [tuple(h.tolist()) for h in drawn]
             else:
                 heads = [all_heads] * n
             if self.twist.splits_mlp and not whole:
-                neurons = [tuple(x.tolist()) for x in self._draw(self.neuron_buckets(), round_index, layer, _NEURONS)]
+                drawn = self._draw(self.neuron_buckets(), round_index, layer, _NEURONS, pin and pin.neurons)
+                neurons = [tuple(x.tolist()) for x in drawn]
             else:
                 neurons = [all_neurons] * n
             for s in range(n):

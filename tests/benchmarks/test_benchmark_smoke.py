@@ -64,20 +64,56 @@ def test_quality_benchmark_smoke_on_a_users_text_with_seeds(tmp_path, launch):
 @pytest.mark.multiprocess
 def test_continued_benchmark_smoke(tmp_path, launch):
     # phase 2 on the standard-library files phase 1 did not use: runs without ../shared/data
-    proc = _run(launch, "continued.py", tmp_path, extra=("--phase2", "stdlib"))
+    proc = _run(launch, "continued.py", tmp_path, extra=("--phase2", "stdlib", "--variant", "pin=--twist-pin-cut"))
     res = json.loads((tmp_path / "continued.json").read_text())
     arms = ("a_twist_cut", "b_dense_magnitude", "b_dense_activation", "c_prune_retrain", "d_small_from_scratch")
+    arms += ("a_twist_pin_cut",)  # the --variant arm, trained with its flag
+    assert json.loads((tmp_path / "twist-pin" / "meta.json").read_text())["twist"]["pin_cut"] is True
     assert res["kappas"] == [0.5] and res["phase2_tokens"] > 0
     for arm in arms:
         assert set(res[arm]) == {"0.5"} and math.isfinite(res[arm]["0.5"]["perplexity"])
     # every arm at one kappa has the same size, below the full model's
     sizes = {res[arm]["0.5"]["parameters"] for arm in arms}
     assert len(sizes) == 1 and sizes.pop() < res["e_dense_full"]["parameters"]
-    for key in ("e_dense_full", "e_twist_central", "phase1_only"):
+    for key in ("e_dense_full", "e_twist_central", "phase1_only", "e_twist_pin_central"):
         assert math.isfinite(res[key]["perplexity"])
     assert res["size_matters"] == res["regime"]["size_matters"] in (True, False)
     assert (tmp_path / "phase1-imported" / "meta.json").is_file() and (tmp_path / "phase1-imported-hf").is_dir()
     assert (tmp_path / "continued.png").is_file() and "regime where size matters: " in proc.stdout
+
+
+def test_flops_per_token_against_hand_arithmetic():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from scratch import MODEL, flops_per_token
+
+    # hidden 192, 8 heads of 24 in 2 KV groups, FFN 512, 4 layers, sequence 128, vocabulary 2048:
+    # per layer qkv 192*(8+4)*24 = 55,296, proj 8*24*192 = 36,864, gated MLP 3*192*512 = 294,912,
+    # scores 2*128*8*24 = 49,152: forward 2*(387,072) + 2*49,152 = 872,448 per layer; x4 layers plus
+    # the output layer 2*192*2048 = 786,432 = 4,276,224; x3 for training.
+    assert flops_per_token(MODEL, 2048) == 3 * 4_276_224
+    # kappa 0.5: qkv 192*(4+4)*24 = 36,864, proj 18,432, MLP 147,456, scores 24,576 -> 454,656 per layer
+    assert flops_per_token(MODEL, 2048, 0.5) == 3 * (4 * 454_656 + 786_432)
+
+
+@pytest.mark.multiprocess
+def test_scratch_benchmark_smoke(tmp_path, launch):
+    proc = _run(launch, "scratch.py", tmp_path, extra=("--variant", "half=--num-subnets 1 --keep-ratio 1.0"))
+    data = json.loads((tmp_path / "scratch.json").read_text())
+    (res,) = data["results"]
+    assert res["steps"]["equal_tokens"] == 4 and res["steps"]["equal_flops"] == round(4 * data["flops_ratio"]) > 4
+    p = {k: v["perplexity"] for k, v in res.items() if isinstance(v, dict) and "perplexity" in v}
+    assert all(math.isfinite(v) for v in p.values()) and "twist_half_cut" in p
+    best = min(p["prune_magnitude"], p["prune_activation"])
+    assert res["gaps"]["cut_vs_best_pruning"] == pytest.approx(p["twist_cut"] / best - 1)
+    assert res["gaps"]["cut_vs_small_equal_flops"] == pytest.approx(p["twist_flops_cut"] / p["small_flops"] - 1)
+    assert res["size_matters"] == (p["dense"] < p["small"])
+    # the variant's flags override the arm's: trained dense with the dense arm's seed and data, so its zero-cost
+    # cut (the trainer's extraction) is the dense arm's magnitude pruning (benchmarks/pruning.py)
+    meta = json.loads((tmp_path / "L4" / "seed-1" / "twist-half" / "meta.json").read_text())
+    assert meta["twist"]["num_subnets"] == 1
+    assert p["twist_half_central"] == pytest.approx(p["dense"], rel=1e-6)
+    assert p["twist_half_cut"] == pytest.approx(p["prune_magnitude"], rel=1e-6)
+    assert (tmp_path / "scratch.png").is_file() and "regime where size matters" in proc.stdout
 
 
 @pytest.mark.multiprocess

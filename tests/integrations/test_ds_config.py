@@ -52,6 +52,7 @@ FULL_SECTION = {
     "activation_correction": "rescale",
     "optimizer_state": "reset",
     "balance_shards": 2,
+    "pin_cut": True,
 }
 
 
@@ -92,6 +93,7 @@ def test_all_keys_parsed():
         correction="rescale",
         optimizer_state="reset",
         balance_shards=2,
+        pin_cut=True,
     )
     assert set(FULL_SECTION) == set(ALLOWED_KEYS)
 

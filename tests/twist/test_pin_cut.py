@@ -1,0 +1,148 @@
+"""--twist-pin-cut (issue #15 item 5): subnet 0 holds the cut extraction would take; the others are dealt
+around it. Sampler properties, the cut against hand-planted large units, refusals, and a real 2-rank run."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from megatron_twist.config import ConfigError, ModelConfig, TwistConfig
+from megatron_twist.twist.sampler import SubnetSampler, deal_around
+
+MODEL = ModelConfig(
+    family="llama",
+    num_layers=2,
+    hidden_size=64,
+    num_attention_heads=8,
+    num_query_groups=2,
+    ffn_hidden_size=32,
+    vocab_size=64,
+    seq_length=8,
+)
+
+
+@pytest.mark.parametrize("n, quota, size", [(2, 4, 8), (3, 2, 6), (4, 3, 8), (1, 3, 6)])
+def test_deal_around_pins_subnet0_and_covers_the_rest(n, quota, size):
+    for seed in range(20):
+        rng = np.random.default_rng(seed)
+        pinned = np.sort(np.random.default_rng(100 + seed).choice(size, quota, replace=False))
+        dealt = deal_around(range(size), pinned, n, quota, rng, coverage=True)
+        assert len(dealt) == n and dealt[0].tolist() == pinned.tolist()
+        assert all(len(d) == quota and len(set(d.tolist())) == quota for d in dealt)
+        assert set(np.concatenate(dealt).tolist()) == set(range(size)) or n * quota < size
+
+
+def test_deal_around_refuses_a_pinned_set_of_the_wrong_size():
+    with pytest.raises(ValueError, match="must hold 2"):
+        deal_around(range(4), [0], 2, 2, np.random.default_rng(0), True)
+
+
+def test_sampler_pins_the_given_plan_in_every_round_and_stays_deterministic():
+    twist = TwistConfig(keep_ratio=0.5, num_subnets=2, seed=7, pin_cut=True)
+    pinned = SubnetSampler(MODEL, TwistConfig(keep_ratio=0.5, num_subnets=1, coverage=False, seed=99)).sample(0)[0]
+    for r in range(5):
+        plans = SubnetSampler(MODEL, twist).sample(r, pinned)
+        assert plans == SubnetSampler(MODEL, twist).sample(r, pinned), "another rank draws the same"
+        assert plans[0] == pinned
+        for layer in range(MODEL.num_layers):
+            a, b = plans[0].layers[layer], plans[1].layers[layer]
+            # kappa 0.5 with 2 subnets: an exact partition, so subnet 1 is the complement
+            assert sorted(a.heads + b.heads) == list(range(8)) and sorted(a.neurons + b.neurons) == list(range(32))
+            # GQA validity: 2 heads of each group of 4
+            assert np.bincount(np.asarray(b.heads) // 4, minlength=2).tolist() == [2, 2]
+
+
+def test_pinned_cut_keeps_the_units_planted_with_large_weights(mcore):
+    """Make units obviously largest through the raw Megatron-core layout (linear_proj's columns are
+    head-major, linear_fc1's rows are [gate; up], linear_fc2's columns one per neuron), not through
+    the project's slicing code, and check that subnet 0 holds exactly them."""
+    from megatron_twist.model.gpt import build_gpt_model
+    from megatron_twist.twist.central import CentralModel
+    from megatron_twist.twist.rounds import LocalPlans, ReplicatedRound
+
+    twist = TwistConfig(keep_ratio=0.5, num_subnets=2, local_steps=1, pin_cut=True)
+    central = CentralModel(MODEL, build_gpt_model(MODEL))
+    d, ffn = MODEL.hidden_size // MODEL.num_attention_heads, MODEL.ffn_hidden_size
+    planted = {0: ([1, 2, 4, 7], list(range(0, 32, 2))), 1: ([0, 3, 5, 6], list(range(16, 32)))}
+    with torch.no_grad():
+        for layer, (heads, neurons) in planted.items():
+            pre = f"decoder.layers.{layer}."
+            proj = central.params[pre + "self_attention.linear_proj.weight"]
+            fc1, fc2 = central.params[pre + "mlp.linear_fc1.weight"], central.params[pre + "mlp.linear_fc2.weight"]
+            for h in heads:
+                proj[:, h * d : (h + 1) * d] *= 50
+            for j in neurons:
+                fc1[j] *= 50
+                fc1[ffn + j] *= 50
+                fc2[:, j] *= 50
+    round_ = ReplicatedRound(LocalPlans(MODEL, twist), central, twist, aggregation_group=None)
+    plans = round_.open()
+    for layer, (heads, neurons) in planted.items():
+        assert list(plans[0].layers[layer].heads) == heads
+        assert list(plans[0].layers[layer].neurons) == neurons
+        assert set(plans[1].layers[layer].heads) == set(range(8)) - set(heads)
+
+
+def test_pin_cut_is_refused_where_the_central_model_is_not_whole():
+    from megatron_twist.twist.rounds import LocalPlans
+
+    twist = TwistConfig(keep_ratio=0.5, num_subnets=2, pin_cut=True)
+    with pytest.raises(ConfigError, match="tensor-model-parallel-size 1"):
+        LocalPlans(MODEL, twist, tp_rank=0, tp_size=2)
+    with pytest.raises(ConfigError, match="pipeline-model-parallel-size 1"):
+        LocalPlans(MODEL, twist, first_layer=0, num_layers=1)
+
+
+def test_pin_cut_from_the_deepspeed_config_section_and_flag_agree():
+    from megatron_twist.arguments import add_twist_args
+    from megatron_twist.integrations.ds_config import twist_config_from_ds
+
+    parser = add_twist_args(__import__("argparse").ArgumentParser())
+    assert twist_config_from_ds({"twist": {"pin_cut": True}}, parser.parse_args([])).pin_cut
+    with pytest.raises(ConfigError, match="--twist-pin-cut"):
+        args = parser.parse_args(["--twist-pin-cut"])
+        twist_config_from_ds({"twist": {"pin_cut": False}}, args, explicit={"twist_pin_cut"})
+
+
+def test_two_rank_training_with_pin_cut_records_it_and_trains(run_torchrun, prepared_small, tmp_path):
+    data, _ = prepared_small
+    save = tmp_path / "pinned"
+    proc = run_torchrun(
+        2,
+        [
+            *("-m", "megatron_twist", "train", "--data-path", data, "--model-preset", "tiny"),
+            *("--train-iters", "6", "--local-steps", "2", "--micro-batch-size", "2", "--log-interval", "2"),
+            *("--num-subnets", "2", "--keep-ratio", "0.5", "--twist-pin-cut", "--save", save),
+        ],
+    )
+    assert "round 3/3" in proc.stdout + proc.stderr
+    meta = json.loads((save / "meta.json").read_text())
+    assert meta["twist"]["pin_cut"] is True
+
+
+@pytest.mark.parametrize(
+    "flags, fix",
+    [
+        (["--tensor-model-parallel-size", "2"], "--tensor-model-parallel-size 1"),
+        (["--pipeline-model-parallel-size", "2"], "--pipeline-model-parallel-size 1"),
+        (["--deepspeed", "--deepspeed_config", "DS"], "train without --deepspeed"),
+    ],
+)
+def test_twist_train_refuses_pin_cut_where_it_cannot_work_before_any_work(tmp_path, monkeypatch, capsys, flags, fix):
+    from megatron_twist import cli
+    from megatron_twist.distributed import runtime
+
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 1}}))
+
+    def no_start(*a, **k):
+        raise AssertionError("started distributed work before refusing")
+
+    monkeypatch.setattr(runtime, "init_distributed", no_start)
+    argv = ["train", "--mock-data", "--model-preset", "tiny", "--train-iters", "2", "--twist-pin-cut"]
+    argv += [str(ds) if f == "DS" else f for f in flags]
+    assert cli.main(argv) == 2
+    assert fix in capsys.readouterr().err
