@@ -266,7 +266,9 @@ def test_extract_end_to_end_next_to_precious_files_and_overwrite(tmp_path, run_t
     )
 
 
-@pytest.mark.parametrize("script", ["quality.py", "speed.py", "deployment.py", "deepspeed_memory.py"])
+@pytest.mark.parametrize(
+    "script", ["quality.py", "speed.py", "deployment.py", "deepspeed_memory.py", "continued.py", "scratch.py"]
+)
 def test_benchmarks_refuse_a_foreign_out_folder(tmp_path, script):
     user = foreign_dir(tmp_path)
     proc = subprocess.run(
@@ -280,16 +282,17 @@ def test_benchmarks_refuse_a_foreign_out_folder(tmp_path, script):
     assert intact(user)
 
 
-def test_run_all_refuses_a_foreign_out_folder(tmp_path):
+@pytest.mark.parametrize("script", ["run_all.sh", "quality_set.sh"])
+def test_benchmark_sets_refuse_a_foreign_out_folder(tmp_path, script):
     user = foreign_dir(tmp_path)
     proc = subprocess.run(
-        ["bash", str(REPO / "benchmarks" / "run_all.sh"), str(user)],
+        ["bash", str(REPO / "benchmarks" / script), str(user)],
         capture_output=True,
         text=True,
         timeout=300,
         cwd=REPO,
     )
-    assert proc.returncode == 2 and "was not made by benchmarks/run_all.sh" in proc.stderr, proc.stderr
+    assert proc.returncode == 2 and f"was not made by benchmarks/{script}" in proc.stderr, proc.stderr
     assert intact(user)
 
 
