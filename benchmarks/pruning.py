@@ -42,7 +42,9 @@ def activation_scores(module, model, calib: torch.Tensor) -> List[Tuple[torch.Te
         w_proj = layer.self_attention.linear_proj.weight.detach().float()
         w_fc2 = layer.mlp.linear_fc2.weight.detach().float()
         col_proj = w_proj.norm(dim=0) * sq[(i, "proj")].sqrt()
-        heads = torch.stack([col_proj[proj_columns(model, [h])].sum() for h in range(model.num_attention_heads)])
+        heads = torch.stack(
+            [col_proj[proj_columns(model, [h], device=col_proj.device)].sum() for h in range(model.num_attention_heads)]
+        )
         neurons = w_fc2.norm(dim=0) * sq[(i, "fc2")].sqrt()
         scores.append((heads, neurons))
     return scores

@@ -92,7 +92,7 @@ def _install_cpu_rng_tracker() -> None:
             self.seeds_.add(seed)
             if name in self.states_:
                 raise Exception(f"rng state {name} already exists")
-            gen = torch.Generator()
+            gen = torch.Generator(device="cpu")  # this tracker replaces the CUDA one on CPU-only runs
             gen.manual_seed(seed)
             self.states_[name] = gen.get_state()
 

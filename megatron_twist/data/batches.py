@@ -4,6 +4,10 @@ A batch is addressed by (global step, slot): slot s of ``num_slots`` at step
 t reads samples ``(t * num_slots + s) * micro_batch_size + i``. TwIST uses
 slot = subnet index, so a subnet sees the same data whichever rank trains
 it, which is what lets a single process reproduce a multi-rank run.
+
+Batches are built on the CPU on purpose (host-side data, and a CPU generator gives the same
+synthetic tokens on every device); the trainers move them to the model's device in one place,
+optim/step.py ``batch_to_device``.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ class MegatronBatches:
         items = [self.dataset[(first + i) % len(self.dataset)] for i in range(self.mbs)]
         out = {}
         for key in ("tokens", "labels", "loss_mask"):
-            out[key] = torch.stack([torch.as_tensor(np.asarray(it[key])) for it in items])
+            out[key] = torch.stack([torch.as_tensor(np.asarray(it[key]), device="cpu") for it in items])  # host data
         out["tokens"] = out["tokens"].long()
         out["labels"] = out["labels"].long()
         out["loss_mask"] = out["loss_mask"].float()
@@ -48,20 +52,21 @@ class SyntheticBatches:
 
     def __init__(self, vocab_size: int, seq_length: int, micro_batch_size: int, seed: int = 0):
         self.vocab, self.seq, self.mbs, self.seed = vocab_size, seq_length, micro_batch_size, seed
-        g = torch.Generator().manual_seed(seed)
-        self.next_token = torch.randint(0, vocab_size, (vocab_size, 4), generator=g)
+        g = torch.Generator(device="cpu").manual_seed(seed)  # CPU: the same tokens whatever the device
+        self.next_token = torch.randint(0, vocab_size, (vocab_size, 4), generator=g, device="cpu")
 
     def get(self, step: int, slot: int, num_slots: int) -> Dict[str, torch.Tensor]:
-        g = torch.Generator().manual_seed(hash((self.seed, step * num_slots + slot)) & 0x7FFFFFFF)
-        seqs = torch.empty(self.mbs, self.seq + 1, dtype=torch.long)
-        seqs[:, 0] = torch.randint(0, self.vocab, (self.mbs,), generator=g)
-        choice = torch.randint(0, 4, (self.mbs, self.seq), generator=g)
+        # Built on the CPU (see the module docstring), moved by optim/step.py batch_to_device.
+        g = torch.Generator(device="cpu").manual_seed(hash((self.seed, step * num_slots + slot)) & 0x7FFFFFFF)
+        seqs = torch.empty(self.mbs, self.seq + 1, dtype=torch.long, device="cpu")
+        seqs[:, 0] = torch.randint(0, self.vocab, (self.mbs,), generator=g, device="cpu")
+        choice = torch.randint(0, 4, (self.mbs, self.seq), generator=g, device="cpu")
         for t in range(self.seq):
             seqs[:, t + 1] = self.next_token[seqs[:, t], choice[:, t]]
         return {
             "tokens": seqs[:, :-1].contiguous(),
             "labels": seqs[:, 1:].contiguous(),
-            "loss_mask": torch.ones(self.mbs, self.seq),
+            "loss_mask": torch.ones(self.mbs, self.seq, device="cpu"),
         }
 
 

@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from ..config import ModelConfig
 from ..twist.sampler import LayerUnits, SubnetPlan
-from ..twist.slicing import SliceSpec, slice_for
+from ..twist.slicing import Device, SliceSpec, slice_for
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 _VOCAB_PARALLEL = ("embedding.word_embeddings.weight", "output_layer.weight")
@@ -41,14 +41,14 @@ def tp_shard_plan(model: ModelConfig, tp_rank: int, tp: int) -> SubnetPlan:
     return SubnetPlan((lu,) * model.num_layers)
 
 
-def shard_spec(model: ModelConfig, name: str, tp_rank: int, tp: int) -> SliceSpec:
-    """Where TP rank ``tp_rank``'s copy of full parameter ``name`` sits in the full tensor."""
+def shard_spec(model: ModelConfig, name: str, tp_rank: int, tp: int, *, device: Device) -> SliceSpec:
+    """Where TP rank ``tp_rank``'s copy of full parameter ``name`` sits in the full tensor (index on ``device``)."""
     if tp == 1:
         return None
     if name in _VOCAB_PARALLEL:
         v = model.vocab_size // tp
-        return 0, torch.arange(tp_rank * v, (tp_rank + 1) * v)
-    return slice_for(model, name, tp_shard_plan(model, tp_rank, tp))
+        return 0, torch.arange(tp_rank * v, (tp_rank + 1) * v, device=device)
+    return slice_for(model, name, tp_shard_plan(model, tp_rank, tp), device=device)
 
 
 def layer_range(model: ModelConfig, pp_rank: int, pp: int) -> Tuple[int, int]:
@@ -68,7 +68,7 @@ def load_full_state(
     """Fill a (sharded) module from a full state dict keyed by global parameter names."""
     for name, p in module.named_parameters():
         g = global_name(name, first_layer)
-        spec = shard_spec(model, g, tp_rank, tp)
+        spec = shard_spec(model, g, tp_rank, tp, device=full[g].device)
         src = full[g] if spec is None else full[g].index_select(spec[0], spec[1])
         if src.shape != p.shape:
             raise ValueError(f"{g}: full-state slice has shape {tuple(src.shape)}, the shard expects {tuple(p.shape)}")
@@ -89,6 +89,8 @@ def gather_full_state(
 
     ``tensors`` maps LOCAL parameter names to local tensors (weights, or Adam moments).
     Meant for small models (tests, single-file export): it materialises the whole model.
+    Returns CPU tensors on purpose: this consolidates for checkpoint I/O, and all_gather_object
+    pickles its payload (docs/ARCHITECTURE.md "Devices").
     """
     local = {global_name(n, first_layer): t.detach().cpu() for n, t in tensors.items()}
     if tp > 1:
@@ -96,16 +98,16 @@ def gather_full_state(
         dist.all_gather_object(shards, local, group=tp_group)
         merged = {}
         for name in local:
-            spec = shard_spec(model, name, 0, tp)
+            spec = shard_spec(model, name, 0, tp, device="cpu")  # only its dim is used
             if spec is None:
                 merged[name] = local[name]
                 continue
             dim, _ = spec
             full_shape = list(local[name].shape)
             full_shape[dim] *= tp
-            out = torch.empty(full_shape, dtype=local[name].dtype)
+            out = torch.empty(full_shape, dtype=local[name].dtype, device="cpu")  # checkpoint I/O: see above
             for t in range(tp):
-                out.index_copy_(dim, shard_spec(model, name, t, tp)[1], shards[t][name])
+                out.index_copy_(dim, shard_spec(model, name, t, tp, device=out.device)[1], shards[t][name])
             merged[name] = out
         local = merged
     if pp_group is not None and dist.get_world_size(pp_group) > 1:

@@ -13,13 +13,15 @@ made TwIST under ZeRO use MORE memory per rank than dense training
 largest transient is one parameter (gathered one at a time at refill, or
 reduced one at a time at aggregation; see integrations/zero_round_hook.py).
 
-Its checkpoints (one safetensors file per rank, resharded on load) are
-written and read by checkpoint/sharded.py.
+Its shards, and every buffer gathered from them, live on ``device``: that of
+the subnet model it serves (the collectives run over the group's backend, NCCL
+on GPUs). Its checkpoints (one safetensors file per rank, resharded on load)
+are written and read by checkpoint/sharded.py, through the CPU.
 """
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -39,14 +41,22 @@ def _rank(group) -> int:
 
 
 class ShardedCentral:
-    def __init__(self, config: ModelConfig, shapes: Dict[str, torch.Size], group: Optional[dist.ProcessGroup]):
+    def __init__(
+        self,
+        config: ModelConfig,
+        shapes: Dict[str, torch.Size],
+        group: Optional[dist.ProcessGroup],
+        *,
+        device: Union[torch.device, str],
+    ):
         self.config = config
         self.group = group
+        self.device = torch.device(device)
         self.shard_count = _size(group)
         self.shard_index = _rank(group)
         self.shapes = {n: torch.Size(s) for n, s in shapes.items()}
         self.shards: Dict[str, Dict[str, torch.Tensor]] = {
-            f: {n: torch.zeros(self.shard_numel(n)) for n in self.shapes} for f in FIELDS
+            f: {n: torch.zeros(self.shard_numel(n), device=self.device) for n in self.shapes} for f in FIELDS
         }
         self.step = 0
         self.round = 0
@@ -58,7 +68,7 @@ class ShardedCentral:
     def shard_positions(self, name: str) -> torch.Tensor:
         """Flat positions in the full tensor of this rank's shard elements (past the end = padding)."""
         ps = self.shard_numel(name)
-        return torch.arange(self.shard_index * ps, (self.shard_index + 1) * ps)
+        return torch.arange(self.shard_index * ps, (self.shard_index + 1) * ps, device=self.device)
 
     def num_parameters(self) -> int:
         return sum(s.numel() for s in self.shapes.values())
@@ -72,9 +82,11 @@ class ShardedCentral:
         tensors: Dict[str, torch.Tensor],
         group,
         moments: Optional[Dict[str, Dict[str, torch.Tensor]]] = None,
+        *,
+        device: Union[torch.device, str],
     ) -> "ShardedCentral":
-        """Keep this rank's shard of full tensors (every rank passes the same values)."""
-        central = cls(config, {n: t.shape for n, t in tensors.items()}, group)
+        """Keep this rank's shard of full tensors (every rank passes the same values), on ``device``."""
+        central = cls(config, {n: t.shape for n, t in tensors.items()}, group, device=device)
         for field in FIELDS:
             source = tensors if field == "param" else (moments or {}).get(field)
             if source is None:
@@ -84,12 +96,13 @@ class ShardedCentral:
         return central
 
     def cut(self, name: str, full: torch.Tensor) -> torch.Tensor:
+        """This rank's shard of ``full`` (on any device: a checkpoint's CPU tensor is copied over), on ``device``."""
         ps = self.shard_numel(name)
         flat = full.detach().reshape(-1).float()
-        out = torch.zeros(ps)
+        out = torch.zeros(ps, device=self.device)
         lo = self.shard_index * ps
         n = max(0, min(ps, flat.numel() - lo))
-        out[:n] = flat[lo : lo + n]
+        out[:n].copy_(flat[lo : lo + n])  # copy_: across devices too
         return out
 
     # -- collectives ----------------------------------------------------------------------------------------
@@ -98,7 +111,7 @@ class ShardedCentral:
         shard = self.shards[field][name]
         if self.shard_count == 1:
             return shard[: self.shapes[name].numel()].view(self.shapes[name]).clone()
-        full = torch.empty(shard.numel() * self.shard_count)
+        full = torch.empty(shard.numel() * self.shard_count, device=shard.device)
         dist.all_gather_into_tensor(full, shard, group=self.group)
         return full[: self.shapes[name].numel()].view(self.shapes[name])
 

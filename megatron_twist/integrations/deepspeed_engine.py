@@ -168,8 +168,8 @@ class EngineFragments:
         from deepspeed.utils import safe_set_local_fp32_param, safe_set_local_optimizer_state
 
         start, n = self._zero3_range(p)
-        part = torch.zeros(p.ds_tensor.numel())
-        part[:n] = flat[start : start + n]
+        part = torch.zeros(p.ds_tensor.numel(), device=p.ds_tensor.device)  # on the partition it fills
+        part[:n].copy_(flat[start : start + n])
         if field == "param":
             safe_set_local_fp32_param(p, part)
             p.ds_tensor.data.copy_(part.to(p.ds_tensor.dtype))  # the partitioned working copy
@@ -179,9 +179,13 @@ class EngineFragments:
             safe_set_local_optimizer_state(p, part, field)
 
     def set_step(self, step: int) -> None:
-        """Adam's step count (bias correction) in every state of the torch optimizer."""
+        """Adam's step count (bias correction) in every state of the torch optimizer, kept where the
+        optimizer keeps it (torch: the CPU, or the parameter's device when fused / capturable)."""
         for state in torch_optimizer(self.engine).state.values():
             if "step" in state:
+                old = state["step"]
                 state["step"] = (
-                    torch.tensor(float(step), dtype=torch.float32) if isinstance(state["step"], torch.Tensor) else step
+                    torch.tensor(float(step), dtype=torch.float32, device=old.device)
+                    if isinstance(old, torch.Tensor)
+                    else step
                 )

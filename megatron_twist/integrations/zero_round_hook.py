@@ -29,6 +29,9 @@ Only the two boundaries above are ZeRO's own. When they happen (twist/rounds.py
 ``RoundClock``), which plans a round draws (``LocalPlans``), which fields it
 averages and the activation correction (twist/hooks.py ``CorrectionHooks``) are
 the code the replicated paths run.
+
+Devices: every buffer, count and index map here is on the central model's device, which must be the
+device of the engine's model (checked at construction): the collectives run over the group's backend.
 """
 
 from __future__ import annotations
@@ -80,6 +83,13 @@ class ZeroRoundHook:
             )
         self.model, self.twist, self.central, self.engine = model, twist, central, engine
         self.module = engine.module
+        self.device = central.device
+        engine_device = next(self.module.parameters()).device
+        if engine_device != self.device:
+            raise ValueError(
+                f"the sharded central model is on {self.device}, the engine's model on {engine_device}: "
+                "build the central model on the engine's device"
+            )
         self.fragments = fragments or EngineFragments(engine)
         # TP = PP = 1 (checked above): local plans are the global ones
         self.local_plans = LocalPlans(model, twist)
@@ -114,7 +124,7 @@ class ZeroRoundHook:
         # Before the first step Adam has no state: it starts from zero moments, as the central's are.
         fields = self.fields if self.has_state else ("param",)
         for name, p in self.module.named_parameters():
-            spec = slice_for(self.model, name, plan)
+            spec = slice_for(self.model, name, plan, device=self.device)
             for field in fields:
                 full = self.central.gather(name, field)
                 self.bytes_moved += full.numel() * full.element_size()
@@ -122,7 +132,8 @@ class ZeroRoundHook:
                 del full
             if self.has_state and self.twist.optimizer_state == "reset":
                 for m in ADAM_MOMENTS:
-                    self.fragments.write(p, torch.zeros(p.ds_shape if hasattr(p, "ds_shape") else p.shape), m)
+                    shape = p.ds_shape if hasattr(p, "ds_shape") else p.shape
+                    self.fragments.write(p, torch.zeros(shape, device=self.device), m)
         if self.has_state:
             self.fragments.set_step(self.central.step if self.twist.optimizer_state == "aggregate" else 0)
         self.correction.apply(plan)
@@ -136,15 +147,16 @@ class ZeroRoundHook:
         c = self.central
         for name, p in self.module.named_parameters():
             shape = c.shapes[name]
-            spec = slice_for(self.model, name, plan)
+            spec = slice_for(self.model, name, plan, device=self.device)
             positions = c.shard_positions(name)
             counts = holder_count_at(self.model, name, shape, self.plans, positions)
             for field in self.fields:
-                buffer = torch.zeros(c.shard_numel(name) * c.shard_count)
+                buffer = torch.zeros(c.shard_numel(name) * c.shard_count, device=self.device)
                 held = self.fragments.held(p, field)
                 if held is not None:
                     start, values = held
-                    buffer.index_add_(0, central_flat_index(spec, shape, start, values.numel()), values)
+                    index = central_flat_index(spec, shape, start, values.numel(), device=self.device)
+                    buffer.index_add_(0, index, values)
                 total = self._reduce_scatter(buffer)
                 shard = c.shards[field][name]
                 shard.copy_(torch.where(counts > 0, total / counts.clamp(min=1.0), shard))
@@ -157,7 +169,7 @@ class ZeroRoundHook:
         self.bytes_moved += buffer.numel() * buffer.element_size()
         if c.shard_count == 1:
             return buffer
-        out = torch.empty(buffer.numel() // c.shard_count)
+        out = torch.empty(buffer.numel() // c.shard_count, device=buffer.device)
         dist.reduce_scatter_tensor(out, buffer, op=dist.ReduceOp.SUM, group=c.group)
         return out
 

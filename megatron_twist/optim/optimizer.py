@@ -81,9 +81,14 @@ def write_adam_state(
     step: int,
 ) -> None:
     """Install moments and the step count (which sets Adam's bias correction)."""
+    group_of = {id(q): g for g in optimizer.param_groups for q in g["params"]}
     for name, p in model.named_parameters():
         state = optimizer.state[p]
-        state["step"] = torch.tensor(float(step), dtype=torch.float32)
+        # Adam's step count lives where torch's Adam keeps it: on the parameter's device for a fused or
+        # capturable group, else on the CPU (a host scalar for bias correction; build_optimizer's AdamW).
+        group = group_of.get(id(p), {})
+        where = p.device if group.get("fused") or group.get("capturable") else "cpu"
+        state["step"] = torch.tensor(float(step), dtype=torch.float32, device=where)
         for m in ADAM_MOMENTS:
             value = moments[m][name]
             if m in state and state[m].shape == value.shape:

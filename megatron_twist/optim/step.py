@@ -38,6 +38,12 @@ class StepParallelism:
         return self.subnet_group is None and not self.norm_groups and self.pipeline_group is None
 
 
+def batch_to_device(batch: Dict[str, torch.Tensor], device: torch.device) -> Dict[str, torch.Tensor]:
+    """Where a training batch (built on the CPU by the data sources, data/batches.py) moves to the
+    device of the model it feeds; both trainers' steps go through here."""
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
 def masked_mean_loss(per_token_loss: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
     return (per_token_loss.float() * loss_mask).sum() / loss_mask.sum().clamp(min=1.0)
 
@@ -55,8 +61,7 @@ def train_step(
     """Returns the loss. ``stats``: if given, receives ``grad_norm``, the gradient norm before clipping
     (over TP/PP shards, after replica averaging: the same value on every rank of the subnet)."""
     set_schedule_step(scheduler, global_step)
-    device = next(model.parameters()).device
-    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    batch = batch_to_device(batch, next(model.parameters()).device)
     optimizer.zero_grad(set_to_none=True)
     parallel = parallel or StepParallelism()
     if parallel.pipeline_group is not None:

@@ -23,9 +23,9 @@ from ..distributed.sharded_central import ShardedCentral
 from ..integrations.deepspeed_engine import TwistMpu
 from ..integrations.ds_config import strip_twist_section
 from ..integrations.zero_round_hook import ZeroRoundHook
-from ..model.gpt import build_gpt_model, gpt_forward
+from ..model.gpt import build_gpt_model, default_device, gpt_forward
 from ..optim.optimizer import build_optimizer, build_scheduler, set_schedule_step
-from ..optim.step import masked_mean_loss
+from ..optim.step import batch_to_device, masked_mean_loss
 from ..twist.sampler import SubnetSampler
 from .metrics import MetricsFile
 from .twist_trainer import TrainResult
@@ -68,11 +68,17 @@ class DeepSpeedTrainer:
         model, twist, train, groups, batches = self.model, self.twist, self.train, self.groups, self.batches
         ds_config, load, log, watchdog = self.ds_config, self.load, self.log, self.watchdog
 
-        central = build_sharded_central(model, train.seed, groups.data_parallel_group)
+        # Chosen once, passed down: this rank's accelerator (its launcher set it), where DeepSpeed puts the
+        # engine too (ZeroRoundHook checks); the central shards, buffers and batches live there.
+        device = default_device()
+        central = build_sharded_central(model, train.seed, groups.data_parallel_group, device)
         if load is not None:
             load_sharded(central, os.path.join(load, "central"))
         subnet = build_gpt_model(
-            model, SubnetSampler(model, twist, groups.tp_size).subnet_layer_sizes(), tensor_parallel_size=groups.tp_size
+            model,
+            SubnetSampler(model, twist, groups.tp_size).subnet_layer_sizes(),
+            tensor_parallel_size=groups.tp_size,
+            device=device,
         )
         client_optimizer = build_optimizer(subnet, train)
         scheduler = build_scheduler(client_optimizer, train)
@@ -127,7 +133,7 @@ class DeepSpeedTrainer:
             if watchdog is not None:
                 watchdog.beat(it)
             faults.at_step(groups.rank, it)  # fault injection (tests/reliability); a no-op otherwise
-            batch = batches.get(it, slot, num_slots)  # micro x accumulation samples
+            batch = batch_to_device(batches.get(it, slot, num_slots), device)  # micro x accumulation samples
             step_losses = []
             for micro in _micro_batches(batch, accumulation):
                 loss = masked_mean_loss(gpt_forward(engine, micro["tokens"], micro["labels"]), micro["loss_mask"])
@@ -210,13 +216,13 @@ def _micro_batches(batch: dict, accumulation: int):
         yield {k: v[j * mb : (j + 1) * mb] for k, v in batch.items()}
 
 
-def build_sharded_central(model: ModelConfig, seed: int, group) -> ShardedCentral:
-    """The initial central model, sharded. Every rank builds the same full model from the seed (the
-    initialisation draws from one RNG stream), keeps its shard and frees the rest: a transient full
-    copy of the weights (no moments) at start-up only."""
+def build_sharded_central(model: ModelConfig, seed: int, group, device) -> ShardedCentral:
+    """The initial central model, sharded, on ``device``. Every rank builds the same full model from the
+    seed (the initialisation draws from one RNG stream), keeps its shard and frees the rest: a transient
+    full copy of the weights (no moments) at start-up only."""
     seed_everything(seed)
-    module = build_gpt_model(model)
-    central = ShardedCentral.from_full(model, dict(module.named_parameters()), group)
+    module = build_gpt_model(model, device=device)
+    central = ShardedCentral.from_full(model, dict(module.named_parameters()), group, device=device)
     del module
     return central
 

@@ -17,7 +17,7 @@ turn) and a multi-rank run produce bit-identical sums for two subnets.
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -35,8 +35,10 @@ class RoundAggregator:
         model: ModelConfig,
         shapes: Dict[str, torch.Size],
         fields: Sequence[str],
-        device: Optional[torch.device] = None,
+        *,
+        device: Union[torch.device, str],
     ):
+        """``device``: that of the model the round serves (the buffer is all-reduced over its group)."""
         self.model = model
         self.shapes = dict(shapes)
         self.fields = tuple(fields)
@@ -57,7 +59,7 @@ class RoundAggregator:
         self.flat.zero_()
         self.plans = list(plans)
         self.counts = {
-            n: holder_count(self.model, n, s, self.plans).to(self.flat.device) for n, s in self.shapes.items()
+            n: holder_count(self.model, n, s, self.plans, device=self.flat.device) for n, s in self.shapes.items()
         }
 
     def drop_subnets(self, subnets: Iterable[int]) -> None:
@@ -66,10 +68,11 @@ class RoundAggregator:
         subnet, docs/ARCHITECTURE.md "Reliability"); every rank must drop the same ones."""
         dropped = set(subnets)
         kept = [p for i, p in enumerate(self.plans) if i not in dropped]
-        self.counts = {n: holder_count(self.model, n, s, kept).to(self.flat.device) for n, s in self.shapes.items()}
+        self.counts = {n: holder_count(self.model, n, s, kept, device=self.flat.device) for n, s in self.shapes.items()}
 
     def add(self, field: str, name: str, plan: SubnetPlan, value: torch.Tensor) -> None:
-        put_add(self.views[(field, name)], slice_for(self.model, name, plan), value.detach().float())
+        target = self.views[(field, name)]
+        put_add(target, slice_for(self.model, name, plan, device=target.device), value.detach().float())
 
     def add_subnet(self, plan: SubnetPlan, tensors_by_field: Dict[str, Dict[str, torch.Tensor]]) -> None:
         for field, tensors in tensors_by_field.items():

@@ -38,7 +38,8 @@ def _unit_scores(model: ModelConfig, params: Dict[str, torch.Tensor], layer: int
     fc2 = params[pre + "mlp.linear_fc2.weight"].detach().float()
     heads = torch.stack(
         [
-            qkv[qkv_rows(model, [h])].norm() * proj[:, proj_columns(model, [h])].norm()
+            qkv[qkv_rows(model, [h], device=qkv.device)].norm()
+            * proj[:, proj_columns(model, [h], device=proj.device)].norm()
             for h in range(model.num_attention_heads)
         ]
     )
@@ -113,7 +114,7 @@ def cut_state(
     out = {}
     scales = correction_scales(model, twist, plan)
     for name, value in params.items():
-        t = take(value, slice_for(model, name, plan))
+        t = take(value, slice_for(model, name, plan, device=value.device))
         if name.startswith("decoder.layers."):
             layer = int(name.split(".")[2])
             s_attn, s_mlp = scales[layer]

@@ -36,9 +36,10 @@ def correction_scales(model: ModelConfig, twist: TwistConfig, plan: SubnetPlan) 
 
 
 def _scale_input_hook(scale):
+    """``scale``: a number, or a tensor on the device of the module's input (attach_mask builds it there)."""
+
     def hook(module, args):
-        s = scale.to(args[0].device) if isinstance(scale, torch.Tensor) else scale
-        return (args[0] * s,) + tuple(args[1:])
+        return (args[0] * scale,) + tuple(args[1:])
 
     return hook
 
@@ -60,15 +61,16 @@ def attach_correction(gpt_model, scales: List[Tuple[float, float]]) -> list:
 
 
 def attach_mask(gpt_model, model: ModelConfig, twist: TwistConfig, plan: SubnetPlan) -> list:
-    """Turn the full central model into the masked form of ``plan``'s subnet."""
+    """Turn the full central model into the masked form of ``plan``'s subnet (masks on its device)."""
     handles = []
     hd = model.head_dim
+    device = next(gpt_model.parameters()).device
     for (proj, fc2), lu, (s_attn, s_mlp) in zip(
         _projections(gpt_model), plan.layers, correction_scales(model, twist, plan)
     ):
-        head_mask = torch.zeros(model.num_attention_heads)
+        head_mask = torch.zeros(model.num_attention_heads, device=device)
         head_mask[list(lu.heads)] = s_attn
-        neuron_mask = torch.zeros(model.ffn_hidden_size)
+        neuron_mask = torch.zeros(model.ffn_hidden_size, device=device)
         neuron_mask[list(lu.neurons)] = s_mlp
         handles.append(proj.register_forward_pre_hook(_scale_input_hook(head_mask.repeat_interleave(hd))))
         handles.append(fc2.register_forward_pre_hook(_scale_input_hook(neuron_mask)))

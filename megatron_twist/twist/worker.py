@@ -49,8 +49,9 @@ class SubnetState:
         self.plan = plan
         moments = {m: {} for m in ADAM_MOMENTS}
         for name, p in self.module.named_parameters():
-            spec = slice_for(self.geometry, name, plan)
-            p.copy_(take(central.params[name], spec))
+            source = central.params[name]
+            spec = slice_for(self.geometry, name, plan, device=source.device)
+            p.copy_(take(source, spec))
             for m in ADAM_MOMENTS:
                 if self.twist.optimizer_state == "aggregate":
                     moments[m][name] = take(central.moments[m][name], spec)

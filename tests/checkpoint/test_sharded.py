@@ -25,7 +25,7 @@ def _central(seed: int) -> ShardedCentral:
     torch.manual_seed(seed)
     weights = dict(build_gpt_model(MODEL).named_parameters())
     moments = {m: {n: torch.randn(t.shape) for n, t in weights.items()} for m in ("exp_avg", "exp_avg_sq")}
-    central = ShardedCentral.from_full(MODEL, weights, None, moments)
+    central = ShardedCentral.from_full(MODEL, weights, None, moments, device="cpu")
     central.step, central.round = 8, 2
     return central
 
@@ -33,7 +33,7 @@ def _central(seed: int) -> ShardedCentral:
 def test_save_load_round_trip_and_consolidated_read(mcore, tmp_path):
     a = _central(0)
     save_sharded(a, str(tmp_path / "c"), TWIST, TRAIN)
-    b = ShardedCentral(MODEL, a.shapes, None)
+    b = ShardedCentral(MODEL, a.shapes, None, device="cpu")
     load_sharded(b, str(tmp_path / "c"))
     assert (b.step, b.round) == (8, 2)
     meta, weights, moments = read_central(str(tmp_path / "c"))
@@ -52,7 +52,7 @@ def test_crash_during_save_leaves_previous_checkpoint(mcore, tmp_path, monkeypat
     with pytest.raises(OSError, match="injected"):
         save_sharded(_central(1), str(tmp_path / "c"), TWIST, TRAIN)
     monkeypatch.undo()
-    survivor = ShardedCentral(MODEL, _central(0).shapes, None)
+    survivor = ShardedCentral(MODEL, _central(0).shapes, None, device="cpu")
     load_sharded(survivor, str(tmp_path / "c"))  # still the first save, complete and verified
     first = _central(0)
     assert all(torch.equal(survivor.gather(n), first.gather(n)) for n in first.shapes)
@@ -64,6 +64,6 @@ def test_mismatched_model_is_refused(mcore, tmp_path):
     save_sharded(_central(0), str(tmp_path / "c"), TWIST, TRAIN)
     other = ModelConfig(**dict(MODEL_PRESETS["tiny"], ffn_hidden_size=MODEL.ffn_hidden_size * 2))
     with pytest.raises(CheckpointError, match="different sizes"):
-        load_sharded(ShardedCentral(other, {}, None), str(tmp_path / "c"))
+        load_sharded(ShardedCentral(other, {}, None, device="cpu"), str(tmp_path / "c"))
     with pytest.raises(CheckpointError, match="does not exist"):
-        load_sharded(ShardedCentral(MODEL, {}, None), str(tmp_path / "missing"))
+        load_sharded(ShardedCentral(MODEL, {}, None, device="cpu"), str(tmp_path / "missing"))

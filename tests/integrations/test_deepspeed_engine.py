@@ -185,7 +185,7 @@ def test_deepspeed_checkpoint_resume_is_exact(tmp_path, run_torchrun, run_twist)
     from megatron_twist.distributed.sharded_central import ShardedCentral
 
     meta = load_checkpoint(str(tmp_path / "straight" / "central"), tensors=False)[0]
-    one = ShardedCentral(model_config_of(meta, "x"), {k: v.shape for k, v in a.items()}, None)
+    one = ShardedCentral(model_config_of(meta, "x"), {k: v.shape for k, v in a.items()}, None, device="cpu")
     load_sharded(one, str(tmp_path / "straight" / "central"))
     assert one.step == 12 and one.round == 3
     for k in a:

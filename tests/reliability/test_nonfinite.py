@@ -58,7 +58,7 @@ def _expected_round_from_subnet_0(clean: TwistTrainer) -> dict:
     for field, tensors in contribution.items():
         for name, value in tensors.items():
             old = before[f"{field}/{name}"]
-            spec = slice_for(clean.geometry, name, plan)
+            spec = slice_for(clean.geometry, name, plan, device=old.device)
             placed, held = torch.zeros_like(old), torch.zeros_like(old)
             put_add(placed, spec, value.detach().float())
             put_add(held, spec, torch.ones_like(value, dtype=torch.float32))

@@ -132,7 +132,7 @@ def test_sharded_writer(mcore, tmp_path):
 
     sibling = precious_next_to(tmp_path)
     central = _central()
-    sharded = ShardedCentral.from_full(central.config, dict(central.params), None)
+    sharded = ShardedCentral.from_full(central.config, dict(central.params), None, device="cpu")
     save_sharded(sharded, str(tmp_path / "central"), TwistConfig(), TrainConfig())
     save_sharded(sharded, str(tmp_path / "central"), TwistConfig(), TrainConfig())  # ours: replaced
     assert read_central(str(tmp_path / "central"))[0]["sharded"]["shard_count"] == 1

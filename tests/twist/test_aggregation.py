@@ -23,7 +23,7 @@ def plan(heads, neurons):
 def test_overlapping_neurons_are_averaged_over_their_holders():
     shapes = {FC2: torch.Size([4, 3]), FC2_BIAS: torch.Size([4])}
     a, b = plan([0, 1], [0, 1]), plan([0, 1], [1, 2])  # neuron 1 held by both, 0 only by a, 2 only by b
-    agg = RoundAggregator(MODEL, shapes, fields=("param",))
+    agg = RoundAggregator(MODEL, shapes, fields=("param",), device="cpu")
     agg.begin_round([a, b])
     agg.add_subnet(a, {"param": {FC2: torch.tensor([[1.0, 2.0]] * 4), FC2_BIAS: torch.full((4,), 1.0)}})
     agg.add_subnet(b, {"param": {FC2: torch.tensor([[4.0, 8.0]] * 4), FC2_BIAS: torch.full((4,), 3.0)}})
@@ -37,7 +37,7 @@ def test_overlapping_neurons_are_averaged_over_their_holders():
 def test_units_no_subnet_held_keep_their_central_value():
     shapes = {PROJ: torch.Size([4, 4])}  # 2 heads x head_dim 2
     a = plan([1], [0, 1, 2])
-    agg = RoundAggregator(MODEL, shapes, fields=("param",))
+    agg = RoundAggregator(MODEL, shapes, fields=("param",), device="cpu")
     agg.begin_round([a])
     agg.add_subnet(a, {"param": {PROJ: torch.full((4, 2), 5.0)}})
     central = {PROJ: torch.arange(16.0).view(4, 4)}
@@ -51,7 +51,7 @@ def test_three_subnets_mixed_holders_and_fields():
     shapes = {FC2: torch.Size([4, 3])}
     plans = [plan([0, 1], [0, 1]), plan([0, 1], [0, 2]), plan([0, 1], [0, 1])]
     values = [torch.tensor([[3.0, 6.0]] * 4), torch.tensor([[6.0, 9.0]] * 4), torch.tensor([[9.0, 12.0]] * 4)]
-    agg = RoundAggregator(MODEL, shapes, fields=("param", "exp_avg"))
+    agg = RoundAggregator(MODEL, shapes, fields=("param", "exp_avg"), device="cpu")
     agg.begin_round(plans)
     for p, v in zip(plans, values):
         agg.add_subnet(p, {"param": {FC2: v}, "exp_avg": {FC2: 2 * v}})

@@ -19,6 +19,8 @@ from megatron_twist.twist.aggregation import RoundAggregator
 from megatron_twist.twist.sampler import SubnetSampler
 from megatron_twist.twist.slicing import central_flat_index, holder_count, holder_count_at, slice_for, take
 
+CPU = torch.device("cpu")  # these tests run on the CPU; the runtime passes its model's device
+
 
 def _random_cuts(numel: int, rng: random.Random, pieces: int):
     cuts = sorted(rng.sample(range(1, numel), min(pieces - 1, numel - 1))) if numel > 1 else []
@@ -38,13 +40,14 @@ def test_fragments_and_shards_reproduce_whole_tensor_aggregation(mcore, preset, 
     # Each subnet's trained values: its slice of the central model plus noise.
     subnet_values = [
         {
-            n: take(p, slice_for(model, n, plan)) + torch.randn(take(p, slice_for(model, n, plan)).shape)
+            n: take(p, slice_for(model, n, plan, device=CPU))
+            + torch.randn(take(p, slice_for(model, n, plan, device=CPU)).shape)
             for n, p in central.items()
         }
         for plan in plans
     ]
 
-    reference = RoundAggregator(model, shapes, fields=("param",))
+    reference = RoundAggregator(model, shapes, fields=("param",), device=CPU)
     reference.begin_round(plans)
     for plan, values in zip(plans, subnet_values):
         reference.add_subnet(plan, {"param": values})
@@ -59,9 +62,11 @@ def test_fragments_and_shards_reproduce_whole_tensor_aggregation(mcore, preset, 
             flat = values[name].reshape(-1)
             for start, n in _random_cuts(flat.numel(), rng, pieces=3):
                 buffer.index_add_(
-                    0, central_flat_index(slice_for(model, name, plan), shape, start, n), flat[start : start + n]
+                    0,
+                    central_flat_index(slice_for(model, name, plan, device=CPU), shape, start, n, device=CPU),
+                    flat[start : start + n],
                 )
-        full_counts = holder_count(model, name, shape, plans).expand(shape).reshape(-1)
+        full_counts = holder_count(model, name, shape, plans, device=CPU).expand(shape).reshape(-1)
         got = []
         for k in range(shards):
             positions = torch.arange(k * ps, (k + 1) * ps)
@@ -80,8 +85,8 @@ def test_fragments_and_shards_reproduce_whole_tensor_aggregation(mcore, preset, 
 def test_central_flat_index_maps_rows_and_columns():
     shape = torch.Size([3, 4])
     cols = (1, torch.tensor([0, 2]))  # subnet keeps columns 0 and 2: subnet shape [3, 2]
-    assert central_flat_index(cols, shape, 0, 6).tolist() == [0, 2, 4, 6, 8, 10]
-    assert central_flat_index(cols, shape, 3, 2).tolist() == [6, 8]
+    assert central_flat_index(cols, shape, 0, 6, device=CPU).tolist() == [0, 2, 4, 6, 8, 10]
+    assert central_flat_index(cols, shape, 3, 2, device=CPU).tolist() == [6, 8]
     rows = (0, torch.tensor([2, 0]))  # rows in the subnet's order
-    assert central_flat_index(rows, shape, 0, 8).tolist() == [8, 9, 10, 11, 0, 1, 2, 3]
-    assert central_flat_index(None, shape, 5, 3).tolist() == [5, 6, 7]
+    assert central_flat_index(rows, shape, 0, 8, device=CPU).tolist() == [8, 9, 10, 11, 0, 1, 2, 3]
+    assert central_flat_index(None, shape, 5, 3, device=CPU).tolist() == [5, 6, 7]

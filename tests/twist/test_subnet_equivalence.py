@@ -35,7 +35,7 @@ def _materialize(model, twist, central, plan):
     sub = build_gpt_model(model, plan.layer_sizes(model))
     with torch.no_grad():
         for name, p in sub.named_parameters():
-            p.copy_(take(central.params[name], slice_for(model, name, plan)))
+            p.copy_(take(central.params[name], slice_for(model, name, plan, device=central.params[name].device)))
     return sub
 
 
