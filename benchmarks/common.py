@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
+import shlex
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -213,3 +214,36 @@ def size_matters(full: dict, smaller: Dict[str, dict]) -> dict:
         "best_smaller_kappa": worst,
         "best_smaller_perplexity": smaller[worst]["perplexity"],
     }
+
+
+# ---------------------------------------------------------------- plots
+def save_plot(png: Path, data: Path, draw: Callable) -> None:
+    """``draw(plt)`` makes a figure and returns it; saved as ``png`` (dpi 120), or only a note when
+    matplotlib is missing (the JSON at ``data`` holds every figure either way)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"\ndata: {data} (matplotlib missing: no plot)")
+        return
+    fig = draw(plt)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    print(f"\nplot: {png}; data: {data}")
+
+
+# ---------------------------------------------------------------- extra arms
+def parse_variants(parser, specs: List[str], default_lengths: List[int]) -> Tuple[dict, dict]:
+    """``--variant NAME[@L,L]=FLAGS`` values -> ({name: [flags]}, {name: [lengths]}); a bad one is a
+    usage error naming the form."""
+    flags, lengths = {}, {}
+    for v in specs:
+        name, sep, rest = v.partition("=")
+        name, _, at = name.partition("@")
+        if not sep or not name.isidentifier() or not all(x.isdigit() for x in at.split(",") if at):
+            parser.error(f"--variant {v!r}: expected NAME[@L,L]=FLAGS, NAME a plain word, e.g. pin='--twist-pin-cut'")
+        flags[name] = shlex.split(rest)
+        lengths[name] = [int(x) for x in at.split(",")] if at else list(default_lengths)
+    return flags, lengths

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import sys
 import time
 import warnings
@@ -46,9 +45,11 @@ from common import (  # noqa: E402
     is_prepared,
     merge_seeds,
     model_flags,
+    parse_variants,
     prepare_corpus,
     prepare_out,
     run_twist,
+    save_plot,
     show,
     size_matters,
     train,
@@ -258,12 +259,8 @@ def report(res: Dict, args) -> None:
     )
     out = Path(args.out)
     (out / "continued.json").write_text(json.dumps(res, indent=1))
-    try:
-        import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+    def draw(plt):
         fig, ax = plt.subplots(figsize=(7.5, 4))
         width = 0.8 / len(keys)
         for j, (key, label) in enumerate(zip(keys, labels)):
@@ -278,11 +275,9 @@ def report(res: Dict, args) -> None:
         ax.set_ylabel("phase-2 held-out perplexity (log)")
         ax.set_title("continued training: same phase-2 tokens")
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "continued.png", dpi=120)
-        print(f"\nplot: {out / 'continued.png'}; data: {out / 'continued.json'}")
-    except ImportError:
-        print(f"\ndata: {out / 'continued.json'} (matplotlib missing: no plot)")
+        return fig
+
+    save_plot(out / "continued.png", out / "continued.json", draw)
 
 
 def main() -> int:
@@ -321,23 +316,7 @@ def main() -> int:
     p.add_argument("--smoke", action="store_true", help="seconds-long version: tiny model, few steps (CI)")
     args = p.parse_args()
     args.model = SMOKE if args.smoke else MODEL
-    args.variants = {}
-    for v in args.variant:
-        name, sep, flags = v.partition("=")
-        if not sep or not name.isidentifier():
-            p.error(f"--variant {v!r}: expected NAME=FLAGS with NAME a plain word, e.g. cutaware='--flag 3'")
-        args.variants[name] = shlex.split(flags)
-    if args.smoke:
-        args.phase1_steps, args.phase2_steps, args.nproc, args.micro_batch, args.local_steps = 4, 4, 1, 2, 2
-        args.vocab, args.phase1_bytes, args.phase2_bytes, args.eval_tokens, args.calib_sequences = (
-            512,
-            60_000,
-            60_000,
-            2048,
-            8,
-        )
-        global KAPPAS
-        KAPPAS = (0.5,)
+    args.variants, _ = parse_variants(p, args.variant, [])
     prepare_out(args.out)  # before any work: a user's own folder is refused
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     from megatron_twist.distributed.runtime import init_distributed, init_model_parallel, shutdown

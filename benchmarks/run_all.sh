@@ -11,35 +11,11 @@
 # ratios, which are measured side by side) are inflated.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-OUT="${1:-runs/bench-all}"
-bash scripts/setup_env.sh >/dev/null
-# shellcheck disable=SC1091
-. .venv/bin/activate
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" GLOO_SOCKET_IFNAME="${GLOO_SOCKET_IFNAME:-lo}"
-# OUT is replaced only if this script made it (its marker); anything else of the user's is refused.
-MARK="$OUT/.megatron-twist-output"
-if [ -e "$OUT" ] && [ -n "$(ls -A "$OUT" 2>/dev/null)" ]; then
-  if ! grep -qs '"kind": "benchmark-all"' "$MARK"; then
-    echo "error: $OUT exists and was not made by benchmarks/run_all.sh; nothing was written. Pass another OUT" >&2
-    exit 2
-  fi
-  rm -rf "$OUT"
-fi
-mkdir -p "$OUT"
-echo '{"kind": "benchmark-all"}' > "$MARK"
-: > "$OUT/timings.txt"
-total_start=$(date +%s)
-run() {  # name, command...
-    local name="$1"; shift
-    local start; start=$(date +%s)
-    echo "[run_all] $name: $* (log: $OUT/$name.log)"
-    "$@" > "$OUT/$name.log" 2>&1 || { echo "[run_all] $name FAILED; see $OUT/$name.log"; tail -20 "$OUT/$name.log"; exit 1; }
-    local secs=$(( $(date +%s) - start ))
-    printf '%-12s %6d s  %s\n' "$name" "$secs" "$*" | tee -a "$OUT/timings.txt"
-}
+# shellcheck source=benchmarks/bench_set.sh
+. benchmarks/bench_set.sh
+begin_set "${1:-runs/bench-all}" benchmark-all run_all.sh
 run quality python benchmarks/quality.py --out "$OUT/quality"
 run speed python benchmarks/speed.py --out "$OUT/speed"
 run memory python benchmarks/deepspeed_memory.py --out "$OUT/memory"
 run deployment python benchmarks/deployment.py --out "$OUT/deployment" --repeats 30
-total=$(( $(date +%s) - total_start ))
-printf '%-12s %6d s  (%d min; budget 60 min on 2 cores)\n' total "$total" $(( (total + 59) / 60 )) | tee -a "$OUT/timings.txt"
+end_set 60

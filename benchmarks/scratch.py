@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import sys
 import time
 import warnings
@@ -42,8 +41,10 @@ from common import (  # noqa: E402
     is_prepared,
     merge_seeds,
     model_flags,
+    parse_variants,
     prepare_corpus,
     prepare_out,
+    save_plot,
     show,
     train,
     user_documents,
@@ -185,12 +186,8 @@ def report(results: List[Dict], args) -> None:
         print("  gaps: " + ", ".join(f"{k} {v:+.1%}" for k, v in res["gaps"].items()))
         print(f"  regime where size matters: {'yes' if res['size_matters'] else 'no'}")
     (out / "scratch.json").write_text(json.dumps({"results": results, "flops_ratio": args.flops_ratio}, indent=1))
-    try:
-        import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+    def draw(plt):
         fig, ax = plt.subplots(figsize=(7, 4))
         xs = [r["length"] for r in results]
         for key in results[0]["gaps"]:
@@ -201,11 +198,9 @@ def report(results: List[Dict], args) -> None:
         ax.set_ylabel("perplexity gap, % (below 0: TwIST better)")
         ax.set_title(f"from scratch, kappa {KAPPA}")
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "scratch.png", dpi=120)
-        print(f"\nplot: {out / 'scratch.png'}; data: {out / 'scratch.json'}")
-    except ImportError:
-        print(f"\ndata: {out / 'scratch.json'} (matplotlib missing: no plot)")
+        return fig
+
+    save_plot(out / "scratch.png", out / "scratch.json", draw)
 
 
 def main() -> int:
@@ -233,14 +228,7 @@ def main() -> int:
     if args.smoke:
         args.lengths, args.nproc, args.micro_batch, args.local_steps, args.vocab = [4], 1, 2, 2, 512
         args.corpus_bytes, args.eval_tokens, args.calib_sequences = 60_000, 2048, 8
-    args.variants, args.variant_at = {}, {}
-    for v in args.variant:
-        name, sep, flags = v.partition("=")
-        name, _, at = name.partition("@")
-        if not sep or not name.isidentifier() or not all(x.isdigit() for x in at.split(",") if at):
-            p.error(f"--variant {v!r}: expected NAME[@L,L]=FLAGS, NAME a plain word, e.g. pin@1000='--twist-pin-cut'")
-        args.variants[name] = shlex.split(flags)
-        args.variant_at[name] = [int(x) for x in at.split(",")] if at else args.variant_lengths or args.lengths
+    args.variants, args.variant_at = parse_variants(p, args.variant, args.variant_lengths or args.lengths)
     all_seeds = set(args.all_seeds_at if args.all_seeds_at is not None else [max(args.lengths)])
     args.flops_ratio = flops_per_token(args.model, args.vocab) / flops_per_token(args.model, args.vocab, KAPPA)
     prepare_out(args.out)  # before any work: a user's own folder is refused
