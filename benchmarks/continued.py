@@ -317,6 +317,17 @@ def main() -> int:
     args = p.parse_args()
     args.model = SMOKE if args.smoke else MODEL
     args.variants, _ = parse_variants(p, args.variant, [])
+    if args.smoke:
+        args.phase1_steps, args.phase2_steps, args.nproc, args.micro_batch, args.local_steps = 4, 4, 1, 2, 2
+        args.vocab, args.phase1_bytes, args.phase2_bytes, args.eval_tokens, args.calib_sequences = (
+            512,
+            60_000,
+            60_000,
+            2048,
+            8,
+        )
+        global KAPPAS
+        KAPPAS = (0.5,)
     prepare_out(args.out)  # before any work: a user's own folder is refused
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     from megatron_twist.distributed.runtime import init_distributed, init_model_parallel, shutdown
