@@ -259,5 +259,7 @@ def test_bad_layout_refused_under_torchrun(run_torchrun_raw):
         ],
     )
     assert proc.returncode != 0
-    assert proc.stderr.count("--num-subnets 3 does not divide over 2 data-parallel ranks") == 2
+    # Each rank refuses on its own; once the first exits, torchrun stops the other, which on a loaded
+    # machine may not have printed yet (seen in CI: 1 of 2). Neither got as far as a round.
+    assert proc.stderr.count("--num-subnets 3 does not divide over 2 data-parallel ranks") >= 1
     assert "[twist] round" not in proc.stdout
