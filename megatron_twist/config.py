@@ -239,6 +239,23 @@ class TwistConfig:
             )
         return shards
 
+    def check_pin_cut_layout(self, whole_layers: bool = True, tensor_parallel_size: int = 1, deepspeed: bool = False):
+        """--twist-pin-cut picks the cut from the whole central model: refuse layouts where a rank holds
+        only part of it (a TP shard, a pipeline stage: ``whole_layers`` False, or ZeRO partitions)."""
+        if not self.pin_cut:
+            return
+        if tensor_parallel_size > 1 or not whole_layers:
+            raise ConfigError(
+                "--twist-pin-cut picks the cut from the whole central model, which a tensor-parallel shard or a "
+                "pipeline stage does not hold; run it at --tensor-model-parallel-size 1 and "
+                "--pipeline-model-parallel-size 1, or leave --twist-pin-cut off"
+            )
+        if deepspeed:
+            raise ConfigError(
+                "--twist-pin-cut needs the whole central model on every rank; under DeepSpeed ZeRO it is "
+                "partitioned: leave --twist-pin-cut off, or train without --deepspeed"
+            )
+
     def check_against_model(self, model: ModelConfig, tensor_parallel_size: int = 1) -> None:
         """Refuse a keep ratio that does not give whole units on every shard/group."""
         tp = tensor_parallel_size

@@ -76,11 +76,7 @@ class ZeroRoundHook:
                 f"launch at least {twist.num_subnets} data-parallel ranks (num_subnets x replicas)"
             )
         self.subnet = subnets[0]
-        if twist.pin_cut:
-            raise ConfigError(
-                "--twist-pin-cut needs the whole central model on every rank; under DeepSpeed ZeRO it is "
-                "partitioned: leave --twist-pin-cut off, or train without --deepspeed"
-            )
+        twist.check_pin_cut_layout(deepspeed=True)
         self.model, self.twist, self.central, self.engine = model, twist, central, engine
         self.module = engine.module
         self.device = central.device

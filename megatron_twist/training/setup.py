@@ -69,7 +69,7 @@ def prepare_job(args, explicit: Set[str], log: Callable[[str], None] = print) ->
             "choose sizes that divide the saved model and that number)"
         ) from None
     _check_save_interval(run, twist)
-    _check_pin_cut(twist, run)
+    twist.check_pin_cut_layout(pp == 1, tp, run.deepspeed)  # before any work
     _check_outputs(run)  # nothing of the user's is replaced
     data.check_fits(model.seq_length)
     from ..distributed.runtime import discover_launcher
@@ -157,23 +157,6 @@ def _check_save_interval(run: RunConfig, twist: TwistConfig) -> None:
         raise ConfigError(
             f"--save {run.save} is a checkpoint, not a save directory; with --save-interval pass a new "
             "or existing save directory (it will hold iter_XXXXXXX checkpoints and a latest pointer)"
-        )
-
-
-def _check_pin_cut(twist: TwistConfig, run: RunConfig) -> None:
-    """--twist-pin-cut chooses subnet 0 from the whole central model, which only a replicated central holds."""
-    if not twist.pin_cut:
-        return
-    if run.tensor_parallel_size > 1 or run.pipeline_parallel_size > 1:
-        raise ConfigError(
-            "--twist-pin-cut picks the cut from the whole central model, which a tensor-parallel shard or a "
-            "pipeline stage does not hold; run it at --tensor-model-parallel-size 1 and "
-            "--pipeline-model-parallel-size 1, or leave --twist-pin-cut off"
-        )
-    if run.deepspeed:
-        raise ConfigError(
-            "--twist-pin-cut needs the whole central model on every rank; under DeepSpeed ZeRO it is "
-            "partitioned: leave --twist-pin-cut off, or train without --deepspeed"
         )
 
 

@@ -23,7 +23,7 @@ from typing import List, Optional, Protocol, Sequence, Tuple
 
 import torch
 
-from ..config import ConfigError, ModelConfig, TwistConfig
+from ..config import ModelConfig, TwistConfig
 from ..optim.optimizer import ADAM_MOMENTS
 from .aggregation import RoundAggregator
 from .central import CentralModel
@@ -55,12 +55,7 @@ class LocalPlans:
     ):
         self.model, self.tp_rank, self.tp_size = model, tp_rank, tp_size
         self.first_layer, self.num_layers = first_layer, num_layers
-        if twist.pin_cut and (tp_size > 1 or (num_layers is not None and num_layers != model.num_layers)):
-            raise ConfigError(
-                "--twist-pin-cut picks the cut from the whole central model, which a tensor-parallel shard or a "
-                "pipeline stage does not hold; run it at --tensor-model-parallel-size 1 and "
-                "--pipeline-model-parallel-size 1, or leave --twist-pin-cut off"
-            )
+        twist.check_pin_cut_layout(num_layers in (None, model.num_layers), tp_size)
         self.sampler = SubnetSampler(model, twist, tp_size)
         self.geometry = local_model_view(model, tp_size, first_layer, num_layers)
 
@@ -74,7 +69,7 @@ class LocalPlans:
 def pinned_cut(central: CentralModel, twist: TwistConfig, group) -> Optional[SubnetPlan]:
     """Under --twist-pin-cut, the magnitude cut of the central model at the keep ratio (what extraction
     would take now), the same on every rank of ``group``: the copies are identical after aggregation,
-    and a one-integer check refuses to go on with plans that differ (aggregation would mix units)."""
+    and a one-tensor all-reduce refuses to go on with plans that differ (aggregation would mix units)."""
     if not twist.pin_cut:
         return None
     plan = select_plan(central.config, twist, central.params, twist.keep_ratio)
