@@ -1,7 +1,7 @@
 """From scratch over training length and compute (issue #15 items 1-3, 5): the gaps that decide TwIST.
 
     python benchmarks/scratch.py [--corpus PATH] [--lengths 120 400 1000] [--seeds 1 2 3] [--out runs/bench-scratch]
-    python benchmarks/scratch.py --variant pin@400,1000='--twist-pin-cut'   # a TwIST variant at L = 400 and 1000
+    python benchmarks/scratch.py --variant nopin@400,1000='--no-twist-pin-cut'   # a TwIST variant at L = 400 and 1000
     python benchmarks/scratch.py --smoke      # seconds-long version (CI): tiny model, few steps
 
 At each length L (optimizer steps of the full dense model), every model trains on one corpus (default:

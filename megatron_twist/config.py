@@ -173,8 +173,8 @@ class TwistConfig:
                        of the current central model would keep (the zero-cost extraction's
                        choice); the other subnets are dealt the rest. The final cut is then
                        trained as one model all along (issue #15's cut-aware sampling).
-                       Replicated central model at TP = PP = 1 only (`twist train`, the
-                       host-loop hook).
+                       Every layout: TP/PP shards and ZeRO partitions sum their parts of
+                       the scores (twist/pin.py).
     """
 
     keep_ratio: float = 0.5
@@ -187,7 +187,7 @@ class TwistConfig:
     correction: str = "none"
     optimizer_state: str = "aggregate"
     balance_shards: int = 0
-    pin_cut: bool = False
+    pin_cut: bool = True
 
     def __post_init__(self):
         object.__setattr__(self, "whole_layers", tuple(int(i) for i in self.whole_layers))
@@ -239,23 +239,6 @@ class TwistConfig:
             )
         return shards
 
-    def check_pin_cut_layout(self, whole_layers: bool = True, tensor_parallel_size: int = 1, deepspeed: bool = False):
-        """--twist-pin-cut picks the cut from the whole central model: refuse layouts where a rank holds
-        only part of it (a TP shard, a pipeline stage: ``whole_layers`` False, or ZeRO partitions)."""
-        if not self.pin_cut:
-            return
-        if tensor_parallel_size > 1 or not whole_layers:
-            raise ConfigError(
-                "--twist-pin-cut picks the cut from the whole central model, which a tensor-parallel shard or a "
-                "pipeline stage does not hold; run it at --tensor-model-parallel-size 1 and "
-                "--pipeline-model-parallel-size 1, or leave --twist-pin-cut off"
-            )
-        if deepspeed:
-            raise ConfigError(
-                "--twist-pin-cut needs the whole central model on every rank; under DeepSpeed ZeRO it is "
-                "partitioned: leave --twist-pin-cut off, or train without --deepspeed"
-            )
-
     def check_against_model(self, model: ModelConfig, tensor_parallel_size: int = 1) -> None:
         """Refuse a keep ratio that does not give whole units on every shard/group."""
         tp = tensor_parallel_size
@@ -300,7 +283,8 @@ class TwistConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TwistConfig":
-        return cls(**d)
+        # A checkpoint written before pin_cut existed trained without it: resume it the same way.
+        return cls(**{"pin_cut": False, **d})
 
 
 def _head_bucket(model: ModelConfig, tp: int) -> Tuple[int, str]:

@@ -40,6 +40,8 @@ class TwistGroups:
                         weights are exchanged among them only at the end of a round.
     data_parallel_group: every data-parallel rank at this TP/PP position (subnets x replicas);
                         the DeepSpeed path shards its central model over it.
+    model_parallel_group: the TP x PP ranks holding one copy of the model (None at TP = PP = 1);
+                        --twist-pin-cut sums its unit scores over it.
     """
 
     rank: int
@@ -51,6 +53,7 @@ class TwistGroups:
     aggregation_group: Optional[dist.ProcessGroup]
     subnet_group: Optional[dist.ProcessGroup] = None
     data_parallel_group: Optional[dist.ProcessGroup] = None
+    model_parallel_group: Optional[dist.ProcessGroup] = None
 
     @property
     def dp_size(self) -> int:
@@ -195,9 +198,18 @@ def build_twist_groups(
     dp_rank = parallel_state.get_data_parallel_rank()
     rank = dist.get_rank()
     dp_group = parallel_state.get_data_parallel_group()
+    mp_group = parallel_state.get_model_parallel_group() if tensor_parallel_size * pipeline_parallel_size > 1 else None
     if layout.data_parallel < layout.num_subnets:  # subnets taken in turn: no per-subnet group exists
         return TwistGroups(
-            rank, world, layout, tp_rank, pp_rank, dp_rank, aggregation_group=dp_group, data_parallel_group=dp_group
+            rank,
+            world,
+            layout,
+            tp_rank,
+            pp_rank,
+            dp_rank,
+            aggregation_group=dp_group,
+            data_parallel_group=dp_group,
+            model_parallel_group=mp_group,
         )
 
     coords = all_gather_objects((rank, tp_rank, pp_rank, dp_rank))
@@ -219,6 +231,7 @@ def build_twist_groups(
         aggregation_group=my_aggregation_group,
         subnet_group=my_subnet_group,
         data_parallel_group=dp_group,
+        model_parallel_group=mp_group,
     )
 
 

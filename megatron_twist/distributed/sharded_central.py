@@ -121,6 +121,25 @@ class ShardedCentral:
         moments = {m: {n: self.gather(n, m) for n in self.shapes} for m in ADAM_MOMENTS}
         return weights, moments
 
+    @torch.no_grad()
+    def squared_norms(self, requests: Dict[str, str]) -> Dict[str, torch.Tensor]:
+        """Squared norms of the 'rows' or 'columns' of 2-D central weights ({name: which}), each rank's
+        shard scattered onto the rows/columns its elements lie in, then one SUM all-reduce for all of
+        them (collective; --twist-pin-cut's scores, twist/pin.py)."""
+        parts = []
+        for name, which in requests.items():
+            rows, cols = self.shapes[name]
+            positions = self.shard_positions(name)
+            inside = positions < rows * cols  # the last shard's padding lies past the end
+            values = self.shards["param"][name][inside].pow(2)
+            index = positions[inside] // cols if which == "rows" else positions[inside] % cols
+            out = torch.zeros(rows if which == "rows" else cols, device=self.device)
+            parts.append(out.index_add_(0, index, values))
+        flat = torch.cat(parts)
+        if self.shard_count > 1:
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group)
+        return dict(zip(requests, flat.split([p.numel() for p in parts])))
+
     def barrier(self) -> None:
         if self.shard_count > 1:
             dist.barrier(group=self.group)

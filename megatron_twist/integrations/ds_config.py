@@ -105,7 +105,7 @@ _KEYS: Tuple[_Key, ...] = (
     _Key("activation_correction", "correction", "activation_correction", "--activation-correction", "str"),
     _Key("optimizer_state", "optimizer_state", "optimizer_state", "--optimizer-state", "str"),
     _Key("balance_shards", "balance_shards", "twist_balance_shards", "--twist-balance-shards", "nonneg_int"),
-    _Key("pin_cut", "pin_cut", "twist_pin_cut", "--twist-pin-cut", "bool"),
+    _Key("pin_cut", "pin_cut", "twist_pin_cut", "--no-twist-pin-cut", "bool"),
 )
 
 #: The keys a "twist" section may hold, in documentation order.
@@ -239,7 +239,7 @@ def json_text(value: Any) -> str:
 
 def _flag_text(key: _Key, value: Any) -> str:
     """How the user wrote a flag on the command line."""
-    if key.kind == "bool":  # --no-coverage is a store_false switch, --twist-pin-cut a store_true one
+    if key.kind == "bool":  # --no-coverage and --no-twist-pin-cut turn a default-on switch off
         default = _flag_default(key)
         return key.flag if value != default else f"{key.field} left {'on' if default else 'off'} (no {key.flag})"
     if key.kind == "int_list":

@@ -61,7 +61,7 @@ class TwistRoundHook:
         plans = LocalPlans(model, twist, groups.tp_rank, groups.tp_size, self.first_layer, self.num_layers)
         self.sampler = plans.sampler
         self.worker = worker or SubnetState(subnet_module, optimizer, plans.geometry, twist)
-        self.round = ReplicatedRound(plans, central, twist, groups.aggregation_group)
+        self.round = ReplicatedRound(plans, central, twist, groups.aggregation_group, groups.model_parallel_group)
         self.aggregator, self.fields = self.round.aggregator, self.round.fields
         self.clock = RoundClock(central, twist.local_steps, self)
 

@@ -14,7 +14,8 @@ each field (weights, and Adam's two moments when they are aggregated):
      sums for its own shard of the central parameter;
   3. divide by the holder counts of its shard positions (no communication:
      every rank knows every subnet's plan) and write the shard.
-open a round: sample the next plans; for each parameter all-gather its
+open a round: sample the next plans (under --twist-pin-cut, subnet 0's from the shards' squared
+row/column norms, ShardedCentral.squared_norms); for each parameter all-gather its
 central shards (one parameter at a time), take this subnet's slice and write
 this rank's fragment of weights and moments (EngineFragments.write).
 
@@ -46,6 +47,8 @@ from ..distributed.runtime import TwistGroups
 from ..distributed.sharded_central import ShardedCentral
 from ..optim.optimizer import ADAM_MOMENTS
 from ..twist.hooks import CorrectionHooks
+from ..twist.magnitude import SCORED, layer_prefix
+from ..twist.pin import plan_from_norms
 from ..twist.rounds import LocalPlans, RoundClock, aggregated_fields
 from ..twist.sampler import SubnetPlan
 from ..twist.slicing import central_flat_index, holder_count_at, slice_for, take
@@ -76,7 +79,6 @@ class ZeroRoundHook:
                 f"launch at least {twist.num_subnets} data-parallel ranks (num_subnets x replicas)"
             )
         self.subnet = subnets[0]
-        twist.check_pin_cut_layout(deepspeed=True)
         self.model, self.twist, self.central, self.engine = model, twist, central, engine
         self.module = engine.module
         self.device = central.device
@@ -115,7 +117,7 @@ class ZeroRoundHook:
         if not self.has_state and self.central.step > 0:
             raise ConfigError("resuming needs the engine's checkpoint: pass the directory a DeepSpeed run saved")
         before = self.bytes_moved
-        self.plans = self.local_plans.sample(self.central.round)
+        self.plans = self.local_plans.sample(self.central.round, self._pinned())
         plan = self.plans[self.subnet]
         # Before the first step Adam has no state: it starts from zero moments, as the central's are.
         fields = self.fields if self.has_state else ("param",)
@@ -134,6 +136,16 @@ class ZeroRoundHook:
             self.fragments.set_step(self.central.step if self.twist.optimizer_state == "aggregate" else 0)
         self.correction.apply(plan)
         return self.bytes_moved - before
+
+    def _pinned(self) -> Optional[SubnetPlan]:
+        """--twist-pin-cut: the magnitude cut of the sharded central model (twist/pin.py): every layer's
+        squared row/column norms summed over the shards with one all-reduce, identical on every rank."""
+        if not self.twist.pin_cut:
+            return None
+        layers = range(self.model.num_layers)
+        norms = self.central.squared_norms({layer_prefix(i) + s: which for i in layers for s, which in SCORED.items()})
+        per_layer = [{s: norms[layer_prefix(i) + s] for s in SCORED} for i in layers]
+        return plan_from_norms(self.model, self.twist, per_layer)
 
     @torch.no_grad()
     def close_round(self, steps_taken: int) -> int:

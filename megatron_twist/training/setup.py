@@ -69,7 +69,6 @@ def prepare_job(args, explicit: Set[str], log: Callable[[str], None] = print) ->
             "choose sizes that divide the saved model and that number)"
         ) from None
     _check_save_interval(run, twist)
-    twist.check_pin_cut_layout(pp == 1, tp, run.deepspeed)  # before any work
     _check_outputs(run)  # nothing of the user's is replaced
     data.check_fits(model.seq_length)
     from ..distributed.runtime import discover_launcher

@@ -135,7 +135,9 @@ class TwistTrainer:
             parallel=step_parallelism(groups),
         )
         self.device = next(self.central.module.parameters()).device
-        self.round = ReplicatedRound(self.local_plans, self.central, twist, groups.aggregation_group)
+        self.round = ReplicatedRound(
+            self.local_plans, self.central, twist, groups.aggregation_group, groups.model_parallel_group
+        )
         self.aggregator, self.fields = self.round.aggregator, self.round.fields
 
     def describe(self) -> str:

@@ -26,28 +26,9 @@ import torch
 from ..config import ConfigError, ModelConfig, TwistConfig
 from ..model.gpt import LayerSize, build_gpt_model
 from .hooks import correction_scales
+from .magnitude import layer_norms, unit_scores
 from .sampler import LayerUnits, SubnetPlan, SubnetSampler
-from .slicing import proj_columns, qkv_rows, slice_for, take
-
-
-def _unit_scores(model: ModelConfig, params: Dict[str, torch.Tensor], layer: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    pre = f"decoder.layers.{layer}."
-    qkv = params[pre + "self_attention.linear_qkv.weight"].detach().float()
-    proj = params[pre + "self_attention.linear_proj.weight"].detach().float()
-    fc1 = params[pre + "mlp.linear_fc1.weight"].detach().float()
-    fc2 = params[pre + "mlp.linear_fc2.weight"].detach().float()
-    heads = torch.stack(
-        [
-            qkv[qkv_rows(model, [h], device=qkv.device)].norm()
-            * proj[:, proj_columns(model, [h], device=proj.device)].norm()
-            for h in range(model.num_attention_heads)
-        ]
-    )
-    row_norms_sq = fc1.pow(2).sum(dim=1)
-    if model.gated_mlp:  # a neuron's gate row and up row together
-        row_norms_sq = row_norms_sq[: model.ffn_hidden_size] + row_norms_sq[model.ffn_hidden_size :]
-    neurons = row_norms_sq.sqrt() * fc2.norm(dim=0)
-    return heads, neurons
+from .slicing import slice_for, take
 
 
 def select_plan(
@@ -69,19 +50,25 @@ def select_plan(
     if method != "magnitude":
         raise ConfigError(f"extraction method {method!r} is unknown; use 'magnitude' or 'random:SEED'")
     return plan_from_scores(
-        model, twist, keep_ratio, [_unit_scores(model, params, layer) for layer in range(model.num_layers)]
+        model, twist, keep_ratio, [unit_scores(model, layer_norms(params, layer)) for layer in range(model.num_layers)]
     )
 
 
 def plan_from_scores(
-    model: ModelConfig, twist: TwistConfig, keep_ratio: float, scores: List[Tuple[torch.Tensor, torch.Tensor]]
+    model: ModelConfig,
+    twist: TwistConfig,
+    keep_ratio: float,
+    scores: List[Tuple[torch.Tensor, torch.Tensor]],
+    tensor_parallel_size: int = 1,
 ) -> SubnetPlan:
     """Keep the best-scoring units per bucket: ``scores[layer] = (head scores, neuron scores)``.
 
-    The buckets (KV groups, TP-balance blocks) and whole layers are the sampler's, so any score
+    The buckets (KV groups, TP-balance blocks at ``tensor_parallel_size``) and whole layers are the
+    sampler's, so any score
     (weights only here; activation-aware ones in benchmarks/) gives a GQA-valid, TP-balanced cut.
     """
-    sampler = SubnetSampler(model, dataclasses.replace(twist, keep_ratio=keep_ratio, num_subnets=1, coverage=False))
+    cut = dataclasses.replace(twist, keep_ratio=keep_ratio, num_subnets=1, coverage=False)
+    sampler = SubnetSampler(model, cut, tensor_parallel_size)
     layers: List[LayerUnits] = []
     for layer in range(model.num_layers):
         whole = layer in sampler.whole

@@ -18,16 +18,13 @@ unless said otherwise:
 
 from __future__ import annotations
 
-import hashlib
 from typing import List, Optional, Protocol, Sequence, Tuple
-
-import torch
 
 from ..config import ModelConfig, TwistConfig
 from ..optim.optimizer import ADAM_MOMENTS
 from .aggregation import RoundAggregator
 from .central import CentralModel
-from .extraction import select_plan
+from .pin import pinned_plan
 from .sampler import SubnetPlan, SubnetSampler
 from .sharding import local_model_view, local_plan
 
@@ -55,7 +52,6 @@ class LocalPlans:
     ):
         self.model, self.tp_rank, self.tp_size = model, tp_rank, tp_size
         self.first_layer, self.num_layers = first_layer, num_layers
-        twist.check_pin_cut_layout(num_layers in (None, model.num_layers), tp_size)
         self.sampler = SubnetSampler(model, twist, tp_size)
         self.geometry = local_model_view(model, tp_size, first_layer, num_layers)
 
@@ -65,22 +61,21 @@ class LocalPlans:
     def sample(self, round_index: int, pinned: Optional[SubnetPlan] = None) -> List[SubnetPlan]:
         return [self.local(p) for p in self.sampler.sample(round_index, pinned)]
 
-
-def pinned_cut(central: CentralModel, twist: TwistConfig, group) -> Optional[SubnetPlan]:
-    """Under --twist-pin-cut, the magnitude cut of the central model at the keep ratio (what extraction
-    would take now), the same on every rank of ``group``: the copies are identical after aggregation,
-    and a one-tensor all-reduce refuses to go on with plans that differ (aggregation would mix units)."""
-    if not twist.pin_cut:
-        return None
-    plan = select_plan(central.config, twist, central.params, twist.keep_ratio)
-    if group is not None and torch.distributed.is_initialized() and torch.distributed.get_world_size(group) > 1:
-        digest = int.from_bytes(hashlib.sha256(repr(plan).encode()).digest()[:7], "little")
-        device = next(iter(central.params.values())).device
-        both = torch.tensor([digest, -digest], dtype=torch.int64, device=device)
-        torch.distributed.all_reduce(both, op=torch.distributed.ReduceOp.MAX, group=group)
-        if int(both[0]) != -int(both[1]):
-            raise RuntimeError("--twist-pin-cut: ranks chose different cuts from central copies that differ")
-    return plan
+    def pinned(self, central: CentralModel, model_parallel_group, agreement_group) -> Optional[SubnetPlan]:
+        """Under --twist-pin-cut, subnet 0's plan for the next round (twist/pin.py), else None."""
+        if not self.sampler.twist.pin_cut:
+            return None
+        return pinned_plan(
+            self.model,
+            self.sampler.twist,
+            central.params,
+            tp_rank=self.tp_rank,
+            tp_size=self.tp_size,
+            first_layer=self.first_layer,
+            num_layers=self.num_layers,
+            model_parallel_group=model_parallel_group,
+            agreement_group=agreement_group,
+        )
 
 
 class Subnet(Protocol):
@@ -100,8 +95,18 @@ class ReplicatedRound:
     central model and advances its step and round counters.
     """
 
-    def __init__(self, plans: LocalPlans, central: CentralModel, twist: TwistConfig, aggregation_group):
+    def __init__(
+        self,
+        plans: LocalPlans,
+        central: CentralModel,
+        twist: TwistConfig,
+        aggregation_group,
+        model_parallel_group=None,
+    ):
+        """``model_parallel_group``: this rank's TP x PP group (None at TP = PP = 1); --twist-pin-cut
+        sums the units' scores over it."""
         self.planner, self.central, self.aggregation_group = plans, central, aggregation_group
+        self.model_parallel_group = model_parallel_group
         self.twist = twist
         self.fields = aggregated_fields(twist)
         device = next(central.module.parameters()).device
@@ -109,7 +114,7 @@ class ReplicatedRound:
         self.plans: List[SubnetPlan] = []
 
     def open(self) -> List[SubnetPlan]:
-        pinned = pinned_cut(self.central, self.twist, self.aggregation_group)
+        pinned = self.planner.pinned(self.central, self.model_parallel_group, self.aggregation_group)
         self.plans = self.planner.sample(self.central.round, pinned)
         self.aggregator.begin_round(self.plans)
         return self.plans

@@ -64,18 +64,19 @@ def test_quality_benchmark_smoke_on_a_users_text_with_seeds(tmp_path, launch):
 @pytest.mark.multiprocess
 def test_continued_benchmark_smoke(tmp_path, launch):
     # phase 2 on the standard-library files phase 1 did not use: runs without ../shared/data
-    proc = _run(launch, "continued.py", tmp_path, extra=("--phase2", "stdlib", "--variant", "pin=--twist-pin-cut"))
+    proc = _run(launch, "continued.py", tmp_path, extra=("--phase2", "stdlib", "--variant", "nopin=--no-twist-pin-cut"))
     res = json.loads((tmp_path / "continued.json").read_text())
     arms = ("a_twist_cut", "b_dense_magnitude", "b_dense_activation", "c_prune_retrain", "d_small_from_scratch")
-    arms += ("a_twist_pin_cut",)  # the --variant arm, trained with its flag
-    assert json.loads((tmp_path / "twist-pin" / "meta.json").read_text())["twist"]["pin_cut"] is True
+    arms += ("a_twist_nopin_cut",)  # the --variant arm, trained with its flag
+    assert json.loads((tmp_path / "twist-nopin" / "meta.json").read_text())["twist"]["pin_cut"] is False
+    assert json.loads((tmp_path / "twist" / "meta.json").read_text())["twist"]["pin_cut"] is True  # the default
     assert res["kappas"] == [0.5] and res["phase2_tokens"] > 0
     for arm in arms:
         assert set(res[arm]) == {"0.5"} and math.isfinite(res[arm]["0.5"]["perplexity"])
     # every arm at one kappa has the same size, below the full model's
     sizes = {res[arm]["0.5"]["parameters"] for arm in arms}
     assert len(sizes) == 1 and sizes.pop() < res["e_dense_full"]["parameters"]
-    for key in ("e_dense_full", "e_twist_central", "phase1_only", "e_twist_pin_central"):
+    for key in ("e_dense_full", "e_twist_central", "phase1_only", "e_twist_nopin_central"):
         assert math.isfinite(res[key]["perplexity"])
     assert res["size_matters"] == res["regime"]["size_matters"] in (True, False)
     assert (tmp_path / "phase1-imported" / "meta.json").is_file() and (tmp_path / "phase1-imported-hf").is_dir()

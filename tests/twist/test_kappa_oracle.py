@@ -3,7 +3,9 @@
 The reference (tests/twist/masked_reference.py) trains full-size models with
 0/1 masks built from the sampler's index lists, writes AdamW, clipping and
 the per-element holder average by hand, and shares no code with slicing,
-aggregation, hooks, the worker or the train step. The real TwistTrainer must
+aggregation, hooks, the worker or the train step. Under --twist-pin-cut (the
+default) subnet 0's plan is the magnitude cut of the reference's own central
+model at each round's start. The real TwistTrainer must
 match it round by round: every subnet's weights and both Adam moments before
 aggregation, and the central weights and moments after it, to 1e-5 of each
 tensor's largest magnitude (fp32 on both sides; see SMALL_CLIP for why most
@@ -21,6 +23,7 @@ from megatron_twist.data.batches import SyntheticBatches
 from megatron_twist.distributed.runtime import build_twist_groups
 from megatron_twist.model.gpt import build_gpt_model
 from megatron_twist.training.twist_trainer import TwistTrainer
+from megatron_twist.twist.extraction import select_plan
 from megatron_twist.twist.sampler import SubnetSampler
 
 from .masked_reference import MaskedReference
@@ -49,15 +52,16 @@ MODELS = {
     "gpt2": dict(family="gpt2"),
 }
 
-CASES = [  # (model, optimizer state, correction, whole layers, coverage, clip norm)
-    ("llama-gqa", "aggregate", "none", (), True, NATURAL_CLIP),
-    ("llama-gqa", "aggregate", "none", (), True, SMALL_CLIP),
-    ("llama-gqa", "reset", "rescale", (), True, SMALL_CLIP),
-    ("llama-gqa", "aggregate", "rescale", (1,), True, SMALL_CLIP),
-    ("llama-mha", "aggregate", "rescale", (), True, SMALL_CLIP),
-    ("gpt2", "aggregate", "rescale", (), True, SMALL_CLIP),
-    ("gpt2", "reset", "none", (), False, SMALL_CLIP),  # without coverage some units have no holder
-    ("gpt2", "aggregate", "none", (0,), True, SMALL_CLIP),
+CASES = [  # (model, optimizer state, correction, whole layers, coverage, clip norm, pin cut)
+    ("llama-gqa", "aggregate", "none", (), True, NATURAL_CLIP, True),
+    ("llama-gqa", "aggregate", "none", (), True, SMALL_CLIP, True),
+    ("llama-gqa", "reset", "rescale", (), True, SMALL_CLIP, True),
+    ("llama-gqa", "aggregate", "rescale", (1,), True, SMALL_CLIP, True),
+    ("llama-mha", "aggregate", "rescale", (), True, SMALL_CLIP, True),
+    ("gpt2", "aggregate", "rescale", (), True, SMALL_CLIP, True),
+    ("gpt2", "reset", "none", (), False, SMALL_CLIP, False),  # without coverage some units have no holder
+    ("llama-gqa", "aggregate", "none", (), True, SMALL_CLIP, False),  # every subnet drawn at random
+    ("gpt2", "aggregate", "none", (0,), True, SMALL_CLIP, True),
 ]
 
 
@@ -134,17 +138,18 @@ class Recorder:
 
 
 def case_id(case) -> str:
-    kind, policy, correction, whole, coverage, clip = case
+    kind, policy, correction, whole, coverage, clip, pin = case
     return "-".join(
         [kind, policy, correction]
         + (["whole"] if whole else [])
         + ([] if coverage else ["nocov"])
         + (["clip0.5"] if clip == NATURAL_CLIP else [])
+        + ([] if pin else ["nopin"])
     )
 
 
-@pytest.mark.parametrize("kind,policy,correction,whole,coverage,clip", CASES, ids=[case_id(c) for c in CASES])
-def test_materialized_twist_matches_masked_reference(mcore, kind, policy, correction, whole, coverage, clip):
+@pytest.mark.parametrize("kind,policy,correction,whole,coverage,clip,pin", CASES, ids=[case_id(c) for c in CASES])
+def test_materialized_twist_matches_masked_reference(mcore, kind, policy, correction, whole, coverage, clip, pin):
     model = tiny_model(kind)
     train = train_config(clip)
     twist = TwistConfig(
@@ -156,6 +161,7 @@ def test_materialized_twist_matches_masked_reference(mcore, kind, policy, correc
         optimizer_state=policy,
         whole_layers=whole,
         coverage=coverage,
+        pin_cut=pin,
     )
     batches = SyntheticBatches(model.vocab_size, model.seq_length, train.micro_batch_size, seed=5)
 
@@ -168,7 +174,10 @@ def test_materialized_twist_matches_masked_reference(mcore, kind, policy, correc
     reference = MaskedReference(model, twist, train, build_gpt_model(model), initial, batches)
     sampler = SubnetSampler(model, twist)  # the plans: the one input taken from the code under test
     for r in range(ROUNDS):
-        subnets = reference.run_round(sampler.sample(r))
+        # --twist-pin-cut: subnet 0 is the magnitude cut of the REFERENCE's central model at this round's
+        # start (it must be re-chosen every round from the current weights, as the trainer must)
+        pinned = select_plan(model, twist, reference.state.weights, twist.keep_ratio) if pin else None
+        subnets = reference.run_round(sampler.sample(r, pinned))
         for s, ref in enumerate(subnets):
             where = f"round {r} subnet {s}"
             assert result.rounds[r].losses[s] == pytest.approx(ref.losses, rel=TOL, abs=TOL), where
