@@ -49,7 +49,8 @@ def _expected_round_from_subnet_0(clean: TwistTrainer) -> dict:
     """Independently: round 1 with subnet 0 alone. Units subnet 0 held take its values, shared tensors
     too; units only subnet 1 held keep their values from round 0."""
     before = _state(clean.central)
-    plan = clean.local(clean.sampler.sample(1)[0])
+    # subnet 0's plan for round 1: pinned to the magnitude cut of the central model (the default)
+    plan = clean.local_plans.sample(1, clean.local_plans.pinned(clean.central, None, None))[0]
     clean.worker.load(clean.central, plan)
     for t in (2, 3):
         clean.worker.step(clean.batches.get(t, 0, 2), t)
