@@ -307,6 +307,9 @@ class TrainConfig:
     data_prefix: Optional[str] = None  # output prefix of `twist prepare-data`
     train_iters: int = 300  # optimizer steps of every subnet (global steps)
     micro_batch_size: int = 8
+    # Megatron's --global-batch-size: samples per optimizer step of ONE subnet, over its replicas
+    # (micro_batch_size x replicas x micro-batches); None: one micro-batch per step.
+    global_batch_size: Optional[int] = None
     lr: float = 3e-3
     min_lr: float = 3e-4
     lr_warmup_iters: int = 20
@@ -327,6 +330,8 @@ class TrainConfig:
             raise ConfigError(f"--train-iters must be at least 1, got {self.train_iters}")
         if self.micro_batch_size < 1:
             raise ConfigError(f"--micro-batch-size must be at least 1, got {self.micro_batch_size}")
+        if self.global_batch_size is not None and self.global_batch_size < 1:
+            raise ConfigError(f"--global-batch-size must be at least 1, got {self.global_batch_size}")
         if self.lr <= 0:
             raise ConfigError(f"--lr must be positive, got {self.lr}")
         if self.nonfinite_policy not in NONFINITE_POLICIES:
@@ -334,6 +339,20 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def microbatches(self, replicas: int) -> int:
+        """Micro-batches per optimizer step for a subnet trained by ``replicas`` data-parallel ranks."""
+        per_pass = self.micro_batch_size * replicas
+        if self.global_batch_size is None:
+            return 1
+        if self.global_batch_size % per_pass:
+            lower = max(per_pass, self.global_batch_size // per_pass * per_pass)
+            raise ConfigError(
+                f"--global-batch-size {self.global_batch_size} is not a multiple of --micro-batch-size "
+                f"{self.micro_batch_size} x {replicas} replica(s) of each subnet = {per_pass}; use e.g. "
+                f"--global-batch-size {lower} or {lower + per_pass}"
+            )
+        return self.global_batch_size // per_pass
 
 
 CKPT_FORMATS = ("safetensors", "torch_dist")

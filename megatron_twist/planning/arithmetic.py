@@ -33,10 +33,11 @@ TP shard / PP stage (N_c central parameters, N_s subnet parameters):
   ``--optimizer-state aggregate``: weights + 2 moments; 1 with ``reset``);
 * the materialized subnet (twist/worker.py): weights 4 N_s, gradients 4 N_s,
   AdamW moments 8 N_s;
-* activations, an estimate for ONE micro-batch in flight (training/step.py
-  runs one micro-batch per optimizer step, also through the 1F1B schedule),
-  no recomputation, no sequence parallelism, unfused attention (scores are
-  materialized): per layer, b x s tokens, e bytes per element::
+* activations, an estimate per micro-batch in flight, times the micro-batches
+  a stage holds at once: min(N, PP - r) on stage r under 1F1B (N micro-batches
+  per optimizer step, ``--global-batch-size``; 1 without PP), no recomputation,
+  no sequence parallelism, unfused attention (scores are materialized): per
+  layer, b x s tokens, e bytes per element::
 
       e * ( s*b*(4h + (q+2g)*d/T + q*d/T + m*f/T) + b*(q/T)*s^2 )
 
@@ -148,6 +149,7 @@ class Plan:
     subnets_per_rank: int
     aggregation_group_size: int
     micro_batch_size: int
+    num_microbatches: int
     local_steps: int
     central_params_total: int
     subnet_params_total: int
@@ -163,7 +165,14 @@ class Plan:
 
     @property
     def tokens_per_step(self) -> int:
-        return self.micro_batch_size * self.model.seq_length * self.twist.num_subnets * self.replicas
+        samples = self.micro_batch_size * self.num_microbatches * self.twist.num_subnets * self.replicas
+        return samples * self.model.seq_length
+
+    @property
+    def pipeline_bubble(self) -> float:
+        """The fraction of a step each stage idles under 1F1B: (PP - 1) / (N + PP - 1)."""
+        pp = self.pipeline_parallel
+        return (pp - 1) / (self.num_microbatches + pp - 1)
 
     @property
     def peak_stage(self) -> StagePlan:
@@ -186,6 +195,8 @@ class Plan:
             "subnets_per_rank": self.subnets_per_rank,
             "aggregation_group_size": self.aggregation_group_size,
             "micro_batch_size": self.micro_batch_size,
+            "num_microbatches": self.num_microbatches,
+            "pipeline_bubble": self.pipeline_bubble,
             "local_steps": self.local_steps,
             "tokens_per_step": self.tokens_per_step,
             "central_params_total": self.central_params_total,
@@ -236,8 +247,11 @@ def make_plan(
     if path == "deepspeed":
         dtype, zero_stage = check_deepspeed(ds_config, train, twist, world_size, tp, pp, layout, checks)
     else:
+        n_micro = train.microbatches(layout.replicas)  # refuses a global batch that does not divide
         checks.append(
-            f"batch: micro batch {train.micro_batch_size} x seq {model.seq_length} per subnet replica and step"
+            f"batch: micro batch {train.micro_batch_size} x {n_micro} micro-batch(es) x seq {model.seq_length} per "
+            f"subnet replica and step"
+            + (f" (global batch {train.global_batch_size} per subnet)" if train.global_batch_size else "")
         )
     if tp > gpus_per_node or gpus_per_node % tp:
         notes.append(
@@ -280,13 +294,15 @@ def _size(
     else:
         agg_group = dp  # Megatron's DP group
     reps, per_rank = layout.replicas, layout.subnets_per_rank
+    n_micro = train.microbatches(reps)
     e_act = 2 if dtype == "bf16" else 4
     stages = []
     for kind, rank in stage_kinds(pp):
         nc = stage_params(model, full, tp, pp, rank)
         ns = stage_params(model, sub, tp, pp, rank)
-        act = activation_bytes(model, sub, tp, pp, rank, mbs, seq, e_act)
-        dense_act = activation_bytes(model, full, tp, pp, rank, mbs, seq, e_act)
+        in_flight = min(n_micro, pp - rank)  # 1F1B: stage r holds up to PP - r micro-batches
+        act = in_flight * activation_bytes(model, sub, tp, pp, rank, mbs, seq, e_act)
+        dense_act = in_flight * activation_bytes(model, full, tp, pp, rank, mbs, seq, e_act)
         if path == "megatron":
             memory = {
                 "central weights": 4 * nc,
@@ -323,8 +339,8 @@ def _size(
                 subnet_params=ns,
                 memory=memory,
                 dense_memory=dense_memory,
-                subnet_flops_per_step=3 * per_rank * forward_flops(model, sub, tp, pp, rank, mbs, seq),
-                dense_flops_per_step=3 * forward_flops(model, full, tp, pp, rank, mbs, seq),
+                subnet_flops_per_step=3 * per_rank * n_micro * forward_flops(model, sub, tp, pp, rank, mbs, seq),
+                dense_flops_per_step=3 * n_micro * forward_flops(model, full, tp, pp, rank, mbs, seq),
                 aggregation_bytes_per_round=agg,
                 aggregation_wire_bytes_per_round=wire,
                 replica_grad_bytes_per_round=replica,
@@ -332,9 +348,11 @@ def _size(
             )
         )
     if pp > 1:
+        bubble = (pp - 1) / (n_micro + pp - 1)
         notes.append(
-            f"pipeline: one micro-batch per optimizer step through 1F1B, so each stage idles about "
-            f"{pp - 1}/{pp} of a step (the same holds for dense training with this step)"
+            f"pipeline: {n_micro} micro-batch(es) per optimizer step through 1F1B, so each stage idles "
+            f"{pp - 1}/{n_micro + pp - 1} = {bubble:.1%} of a step (the same for dense training with this step)"
+            + ("" if bubble <= 0.1 else "; raise --global-batch-size to shrink it")
         )
     if per_rank > 1:
         notes.append(f"each rank trains {per_rank} subnets in turn: a global step costs {per_rank} subnet steps")
@@ -357,6 +375,7 @@ def _size(
         subnets_per_rank=per_rank,
         aggregation_group_size=agg_group,
         micro_batch_size=mbs,
+        num_microbatches=n_micro,
         local_steps=twist.local_steps,
         central_params_total=n_total,
         subnet_params_total=s_total,

@@ -47,8 +47,10 @@ def format_plan(plan: Plan) -> str:
         f"layout  {plan.world_size} GPUs ({nodes}) = TP {plan.tensor_parallel} x PP {plan.pipeline_parallel} x "
         f"DP {plan.data_parallel}; DP = {plural(t.num_subnets, 'subnet')} x {plural(plan.replicas, 'replica')}; "
         f"aggregation group of {plural(plan.aggregation_group_size, 'rank')}",
-        f"batch   micro batch {plan.micro_batch_size} x seq {m.seq_length}; {plan.tokens_per_step:,} tokens per "
-        f"global step (all subnets); {plan.local_steps} local steps per round",
+        f"batch   micro batch {plan.micro_batch_size} x {plan.num_microbatches} micro-batch(es) per step x seq "
+        f"{m.seq_length}; {plan.tokens_per_step:,} tokens per global step (all subnets); {plan.local_steps} local "
+        f"steps per round"
+        + (f"; pipeline bubble {plan.pipeline_bubble:.1%} (1F1B)" if plan.pipeline_parallel > 1 else ""),
         "checks",
         *[f"  ok  {c}" for c in plan.checks],
         "",

@@ -75,7 +75,13 @@ def prepare_job(args, explicit: Set[str], log: Callable[[str], None] = print) ->
 
     discover_launcher()  # torchrun, deepspeed, srun or mpirun: WORLD_SIZE is known from here on
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    ParallelLayout.for_world(world, twist.num_subnets, tp, pp)
+    layout = ParallelLayout.for_world(world, twist.num_subnets, tp, pp)
+    if ds_config is not None and train.global_batch_size is not None:
+        raise ConfigError(
+            "--global-batch-size is the Megatron path's; under --deepspeed the batch comes from the ds_config: "
+            "set train_batch_size or gradient_accumulation_steps there"
+        )
+    train.microbatches(layout.replicas)  # a global batch that does not divide is refused here
     if ds_config is not None:
         train, ds_config = _resolve_ds_batches(run, ds_config, train, twist, explicit, world)
     return TrainingJob(model, twist, train, run, data, ds_config)

@@ -83,11 +83,13 @@ class SubnetWorker:
         tensor_parallel_size: int = 1,
         pipeline_parallel_size: int = 1,
         parallel: StepParallelism = None,
+        num_microbatches: int = 1,
     ):
         self.model_config = geometry or model
         self.twist = twist
         self.train = train
         self.parallel = parallel
+        self.num_microbatches = num_microbatches  # per optimizer step (optim/step.py)
         self.module = build_gpt_model(
             model, layer_sizes, tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size
         )
@@ -115,6 +117,7 @@ class SubnetWorker:
             self.train.clip_grad,
             self.parallel,
             stats=stats,
+            num_microbatches=self.num_microbatches,
         )
         self.last_grad_norm = stats["grad_norm"]
         return loss

@@ -351,3 +351,24 @@ def test_deepspeed_path_arithmetic(tmp_path):
         make_plan(model, twist, train, world_size=16, tensor_parallel=8, path="deepspeed", ds_config=ds)
     with pytest.raises(ConfigError, match="conflicts with train_micro_batch_size_per_gpu"):
         make_plan(model, twist, TrainConfig(micro_batch_size=2), world_size=16, path="deepspeed", ds_config=ds)
+
+
+def test_micro_batches_scale_tokens_flops_and_in_flight_activations_and_set_the_bubble():
+    """--global-batch-size in the planner, against hand arithmetic: N micro-batches per step multiply the
+    tokens and FLOPs of a step; under 1F1B stage r holds min(N, PP - r) micro-batches' activations; the
+    bubble is (PP - 1) / (N + PP - 1)."""
+    model, twist = _model70(), TwistConfig(keep_ratio=0.5, num_subnets=2)
+    kw = dict(world_size=256, tensor_parallel=8, pipeline_parallel=4, gpu_memory_gib=0)
+    one = make_plan(model, twist, TrainConfig(micro_batch_size=1), **kw)
+    # DP = 256 / 32 = 8 = 2 subnets x 4 replicas: 1 x 4 replicas x 64 micro-batches = 256 per subnet
+    many = make_plan(model, twist, TrainConfig(micro_batch_size=1, global_batch_size=256), **kw)
+    assert one.num_microbatches == 1 and many.num_microbatches == 64
+    assert many.tokens_per_step == 64 * one.tokens_per_step == 2 * 256 * 4096
+    assert one.pipeline_bubble == 3 / 4 and many.pipeline_bubble == 3 / 67
+    for a, b in zip(one.stages, many.stages):
+        assert b.subnet_flops_per_step == 64 * a.subnet_flops_per_step
+        act = "activations (estimate)"
+        assert b.memory[act] == (4 - a.pp_rank) * a.memory[act]  # min(64, 4 - r) micro-batches in flight
+    assert any("3/67 = 4.5% of a step" in n for n in many.notes)
+    with pytest.raises(ConfigError, match="--global-batch-size 254 is not a multiple of --micro-batch-size 1 x 4"):
+        make_plan(model, twist, TrainConfig(micro_batch_size=1, global_batch_size=254), **kw)
