@@ -324,6 +324,9 @@ class TrainConfig:
     seed: int = 1234
     exit_interval: Optional[int] = None  # stop (and save) after the round that reaches this step
     nonfinite_policy: str = "skip"  # 'skip': leave a non-finite subnet out of its round; 'stop': stop the run
+    # Megatron's --bf16: subnets compute in bf16 (weights, activations, gradients) from fp32 master
+    # weights that the optimizer steps; the central model, its moments and aggregation stay fp32.
+    bf16: bool = False
 
     def __post_init__(self):
         if self.train_iters < 1:

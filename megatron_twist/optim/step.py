@@ -12,6 +12,13 @@ Parallel context (:class:`StepParallelism`), all optional:
   the model-parallel groups (sharded parameters once, replicated ones once).
 Without any of these the step is plain PyTorch (and bit-identical to it).
 
+Mixed precision (``compute``, Megatron's --bf16): ``model`` holds the fp32 master weights the
+optimizer steps, ``compute`` a bf16 twin of it. Each step copies the masters into the twin (rounding
+to bf16), runs forward and backward on the twin (bf16 activations and gradients), and hands the
+gradients back to the masters in fp32; replica averaging, clipping and the optimizer step then run
+in fp32 exactly as without it. Whoever reads or writes ``model`` (refill, aggregation, checkpoints)
+sees fp32 only.
+
 Micro-batches (``num_microbatches`` N, Megatron's --global-batch-size): the step's batch is split
 into N equal micro-batches, rows in order; their gradients accumulate before one optimizer step,
 each micro-batch's mean loss weighted 1/N (Megatron's rule; with equal token counts per micro-batch
@@ -64,6 +71,7 @@ def train_step(
     parallel: Optional[StepParallelism] = None,
     stats: Optional[dict] = None,
     num_microbatches: int = 1,
+    compute: Optional[torch.nn.Module] = None,
 ) -> float:
     """Returns the loss. ``stats``: if given, receives ``grad_norm``, the gradient norm before clipping
     (over TP/PP shards, after replica averaging: the same value on every rank of the subnet)."""
@@ -71,15 +79,18 @@ def train_step(
     batch = batch_to_device(batch, next(model.parameters()).device)
     optimizer.zero_grad(set_to_none=True)
     parallel = parallel or StepParallelism()
+    runner = model if compute is None else _refresh_twin(model, compute)
     micro = split_microbatches(batch, num_microbatches)
     if parallel.pipeline_group is not None:
-        loss = _pipelined_forward_backward(model, micro, parallel)
+        loss = _pipelined_forward_backward(runner, micro, parallel)
     else:
         loss = 0.0
         for mb in micro:
-            loss_t = masked_mean_loss(gpt_forward(model, mb["tokens"], mb["labels"]), mb["loss_mask"])
+            loss_t = masked_mean_loss(gpt_forward(runner, mb["tokens"], mb["labels"]), mb["loss_mask"])
             (loss_t / num_microbatches if num_microbatches > 1 else loss_t).backward()
             loss += loss_t.item() / num_microbatches
+    if compute is not None:
+        _gradients_to_masters(compute, model)
     params = [p for p in model.parameters() if p.grad is not None]
     if parallel.subnet_group is not None:
         _average_gradients(params, parallel.subnet_group)
@@ -95,6 +106,22 @@ def train_step(
         stats["grad_norm"] = float(norm) if norm is not None else 0.0
     optimizer.step()
     return loss
+
+
+@torch.no_grad()
+def _refresh_twin(master: torch.nn.Module, twin: torch.nn.Module) -> torch.nn.Module:
+    """The bf16 twin holding the masters' current values (copy_ rounds fp32 to bf16)."""
+    for m, t in zip(master.parameters(), twin.parameters()):
+        t.copy_(m)
+        t.grad = None
+    return twin
+
+
+@torch.no_grad()
+def _gradients_to_masters(twin: torch.nn.Module, master: torch.nn.Module) -> None:
+    for m, t in zip(master.parameters(), twin.parameters()):
+        m.grad = None if t.grad is None else t.grad.float()
+        t.grad = None
 
 
 def split_microbatches(batch: Dict[str, torch.Tensor], num_microbatches: int):

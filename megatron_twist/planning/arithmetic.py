@@ -23,8 +23,9 @@ well under a second). Given the same model / parallel / TwIST / batch flags as
 What it models
 --------------
 ``path='megatron'`` (``twist train`` without ``--deepspeed``; the Slurm
-recipes' default). Everything is fp32, as the code trains it. Per GPU, for its
-TP shard / PP stage (N_c central parameters, N_s subnet parameters):
+recipes' default). fp32, or with ``--bf16`` a subnet computing in bf16 from
+fp32 masters (the central model stays fp32), as the code trains it. Per GPU,
+for its TP shard / PP stage (N_c central parameters, N_s subnet parameters):
 
 * central model, replicated over DP (twist/central.py): weights 4 N_c bytes,
   Adam moments 8 N_c (allocated whatever the optimizer-state policy);
@@ -32,7 +33,8 @@ TP shard / PP stage (N_c central parameters, N_s subnet parameters):
   copy of the shard per aggregated field, 4 F N_c (F = 3 with
   ``--optimizer-state aggregate``: weights + 2 moments; 1 with ``reset``);
 * the materialized subnet (twist/worker.py): weights 4 N_s, gradients 4 N_s,
-  AdamW moments 8 N_s;
+  AdamW moments 8 N_s; with ``--bf16`` also its bf16 twin, 2 N_s, and the
+  twin's bf16 gradients, 2 N_s (activations then take 2 bytes per element);
 * activations, an estimate per micro-batch in flight, times the micro-batches
   a stage holds at once: min(N, PP - r) on stage r under 1F1B (N micro-batches
   per optimizer step, ``--global-batch-size``; 1 without PP), no recomputation,
@@ -247,6 +249,7 @@ def make_plan(
     if path == "deepspeed":
         dtype, zero_stage = check_deepspeed(ds_config, train, twist, world_size, tp, pp, layout, checks)
     else:
+        dtype = "bf16" if train.bf16 else "fp32"
         n_micro = train.microbatches(layout.replicas)  # refuses a global batch that does not divide
         checks.append(
             f"batch: micro batch {train.micro_batch_size} x {n_micro} micro-batch(es) x seq {model.seq_length} per "
@@ -308,12 +311,14 @@ def _size(
                 "central weights": 4 * nc,
                 "central Adam moments": 8 * nc,
                 "aggregation buffer": 4 * fields * nc,
-                "subnet weights": 4 * ns,
-                "subnet gradients": 4 * ns,
+                # --bf16: fp32 masters + a bf16 twin; bf16 gradients handed to fp32 master gradients
+                "subnet weights": (4 + 2) * ns if dtype == "bf16" else 4 * ns,
+                "subnet gradients": (2 + 4) * ns if dtype == "bf16" else 4 * ns,
                 "subnet Adam moments": 8 * ns,
                 "activations (estimate)": act,
             }
-            dense_memory = 16 * nc + dense_act
+            # dense Megatron training: with bf16, bf16 weights + fp32 masters, main grads and moments
+            dense_memory = (18 if dtype == "bf16" else 16) * nc + dense_act
             agg = 4 * fields * nc if agg_group > 1 else 0
             replica = twist.local_steps * 4 * ns if reps > 1 else 0
             dense_dp = 4 * nc if dp > 1 else 0

@@ -30,7 +30,11 @@ def format_plan(plan: Plan) -> str:
     kinds = [s.kind for s in plan.stages]
     path_text = {
         "megatron": "Megatron-core path (`twist train`): central model replicated over data parallel, "
-        "fp32 weights, gradients and Adam",
+        + (
+            "subnets in bf16 from fp32 masters, central model and Adam fp32"
+            if plan.dtype == "bf16"
+            else "fp32 weights, gradients and Adam"
+        ),
         "deepspeed": f"DeepSpeed path (`twist train --deepspeed`): ZeRO-{plan.zero_stage}, {plan.dtype}, "
         f"central model sharded over data parallel",
     }[plan.path]

@@ -372,3 +372,19 @@ def test_micro_batches_scale_tokens_flops_and_in_flight_activations_and_set_the_
     assert any("3/67 = 4.5% of a step" in n for n in many.notes)
     with pytest.raises(ConfigError, match="--global-batch-size 254 is not a multiple of --micro-batch-size 1 x 4"):
         make_plan(model, twist, TrainConfig(micro_batch_size=1, global_batch_size=254), **kw)
+
+
+def test_bf16_adds_the_twin_and_its_gradients_and_halves_activations():
+    """--bf16 on the Megatron path, against hand arithmetic: the subnet keeps fp32 masters (4 N_s) and a
+    bf16 twin (2 N_s), bf16 gradients (2 N_s) handed to fp32 ones (4 N_s); activations take 2 bytes
+    per element instead of 4; the central model is unchanged (fp32)."""
+    model, twist = _model70(), TwistConfig(keep_ratio=0.5, num_subnets=2)
+    kw = dict(world_size=256, tensor_parallel=8, pipeline_parallel=8, gpu_memory_gib=0)
+    fp32 = make_plan(model, twist, TrainConfig(micro_batch_size=1), **kw)
+    bf16 = make_plan(model, twist, TrainConfig(micro_batch_size=1, bf16=True), **kw)
+    assert bf16.dtype == "bf16" and fp32.dtype == "fp32"
+    for a, b in zip(fp32.stages, bf16.stages):
+        ns = a.subnet_params
+        assert b.memory["subnet weights"] == 6 * ns and b.memory["subnet gradients"] == 6 * ns
+        assert b.memory["central weights"] == a.memory["central weights"] == 4 * a.central_params
+        assert b.memory["activations (estimate)"] * 2 == a.memory["activations (estimate)"]
