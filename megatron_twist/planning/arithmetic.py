@@ -63,6 +63,9 @@ DP > 1): ratio F / local_steps. Ring all-reduce wire bytes per rank are
 2 (A-1)/A x payload for a group of A. With subnet replicas, TwIST also
 all-reduces the SUBNET's gradients (4 N_s) among the replicas every step; the
 plan shows it on its own line (the trainer's round log does not count it).
+The TwIST / dense traffic ratio is taken in ring wire bytes per GPU on both
+sides (TwIST's aggregation group and replica group, dense DP's group of DP),
+so a larger dense DP group is not understated.
 
 ``path='deepspeed'`` (``--deepspeed --deepspeed_config FILE``; TP = PP = 1 in
 this release). The central model is sharded over all W data-parallel ranks
@@ -127,6 +130,11 @@ class StagePlan:
     aggregation_wire_bytes_per_round: int
     replica_grad_bytes_per_round: int  # subnet gradients among a subnet's replicas, every step
     dense_dp_bytes_per_step: int  # as RoundRecord.dense_dp_bytes / steps
+    # what each GPU sends over the wire, the same measure on both sides: ring all-reduce of a payload
+    # P over a group of A ranks sends 2 (A - 1) / A x P (the DeepSpeed path's all-gather +
+    # reduce-scatter counts are already per-GPU wire bytes)
+    replica_grad_wire_bytes_per_round: int = 0
+    dense_dp_wire_bytes_per_step: int = 0
 
     @property
     def total_memory(self) -> int:
@@ -317,8 +325,10 @@ def _size(
                 "subnet Adam moments": 8 * ns,
                 "activations (estimate)": act,
             }
-            # dense Megatron training: with bf16, bf16 weights + fp32 masters, main grads and moments
-            dense_memory = (18 if dtype == "bf16" else 16) * nc + dense_act
+            # dense Megatron training in the same layout; with bf16 as a cluster team runs it: bf16
+            # weights (2) and fp32 main grads (4) per parameter, fp32 masters and moments (12) sharded
+            # over DP by the distributed optimizer
+            dense_memory = (6 * nc + 12 * nc // dp if dtype == "bf16" else 16 * nc) + dense_act
             agg = 4 * fields * nc if agg_group > 1 else 0
             replica = twist.local_steps * 4 * ns if reps > 1 else 0
             dense_dp = 4 * nc if dp > 1 else 0
@@ -335,6 +345,7 @@ def _size(
                 "total": memory["total"],
             }
         wire = int(agg * 2 * (agg_group - 1) / agg_group) if path == "megatron" else agg
+        replica_wire = int(replica * 2 * (reps - 1) / reps) if path == "megatron" else replica
         stages.append(
             StagePlan(
                 kind=kind,
@@ -350,6 +361,8 @@ def _size(
                 aggregation_wire_bytes_per_round=wire,
                 replica_grad_bytes_per_round=replica,
                 dense_dp_bytes_per_step=dense_dp,
+                replica_grad_wire_bytes_per_round=replica_wire,
+                dense_dp_wire_bytes_per_step=int(dense_dp * 2 * (dp - 1) / dp),
             )
         )
     if pp > 1:

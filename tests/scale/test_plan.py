@@ -127,6 +127,10 @@ def test_70b_script_plan_matches_independent_arithmetic(script_plan, run_script)
         # ... plus the subnet's gradients among its 2 replicas every step, against dense DP's every step
         assert st["replica_grad_bytes_per_round"] == steps * 4 * ns
         assert st["dense_dp_bytes_per_step"] == 4 * nc
+        # the comparison in ring wire bytes per GPU on both sides: 2 (A - 1) / A x payload; replicas
+        # form groups of 2, dense data parallel a group of DP = 4 (1.5 x its payload)
+        assert st["replica_grad_wire_bytes_per_round"] == steps * 4 * ns
+        assert st["dense_dp_wire_bytes_per_step"] == 4 * nc * 3 // 2
     assert plan["peak_stage"] == "last"
 
     table = run_script("twist_70b.sh", "--plan")
@@ -388,3 +392,6 @@ def test_bf16_adds_the_twin_and_its_gradients_and_halves_activations():
         assert b.memory["subnet weights"] == 6 * ns and b.memory["subnet gradients"] == 6 * ns
         assert b.memory["central weights"] == a.memory["central weights"] == 4 * a.central_params
         assert b.memory["activations (estimate)"] * 2 == a.memory["activations (estimate)"]
+        # dense bf16 with Megatron's distributed optimizer: 2 + 4 bytes, and 12 / DP (DP = 4)
+        nc = a.central_params
+        assert b.dense_memory == 6 * nc + 12 * nc // 4 + (a.dense_memory - 16 * nc) // 2  # bf16 activations
