@@ -152,6 +152,21 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     g.add_argument("--vocab-size", type=int, default=None, help="vocabulary size with --mock-data")
     g.add_argument("--train-iters", type=int, default=d.train_iters)
     g.add_argument("--micro-batch-size", type=int, default=d.micro_batch_size)
+    g.add_argument(
+        "--global-batch-size",
+        type=int,
+        default=None,
+        help="samples per optimizer step of each subnet over its replicas (Megatron's name): micro batch x "
+        "replicas x micro-batches per step, run through Megatron's forward-backward schedule (1F1B with "
+        "pipeline parallelism); default: one micro-batch per step",
+    )
+    g.add_argument(
+        "--bf16",
+        action="store_true",
+        help="subnet forward/backward in bf16 from fp32 master weights (Megatron's flag); the central model, "
+        "its Adam moments and aggregation stay fp32",
+    )
+    g.add_argument("--fp16", action="store_true", help=argparse.SUPPRESS)  # only to refuse it with the reason
     g.add_argument("--lr", type=float, default=d.lr)
     g.add_argument("--min-lr", type=float, default=d.min_lr)
     g.add_argument("--lr-warmup-iters", type=int, default=d.lr_warmup_iters)
@@ -224,6 +239,8 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
         data_prefix=args.data_path,
         train_iters=args.train_iters,
         micro_batch_size=args.micro_batch_size,
+        global_batch_size=getattr(args, "global_batch_size", None),
+        bf16=getattr(args, "bf16", False),
         lr=args.lr,
         min_lr=args.min_lr,
         lr_warmup_iters=args.lr_warmup_iters,

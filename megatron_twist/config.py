@@ -307,6 +307,9 @@ class TrainConfig:
     data_prefix: Optional[str] = None  # output prefix of `twist prepare-data`
     train_iters: int = 300  # optimizer steps of every subnet (global steps)
     micro_batch_size: int = 8
+    # Megatron's --global-batch-size: samples per optimizer step of ONE subnet, over its replicas
+    # (micro_batch_size x replicas x micro-batches); None: one micro-batch per step.
+    global_batch_size: Optional[int] = None
     lr: float = 3e-3
     min_lr: float = 3e-4
     lr_warmup_iters: int = 20
@@ -321,12 +324,17 @@ class TrainConfig:
     seed: int = 1234
     exit_interval: Optional[int] = None  # stop (and save) after the round that reaches this step
     nonfinite_policy: str = "skip"  # 'skip': leave a non-finite subnet out of its round; 'stop': stop the run
+    # Megatron's --bf16: subnets compute in bf16 (weights, activations, gradients) from fp32 master
+    # weights that the optimizer steps; the central model, its moments and aggregation stay fp32.
+    bf16: bool = False
 
     def __post_init__(self):
         if self.train_iters < 1:
             raise ConfigError(f"--train-iters must be at least 1, got {self.train_iters}")
         if self.micro_batch_size < 1:
             raise ConfigError(f"--micro-batch-size must be at least 1, got {self.micro_batch_size}")
+        if self.global_batch_size is not None and self.global_batch_size < 1:
+            raise ConfigError(f"--global-batch-size must be at least 1, got {self.global_batch_size}")
         if self.lr <= 0:
             raise ConfigError(f"--lr must be positive, got {self.lr}")
         if self.nonfinite_policy not in NONFINITE_POLICIES:
@@ -334,6 +342,20 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def microbatches(self, replicas: int) -> int:
+        """Micro-batches per optimizer step for a subnet trained by ``replicas`` data-parallel ranks."""
+        per_pass = self.micro_batch_size * replicas
+        if self.global_batch_size is None:
+            return 1
+        if self.global_batch_size % per_pass:
+            lower = max(per_pass, self.global_batch_size // per_pass * per_pass)
+            raise ConfigError(
+                f"--global-batch-size {self.global_batch_size} is not a multiple of --micro-batch-size "
+                f"{self.micro_batch_size} x {replicas} replica(s) of each subnet = {per_pass}; use e.g. "
+                f"--global-batch-size {lower} or {lower + per_pass}"
+            )
+        return self.global_batch_size // per_pass
 
 
 CKPT_FORMATS = ("safetensors", "torch_dist")

@@ -1,4 +1,4 @@
-"""One optimizer step on one micro-batch: the only training step in the project.
+"""One optimizer step on one or more micro-batches: the only training step in the project.
 
 Dense training and every TwIST subnet call this same function, so the two
 differ only in what model and optimizer state they are handed.
@@ -11,6 +11,19 @@ Parallel context (:class:`StepParallelism`), all optional:
 * tensor/pipeline parallel: the gradient norm for clipping is summed over
   the model-parallel groups (sharded parameters once, replicated ones once).
 Without any of these the step is plain PyTorch (and bit-identical to it).
+
+Mixed precision (``compute``, Megatron's --bf16): ``model`` holds the fp32 master weights the
+optimizer steps, ``compute`` a bf16 twin of it. Each step copies the masters into the twin (rounding
+to bf16), runs forward and backward on the twin (bf16 activations and gradients), and hands the
+gradients back to the masters in fp32; replica averaging, clipping and the optimizer step then run
+in fp32 exactly as without it. Whoever reads or writes ``model`` (refill, aggregation, checkpoints)
+sees fp32 only.
+
+Micro-batches (``num_microbatches`` N, Megatron's --global-batch-size): the step's batch is split
+into N equal micro-batches, rows in order; their gradients accumulate before one optimizer step,
+each micro-batch's mean loss weighted 1/N (Megatron's rule; with equal token counts per micro-batch
+it is the mean over the whole batch). With PP the N micro-batches go through the 1F1B schedule, so
+a stage idles (PP - 1) / (N + PP - 1) of the step (``pipeline_bubble``).
 """
 
 from __future__ import annotations
@@ -57,6 +70,8 @@ def train_step(
     clip_grad: float,
     parallel: Optional[StepParallelism] = None,
     stats: Optional[dict] = None,
+    num_microbatches: int = 1,
+    compute: Optional[torch.nn.Module] = None,
 ) -> float:
     """Returns the loss. ``stats``: if given, receives ``grad_norm``, the gradient norm before clipping
     (over TP/PP shards, after replica averaging: the same value on every rank of the subnet)."""
@@ -64,12 +79,18 @@ def train_step(
     batch = batch_to_device(batch, next(model.parameters()).device)
     optimizer.zero_grad(set_to_none=True)
     parallel = parallel or StepParallelism()
+    runner = model if compute is None else _refresh_twin(model, compute)
+    micro = split_microbatches(batch, num_microbatches)
     if parallel.pipeline_group is not None:
-        loss = _pipelined_forward_backward(model, batch, parallel)
+        loss = _pipelined_forward_backward(runner, micro, parallel)
     else:
-        loss_t = masked_mean_loss(gpt_forward(model, batch["tokens"], batch["labels"]), batch["loss_mask"])
-        loss_t.backward()
-        loss = loss_t.item()
+        loss = 0.0
+        for mb in micro:
+            loss_t = masked_mean_loss(gpt_forward(runner, mb["tokens"], mb["labels"]), mb["loss_mask"])
+            (loss_t / num_microbatches if num_microbatches > 1 else loss_t).backward()
+            loss += loss_t.item() / num_microbatches
+    if compute is not None:
+        _gradients_to_masters(compute, model)
     params = [p for p in model.parameters() if p.grad is not None]
     if parallel.subnet_group is not None:
         _average_gradients(params, parallel.subnet_group)
@@ -87,6 +108,38 @@ def train_step(
     return loss
 
 
+@torch.no_grad()
+def _refresh_twin(master: torch.nn.Module, twin: torch.nn.Module) -> torch.nn.Module:
+    """The bf16 twin holding the masters' current values (copy_ rounds fp32 to bf16)."""
+    for m, t in zip(master.parameters(), twin.parameters()):
+        t.copy_(m)
+        t.grad = None
+    return twin
+
+
+@torch.no_grad()
+def _gradients_to_masters(twin: torch.nn.Module, master: torch.nn.Module) -> None:
+    for m, t in zip(master.parameters(), twin.parameters()):
+        m.grad = None if t.grad is None else t.grad.float()
+        t.grad = None
+
+
+def split_microbatches(batch: Dict[str, torch.Tensor], num_microbatches: int):
+    """A step's batch as ``num_microbatches`` equal micro-batches (rows in order)."""
+    rows = batch["tokens"].shape[0]
+    if rows % num_microbatches:
+        raise ValueError(f"a batch of {rows} rows does not split into {num_microbatches} equal micro-batches")
+    if num_microbatches == 1:
+        return [batch]
+    size = rows // num_microbatches
+    return [{k: v[j * size : (j + 1) * size] for k, v in batch.items()} for j in range(num_microbatches)]
+
+
+def pipeline_bubble(pipeline_parallel_size: int, num_microbatches: int) -> float:
+    """The fraction of a 1F1B step a stage idles: (PP - 1) / (N + PP - 1)."""
+    return (pipeline_parallel_size - 1) / (num_microbatches + pipeline_parallel_size - 1)
+
+
 def _forward_step(data_iterator, model):
     batch = next(data_iterator)
     output = gpt_forward(model, batch["tokens"], batch["labels"])
@@ -95,24 +148,25 @@ def _forward_step(data_iterator, model):
 
 def _loss_func(loss_mask, output_tensor):
     loss = masked_mean_loss(output_tensor, loss_mask)
-    return loss, {"loss": loss.detach()}
+    # a copy: the schedule divides the returned loss by num_microbatches in place
+    return loss, {"loss": loss.detach().clone()}
 
 
-def _pipelined_forward_backward(model, batch, parallel: StepParallelism) -> float:
+def _pipelined_forward_backward(model, micro, parallel: StepParallelism) -> float:
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    b, s = batch["tokens"].shape
+    b, s = micro[0]["tokens"].shape
     losses = get_forward_backward_func()(
         forward_step_func=_forward_step,
-        data_iterator=iter([batch]),
+        data_iterator=iter(micro),
         model=[model],
-        num_microbatches=1,
+        num_microbatches=len(micro),
         seq_length=s,
         micro_batch_size=b,
         forward_only=False,
     )
-    loss = torch.zeros(1, dtype=torch.float64, device=batch["tokens"].device)
+    loss = torch.zeros(1, dtype=torch.float64, device=micro[0]["tokens"].device)
     if parallel_state.is_pipeline_last_stage():
         loss[0] = sum(x["loss"].item() for x in losses) / len(losses)
     dist.broadcast(loss, src=parallel.pipeline_last_rank, group=parallel.pipeline_group)

@@ -23,8 +23,9 @@ well under a second). Given the same model / parallel / TwIST / batch flags as
 What it models
 --------------
 ``path='megatron'`` (``twist train`` without ``--deepspeed``; the Slurm
-recipes' default). Everything is fp32, as the code trains it. Per GPU, for its
-TP shard / PP stage (N_c central parameters, N_s subnet parameters):
+recipes' default). fp32, or with ``--bf16`` a subnet computing in bf16 from
+fp32 masters (the central model stays fp32), as the code trains it. Per GPU,
+for its TP shard / PP stage (N_c central parameters, N_s subnet parameters):
 
 * central model, replicated over DP (twist/central.py): weights 4 N_c bytes,
   Adam moments 8 N_c (allocated whatever the optimizer-state policy);
@@ -32,11 +33,13 @@ TP shard / PP stage (N_c central parameters, N_s subnet parameters):
   copy of the shard per aggregated field, 4 F N_c (F = 3 with
   ``--optimizer-state aggregate``: weights + 2 moments; 1 with ``reset``);
 * the materialized subnet (twist/worker.py): weights 4 N_s, gradients 4 N_s,
-  AdamW moments 8 N_s;
-* activations, an estimate for ONE micro-batch in flight (training/step.py
-  runs one micro-batch per optimizer step, also through the 1F1B schedule),
-  no recomputation, no sequence parallelism, unfused attention (scores are
-  materialized): per layer, b x s tokens, e bytes per element::
+  AdamW moments 8 N_s; with ``--bf16`` also its bf16 twin, 2 N_s, and the
+  twin's bf16 gradients, 2 N_s (activations then take 2 bytes per element);
+* activations, an estimate per micro-batch in flight, times the micro-batches
+  a stage holds at once: min(N, PP - r) on stage r under 1F1B (N micro-batches
+  per optimizer step, ``--global-batch-size``; 1 without PP), no recomputation,
+  no sequence parallelism, unfused attention (scores are materialized): per
+  layer, b x s tokens, e bytes per element::
 
       e * ( s*b*(4h + (q+2g)*d/T + q*d/T + m*f/T) + b*(q/T)*s^2 )
 
@@ -60,6 +63,9 @@ DP > 1): ratio F / local_steps. Ring all-reduce wire bytes per rank are
 2 (A-1)/A x payload for a group of A. With subnet replicas, TwIST also
 all-reduces the SUBNET's gradients (4 N_s) among the replicas every step; the
 plan shows it on its own line (the trainer's round log does not count it).
+The TwIST / dense traffic ratio is taken in ring wire bytes per GPU on both
+sides (TwIST's aggregation group and replica group, dense DP's group of DP),
+so a larger dense DP group is not understated.
 
 ``path='deepspeed'`` (``--deepspeed --deepspeed_config FILE``; TP = PP = 1 in
 this release). The central model is sharded over all W data-parallel ranks
@@ -124,6 +130,11 @@ class StagePlan:
     aggregation_wire_bytes_per_round: int
     replica_grad_bytes_per_round: int  # subnet gradients among a subnet's replicas, every step
     dense_dp_bytes_per_step: int  # as RoundRecord.dense_dp_bytes / steps
+    # what each GPU sends over the wire, the same measure on both sides: ring all-reduce of a payload
+    # P over a group of A ranks sends 2 (A - 1) / A x P (the DeepSpeed path's all-gather +
+    # reduce-scatter counts are already per-GPU wire bytes)
+    replica_grad_wire_bytes_per_round: int = 0
+    dense_dp_wire_bytes_per_step: int = 0
 
     @property
     def total_memory(self) -> int:
@@ -148,6 +159,7 @@ class Plan:
     subnets_per_rank: int
     aggregation_group_size: int
     micro_batch_size: int
+    num_microbatches: int
     local_steps: int
     central_params_total: int
     subnet_params_total: int
@@ -163,7 +175,14 @@ class Plan:
 
     @property
     def tokens_per_step(self) -> int:
-        return self.micro_batch_size * self.model.seq_length * self.twist.num_subnets * self.replicas
+        samples = self.micro_batch_size * self.num_microbatches * self.twist.num_subnets * self.replicas
+        return samples * self.model.seq_length
+
+    @property
+    def pipeline_bubble(self) -> float:
+        """The fraction of a step each stage idles under 1F1B: (PP - 1) / (N + PP - 1)."""
+        pp = self.pipeline_parallel
+        return (pp - 1) / (self.num_microbatches + pp - 1)
 
     @property
     def peak_stage(self) -> StagePlan:
@@ -186,6 +205,8 @@ class Plan:
             "subnets_per_rank": self.subnets_per_rank,
             "aggregation_group_size": self.aggregation_group_size,
             "micro_batch_size": self.micro_batch_size,
+            "num_microbatches": self.num_microbatches,
+            "pipeline_bubble": self.pipeline_bubble,
             "local_steps": self.local_steps,
             "tokens_per_step": self.tokens_per_step,
             "central_params_total": self.central_params_total,
@@ -236,8 +257,12 @@ def make_plan(
     if path == "deepspeed":
         dtype, zero_stage = check_deepspeed(ds_config, train, twist, world_size, tp, pp, layout, checks)
     else:
+        dtype = "bf16" if train.bf16 else "fp32"
+        n_micro = train.microbatches(layout.replicas)  # refuses a global batch that does not divide
         checks.append(
-            f"batch: micro batch {train.micro_batch_size} x seq {model.seq_length} per subnet replica and step"
+            f"batch: micro batch {train.micro_batch_size} x {n_micro} micro-batch(es) x seq {model.seq_length} per "
+            f"subnet replica and step"
+            + (f" (global batch {train.global_batch_size} per subnet)" if train.global_batch_size else "")
         )
     if tp > gpus_per_node or gpus_per_node % tp:
         notes.append(
@@ -280,24 +305,30 @@ def _size(
     else:
         agg_group = dp  # Megatron's DP group
     reps, per_rank = layout.replicas, layout.subnets_per_rank
+    n_micro = train.microbatches(reps)
     e_act = 2 if dtype == "bf16" else 4
     stages = []
     for kind, rank in stage_kinds(pp):
         nc = stage_params(model, full, tp, pp, rank)
         ns = stage_params(model, sub, tp, pp, rank)
-        act = activation_bytes(model, sub, tp, pp, rank, mbs, seq, e_act)
-        dense_act = activation_bytes(model, full, tp, pp, rank, mbs, seq, e_act)
+        in_flight = min(n_micro, pp - rank)  # 1F1B: stage r holds up to PP - r micro-batches
+        act = in_flight * activation_bytes(model, sub, tp, pp, rank, mbs, seq, e_act)
+        dense_act = in_flight * activation_bytes(model, full, tp, pp, rank, mbs, seq, e_act)
         if path == "megatron":
             memory = {
                 "central weights": 4 * nc,
                 "central Adam moments": 8 * nc,
                 "aggregation buffer": 4 * fields * nc,
-                "subnet weights": 4 * ns,
-                "subnet gradients": 4 * ns,
+                # --bf16: fp32 masters + a bf16 twin; bf16 gradients handed to fp32 master gradients
+                "subnet weights": (4 + 2) * ns if dtype == "bf16" else 4 * ns,
+                "subnet gradients": (2 + 4) * ns if dtype == "bf16" else 4 * ns,
                 "subnet Adam moments": 8 * ns,
                 "activations (estimate)": act,
             }
-            dense_memory = 16 * nc + dense_act
+            # dense Megatron training in the same layout; with bf16 as a cluster team runs it: bf16
+            # weights (2) and fp32 main grads (4) per parameter, fp32 masters and moments (12) sharded
+            # over DP by the distributed optimizer
+            dense_memory = (6 * nc + 12 * nc // dp if dtype == "bf16" else 16 * nc) + dense_act
             agg = 4 * fields * nc if agg_group > 1 else 0
             replica = twist.local_steps * 4 * ns if reps > 1 else 0
             dense_dp = 4 * nc if dp > 1 else 0
@@ -314,6 +345,7 @@ def _size(
                 "total": memory["total"],
             }
         wire = int(agg * 2 * (agg_group - 1) / agg_group) if path == "megatron" else agg
+        replica_wire = int(replica * 2 * (reps - 1) / reps) if path == "megatron" else replica
         stages.append(
             StagePlan(
                 kind=kind,
@@ -323,18 +355,22 @@ def _size(
                 subnet_params=ns,
                 memory=memory,
                 dense_memory=dense_memory,
-                subnet_flops_per_step=3 * per_rank * forward_flops(model, sub, tp, pp, rank, mbs, seq),
-                dense_flops_per_step=3 * forward_flops(model, full, tp, pp, rank, mbs, seq),
+                subnet_flops_per_step=3 * per_rank * n_micro * forward_flops(model, sub, tp, pp, rank, mbs, seq),
+                dense_flops_per_step=3 * n_micro * forward_flops(model, full, tp, pp, rank, mbs, seq),
                 aggregation_bytes_per_round=agg,
                 aggregation_wire_bytes_per_round=wire,
                 replica_grad_bytes_per_round=replica,
                 dense_dp_bytes_per_step=dense_dp,
+                replica_grad_wire_bytes_per_round=replica_wire,
+                dense_dp_wire_bytes_per_step=int(dense_dp * 2 * (dp - 1) / dp),
             )
         )
     if pp > 1:
+        bubble = (pp - 1) / (n_micro + pp - 1)
         notes.append(
-            f"pipeline: one micro-batch per optimizer step through 1F1B, so each stage idles about "
-            f"{pp - 1}/{pp} of a step (the same holds for dense training with this step)"
+            f"pipeline: {n_micro} micro-batch(es) per optimizer step through 1F1B, so each stage idles "
+            f"{pp - 1}/{n_micro + pp - 1} = {bubble:.1%} of a step (the same for dense training with this step)"
+            + ("" if bubble <= 0.1 else "; raise --global-batch-size to shrink it")
         )
     if per_rank > 1:
         notes.append(f"each rank trains {per_rank} subnets in turn: a global step costs {per_rank} subnet steps")
@@ -357,6 +393,7 @@ def _size(
         subnets_per_rank=per_rank,
         aggregation_group_size=agg_group,
         micro_batch_size=mbs,
+        num_microbatches=n_micro,
         local_steps=twist.local_steps,
         central_params_total=n_total,
         subnet_params_total=s_total,

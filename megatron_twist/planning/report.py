@@ -30,7 +30,11 @@ def format_plan(plan: Plan) -> str:
     kinds = [s.kind for s in plan.stages]
     path_text = {
         "megatron": "Megatron-core path (`twist train`): central model replicated over data parallel, "
-        "fp32 weights, gradients and Adam",
+        + (
+            "subnets in bf16 from fp32 masters, central model and Adam fp32"
+            if plan.dtype == "bf16"
+            else "fp32 weights, gradients and Adam"
+        ),
         "deepspeed": f"DeepSpeed path (`twist train --deepspeed`): ZeRO-{plan.zero_stage}, {plan.dtype}, "
         f"central model sharded over data parallel",
     }[plan.path]
@@ -47,8 +51,10 @@ def format_plan(plan: Plan) -> str:
         f"layout  {plan.world_size} GPUs ({nodes}) = TP {plan.tensor_parallel} x PP {plan.pipeline_parallel} x "
         f"DP {plan.data_parallel}; DP = {plural(t.num_subnets, 'subnet')} x {plural(plan.replicas, 'replica')}; "
         f"aggregation group of {plural(plan.aggregation_group_size, 'rank')}",
-        f"batch   micro batch {plan.micro_batch_size} x seq {m.seq_length}; {plan.tokens_per_step:,} tokens per "
-        f"global step (all subnets); {plan.local_steps} local steps per round",
+        f"batch   micro batch {plan.micro_batch_size} x {plan.num_microbatches} micro-batch(es) per step x seq "
+        f"{m.seq_length}; {plan.tokens_per_step:,} tokens per global step (all subnets); {plan.local_steps} local "
+        f"steps per round"
+        + (f"; pipeline bubble {plan.pipeline_bubble:.1%} (1F1B)" if plan.pipeline_parallel > 1 else ""),
         "checks",
         *[f"  ok  {c}" for c in plan.checks],
         "",
@@ -79,7 +85,12 @@ def format_plan(plan: Plan) -> str:
                 lambda v: f"{100 * v:.0f}%",
             )
         )
-    lines.append(row("    (dense training, same layout: total)", [s.dense_memory for s in st], in_mem))
+    dense_label = (
+        "    (dense bf16 + distributed optimizer: total)"
+        if plan.path == "megatron" and plan.dtype == "bf16"
+        else "    (dense training, same layout: total)"
+    )
+    lines.append(row(dense_label, [s.dense_memory for s in st], in_mem))
     fl_unit, fl_size = _unit([s.dense_flops_per_step for s in st], _FLOPS)
     lines += [
         f"  compute per step, {fl_unit}",
@@ -109,13 +120,20 @@ def format_plan(plan: Plan) -> str:
         else "    aggregation all-gather + reduce-scatter"
     )
     lines.append(row(agg_label, [s.aggregation_bytes_per_round for s in st], in_tr))
+    wire = "      ring wire bytes per GPU"
     if plan.path == "megatron":
-        lines.append(row("      ring wire bytes per GPU", [s.aggregation_wire_bytes_per_round for s in st], in_tr))
+        lines.append(row(wire, [s.aggregation_wire_bytes_per_round for s in st], in_tr))
+    lines.append(row("    subnet replicas' gradients (payload)", [s.replica_grad_bytes_per_round for s in st], in_tr))
+    if plan.path == "megatron":
+        lines.append(row(wire, [s.replica_grad_wire_bytes_per_round for s in st], in_tr))
+    steps = plan.local_steps
     lines += [
-        row("    subnet replicas' gradients", [s.replica_grad_bytes_per_round for s in st], in_tr),
-        row("    dense data parallel (gradients)", [s.dense_dp_bytes_per_step * plan.local_steps for s in st], in_tr),
+        row("    dense data parallel (gradients, payload)", [s.dense_dp_bytes_per_step * steps for s in st], in_tr),
+        row(wire, [s.dense_dp_wire_bytes_per_step * steps for s in st], in_tr),
         row(
-            "    TwIST / dense", [_ratio(s, plan.local_steps) for s in st], lambda v: "n/a" if v is None else f"{v:.3f}"
+            "    TwIST / dense (ring wire bytes per GPU)",
+            [_ratio(s, steps) for s in st],
+            lambda v: "n/a" if v is None else f"{v:.3f}",
         ),
     ]
     if plan.notes:
@@ -124,5 +142,7 @@ def format_plan(plan: Plan) -> str:
 
 
 def _ratio(s: StagePlan, steps: int) -> Optional[float]:
-    dense = s.dense_dp_bytes_per_step * steps
-    return None if dense == 0 else (s.aggregation_bytes_per_round + s.replica_grad_bytes_per_round) / dense
+    """TwIST's traffic over dense data parallel's, both in wire bytes per GPU."""
+    dense = s.dense_dp_wire_bytes_per_step * steps
+    twist = s.aggregation_wire_bytes_per_round + s.replica_grad_wire_bytes_per_round
+    return None if dense == 0 else twist / dense

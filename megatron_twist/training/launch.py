@@ -74,12 +74,14 @@ def build_trainer(job: TrainingJob, log: Callable[[str], None], watchdog=None):
 
     central = load_or_build_central(job, groups)
     checkpointer = CentralCheckpointer(run, twist, train_config, job.data.meta, groups.is_logging_rank, log)
+    # One batch of micro x micro-batches samples per (step, subnet slot); train_step splits it.
+    rows = train_config.micro_batch_size * train_config.microbatches(groups.layout.replicas)
     return TwistTrainer(
         model,
         twist,
         train_config,
         groups,
-        job.data.batches(model, train_config, twist),
+        job.data.batches(model, dataclasses.replace(train_config, micro_batch_size=rows), twist),
         central=central,
         log=log,
         watchdog=watchdog,

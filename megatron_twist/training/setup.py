@@ -44,6 +44,7 @@ def prepare_job(args, explicit: Set[str], log: Callable[[str], None] = print) ->
     validate_twist_args(args)  # the flags alone first, also when a ds_config's "twist" section overrides them
     twist, ds_config = resolve_deepspeed(args, explicit)
     run = _run_config(args, ds_config is not None)
+    _check_precision(args, ds_config is not None)
     train = train_config_from_args(args)
     if ds_config is not None:
         from ..integrations.ds_engine_settings import engine_settings
@@ -75,10 +76,29 @@ def prepare_job(args, explicit: Set[str], log: Callable[[str], None] = print) ->
 
     discover_launcher()  # torchrun, deepspeed, srun or mpirun: WORLD_SIZE is known from here on
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    ParallelLayout.for_world(world, twist.num_subnets, tp, pp)
+    layout = ParallelLayout.for_world(world, twist.num_subnets, tp, pp)
+    if ds_config is not None and train.global_batch_size is not None:
+        raise ConfigError(
+            "--global-batch-size is the Megatron path's; under --deepspeed the batch comes from the ds_config: "
+            "set train_batch_size or gradient_accumulation_steps there"
+        )
+    train.microbatches(layout.replicas)  # a global batch that does not divide is refused here
     if ds_config is not None:
         train, ds_config = _resolve_ds_batches(run, ds_config, train, twist, explicit, world)
     return TrainingJob(model, twist, train, run, data, ds_config)
+
+
+def _check_precision(args, deepspeed: bool) -> None:
+    if getattr(args, "fp16", False):
+        raise ConfigError(
+            ("--bf16 and --fp16 together: choose one; " if args.bf16 else "")
+            + "--fp16 is not supported (fp16 needs loss scaling, which TwIST's subnet steps do not do): use --bf16"
+        )
+    if deepspeed and args.bf16:
+        raise ConfigError(
+            "--bf16 is the Megatron path's; under --deepspeed precision comes from the ds_config: "
+            'set "bf16": {"enabled": true} there'
+        )
 
 
 def _run_config(args, deepspeed: bool) -> RunConfig:

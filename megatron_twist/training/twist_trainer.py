@@ -36,7 +36,7 @@ from ..distributed.full_state import layer_range
 from ..distributed.layout import check_model_layout  # noqa: F401  (re-exported: cli, tests)
 from ..distributed.runtime import TwistGroups
 from ..model.gpt import build_gpt_model, count_parameters
-from ..optim.step import StepParallelism
+from ..optim.step import StepParallelism, pipeline_bubble
 from ..twist.central import CentralModel
 from ..twist.rounds import LocalPlans, ReplicatedRound
 from ..twist.worker import SubnetWorker
@@ -124,6 +124,7 @@ class TwistTrainer:
         self.local_plans = LocalPlans(model, twist, groups.tp_rank, tp, self.first_layer, self.num_local_layers)
         self.sampler, self.geometry = self.local_plans.sampler, self.local_plans.geometry
         self.central = central if central is not None else build_central(model, train.seed, tp, pp)
+        self.num_microbatches = train.microbatches(groups.layout.replicas)
         self.worker = SubnetWorker(
             model,
             twist,
@@ -133,6 +134,7 @@ class TwistTrainer:
             tensor_parallel_size=tp,
             pipeline_parallel_size=pp,
             parallel=step_parallelism(groups),
+            num_microbatches=self.num_microbatches,
         )
         self.device = next(self.central.module.parameters()).device
         self.round = ReplicatedRound(
@@ -147,7 +149,13 @@ class TwistTrainer:
             f"[twist] central {full:,} params | subnet {sub:,} params ({sub / full:.2f}x) | "
             f"{self.twist.num_subnets} subnets, kappa {self.twist.keep_ratio}, {self.twist.local_steps} local steps | "
             f"rank {self.groups.rank}/{self.groups.world_size} trains subnets {list(self.local_subnets)} | "
-            f"aggregation payload {self.aggregator.payload_bytes() / 2**20:.1f} MiB per round"
+            f"aggregation payload {self.aggregator.payload_bytes() / 2**20:.1f} MiB per round | "
+            f"{self.num_microbatches} micro-batch(es) of {self.train.micro_batch_size} per step"
+            + (
+                f", pipeline bubble {pipeline_bubble(self.groups.pp_size, self.num_microbatches):.0%} (1F1B)"
+                if self.groups.pp_size > 1
+                else ""
+            )
         )
 
     def local(self, plan):
@@ -220,6 +228,7 @@ class TwistTrainer:
             * twist.num_subnets
             * self.groups.layout.replicas
             * self.train.micro_batch_size
+            * self.num_microbatches
             * self.model_config.seq_length
         )
         dense_dp = 0
@@ -292,6 +301,8 @@ class TwistTrainer:
                     "twist": self.twist.to_dict(),
                     "train": self.train.to_dict(),
                     "world_size": self.groups.world_size,
+                    "num_microbatches": self.num_microbatches,
+                    "pipeline_bubble": pipeline_bubble(self.groups.pp_size, self.num_microbatches),
                 }
             )
         return result

@@ -15,7 +15,7 @@ training step but not TwIST's round boundary:
 
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 
@@ -37,11 +37,18 @@ class SubnetState:
     """
 
     def __init__(
-        self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, geometry: ModelConfig, twist: TwistConfig
+        self,
+        module: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        geometry: ModelConfig,
+        twist: TwistConfig,
+        compute_module: Optional[torch.nn.Module] = None,
     ):
+        """``compute_module``: the module that runs forward, when it is not ``module`` (a bf16 twin of the
+        fp32 masters, optim/step.py); the activation correction hooks go on it."""
         self.module, self.optimizer, self.geometry, self.twist = module, optimizer, geometry, twist
         self.plan: SubnetPlan = None
-        self.hooks = CorrectionHooks(module, geometry, twist)
+        self.hooks = CorrectionHooks(compute_module if compute_module is not None else module, geometry, twist)
 
     @torch.no_grad()
     def load(self, central: CentralModel, plan: SubnetPlan) -> None:
@@ -83,17 +90,24 @@ class SubnetWorker:
         tensor_parallel_size: int = 1,
         pipeline_parallel_size: int = 1,
         parallel: StepParallelism = None,
+        num_microbatches: int = 1,
     ):
         self.model_config = geometry or model
         self.twist = twist
         self.train = train
         self.parallel = parallel
-        self.module = build_gpt_model(
-            model, layer_sizes, tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size
-        )
+        self.num_microbatches = num_microbatches  # per optimizer step (optim/step.py)
+        layout = dict(tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size)
+        # fp32: the weights the optimizer steps and the round refills and reads (the masters under --bf16)
+        self.module = build_gpt_model(model, layer_sizes, **layout)
+        # --bf16: a bf16 twin runs forward and backward (optim/step.py); None: the fp32 module does
+        self.compute = None
+        if train.bf16:
+            # .bfloat16() as Megatron's Float16Module does: the torch norms make fp32 weights whatever params_dtype
+            self.compute = build_gpt_model(model, layer_sizes, params_dtype=torch.bfloat16, **layout).bfloat16()
         self.optimizer = build_optimizer(self.module, train)
         self.scheduler = build_scheduler(self.optimizer, train)
-        self.state = SubnetState(self.module, self.optimizer, self.model_config, twist)
+        self.state = SubnetState(self.module, self.optimizer, self.model_config, twist, self.compute)
 
     @property
     def plan(self) -> SubnetPlan:
@@ -115,6 +129,8 @@ class SubnetWorker:
             self.train.clip_grad,
             self.parallel,
             stats=stats,
+            num_microbatches=self.num_microbatches,
+            compute=self.compute,
         )
         self.last_grad_norm = stats["grad_norm"]
         return loss

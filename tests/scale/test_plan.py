@@ -127,6 +127,10 @@ def test_70b_script_plan_matches_independent_arithmetic(script_plan, run_script)
         # ... plus the subnet's gradients among its 2 replicas every step, against dense DP's every step
         assert st["replica_grad_bytes_per_round"] == steps * 4 * ns
         assert st["dense_dp_bytes_per_step"] == 4 * nc
+        # the comparison in ring wire bytes per GPU on both sides: 2 (A - 1) / A x payload; replicas
+        # form groups of 2, dense data parallel a group of DP = 4 (1.5 x its payload)
+        assert st["replica_grad_wire_bytes_per_round"] == steps * 4 * ns
+        assert st["dense_dp_wire_bytes_per_step"] == 4 * nc * 3 // 2
     assert plan["peak_stage"] == "last"
 
     table = run_script("twist_70b.sh", "--plan")
@@ -351,3 +355,43 @@ def test_deepspeed_path_arithmetic(tmp_path):
         make_plan(model, twist, train, world_size=16, tensor_parallel=8, path="deepspeed", ds_config=ds)
     with pytest.raises(ConfigError, match="conflicts with train_micro_batch_size_per_gpu"):
         make_plan(model, twist, TrainConfig(micro_batch_size=2), world_size=16, path="deepspeed", ds_config=ds)
+
+
+def test_micro_batches_scale_tokens_flops_and_in_flight_activations_and_set_the_bubble():
+    """--global-batch-size in the planner, against hand arithmetic: N micro-batches per step multiply the
+    tokens and FLOPs of a step; under 1F1B stage r holds min(N, PP - r) micro-batches' activations; the
+    bubble is (PP - 1) / (N + PP - 1)."""
+    model, twist = _model70(), TwistConfig(keep_ratio=0.5, num_subnets=2)
+    kw = dict(world_size=256, tensor_parallel=8, pipeline_parallel=4, gpu_memory_gib=0)
+    one = make_plan(model, twist, TrainConfig(micro_batch_size=1), **kw)
+    # DP = 256 / 32 = 8 = 2 subnets x 4 replicas: 1 x 4 replicas x 64 micro-batches = 256 per subnet
+    many = make_plan(model, twist, TrainConfig(micro_batch_size=1, global_batch_size=256), **kw)
+    assert one.num_microbatches == 1 and many.num_microbatches == 64
+    assert many.tokens_per_step == 64 * one.tokens_per_step == 2 * 256 * 4096
+    assert one.pipeline_bubble == 3 / 4 and many.pipeline_bubble == 3 / 67
+    for a, b in zip(one.stages, many.stages):
+        assert b.subnet_flops_per_step == 64 * a.subnet_flops_per_step
+        act = "activations (estimate)"
+        assert b.memory[act] == (4 - a.pp_rank) * a.memory[act]  # min(64, 4 - r) micro-batches in flight
+    assert any("3/67 = 4.5% of a step" in n for n in many.notes)
+    with pytest.raises(ConfigError, match="--global-batch-size 254 is not a multiple of --micro-batch-size 1 x 4"):
+        make_plan(model, twist, TrainConfig(micro_batch_size=1, global_batch_size=254), **kw)
+
+
+def test_bf16_adds_the_twin_and_its_gradients_and_halves_activations():
+    """--bf16 on the Megatron path, against hand arithmetic: the subnet keeps fp32 masters (4 N_s) and a
+    bf16 twin (2 N_s), bf16 gradients (2 N_s) handed to fp32 ones (4 N_s); activations take 2 bytes
+    per element instead of 4; the central model is unchanged (fp32)."""
+    model, twist = _model70(), TwistConfig(keep_ratio=0.5, num_subnets=2)
+    kw = dict(world_size=256, tensor_parallel=8, pipeline_parallel=8, gpu_memory_gib=0)
+    fp32 = make_plan(model, twist, TrainConfig(micro_batch_size=1), **kw)
+    bf16 = make_plan(model, twist, TrainConfig(micro_batch_size=1, bf16=True), **kw)
+    assert bf16.dtype == "bf16" and fp32.dtype == "fp32"
+    for a, b in zip(fp32.stages, bf16.stages):
+        ns = a.subnet_params
+        assert b.memory["subnet weights"] == 6 * ns and b.memory["subnet gradients"] == 6 * ns
+        assert b.memory["central weights"] == a.memory["central weights"] == 4 * a.central_params
+        assert b.memory["activations (estimate)"] * 2 == a.memory["activations (estimate)"]
+        # dense bf16 with Megatron's distributed optimizer: 2 + 4 bytes, and 12 / DP (DP = 4)
+        nc = a.central_params
+        assert b.dense_memory == 6 * nc + 12 * nc // 4 + (a.dense_memory - 16 * nc) // 2  # bf16 activations
