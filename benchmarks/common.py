@@ -243,7 +243,9 @@ def parse_variants(parser, specs: List[str], default_lengths: List[int]) -> Tupl
         name, sep, rest = v.partition("=")
         name, _, at = name.partition("@")
         if not sep or not name.isidentifier() or not all(x.isdigit() for x in at.split(",") if at):
-            parser.error(f"--variant {v!r}: expected NAME[@L,L]=FLAGS, NAME a plain word, e.g. nopin='--no-twist-pin-cut'")
+            parser.error(
+                f"--variant {v!r}: expected NAME[@L,L]=FLAGS, NAME a plain word, e.g. nopin='--no-twist-pin-cut'"
+            )
         flags[name] = shlex.split(rest)
         lengths[name] = [int(x) for x in at.split(",")] if at else list(default_lengths)
     return flags, lengths
