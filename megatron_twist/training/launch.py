@@ -73,6 +73,10 @@ def build_trainer(job: TrainingJob, log: Callable[[str], None], watchdog=None):
     from .twist_trainer import TwistTrainer
 
     central = load_or_build_central(job, groups)
+    if run.shard_central:  # 1/DP per rank from here on (distributed/sharded_round.py)
+        from ..distributed.sharded_round import shard_central
+
+        central = shard_central(central, groups.data_parallel_group)
     checkpointer = CentralCheckpointer(run, twist, train_config, job.data.meta, groups.is_logging_rank, log)
     # One batch of micro x micro-batches samples per (step, subnet slot); train_step splits it.
     rows = train_config.micro_batch_size * train_config.microbatches(groups.layout.replicas)
