@@ -73,13 +73,13 @@ def worker(kind: str, out: Path, sizes: dict, bf16: bool, steps: int) -> None:
             b = batches.get(it, groups.rank, groups.world_size)
             train_step(module, optimizer, scheduler, b, it, train.clip_grad, parallel, compute=twin)
     else:
-        from megatron_twist.distributed.sharded_round import shard_central
-        from megatron_twist.training.twist_trainer import TwistTrainer, build_central
+        from megatron_twist.training.twist_trainer import TwistTrainer, build_central, build_sharded_central
 
         batches = SyntheticBatches(model.vocab_size, model.seq_length, train.micro_batch_size, seed=0)
-        central = build_central(model, train.seed)
-        if kind == "twist-sharded":
-            central = shard_central(central, groups.data_parallel_group)
+        if kind == "twist-sharded":  # as `twist train --twist-shard-central` builds it
+            central = build_sharded_central(model, train.seed, groups.data_parallel_group)
+        else:
+            central = build_central(model, train.seed)
         trainer = TwistTrainer(model, twist, train, groups, batches, central=central, log=lambda m: None)
         del central
         rounds = trainer.run().rounds

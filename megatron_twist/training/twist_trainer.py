@@ -97,6 +97,19 @@ def build_central(
     )
 
 
+def build_sharded_central(
+    model: ModelConfig, seed: int, group, tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1
+) -> ShardedCentral:
+    """``build_central``'s weights, kept as this rank's 1/DP shard (--twist-shard-central). Only the
+    module's fp32 weights exist in full, briefly; the Adam moments start as zero shards."""
+    seed_everything(seed)
+    module = build_gpt_model(
+        model, tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size
+    )
+    device = next(module.parameters()).device
+    return ShardedCentral.from_full(model, dict(module.named_parameters()), group, device=device)
+
+
 class TwistTrainer:
     def __init__(
         self,
