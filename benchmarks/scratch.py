@@ -49,7 +49,7 @@ from common import (  # noqa: E402
     train,
     user_documents,
 )
-from continued import MODEL  # noqa: E402  (the continued-training benchmark's model)
+from continued import LR, MODEL, SMOKE_LR  # noqa: E402  (the continued-training benchmark's model and lr)
 from quality import SMOKE  # noqa: E402
 
 sys.path.insert(0, str(REPO))
@@ -215,7 +215,7 @@ def main() -> int:
     p.add_argument("--variant-lengths", nargs="+", type=int, default=None, help="default: every length")
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--micro-batch", type=int, default=8)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--lr", type=float, default=None, help=f"peak learning rate of every model (default {LR})")
     p.add_argument("--local-steps", type=int, default=15)
     p.add_argument("--vocab", type=int, default=2048)
     p.add_argument("--eval-tokens", type=int, default=32768)
@@ -225,6 +225,8 @@ def main() -> int:
     p.add_argument("--smoke", action="store_true", help="seconds-long version: tiny model, few steps (CI)")
     args = p.parse_args()
     args.model = SMOKE if args.smoke else MODEL
+    if args.lr is None:
+        args.lr = SMOKE_LR if args.smoke else LR
     if args.smoke:
         args.lengths, args.nproc, args.micro_batch, args.local_steps, args.vocab = [4], 1, 2, 2, 512
         args.corpus_bytes, args.eval_tokens, args.calib_sequences = 60_000, 2048, 8

@@ -225,6 +225,13 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
         help="--save format: 'safetensors' (one file set, gathered on rank 0) or 'torch_dist' "
         "(Megatron dist_checkpointing: sharded, reshards to any TP/PP on --load)",
     )
+    g.add_argument(
+        "--twist-shard-central",
+        action="store_true",
+        help="shard the central model (fp32 weights and both Adam moments) over data parallel, 1/DP per rank, "
+        "instead of a full copy of this TP shard / PP stage on every rank: rounds gather one tensor at a "
+        "time and reduce-scatter what each subnet holds (like Megatron's distributed optimizer)",
+    )
     # DeepSpeed's own flag names (deepspeed.add_config_arguments), declared here so that parsing
     # the command line does not import DeepSpeed.
     g.add_argument("--deepspeed", action="store_true", help="train each subnet with a DeepSpeed engine (ZeRO 0-3)")

@@ -378,6 +378,8 @@ class RunConfig:
     overwrite: bool = False  # --save / --metrics-file may replace what megatron-twist did not write
     distributed_timeout_minutes: float = 10.0
     deepspeed_config: Optional[str] = None  # the ds_config file: the DeepSpeed engine path
+    # the central model sharded over data parallel (distributed/sharded_round.py), not replicated
+    shard_central: bool = False
 
     def __post_init__(self):
         if self.distributed_timeout_minutes <= 0:
@@ -386,6 +388,16 @@ class RunConfig:
             raise ConfigError(f"--keep-checkpoints must be 0 (keep all) or more, got {self.keep_checkpoints}")
         if self.ckpt_format not in CKPT_FORMATS:
             raise ConfigError(f"--ckpt-format must be one of {CKPT_FORMATS}, got {self.ckpt_format!r}")
+        if self.shard_central and self.deepspeed_config:
+            raise ConfigError(
+                "--twist-shard-central is the Megatron path's; under --deepspeed the central model is always "
+                "sharded over data parallel: drop the flag"
+            )
+        if self.shard_central and self.ckpt_format == "torch_dist":
+            raise ConfigError(
+                "--twist-shard-central saves through the safetensors writer (its shards are gathered to save); "
+                "use --ckpt-format safetensors, or leave --twist-shard-central off for torch_dist"
+            )
         if self.save_interval is not None and not self.save:
             raise ConfigError("--save-interval needs --save DIR (the directory of the periodic checkpoints)")
         if self.deepspeed_config and (self.tensor_parallel_size > 1 or self.pipeline_parallel_size > 1):

@@ -83,15 +83,23 @@ def write_adam_state(
     """Install moments and the step count (which sets Adam's bias correction)."""
     group_of = {id(q): g for g in optimizer.param_groups for q in g["params"]}
     for name, p in model.named_parameters():
-        state = optimizer.state[p]
-        # Adam's step count lives where torch's Adam keeps it: on the parameter's device for a fused or
-        # capturable group, else on the CPU (a host scalar for bias correction; build_optimizer's AdamW).
-        group = group_of.get(id(p), {})
-        where = p.device if group.get("fused") or group.get("capturable") else "cpu"
-        state["step"] = torch.tensor(float(step), dtype=torch.float32, device=where)
-        for m in ADAM_MOMENTS:
-            value = moments[m][name]
-            if m in state and state[m].shape == value.shape:
-                state[m].copy_(value)
-            else:
-                state[m] = value.clone().to(p.dtype)
+        write_adam_param_state(optimizer, p, {m: moments[m][name] for m in ADAM_MOMENTS}, step, group_of)
+
+
+@torch.no_grad()
+def write_adam_param_state(optimizer, p, moments: Dict[str, torch.Tensor], step: int, group_of=None) -> None:
+    """``write_adam_state`` for one parameter (a refill writes each as it goes: no subnet-sized copy of
+    all moments at once)."""
+    group_of = group_of if group_of is not None else {id(q): g for g in optimizer.param_groups for q in g["params"]}
+    state = optimizer.state[p]
+    # Adam's step count lives where torch's Adam keeps it: on the parameter's device for a fused or
+    # capturable group, else on the CPU (a host scalar for bias correction; build_optimizer's AdamW).
+    group = group_of.get(id(p), {})
+    where = p.device if group.get("fused") or group.get("capturable") else "cpu"
+    state["step"] = torch.tensor(float(step), dtype=torch.float32, device=where)
+    for m in ADAM_MOMENTS:
+        value = moments[m]
+        if m in state and state[m].shape == value.shape:
+            state[m].copy_(value)
+        else:
+            state[m] = value.clone().to(p.dtype)

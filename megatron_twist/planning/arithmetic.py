@@ -168,6 +168,7 @@ class Plan:
     checks: Tuple[str, ...]
     notes: Tuple[str, ...]
     stages: Tuple[StagePlan, ...]
+    shard_central: bool = False  # the Megatron path's --twist-shard-central
 
     @property
     def nodes(self) -> Optional[int]:
@@ -217,6 +218,7 @@ class Plan:
             "notes": list(self.notes),
             "stages": {s.kind: dict(dataclasses.asdict(s), total_memory=s.total_memory) for s in self.stages},
             "peak_stage": self.peak_stage.kind,
+            "shard_central": self.shard_central,
         }
         return d
 
@@ -241,8 +243,11 @@ def make_plan(
     path: str = "megatron",
     ds_config: Optional[dict] = None,
     suggest: bool = True,
+    shard_central: bool = False,
 ) -> Plan:
-    """Check the layout and size it; ConfigError (reason + suggested fix) when it cannot run."""
+    """Check the layout and size it; ConfigError (reason + suggested fix) when it cannot run.
+    ``shard_central``: `twist train --twist-shard-central` (the Megatron path)."""
+    shard_central = shard_central and path == "megatron"
     if path not in PATHS:
         raise ConfigError(f"unknown path {path!r}; use one of {PATHS}")
     if world_size < 1 or gpus_per_node < 1:
@@ -269,7 +274,7 @@ def make_plan(
             f"TP {tp} does not fit inside one node of {gpus_per_node} GPUs: tensor-parallel "
             f"all-reduces would cross the network"
         )
-    plan = _size(model, twist, train, hw, layout, path, dtype, zero_stage, tuple(checks), notes)
+    plan = _size(model, twist, train, hw, layout, path, dtype, zero_stage, tuple(checks), notes, shard_central)
     if hw.gpu_memory_bytes and plan.peak_stage.total_memory > hw.gpu_memory_bytes:
         peak = plan.peak_stage
         where = "every GPU" if peak.kind == "only" else f"a GPU of the {peak.kind} pipeline stage"
@@ -279,7 +284,7 @@ def make_plan(
         )
         raise refuse(
             reason,
-            _memory_fix(model, twist, train, hw, path, ds_config)
+            _memory_fix(model, twist, train, hw, path, ds_config, shard_central)
             if suggest
             else "a larger pipeline or tensor parallel size",
         )
@@ -291,8 +296,28 @@ def _biggest(memory: Dict[str, int]) -> str:
     return ", ".join(f"{k} {v / GIB:.1f}" for v, k in items)
 
 
+def largest_tensor(model: ModelConfig, tp: int, pp: int, pp_rank: int) -> int:
+    """Elements of the largest central tensor of a TP shard / PP stage: the vocabulary table on the first
+    (and an untied output layer on the last) stage, else linear_fc1 or linear_qkv."""
+    h, d = model.hidden_size, model.head_dim
+    qkv = (model.num_attention_heads + 2 * model.num_query_groups) * d // tp * h
+    fc1 = (2 if model.gated_mlp else 1) * model.ffn_hidden_size // tp * h
+    vocab = model.vocab_size // tp * h if pp_rank in (0, pp - 1) else 0
+    return max(qkv, fc1, vocab)
+
+
 def _size(
-    model, twist, train, hw: _Hardware, layout: ParallelLayout, path, dtype, zero_stage, checks, notes: List[str]
+    model,
+    twist,
+    train,
+    hw: _Hardware,
+    layout: ParallelLayout,
+    path,
+    dtype,
+    zero_stage,
+    checks,
+    notes: List[str],
+    shard_central: bool = False,
 ) -> Plan:
     tp, pp, dp = layout.tensor_parallel, layout.pipeline_parallel, layout.data_parallel
     full = [LayerShape(model.num_attention_heads, model.num_query_groups, model.ffn_hidden_size)] * model.num_layers
@@ -315,10 +340,20 @@ def _size(
         act = in_flight * activation_bytes(model, sub, tp, pp, rank, mbs, seq, e_act)
         dense_act = in_flight * activation_bytes(model, full, tp, pp, rank, mbs, seq, e_act)
         if path == "megatron":
-            memory = {
+            central_memory = {
                 "central weights": 4 * nc,
                 "central Adam moments": 8 * nc,
                 "aggregation buffer": 4 * fields * nc,
+            }
+            if shard_central:  # 1/DP of each, and one central tensor in flight (gathered, or reduce-scattered)
+                shard = -(-nc // dp)
+                central_memory = {
+                    "central weights (1/DP shard)": 4 * shard,
+                    "central Adam moments (1/DP shard)": 8 * shard,
+                    "round buffers (largest central tensor, x2)": 2 * 4 * largest_tensor(model, tp, pp, rank),
+                }
+            memory = {
+                **central_memory,
                 # --bf16: fp32 masters + a bf16 twin; bf16 gradients handed to fp32 master gradients
                 "subnet weights": (4 + 2) * ns if dtype == "bf16" else 4 * ns,
                 "subnet gradients": (2 + 4) * ns if dtype == "bf16" else 4 * ns,
@@ -330,6 +365,8 @@ def _size(
             # over DP by the distributed optimizer
             dense_memory = (6 * nc + 12 * nc // dp if dtype == "bf16" else 16 * nc) + dense_act
             agg = 4 * fields * nc if agg_group > 1 else 0
+            if shard_central:  # per subnet trained: all-gather at refill + reduce-scatter at aggregation
+                agg = 2 * 4 * fields * -(-nc // dp) * dp * per_rank if dp > 1 else 0
             replica = twist.local_steps * 4 * ns if reps > 1 else 0
             dense_dp = 4 * nc if dp > 1 else 0
         else:
@@ -344,7 +381,12 @@ def _size(
                 "start-up peak: full central weights, fp32": startup,
                 "total": memory["total"],
             }
-        wire = int(agg * 2 * (agg_group - 1) / agg_group) if path == "megatron" else agg
+        if path == "megatron" and shard_central:  # all-gather / reduce-scatter send (W - 1) / W x the tensor
+            wire = int(agg * (dp - 1) / dp)
+        elif path == "megatron":
+            wire = int(agg * 2 * (agg_group - 1) / agg_group)
+        else:
+            wire = agg
         replica_wire = int(replica * 2 * (reps - 1) / reps) if path == "megatron" else replica
         stages.append(
             StagePlan(
@@ -402,6 +444,7 @@ def _size(
         checks=checks,
         notes=tuple(notes),
         stages=tuple(stages),
+        shard_central=shard_central,
     )
 
 
@@ -431,7 +474,7 @@ def _deepspeed_memory(model, twist, sub, ns, nc, act, dense_act, dp, reps, field
     return memory, dense_memory, agg, replica, dense_dp
 
 
-def _memory_fix(model, twist, train, hw: _Hardware, path, ds_config) -> str:
+def _memory_fix(model, twist, train, hw: _Hardware, path, ds_config, shard_central: bool = False) -> str:
     """The smallest TP x PP (TP inside a node first) that divides everything and fits, or what else to change."""
     world_gib = hw.gpu_memory_bytes / GIB
     best = None
@@ -452,6 +495,7 @@ def _memory_fix(model, twist, train, hw: _Hardware, path, ds_config) -> str:
                         gpu_memory_gib=world_gib,
                         path=path,
                         suggest=False,
+                        shard_central=shard_central,
                     )
                 except ConfigError:
                     continue

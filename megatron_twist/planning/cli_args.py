@@ -56,4 +56,5 @@ def plan_from_args(args: argparse.Namespace, explicit=()) -> Plan:
         gpu_memory_gib=args.gpu_memory_gib,
         path=path,
         ds_config=ds_config,
+        shard_central=getattr(args, "twist_shard_central", False),
     )

@@ -28,8 +28,11 @@ _FLOPS = (("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6))
 def format_plan(plan: Plan) -> str:
     m, t = plan.model, plan.twist
     kinds = [s.kind for s in plan.stages]
+    central = (
+        "sharded over data parallel (--twist-shard-central)" if plan.shard_central else "replicated over data parallel"
+    )
     path_text = {
-        "megatron": "Megatron-core path (`twist train`): central model replicated over data parallel, "
+        "megatron": f"Megatron-core path (`twist train`): central model {central}, "
         + (
             "subnets in bf16 from fp32 masters, central model and Adam fp32"
             if plan.dtype == "bf16"
@@ -116,7 +119,7 @@ def format_plan(plan: Plan) -> str:
     lines.append(f"  traffic per round of {plan.local_steps} steps, {tr_unit}")
     agg_label = (
         "    aggregation all-reduce (payload)"
-        if plan.path == "megatron"
+        if plan.path == "megatron" and not plan.shard_central
         else "    aggregation all-gather + reduce-scatter"
     )
     lines.append(row(agg_label, [s.aggregation_bytes_per_round for s in st], in_tr))

@@ -72,7 +72,17 @@ def build_trainer(job: TrainingJob, log: Callable[[str], None], watchdog=None):
     from ..checkpoint.manager import CentralCheckpointer
     from .twist_trainer import TwistTrainer
 
-    central = load_or_build_central(job, groups)
+    if run.shard_central and not run.load:  # 1/DP per rank (distributed/sharded_round.py)
+        from .twist_trainer import build_sharded_central
+
+        tp, pp = run.tensor_parallel_size, run.pipeline_parallel_size
+        central = build_sharded_central(model, train_config.seed, groups.data_parallel_group, tp, pp)
+    elif run.shard_central:  # a checkpoint's weights and moments, read whole once, then sharded
+        from ..distributed.sharded_round import shard_central
+
+        central = shard_central(load_or_build_central(job, groups), groups.data_parallel_group)
+    else:
+        central = load_or_build_central(job, groups)
     checkpointer = CentralCheckpointer(run, twist, train_config, job.data.meta, groups.is_logging_rank, log)
     # One batch of micro x micro-batches samples per (step, subnet slot); train_step splits it.
     rows = train_config.micro_batch_size * train_config.microbatches(groups.layout.replicas)

@@ -116,6 +116,7 @@ def _run_config(args, deepspeed: bool) -> RunConfig:
         overwrite=args.overwrite,
         distributed_timeout_minutes=args.distributed_timeout_minutes,
         deepspeed_config=args.deepspeed_config if deepspeed else None,
+        shard_central=getattr(args, "twist_shard_central", False),
     )
 
 

@@ -35,6 +35,8 @@ from ..data.batches import BatchSource
 from ..distributed.full_state import layer_range
 from ..distributed.layout import check_model_layout  # noqa: F401  (re-exported: cli, tests)
 from ..distributed.runtime import TwistGroups
+from ..distributed.sharded_central import ShardedCentral
+from ..distributed.sharded_round import ShardedRound
 from ..model.gpt import build_gpt_model, count_parameters
 from ..optim.step import StepParallelism, pipeline_bubble
 from ..twist.central import CentralModel
@@ -95,6 +97,19 @@ def build_central(
     )
 
 
+def build_sharded_central(
+    model: ModelConfig, seed: int, group, tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1
+) -> ShardedCentral:
+    """``build_central``'s weights, kept as this rank's 1/DP shard (--twist-shard-central). Only the
+    module's fp32 weights exist in full, briefly; the Adam moments start as zero shards."""
+    seed_everything(seed)
+    module = build_gpt_model(
+        model, tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size
+    )
+    device = next(module.parameters()).device
+    return ShardedCentral.from_full(model, dict(module.named_parameters()), group, device=device)
+
+
 class TwistTrainer:
     def __init__(
         self,
@@ -136,20 +151,30 @@ class TwistTrainer:
             parallel=step_parallelism(groups),
             num_microbatches=self.num_microbatches,
         )
-        self.device = next(self.central.module.parameters()).device
-        self.round = ReplicatedRound(
-            self.local_plans, self.central, twist, groups.aggregation_group, groups.model_parallel_group
-        )
-        self.aggregator, self.fields = self.round.aggregator, self.round.fields
+        if isinstance(self.central, ShardedCentral):  # --twist-shard-central: 1/DP of it on this rank
+            self.device = self.central.device
+            self.round = ShardedRound(
+                self.local_plans, self.central, twist, groups.replica_index, groups.model_parallel_group
+            )
+        else:
+            self.device = next(self.central.module.parameters()).device
+            self.round = ReplicatedRound(
+                self.local_plans, self.central, twist, groups.aggregation_group, groups.model_parallel_group
+            )
+        self.aggregator = getattr(self.round, "aggregator", None)  # the replicated round's buffer
+        self.fields = self.round.fields
 
     def describe(self) -> str:
-        full = count_parameters(self.central.module)
+        sharded = isinstance(self.central, ShardedCentral)
+        full = self.central.num_parameters() if sharded else count_parameters(self.central.module)
         sub = count_parameters(self.worker.module)
         return (
             f"[twist] central {full:,} params | subnet {sub:,} params ({sub / full:.2f}x) | "
             f"{self.twist.num_subnets} subnets, kappa {self.twist.keep_ratio}, {self.twist.local_steps} local steps | "
             f"rank {self.groups.rank}/{self.groups.world_size} trains subnets {list(self.local_subnets)} | "
-            f"aggregation payload {self.aggregator.payload_bytes() / 2**20:.1f} MiB per round | "
+            f"aggregation payload {self.round.payload_bytes() / 2**20:.1f} MiB per round"
+            + (f" (central model sharded over {self.central.shard_count} data-parallel ranks)" if sharded else "")
+            + " | "
             f"{self.num_microbatches} micro-batch(es) of {self.train.micro_batch_size} per step"
             + (
                 f", pipeline bubble {pipeline_bubble(self.groups.pp_size, self.num_microbatches):.0%} (1F1B)"
@@ -169,8 +194,12 @@ class TwistTrainer:
         from ..distributed.full_state import gather_full_state
 
         g = self.groups
+        if isinstance(self.central, ShardedCentral):
+            params, moments = self.central.full_state()  # gathered over data parallel (at save time only)
+        else:
+            params, moments = dict(self.central.params), self.central.moments
         if g.tp_size == 1 and g.pp_size == 1:
-            return dict(self.central.params), self.central.moments
+            return params, moments
         tp_group = parallel_state.get_tensor_model_parallel_group() if g.tp_size > 1 else None
         pp_group = parallel_state.get_pipeline_model_parallel_group() if g.pp_size > 1 else None
 
@@ -179,7 +208,7 @@ class TwistTrainer:
                 tensors, self.model_config, g.tp_rank, g.tp_size, self.first_layer, tp_group, pp_group
             )
 
-        return gather(self.central.params), {m: gather(t) for m, t in self.central.moments.items()}
+        return gather(params), {m: gather(t) for m, t in moments.items()}
 
     def run_round(self) -> RoundRecord:
         central, twist = self.central, self.twist
@@ -215,8 +244,8 @@ class TwistTrainer:
                     bad_at[s] = bad_at[s] or first + t + 1
                     losses[s, t + 1 :] = math.nan
                     break
-            if not bad_at[s]:
-                self.round.contribute(self.worker, s)
+            # a collective on a sharded central model: every rank contributes, a non-finite subnet zeros
+            self.round.contribute(self.worker, s, valid=not bad_at[s])
         excluded = self._agree_on_nonfinite(bad_at, central.round)
         moved = self.round.close(steps)
         if self.groups.world_size > 1:
@@ -233,7 +262,8 @@ class TwistTrainer:
         )
         dense_dp = 0
         if self.groups.dp_size > 1:  # dense DP all-reduces this rank's gradient shard at every step
-            dense_dp = steps * sum(p.numel() * p.element_size() for p in central.params.values())
+            shapes = central.shapes if isinstance(central, ShardedCentral) else central.shapes()
+            dense_dp = steps * sum(4 * s.numel() for s in shapes.values())  # fp32 gradients
         return RoundRecord(central.round - 1, first, steps, losses.tolist(), seconds, tokens, moved, dense_dp, excluded)
 
     def _agree_on_nonfinite(self, bad_at: torch.Tensor, round_index: int) -> List[int]:

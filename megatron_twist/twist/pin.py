@@ -25,7 +25,7 @@ the weights changed by the round that followed.
 from __future__ import annotations
 
 import hashlib
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -56,13 +56,43 @@ def pinned_plan(
 ) -> SubnetPlan:
     """The magnitude cut of the whole central model at the keep ratio, from this rank's TP shard /
     PP stage (``params``, local names) and a SUM all-reduce over ``model_parallel_group`` (TP x PP)."""
-    view = local_model_view(model, tp_size, first_layer, num_layers)
     device = next(iter(params.values())).device
+    plan = pinned_plan_from_norms(
+        model,
+        twist,
+        lambda i: layer_norms(params, i),
+        tp_rank=tp_rank,
+        tp_size=tp_size,
+        first_layer=first_layer,
+        num_layers=num_layers,
+        device=device,
+        model_parallel_group=model_parallel_group,
+    )
+    check_agreement(plan, agreement_group, device)
+    return plan
+
+
+@torch.no_grad()
+def pinned_plan_from_norms(
+    model: ModelConfig,
+    twist: TwistConfig,
+    norms_of: Callable[[int], Dict[str, torch.Tensor]],
+    *,
+    tp_rank: int,
+    tp_size: int,
+    first_layer: int,
+    num_layers: Optional[int],
+    device: torch.device,
+    model_parallel_group=None,
+) -> SubnetPlan:
+    """``pinned_plan`` from this rank's layers' squared norms (``norms_of(local layer)``, local TP-shard
+    geometry), e.g. summed over the data-parallel shards of a sharded central model first."""
+    view = local_model_view(model, tp_size, first_layer, num_layers)
     heads = torch.zeros(model.num_layers, model.num_attention_heads, device=device)
     neurons = torch.zeros(model.num_layers, model.ffn_hidden_size, device=device)
     h0, n0 = tp_rank * view.num_attention_heads, tp_rank * view.ffn_hidden_size
     for i in range(view.num_layers):
-        h, n = unit_scores(view, layer_norms(params, i))
+        h, n = unit_scores(view, norms_of(i))
         heads[first_layer + i, h0 : h0 + h.numel()] = h
         neurons[first_layer + i, n0 : n0 + n.numel()] = n
     if _group_size(model_parallel_group) > 1:
@@ -70,11 +100,9 @@ def pinned_plan(
         dist.all_reduce(table, op=dist.ReduceOp.SUM, group=model_parallel_group)
         heads = table[: heads.numel()].view_as(heads)
         neurons = table[heads.numel() :].view_as(neurons)
-    plan = plan_from_scores(
+    return plan_from_scores(
         model, twist, twist.keep_ratio, [(heads[layer], neurons[layer]) for layer in range(model.num_layers)], tp_size
     )
-    check_agreement(plan, agreement_group, device)
-    return plan
 
 
 def plan_from_norms(

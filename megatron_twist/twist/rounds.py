@@ -122,8 +122,13 @@ class ReplicatedRound:
     def refill(self, subnet: Subnet, s: int) -> None:
         subnet.load(self.central, self.plans[s])
 
-    def contribute(self, subnet: Subnet, s: int) -> None:
-        self.aggregator.add_subnet(self.plans[s], subnet.contribution())
+    def contribute(self, subnet: Subnet, s: int, valid: bool = True) -> None:
+        """Add a subnet's weights (and moments); an invalid (non-finite) one adds nothing."""
+        if valid:
+            self.aggregator.add_subnet(self.plans[s], subnet.contribution())
+
+    def payload_bytes(self) -> int:
+        return self.aggregator.payload_bytes()
 
     def drop(self, subnets: Sequence[int]) -> None:
         """Leave subnets that added nothing out of the holder counts (the same ones on every rank)."""

@@ -21,7 +21,13 @@ import torch
 
 from ..config import ModelConfig, TrainConfig, TwistConfig
 from ..model.gpt import build_gpt_model
-from ..optim.optimizer import ADAM_MOMENTS, build_optimizer, build_scheduler, read_adam_state, write_adam_state
+from ..optim.optimizer import (
+    ADAM_MOMENTS,
+    build_optimizer,
+    build_scheduler,
+    read_adam_state,
+    write_adam_param_state,
+)
 from ..optim.step import StepParallelism, train_step
 from .central import CentralModel
 from .hooks import CorrectionHooks
@@ -54,18 +60,19 @@ class SubnetState:
     def load(self, central: CentralModel, plan: SubnetPlan) -> None:
         """Refill weights (and moments) from the central model for ``plan``."""
         self.plan = plan
-        moments = {m: {} for m in ADAM_MOMENTS}
-        for name, p in self.module.named_parameters():
+        aggregate = self.twist.optimizer_state == "aggregate"
+        step = central.step if aggregate else 0
+        group_of = {id(q): g for g in self.optimizer.param_groups for q in g["params"]}
+        for name, p in self.module.named_parameters():  # one tensor at a time: no subnet-sized transient
             source = central.params[name]
             spec = slice_for(self.geometry, name, plan, device=source.device)
             p.copy_(take(source, spec))
-            for m in ADAM_MOMENTS:
-                if self.twist.optimizer_state == "aggregate":
-                    moments[m][name] = take(central.moments[m][name], spec)
-                else:  # 'reset': every round starts from fresh moments
-                    moments[m][name] = torch.zeros_like(p, dtype=torch.float32)
-        step = central.step if self.twist.optimizer_state == "aggregate" else 0
-        write_adam_state(self.optimizer, self.module, moments, step)
+            moments = {
+                # 'reset': every round starts from fresh moments
+                m: take(central.moments[m][name], spec) if aggregate else torch.zeros_like(p, dtype=torch.float32)
+                for m in ADAM_MOMENTS
+            }
+            write_adam_param_state(self.optimizer, p, moments, step, group_of)
         self.hooks.apply(plan)
 
     def contribution(self) -> Dict[str, Dict[str, torch.Tensor]]:

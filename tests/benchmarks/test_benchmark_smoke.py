@@ -150,3 +150,18 @@ def test_deepspeed_memory_benchmark_smoke(tmp_path, launch):
         assert all(p > 0 for p in peaks) and row[kind] == max(peaks)
     assert row["ratio"] == pytest.approx(row["twist"] / row["dense"])
     assert (tmp_path / "memory.png").is_file()
+
+
+@pytest.mark.multiprocess
+def test_megatron_memory_benchmark_smoke(tmp_path, launch):
+    _run(launch, "megatron_memory.py", tmp_path)
+    result = json.loads((tmp_path / "memory.json").read_text())
+    for kind in ("dense", "twist", "twist-sharded"):
+        peaks = [json.loads((tmp_path / f"{kind}-rank{r}.json").read_text())["peak_mib"] for r in range(2)]
+        assert all(p > 0 for p in peaks) and result[kind]["peak_mib"] == max(peaks)
+    # per round of 2 steps: replicated, one all-reduce of weights + 2 moments (3 N fp32) against dense
+    # data parallel's gradient all-reduce (N) at each of the 2 steps: 3/2; sharded, an all-gather and
+    # a reduce-scatter of each of the 3 fields (tensors padded to a multiple of 2 ranks): about 6/2
+    assert result["twist"]["traffic_ratio"] == 1.5
+    assert result["twist-sharded"]["traffic_ratio"] == pytest.approx(3.0, rel=1e-3)
+    assert (tmp_path / "memory.png").is_file()

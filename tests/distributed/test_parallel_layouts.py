@@ -1,4 +1,5 @@
-"""TwIST inside Megatron parallelism: TP=2, PP=2, TP=2 x 2 subnets, PP=2 x 2 subnets.
+"""TwIST inside Megatron parallelism: TP=2, PP=2, TP=2 x 2 subnets, PP=2 x 2 subnets, and the last two
+with the central model sharded over data parallel (--twist-shard-central).
 
 Every layout continues the same central checkpoint for 8 more steps and must
 match the single-process, TP=1/PP=1 reference: losses, final weights, Adam
@@ -44,6 +45,10 @@ LAYOUTS = {
     "pp2": (2, ["--pipeline-model-parallel-size", "2"]),
     "tp2x2subnets": (4, ["--tensor-model-parallel-size", "2"]),
     "pp2x2subnets": (4, ["--pipeline-model-parallel-size", "2"]),
+    # the central model sharded over the 2 data-parallel ranks: also equal (1e-6; measured bit-identical)
+    # to the replicated run of the same layout
+    "tp2x2subnets-sharded": (4, ["--tensor-model-parallel-size", "2", "--twist-shard-central"]),
+    "pp2x2subnets-sharded": (4, ["--pipeline-model-parallel-size", "2", "--twist-shard-central"]),
 }
 
 
@@ -111,6 +116,17 @@ def _compare_to_reference(root, name):
     return got
 
 
+def _compare_runs(root, name, other):
+    """Two runs of one layout: losses, weights and moments to 1e-6."""
+    a = json.loads((root / f"{name}.json").read_text())["loss_curve"]
+    b = json.loads((root / f"{other}.json").read_text())["loss_curve"]
+    assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-6
+    for stem in ("model", "optimizer"):
+        x, y = (load_file(str(root / r / f"{stem}.safetensors")) for r in (name, other))
+        for k in y:
+            torch.testing.assert_close(x[k], y[k], atol=1e-6, rtol=0, msg=f"{name} {stem} {k}")
+
+
 def _run_layout(reference, run_torchrun, name):
     nproc, flags = LAYOUTS[name]
     return run_torchrun(
@@ -145,7 +161,13 @@ def test_layout_matches_single_process_reference(reference, run_torchrun, name):
     assert got["world_size"] == nproc
     rounds = got["rounds"]
     assert len(rounds) == 2, "two rounds: aggregated and resampled twice"
-    if nproc == 4:  # two subnet slots over data parallel: aggregation goes over the wire
+    if name.endswith("-sharded"):
+        replicated = name.removesuffix("-sharded")
+        if not (reference / replicated / "model.safetensors").is_file():  # run alone (-k): make it
+            _run_layout(reference, run_torchrun, replicated)
+        assert "central model sharded over 2 data-parallel ranks" in proc.stdout
+        _compare_runs(reference, name, replicated)
+    elif nproc == 4:  # two subnet slots over data parallel: aggregation goes over the wire
         assert all(r["aggregation_bytes"] > 0 for r in rounds)
         # counted at the collective: weights + 2 Adam moments of this rank's shard, once per round,
         # against dense data parallel's gradient all-reduce at every one of the round's 4 steps

@@ -134,3 +134,23 @@ def test_ranks_agree_on_the_excluded_subnet(mcore, tmp_path, rel, run_torchrun, 
     saved = rel.tensors(tmp_path / "ckpt")
     for name, p in single.central.params.items():
         assert torch.equal(saved["model"][name], p.detach()), name
+
+
+def test_sharded_central_leaves_a_nonfinite_subnet_out_like_the_replicated_one(mcore, monkeypatch):
+    """--twist-shard-central: the non-finite subnet contributes zeros (every rank joins each collective)
+    and is dropped from the holder counts; the result equals the replicated central model's."""
+    from megatron_twist.distributed.sharded_round import shard_central
+    from megatron_twist.training.twist_trainer import build_central
+
+    _poison(monkeypatch)
+    replicated = _trainer().run()
+    train = TrainConfig(train_iters=4, micro_batch_size=2, log_interval=100)
+    batches = SyntheticBatches(MODEL.vocab_size, MODEL.seq_length, train.micro_batch_size, seed=train.seed)
+    central = shard_central(build_central(MODEL, train.seed), None)
+    trainer = TwistTrainer(MODEL, TWIST, train, build_twist_groups(TWIST), batches, central=central, log=lambda m: None)
+    sharded = trainer.run()
+    assert [r.excluded for r in sharded.rounds] == [[], [1]]
+    weights, moments = sharded.central.full_state()
+    for name, p in replicated.central.params.items():
+        assert torch.equal(weights[name], p.detach()), name
+        assert torch.equal(moments["exp_avg"][name], replicated.central.moments["exp_avg"][name]), name

@@ -267,7 +267,11 @@ def test_extract_end_to_end_next_to_precious_files_and_overwrite(tmp_path, run_t
 
 
 @pytest.mark.parametrize(
-    "script", ["quality.py", "speed.py", "deployment.py", "deepspeed_memory.py", "continued.py", "scratch.py"]
+    "script",
+    [
+        *("quality.py", "speed.py", "deployment.py", "deepspeed_memory.py"),
+        *("megatron_memory.py", "continued.py", "scratch.py"),
+    ],
 )
 def test_benchmarks_refuse_a_foreign_out_folder(tmp_path, script):
     user = foreign_dir(tmp_path)

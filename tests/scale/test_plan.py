@@ -395,3 +395,25 @@ def test_bf16_adds_the_twin_and_its_gradients_and_halves_activations():
         # dense bf16 with Megatron's distributed optimizer: 2 + 4 bytes, and 12 / DP (DP = 4)
         nc = a.central_params
         assert b.dense_memory == 6 * nc + 12 * nc // 4 + (a.dense_memory - 16 * nc) // 2  # bf16 activations
+
+
+def test_sharded_central_model_costs_one_dp_th_and_two_largest_tensors():
+    """--twist-shard-central in the planner, against hand arithmetic (70B, TP 8 x PP 8 x DP 4): the
+    central weights and moments are 12 bytes x ceil(N_c / DP), the round needs two buffers of the
+    stage's largest tensor (the vocabulary table on the first and last stages: 128256 / 8 x 8192; the
+    fused gate/up weight elsewhere: 2 x 28672 / 8 x 8192), fp32; no central-sized buffer."""
+    model, twist = _model70(), TwistConfig(keep_ratio=0.5, num_subnets=2)
+    kw = dict(world_size=256, tensor_parallel=8, pipeline_parallel=8, gpu_memory_gib=0)
+    rep = make_plan(model, twist, TrainConfig(micro_batch_size=1), **kw)
+    sh = make_plan(model, twist, TrainConfig(micro_batch_size=1), shard_central=True, **kw)
+    assert sh.shard_central and not rep.shard_central
+    for a, b in zip(rep.stages, sh.stages):
+        nc, dp = a.central_params, 4
+        assert b.memory["central weights (1/DP shard)"] == 4 * -(-nc // dp)
+        assert b.memory["central Adam moments (1/DP shard)"] == 8 * -(-nc // dp)
+        largest = 128256 // 8 * 8192 if a.kind in ("first", "last") else 2 * 28672 // 8 * 8192
+        assert b.memory["round buffers (largest central tensor, x2)"] == 2 * 4 * largest
+        assert "aggregation buffer" not in b.memory
+        assert a.total_memory - b.total_memory > 20 * 2**30  # 24 N_c bytes become 12 N_c / 4 + buffers
+        # per round, one subnet per rank: all-gather + reduce-scatter of weights and 2 moments
+        assert b.aggregation_bytes_per_round == 2 * 3 * 4 * -(-nc // dp) * dp
