@@ -395,7 +395,7 @@ class RunConfig:
             )
         if self.shard_central and self.ckpt_format == "torch_dist":
             raise ConfigError(
-                "--twist-shard-central saves through the safetensors writer (its shards are gathered to save); "
+                "--twist-shard-central saves its own shards, one safetensors file per rank (not torch_dist); "
                 "use --ckpt-format safetensors, or leave --twist-shard-central off for torch_dist"
             )
         if self.save_interval is not None and not self.save:

@@ -63,8 +63,8 @@ SEQ_LENGTH=${SEQ_LENGTH:-4096}             # tokens per sequence
 
 # ------------------------------------------------------------------------------ parallel layout
 TP=${TP:-8}                                # tensor parallel: inside a node (8 KV heads -> TP <= 8)
-PP=${PP:-8}                                # pipeline parallel: 80 layers / 8 = 10 per stage; the smallest
-                                           # depth that fits 80 GiB GPUs in fp32 (`--plan` shows it)
+PP=${PP:-4}                                # pipeline parallel: 80 layers / 4 = 20 per stage; fits 80 GiB
+                                           # GPUs in bf16 with the central model sharded (`--plan` shows it)
 
 # ------------------------------------------------------------------------------ TwIST
 KAPPA=${KAPPA:-0.5}                        # keep ratio: share of heads and MLP neurons a subnet keeps
@@ -74,7 +74,12 @@ LOCAL_STEPS=${LOCAL_STEPS:-20}             # optimizer steps between aggregation
 TWIST_SEED=${TWIST_SEED:-1234}             # subnet sampler seed
 
 # ------------------------------------------------------------------------------ training
-MICRO_BATCH=${MICRO_BATCH:-1}              # sequences per rank per step (per subnet replica)
+MICRO_BATCH=${MICRO_BATCH:-1}              # sequences per rank per micro-batch (per subnet replica)
+GLOBAL_BATCH=${GLOBAL_BATCH-1024}          # sequences per optimizer step of each subnet, over its replicas
+                                           # (micro-batches through 1F1B: the bubble is (PP-1)/(N+PP-1));
+                                           # empty: one micro-batch per step
+SHARD_CENTRAL=${SHARD_CENTRAL:-1}          # 1: central model sharded over data parallel (1/DP per rank);
+                                           # 0: replicated (a full copy of the TP shard / PP stage per rank)
 TRAIN_ITERS=${TRAIN_ITERS:-20000}          # optimizer steps
 LR=${LR:-1.5e-4}                           # peak learning rate
 MIN_LR=${MIN_LR:-1.5e-5}                   # end of the cosine decay
@@ -89,14 +94,15 @@ MOCK_DATA=${MOCK_DATA:-0}                  # 1: synthetic tokens (dry runs); 0: 
 DATA_PATH=${DATA_PATH:-}                   # directory from `twist prepare-data`
 RUN_DIR=${RUN_DIR:-runs/twist-70b-${SLURM_JOB_ID:-local}}  # hostfile, ds_config, metrics, checkpoint
 SAVE=${SAVE-$RUN_DIR/central}              # central checkpoint at the end; SAVE= (empty): none
-CKPT_FORMAT=${CKPT_FORMAT:-torch_dist}     # torch_dist (sharded: every rank writes its shard) | safetensors
+CKPT_FORMAT=${CKPT_FORMAT:-safetensors}    # with SHARD_CENTRAL=1: one file per rank (safetensors only);
+                                           # else torch_dist (every rank writes its shard) | safetensors
 METRICS_FILE=${METRICS_FILE-$RUN_DIR/metrics.json}  # per-round losses and bytes (rank 0); empty: none
 EXIT_INTERVAL=${EXIT_INTERVAL:-}           # stop (and save) after the round reaching this step; resume: --load
 
 # ------------------------------------------------------------------------------ DeepSpeed variant
 DS_CONFIG=${DS_CONFIG:-}                   # a ds_config JSON; empty: written to RUN_DIR from the variables
 ZERO_STAGE=${ZERO_STAGE:-3}                # ZeRO stage of the written config (subnet over its replicas)
-BF16=${BF16:-1}                            # bf16 in the written config (1) or fp32 (0; CPU)
+BF16=${BF16:-1}                            # bf16 (1: --bf16, or the written ds_config) or fp32 (0; CPU)
 
 WORLD=$((NODES * GPUS_PER_NODE))
 ARGS=(
@@ -142,7 +148,11 @@ if [[ "$LAUNCHER" == deepspeed ]]; then
 EOF
   fi
   ARGS+=(--deepspeed --deepspeed_config "$DS_CONFIG")
-elif [[ "$LAUNCHER" != torchrun ]]; then
+elif [[ "$LAUNCHER" == torchrun ]]; then  # the Megatron path's own precision, batch and central layout
+  if [[ "$BF16" == 1 ]]; then ARGS+=(--bf16); fi
+  if [[ -n "$GLOBAL_BATCH" ]]; then ARGS+=(--global-batch-size "$GLOBAL_BATCH"); fi
+  if [[ "$SHARD_CENTRAL" == 1 ]]; then ARGS+=(--twist-shard-central); fi
+else
   echo "twist_70b.sh: LAUNCHER must be torchrun or deepspeed, got '$LAUNCHER'" >&2
   exit 2
 fi

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from ..config import RunConfig, TrainConfig, TwistConfig
+from ..distributed.sharded_central import ShardedCentral
 from . import series as checkpoint_series
 
 
@@ -30,11 +31,14 @@ class CentralCheckpointer:
         data_meta: dict,
         is_logging_rank: bool,
         log: Callable[[str], None] = print,
+        position=(0, 1, 0, 1),
     ):
+        """``position``: this rank's (tp_rank, tp, pp_rank, pp), for a sharded central model's files."""
         self.run, self.twist, self.train, self.data_meta = run, twist, train, data_meta
         self.is_logging_rank = is_logging_rank
         self.log = log
         self.saved_at: Optional[int] = None
+        self.position = position
 
     def on_round_end(self, central, full_state: Callable) -> None:
         interval = self.run.save_interval
@@ -50,7 +54,17 @@ class CentralCheckpointer:
         run, step = self.run, central.step
         target = checkpoint_series.iteration_dir(run.save, step) if run.series else Path(run.save)
         overwrite = run.overwrite and not run.series  # iter_ directories are always ours
-        if run.ckpt_format == "torch_dist":
+        if isinstance(central, ShardedCentral):  # --twist-shard-central: every rank writes its own shard
+            from .sharded import save_sharded
+
+            if run.series and self.is_logging_rank:
+                checkpoint_series.prepare(run.save)
+            save_sharded(central, str(target), self.twist, self.train, self.data_meta, overwrite, self.position)
+            if run.series and self.is_logging_rank:
+                checkpoint_series.publish(run.save, step, run.keep_checkpoints)
+            if self.is_logging_rank:
+                self.log(f"[twist] saved central model (sharded: one file per rank) to {target}")
+        elif run.ckpt_format == "torch_dist":
             from .torch_dist import save_central_dist
 
             if run.series and self.is_logging_rank:

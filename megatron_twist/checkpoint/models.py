@@ -167,21 +167,59 @@ def _load_weights(module: torch.nn.Module, tensors: dict, path: str) -> None:
         raise CheckpointError(f"{path}: {e}") from None
 
 
-def shard_file_name(index: int, count: int) -> str:
-    """The file of shard ``index`` of ``count`` in a sharded central checkpoint (checkpoint/sharded.py)."""
-    return f"shard-{index:05d}-of-{count:05d}.safetensors"
+def shard_file_name(index: int, count: int, position: Optional[str] = None) -> str:
+    """The file of shard ``index`` of ``count`` in a sharded central checkpoint (checkpoint/sharded.py);
+    ``position``: the TP shard / PP stage it belongs to (``position_name``) when TP x PP > 1."""
+    return ("" if position is None else position + "-") + f"shard-{index:05d}-of-{count:05d}.safetensors"
+
+
+def position_name(tp_rank: int, pp_rank: int) -> str:
+    return f"tp{tp_rank:03d}-pp{pp_rank:03d}"
 
 
 def consolidate(meta: dict, files: Dict[str, Dict[str, torch.Tensor]]) -> Dict[str, Dict[str, torch.Tensor]]:
-    """{field: {name: full tensor}} from the shard files of a sharded central checkpoint."""
+    """{field: {name: full tensor}} from the shard files of a sharded central checkpoint: the data-parallel
+    shards of each tensor concatenated, then (written at TP x PP > 1) each TP shard put where it sits in
+    the full tensor and each stage's layers renamed to their global index."""
     sharded = meta["sharded"]
+    tp, pp = int(sharded.get("tensor_parallel", 1)), int(sharded.get("pipeline_parallel", 1))
+    if tp * pp == 1:
+        return _consolidate_position(sharded, files, None, sharded["shapes"])
+    from ..distributed.full_state import global_name, layer_range, shard_spec
+
+    model = model_config_of(meta, "sharded central checkpoint")
+    out: Dict[str, Dict[str, torch.Tensor]] = {f: {} for f in SHARDED_FIELDS}
+    for p in range(pp):
+        first, _ = layer_range(model, p, pp)
+        for t in range(tp):
+            position = position_name(t, p)
+            if position not in sharded["positions"]:
+                raise CheckpointError(f"sharded central checkpoint lacks TP shard {t} of stage {p}")
+            local = _consolidate_position(sharded, files, position, sharded["positions"][position])
+            for field, tensors in local.items():
+                for name, value in tensors.items():
+                    full_name = global_name(name, first)
+                    spec = shard_spec(model, full_name, t, tp, device="cpu")
+                    if spec is None:  # the same on every TP shard: keep TP rank 0's
+                        out[field].setdefault(full_name, value)
+                        continue
+                    dim, index = spec
+                    if full_name not in out[field]:
+                        shape = list(value.shape)
+                        shape[dim] *= tp
+                        out[field][full_name] = torch.zeros(shape, dtype=value.dtype)
+                    out[field][full_name].index_copy_(dim, index, value)
+    return out
+
+
+def _consolidate_position(sharded: dict, files, position: Optional[str], shapes: dict):
     count = int(sharded["shard_count"])
-    stems = [shard_file_name(k, count)[: -len(".safetensors")] for k in range(count)]
+    stems = [shard_file_name(k, count, position)[: -len(".safetensors")] for k in range(count)]
     missing = [s for s in stems if s not in files]
     if missing:
         raise CheckpointError(f"sharded central checkpoint lacks {missing[0]}.safetensors")
     out: Dict[str, Dict[str, torch.Tensor]] = {f: {} for f in SHARDED_FIELDS}
-    for name, shape in sharded["shapes"].items():
+    for name, shape in shapes.items():
         shape = torch.Size(shape)
         for field in SHARDED_FIELDS:
             key = f"{field}/{name}"

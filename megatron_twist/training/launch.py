@@ -77,13 +77,30 @@ def build_trainer(job: TrainingJob, log: Callable[[str], None], watchdog=None):
 
         tp, pp = run.tensor_parallel_size, run.pipeline_parallel_size
         central = build_sharded_central(model, train_config.seed, groups.data_parallel_group, tp, pp)
-    elif run.shard_central:  # a checkpoint's weights and moments, read whole once, then sharded
+    elif run.shard_central:  # this rank's own file of a sharded checkpoint of this layout, else read whole
+        from ..checkpoint.sharded import open_own_shard
         from ..distributed.sharded_round import shard_central
+        from ..model.gpt import default_device
 
-        central = shard_central(load_or_build_central(job, groups), groups.data_parallel_group)
+        tp, pp = run.tensor_parallel_size, run.pipeline_parallel_size
+        position = (groups.tp_rank, tp, groups.pp_rank, pp)
+        group = groups.data_parallel_group
+        central = open_own_shard(run.load, model, group, position, default_device())
+        if central is not None and groups.is_logging_rank:
+            log(f"[twist] every rank read only its own shard of {run.load} (same layout)")
+        if central is None:
+            central = shard_central(load_or_build_central(job, groups), group)
     else:
         central = load_or_build_central(job, groups)
-    checkpointer = CentralCheckpointer(run, twist, train_config, job.data.meta, groups.is_logging_rank, log)
+    checkpointer = CentralCheckpointer(
+        run,
+        twist,
+        train_config,
+        job.data.meta,
+        groups.is_logging_rank,
+        log,
+        position=(groups.tp_rank, run.tensor_parallel_size, groups.pp_rank, run.pipeline_parallel_size),
+    )
     # One batch of micro x micro-batches samples per (step, subnet slot); train_step splits it.
     rows = train_config.micro_batch_size * train_config.microbatches(groups.layout.replicas)
     return TwistTrainer(

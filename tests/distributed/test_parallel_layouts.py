@@ -91,6 +91,15 @@ def reference(tmp_path_factory, run_twist):
     return root
 
 
+def _saved(path) -> dict:
+    """{"model": weights, "optimizer": {"exp_avg/NAME": ...}} of a saved central model, single-file or
+    sharded (--twist-shard-central writes one file per rank; read_central consolidates them)."""
+    from megatron_twist.checkpoint.models import read_central
+
+    _, weights, moments = read_central(str(path))
+    return {"model": weights, "optimizer": {f"{m}/{n}": t for m, ts in moments.items() for n, t in ts.items()}}
+
+
 def _compare_to_reference(root, name):
     ref = json.loads((root / "ref.json").read_text())
     got = json.loads((root / f"{name}.json").read_text())
@@ -98,7 +107,7 @@ def _compare_to_reference(root, name):
     for a, b in zip(got["loss_curve"], ref["loss_curve"]):
         assert abs(a - b) <= 1e-5, (name, got["loss_curve"], ref["loss_curve"])
     for stem in ("model", "optimizer"):
-        a = load_file(str(root / name / f"{stem}.safetensors"))
+        a = _saved(root / name)[stem]
         b = load_file(str(root / "ref" / f"{stem}.safetensors"))
         assert a.keys() == b.keys()
         for k in a:
@@ -106,7 +115,7 @@ def _compare_to_reference(root, name):
     # the model cut out of the result is the reference's cut (same units, same weights)
     meta = json.loads((root / "ref" / "meta.json").read_text())
     model, twist = ModelConfig.from_dict(meta["model"]), TwistConfig.from_dict(meta["twist"])
-    params_got = load_file(str(root / name / "model.safetensors"))
+    params_got = _saved(root / name)["model"]
     params_ref = load_file(str(root / "ref" / "model.safetensors"))
     plan_got, plan_ref = (select_plan(model, twist, p, 0.5) for p in (params_got, params_ref))
     assert plan_got == plan_ref
@@ -122,7 +131,7 @@ def _compare_runs(root, name, other):
     b = json.loads((root / f"{other}.json").read_text())["loss_curve"]
     assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-6
     for stem in ("model", "optimizer"):
-        x, y = (load_file(str(root / r / f"{stem}.safetensors")) for r in (name, other))
+        x, y = (_saved(root / r)[stem] for r in (name, other))
         for k in y:
             torch.testing.assert_close(x[k], y[k], atol=1e-6, rtol=0, msg=f"{name} {stem} {k}")
 
@@ -166,6 +175,9 @@ def test_layout_matches_single_process_reference(reference, run_torchrun, name):
         if not (reference / replicated / "model.safetensors").is_file():  # run alone (-k): make it
             _run_layout(reference, run_torchrun, replicated)
         assert "central model sharded over 2 data-parallel ranks" in proc.stdout
+        # written by every rank, one file per (TP shard, stage, data-parallel shard): 2 x 1 x 2 or 1 x 2 x 2
+        meta = json.loads((reference / name / "meta.json").read_text())
+        assert len(meta["files"]) == 4 and len(meta["sharded"]["positions"]) == 2
         _compare_runs(reference, name, replicated)
     elif nproc == 4:  # two subnet slots over data parallel: aggregation goes over the wire
         assert all(r["aggregation_bytes"] > 0 for r in rounds)
@@ -174,6 +186,34 @@ def test_layout_matches_single_process_reference(reference, run_torchrun, name):
         for r in rounds:
             assert r["aggregation_bytes"] * 4 == r["dense_dp_bytes"] * 3
         assert "dense DP" in proc.stdout
+
+
+@pytest.mark.multiprocess
+def test_sharded_checkpoint_resumes_at_its_own_layout(reference, run_torchrun):
+    """PP 2 x DP 2 with the central model sharded: stop after one round (each of the 4 ranks writes its
+    file), resume (each reads only its own: checkpoint/sharded.open_own_shard), and end where the
+    replicated run of the layout ends (1e-6)."""
+    nproc, flags = LAYOUTS["pp2x2subnets-sharded"]
+    if not (reference / "pp2x2subnets" / "model.safetensors").is_file():  # run alone (-k): make it
+        _run_layout(reference, run_torchrun, "pp2x2subnets")
+    common = ["-m", "megatron_twist", "train", "--model-preset", "tiny", *BASE, *flags, "--train-iters", "16"]
+    half = reference / "pp2-sharded-half"
+    run_torchrun(nproc, [*common, "--load", reference / "init", "--exit-interval", "12", "--save", half])
+    meta = json.loads((half / "meta.json").read_text())
+    assert meta["step"] == 12 and sorted(meta["sharded"]["positions"]) == ["tp000-pp000", "tp000-pp001"]
+    proc = run_torchrun(
+        nproc,
+        [*common, "--load", half, "--save", reference / "pp2-sharded-resumed"]
+        + ["--metrics-file", reference / "pp2-sharded-resumed.json"],
+    )
+    assert "every rank read only its own shard" in proc.stdout
+    got = json.loads((reference / "pp2-sharded-resumed.json").read_text())["loss_curve"]
+    want = json.loads((reference / "pp2x2subnets.json").read_text())["loss_curve"][4:]
+    assert len(got) == 4 and max(abs(a - b) for a, b in zip(got, want)) <= 1e-6
+    for stem in ("model", "optimizer"):
+        x, y = _saved(reference / "pp2-sharded-resumed")[stem], _saved(reference / "pp2x2subnets")[stem]
+        for k in y:
+            torch.testing.assert_close(x[k], y[k], atol=1e-6, rtol=0, msg=f"{stem} {k}")
 
 
 @pytest.mark.multiprocess

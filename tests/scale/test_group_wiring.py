@@ -1,7 +1,7 @@
 """The 70B recipe's process groups at its real world size, without GPUs (torch's fake backend).
 
 The layout comes from the script itself (`bash slurm/twist_70b.sh --plan --json`: 32 nodes x 8
-GPUs, TP 8, PP 8, 2 subnets by default). group_wiring_worker.py runs Megatron's real
+GPUs, TP 8, PP 4, 2 subnets by default). group_wiring_worker.py runs Megatron's real
 initialize_model_parallel as every one of the 256 ranks, and this project's real
 build_twist_groups as rank 0, a middle rank and the last rank. The expectations below are computed
 here from the launch geometry alone: torchrun's static rendezvous with node rank = SLURM_NODEID
@@ -30,7 +30,7 @@ def test_70b_groups_at_real_world_size(tmp_path, script_plan, script_env):
     G = plan["gpus_per_node"]
     D = W // (T * P)
     R = max(1, D // n)
-    assert (W, T, P) == (256, 8, 8) and D == plan["data_parallel"] and R == plan["replicas"]
+    assert (W, T, P) == (256, 8, 4) and D == plan["data_parallel"] and R == plan["replicas"]
     middle = W // 2 + 3
     sample = [0, middle, W - 1]
     out = tmp_path / "groups.json"

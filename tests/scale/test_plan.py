@@ -85,11 +85,17 @@ def test_70b_script_plan_matches_independent_arithmetic(script_plan, run_script)
     ) == (L, H_, Q, G, F, V, "llama")
     seq, mbs, n, kappa, steps = m["seq_length"], plan["micro_batch_size"], 2, 0.5, plan["local_steps"]
     assert plan["twist"]["num_subnets"] == n and plan["twist"]["keep_ratio"] == kappa
-    T, P, W, d = 8, 8, 256, H_ // Q
+    # the recipe a cluster team would submit (issue #16 item 4): bf16, the central model sharded over
+    # data parallel, a global batch of 1,024 sequences per subnet, PP 4
+    assert plan["dtype"] == "bf16" and plan["shard_central"] is True
+    T, P, W, d = 8, 4, 256, H_ // Q
     D = W // (T * P)
     assert (plan["world_size"], plan["tensor_parallel"], plan["pipeline_parallel"]) == (W, T, P)
     assert (plan["data_parallel"], plan["replicas"], plan["aggregation_group_size"]) == (D, D // n, n)
-    assert plan["tokens_per_step"] == mbs * seq * D  # every data-parallel rank trains one micro-batch
+    micro = 1024 // (mbs * (D // n))  # micro-batches per step: 1,024 sequences over each subnet's 4 replicas
+    assert plan["num_microbatches"] == micro == 256
+    assert plan["tokens_per_step"] == 1024 * seq * n  # 8,388,608 tokens per global step (both subnets)
+    assert plan["pipeline_bubble"] == (P - 1) / (micro + P - 1) <= 0.10
 
     total = L * layer_shard(H_, Q, G, F, d, 1) + 2 * V * H_ + H_
     assert plan["central_params_total"] == total == LLAMA3_70B_PARAMS
@@ -103,41 +109,44 @@ def test_70b_script_plan_matches_independent_arithmetic(script_plan, run_script)
         nc = llama_stage(L, H_, Q, G, F, V, T, P, k, d)
         ns = llama_stage(L, H_, kq, G, kf, V, T, P, k, d)
         assert (st["central_params"], st["subnet_params"]) == (nc, ns)
-        act = llama_activations(L, H_, kq, G, kf, V, T, P, k, d, seq, mbs)
+        in_flight = min(micro, P - k)  # 1F1B: stage k holds up to P - k micro-batches' activations
+        act = in_flight * llama_activations(L, H_, kq, G, kf, V, T, P, k, d, seq, mbs, e=2)
+        shard = -(-nc // D)
+        largest = V // T * H_ if k in (0, P - 1) else 2 * F // T * H_  # vocabulary table, else fused gate/up
         expected = {
-            "central weights": 4 * nc,
-            "central Adam moments": 8 * nc,
-            "aggregation buffer": 12 * nc,
-            "subnet weights": 4 * ns,
-            "subnet gradients": 4 * ns,
+            "central weights (1/DP shard)": 4 * shard,
+            "central Adam moments (1/DP shard)": 8 * shard,
+            "round buffers (largest central tensor, x2)": 2 * 4 * largest,
+            "subnet weights": 6 * ns,  # fp32 masters + bf16 twin
+            "subnet gradients": 6 * ns,  # bf16 + fp32
             "subnet Adam moments": 8 * ns,
             "activations (estimate)": act,
         }
         expected["total"] = sum(expected.values())
         assert st["memory"] == expected
-        assert st["total_memory"] < 80 * GIB  # the recipe's PP 8 fits 80 GiB GPUs
-        dense_act = llama_activations(L, H_, Q, G, F, V, T, P, k, d, seq, mbs)
-        assert st["dense_memory"] == 16 * nc + dense_act
-        assert st["subnet_flops_per_step"] == pytest.approx(llama_flops(L, H_, kq, G, kf, V, T, P, k, d, seq, mbs))
-        assert st["dense_flops_per_step"] == pytest.approx(llama_flops(L, H_, Q, G, F, V, T, P, k, d, seq, mbs))
+        assert st["total_memory"] <= 70 * GIB  # the fullest GPU at most 70 of its 80 GiB
+        dense_act = in_flight * llama_activations(L, H_, Q, G, F, V, T, P, k, d, seq, mbs, e=2)
+        assert st["dense_memory"] == 6 * nc + 12 * nc // D + dense_act  # bf16 + distributed optimizer
+        flops = llama_flops(L, H_, kq, G, kf, V, T, P, k, d, seq, mbs)
+        assert st["subnet_flops_per_step"] == pytest.approx(micro * flops)
+        assert st["dense_flops_per_step"] == pytest.approx(micro * llama_flops(L, H_, Q, G, F, V, T, P, k, d, seq, mbs))
         assert 0.45 < st["subnet_flops_per_step"] / st["dense_flops_per_step"] < 0.6
-        # one all-reduce of weights + 2 moments over the 2-rank aggregation group per round ...
-        assert st["aggregation_bytes_per_round"] == 3 * 4 * nc
-        assert st["aggregation_wire_bytes_per_round"] == 3 * 4 * nc * 2 * (n - 1) // n
-        # ... plus the subnet's gradients among its 2 replicas every step, against dense DP's every step
+        # per round: an all-gather at refill and a reduce-scatter at aggregation of weights + 2 moments,
+        # each tensor of the stage padded to the 8 data-parallel shards; (D - 1) / D of it on the wire
+        assert st["aggregation_bytes_per_round"] == 2 * 3 * 4 * shard * D
+        assert st["aggregation_wire_bytes_per_round"] == int(2 * 3 * 4 * shard * D * (D - 1) / D)
+        # the subnet's gradients among its 4 replicas every step, against dense DP's (group of 8)
         assert st["replica_grad_bytes_per_round"] == steps * 4 * ns
         assert st["dense_dp_bytes_per_step"] == 4 * nc
-        # the comparison in ring wire bytes per GPU on both sides: 2 (A - 1) / A x payload; replicas
-        # form groups of 2, dense data parallel a group of DP = 4 (1.5 x its payload)
-        assert st["replica_grad_wire_bytes_per_round"] == steps * 4 * ns
-        assert st["dense_dp_wire_bytes_per_step"] == 4 * nc * 3 // 2
-    assert plan["peak_stage"] == "last"
+        assert st["replica_grad_wire_bytes_per_round"] == steps * 4 * ns * 3 // 2  # 2 x 3/4
+        assert st["dense_dp_wire_bytes_per_step"] == 4 * nc * 7 // 4  # 2 x 7/8
+    assert plan["peak_stage"] == "first"
 
     table = run_script("twist_70b.sh", "--plan")
     assert table.returncode == 0, table.stderr
-    last = plan["stages"]["last"]
-    assert "256 GPUs (32 nodes x 8) = TP 8 x PP 8 x DP 4" in table.stdout
-    assert f"{last['total_memory'] / GIB:.2f}" in table.stdout
+    first = plan["stages"]["first"]
+    assert "256 GPUs (32 nodes x 8) = TP 8 x PP 4 x DP 8" in table.stdout
+    assert f"{first['total_memory'] / GIB:.2f}" in table.stdout and "pipeline bubble 1.2% (1F1B)" in table.stdout
     assert f"{LLAMA3_70B_PARAMS:,} parameters" in table.stdout
 
 
