@@ -138,3 +138,29 @@ def prepared_small(tmp_path_factory):
         source="tests",
     )
     return out, manifest
+
+
+@pytest.fixture
+def refused_before_work(tmp_path, monkeypatch, capsys):
+    """``refused_before_work(["train", ...])`` runs the CLI in-process and returns its stderr, failing
+    unless it exits 2 without starting distributed work. "DS" in argv stands for a small ds_config
+    file (ZeRO-1, micro batch 2) written here; "OUT" for a fresh path under tmp_path."""
+    import json
+
+    from megatron_twist import cli
+    from megatron_twist.distributed import runtime
+
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 1}}))
+
+    def no_start(*a, **k):
+        raise AssertionError("started distributed work before refusing")
+
+    monkeypatch.setattr(runtime, "init_distributed", no_start)
+
+    def run(argv) -> str:
+        subs = {"DS": str(ds), "OUT": str(tmp_path / "out")}
+        assert cli.main([subs.get(str(a), str(a)) for a in argv]) == 2
+        return capsys.readouterr().err
+
+    return run

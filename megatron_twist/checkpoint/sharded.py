@@ -108,7 +108,13 @@ def open_own_shard(path: str, config, group, position: Tuple[int, int, int, int]
     where = position_name(tp_rank, pp_rank) if tp * pp > 1 else None
     shapes = sharded["positions"][where] if where else sharded["shapes"]
     central = ShardedCentral(config, shapes, group, device=device)
-    name = shard_file_name(central.shard_index, count, where)
+    _fill_own_shard(central, root, shard_file_name(central.shard_index, count, where), meta)
+    central.step, central.round = int(meta["step"]), int(meta["round"])
+    return central
+
+
+def _fill_own_shard(central: ShardedCentral, root: Path, name: str, meta: dict) -> None:
+    """Copy this rank's file (verified against meta.json's checksum) into its shards."""
     tensors = _verified_file(root, name, meta)
     for field in FIELDS:
         for n in central.shapes:
@@ -116,8 +122,6 @@ def open_own_shard(path: str, config, group, position: Tuple[int, int, int, int]
             if key not in tensors or tensors[key].shape != central.shards[field][n].shape:
                 raise CheckpointError(f"{root / name}: {key} is missing or has the wrong size")
             central.shards[field][n].copy_(tensors[key])
-    central.step, central.round = int(meta["step"]), int(meta["round"])
-    return central
 
 
 @torch.no_grad()
@@ -130,14 +134,7 @@ def load_sharded(central: ShardedCentral, path: str) -> dict:
         raise CheckpointError(f"{path} holds a model of different sizes ({saved}) than requested ({central.config})")
     sharded = meta.get("sharded")
     if sharded and sharded["shard_count"] == central.shard_count:  # read only this rank's file
-        name = shard_file_name(central.shard_index, central.shard_count)
-        tensors = _verified_file(root, name, meta)
-        for field in FIELDS:
-            for n in central.shapes:
-                key = f"{field}/{n}"
-                if key not in tensors or tensors[key].shape != central.shards[field][n].shape:
-                    raise CheckpointError(f"{root / name}: {key} is missing or has the wrong size")
-                central.shards[field][n].copy_(tensors[key])
+        _fill_own_shard(central, root, shard_file_name(central.shard_index, central.shard_count), meta)
     else:  # another shard count, or a single-file checkpoint: consolidate, then keep this rank's part
         _, weights, moments = read_central(path)
         for field in FIELDS:

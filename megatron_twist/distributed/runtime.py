@@ -199,18 +199,10 @@ def build_twist_groups(
     rank = dist.get_rank()
     dp_group = parallel_state.get_data_parallel_group()
     mp_group = parallel_state.get_model_parallel_group() if tensor_parallel_size * pipeline_parallel_size > 1 else None
+    place = dict(rank=rank, world_size=world, layout=layout, tp_rank=tp_rank, pp_rank=pp_rank, dp_rank=dp_rank)
+    common = dict(place, data_parallel_group=dp_group, model_parallel_group=mp_group)
     if layout.data_parallel < layout.num_subnets:  # subnets taken in turn: no per-subnet group exists
-        return TwistGroups(
-            rank,
-            world,
-            layout,
-            tp_rank,
-            pp_rank,
-            dp_rank,
-            aggregation_group=dp_group,
-            data_parallel_group=dp_group,
-            model_parallel_group=mp_group,
-        )
+        return TwistGroups(aggregation_group=dp_group, **common)
 
     coords = all_gather_objects((rank, tp_rank, pp_rank, dp_rank))
     my_subnet_group = my_aggregation_group = None
@@ -221,18 +213,7 @@ def build_twist_groups(
                 my_subnet_group = g
             else:
                 my_aggregation_group = g
-    return TwistGroups(
-        rank,
-        world,
-        layout,
-        tp_rank,
-        pp_rank,
-        dp_rank,
-        aggregation_group=my_aggregation_group,
-        subnet_group=my_subnet_group,
-        data_parallel_group=dp_group,
-        model_parallel_group=mp_group,
-    )
+    return TwistGroups(aggregation_group=my_aggregation_group, subnet_group=my_subnet_group, **common)
 
 
 def init_model_parallel(seed: int = 1234, tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1) -> None:

@@ -115,6 +115,15 @@ class ShardedCentral:
         dist.all_gather_into_tensor(full, shard, group=self.group)
         return full[: self.shapes[name].numel()].view(self.shapes[name])
 
+    def reduce_scatter(self, buffer: torch.Tensor) -> torch.Tensor:
+        """Sum ``buffer`` (a tensor's full flat size, padded: shard_numel x shard_count) over the group;
+        this rank receives the sums of its own shard (collective)."""
+        if self.shard_count == 1:
+            return buffer
+        out = torch.empty(buffer.numel() // self.shard_count, device=buffer.device)
+        dist.reduce_scatter_tensor(out, buffer, op=dist.ReduceOp.SUM, group=self.group)
+        return out
+
     def full_state(self) -> Tuple[Dict[str, torch.Tensor], Dict[str, Dict[str, torch.Tensor]]]:
         """(weights, moments), full size, on every rank (collective; for tests and small models)."""
         weights = {n: self.gather(n) for n in self.shapes}

@@ -30,7 +30,6 @@ from __future__ import annotations
 from typing import Dict, List, Optional, Sequence
 
 import torch
-import torch.distributed as dist
 
 from ..config import TwistConfig
 from ..twist.magnitude import SCORED, layer_prefix
@@ -132,13 +131,8 @@ class ShardedRound:
                 self.sums[field][name] += self._reduce_scatter(buffer)
 
     def _reduce_scatter(self, buffer: torch.Tensor) -> torch.Tensor:
-        c = self.central
         self.bytes_moved += buffer.numel() * buffer.element_size()
-        if c.shard_count == 1:
-            return buffer
-        out = torch.empty(buffer.numel() // c.shard_count, device=buffer.device)
-        dist.reduce_scatter_tensor(out, buffer, op=dist.ReduceOp.SUM, group=c.group)
-        return out
+        return self.central.reduce_scatter(buffer)
 
     def drop(self, subnets: Sequence[int]) -> None:
         """Leave subnets out of the holder counts (they contributed zeros; the same ones on every rank)."""

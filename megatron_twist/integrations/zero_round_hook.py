@@ -40,7 +40,6 @@ from __future__ import annotations
 from typing import List, Optional
 
 import torch
-import torch.distributed as dist
 
 from ..config import ConfigError, ModelConfig, TwistConfig
 from ..distributed.runtime import TwistGroups
@@ -173,13 +172,8 @@ class ZeroRoundHook:
         return self.bytes_moved - before
 
     def _reduce_scatter(self, buffer: torch.Tensor) -> torch.Tensor:
-        c = self.central
         self.bytes_moved += buffer.numel() * buffer.element_size()
-        if c.shard_count == 1:
-            return buffer
-        out = torch.empty(buffer.numel() // c.shard_count, device=buffer.device)
-        dist.reduce_scatter_tensor(out, buffer, op=dist.ReduceOp.SUM, group=c.group)
-        return out
+        return self.central.reduce_scatter(buffer)
 
     def on_iteration_start(self, iteration: int) -> Optional[int]:
         """Returns the bytes a round closed with (reduce-scatter + all-gather since the last close)."""

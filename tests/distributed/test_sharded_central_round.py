@@ -73,17 +73,5 @@ def test_sharded_central_with_replicas_equals_the_replicated_one_across_a_resume
         (["--ckpt-format", "torch_dist", "--save", "OUT"], "use --ckpt-format safetensors"),
     ],
 )
-def test_shard_central_refusals_before_any_work(tmp_path, monkeypatch, capsys, extra, fix):
-    from megatron_twist import cli
-    from megatron_twist.distributed import runtime
-
-    ds = tmp_path / "ds.json"
-    ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 1}}))
-
-    def no_start(*a, **k):
-        raise AssertionError("started distributed work before refusing")
-
-    monkeypatch.setattr(runtime, "init_distributed", no_start)
-    subs = {"DS": str(ds), "OUT": str(tmp_path / "out")}
-    assert cli.main(["train", *BASE, "--twist-shard-central", *[subs.get(f, f) for f in extra]]) == 2
-    assert fix in capsys.readouterr().err
+def test_shard_central_refusals_before_any_work(refused_before_work, extra, fix):
+    assert fix in refused_before_work(["train", *BASE, "--twist-shard-central", *extra])

@@ -91,19 +91,8 @@ def test_masters_moments_and_aggregation_stay_fp32(mcore):
         (["--bf16", "--deepspeed", "--deepspeed_config", "DS"], '"bf16": {"enabled": true}'),
     ],
 )
-def test_precision_flags_refused_before_any_work(tmp_path, monkeypatch, capsys, extra, fix):
-    from megatron_twist import cli
-    from megatron_twist.distributed import runtime
-
-    ds = tmp_path / "ds.json"
-    ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 1}}))
-
-    def no_start(*a, **k):
-        raise AssertionError("started distributed work before refusing")
-
-    monkeypatch.setattr(runtime, "init_distributed", no_start)
-    assert cli.main(["train", *BASE, *[str(ds) if f == "DS" else f for f in extra]]) == 2
-    assert fix in capsys.readouterr().err
+def test_precision_flags_refused_before_any_work(refused_before_work, extra, fix):
+    assert fix in refused_before_work(["train", *BASE, *extra])
 
 
 @pytest.mark.multiprocess

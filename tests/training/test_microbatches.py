@@ -86,20 +86,8 @@ def test_global_batch_size_arithmetic_and_refusals():
         (["--global-batch-size", "8", "--deepspeed", "--deepspeed_config", "DS"], "gradient_accumulation_steps"),
     ],
 )
-def test_bad_global_batch_refused_before_any_work(tmp_path, monkeypatch, capsys, extra, fix):
-    from megatron_twist import cli
-    from megatron_twist.distributed import runtime
-
-    ds = tmp_path / "ds.json"
-    ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 1}}))
-
-    def no_start(*a, **k):
-        raise AssertionError("started distributed work before refusing")
-
-    monkeypatch.setattr(runtime, "init_distributed", no_start)
-    argv = ["train", *BASE, *[str(ds) if f == "DS" else f for f in extra]]
-    assert cli.main(argv) == 2
-    assert fix in capsys.readouterr().err
+def test_bad_global_batch_refused_before_any_work(refused_before_work, extra, fix):
+    assert fix in refused_before_work(["train", *BASE, *extra])
 
 
 @pytest.fixture(scope="module")

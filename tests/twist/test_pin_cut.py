@@ -13,19 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_twist.config import ConfigError, ModelConfig, TwistConfig
+from megatron_twist.config import ConfigError, TwistConfig
 from megatron_twist.twist.sampler import SubnetSampler, deal_around
 
-MODEL = ModelConfig(
-    family="llama",
-    num_layers=2,
-    hidden_size=64,
-    num_attention_heads=8,
-    num_query_groups=2,
-    ffn_hidden_size=32,
-    vocab_size=64,
-    seq_length=8,
-)
+from .pin_worker import MODEL  # noqa: E402  (2 layers, 8 heads in 2 KV groups, 32 neurons)
 
 
 @pytest.mark.parametrize("n, quota, size", [(2, 4, 8), (3, 2, 6), (4, 3, 8), (1, 3, 6)])
