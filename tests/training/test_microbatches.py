@@ -6,9 +6,9 @@ References that do not share the accumulation under test:
   counts per micro-batch, the mean of the micro-batch means is the batch mean, so the two agree to
   float32 rounding: losses 1e-6, weights 1e-5 (Adam amplifies roundoff on near-zero gradients;
   measured 1.2e-6 after 3 steps);
-* at PP 2, Megatron-core's 1F1B schedule over N micro-batches against the single-process run with one
-  large micro-batch, to the layout tests' tolerances (1e-5 losses, 1e-4 weights: TP/PP change the
-  summation order).
+* at PP 2, Megatron-core's 1F1B schedule over N micro-batches against the same layout with one large
+  micro-batch (1e-6 losses, 1e-5 weights), and against the single-process run, to the layout tests'
+  tolerances (1e-5 losses, 1e-4 weights: PP changes the summation order).
 The pipeline bubble (PP - 1) / (N + PP - 1) is checked against hand arithmetic.
 """
 
@@ -140,3 +140,16 @@ def test_pipeline_runs_micro_batches_through_1f1b(one_large_micro_batch, run_tor
     got = _compare(root, "pp2", 1e-5, 1e-4)
     assert got["num_microbatches"] == 4 and got["pipeline_bubble"] == pytest.approx(0.2)
     assert "4 micro-batch(es) of 2 per step, pipeline bubble 20% (1F1B)" in proc.stdout
+    # and against the same layout with one micro-batch of 8 (the same stage split and schedule code):
+    # the 1e-6 of the one-process comparison (weights 1e-5, see the module docstring)
+    run_torchrun(
+        2,
+        ["-m", "megatron_twist", "train", *BASE, "--pipeline-model-parallel-size", "2", "--micro-batch-size", "8"]
+        + ["--load", root / "init", "--save", root / "pp2-one", "--metrics-file", root / "pp2-one.json"],
+        timeout=300,
+    )
+    one = json.loads((root / "pp2-one.json").read_text())["loss_curve"]
+    assert max(abs(a - b) for a, b in zip(one, got["loss_curve"])) <= 1e-6
+    want, have = (load_file(str(root / r / "model.safetensors")) for r in ("pp2-one", "pp2"))
+    for k in want:
+        torch.testing.assert_close(have[k], want[k], atol=1e-5, rtol=0, msg=k)
