@@ -426,3 +426,17 @@ def test_sharded_central_model_costs_one_dp_th_and_two_largest_tensors():
         assert a.total_memory - b.total_memory > 20 * 2**30  # 24 N_c bytes become 12 N_c / 4 + buffers
         # per round, one subnet per rank: all-gather + reduce-scatter of weights and 2 moments
         assert b.aggregation_bytes_per_round == 2 * 3 * 4 * -(-nc // dp) * dp
+
+
+def test_a_layout_that_cannot_hold_the_sharded_recipe_is_refused_with_the_fix():
+    """The 70B recipe (bf16, sharded central model, 1,024 sequences per subnet) at PP 2 needs more than
+    80 GiB on its first stage (2 micro-batches of 40 layers in flight); the planner, which the
+    Slurm script runs before anything starts, refuses it and names the smallest layout that fits."""
+    model, twist = _model70(), TwistConfig(keep_ratio=0.5, num_subnets=2)
+    train = TrainConfig(micro_batch_size=1, global_batch_size=1024, bf16=True)
+    with pytest.raises(ConfigError) as e:
+        make_plan(model, twist, train, world_size=256, tensor_parallel=8, pipeline_parallel=2, shard_central=True)
+    assert "more than the 80 GiB of a GPU" in str(e.value)
+    assert "suggested fix: --tensor-model-parallel-size 8 --pipeline-model-parallel-size 4" in str(e.value)
+    fits = make_plan(model, twist, train, world_size=256, tensor_parallel=8, pipeline_parallel=4, shard_central=True)
+    assert fits.peak_stage.total_memory <= 70 * GIB
