@@ -207,7 +207,8 @@ def consolidate(meta: dict, files: Dict[str, Dict[str, torch.Tensor]]) -> Dict[s
                     if full_name not in out[field]:
                         shape = list(value.shape)
                         shape[dim] *= tp
-                        out[field][full_name] = torch.zeros(shape, dtype=value.dtype)
+                        # checkpoint I/O: consolidated on the CPU, where the files were read
+                        out[field][full_name] = torch.zeros(shape, dtype=value.dtype, device="cpu")
                     out[field][full_name].index_copy_(dim, index, value)
     return out
 

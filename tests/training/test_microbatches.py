@@ -153,3 +153,14 @@ def test_pipeline_runs_micro_batches_through_1f1b(one_large_micro_batch, run_tor
     want, have = (load_file(str(root / r / "model.safetensors")) for r in ("pp2-one", "pp2"))
     for k in want:
         torch.testing.assert_close(have[k], want[k], atol=1e-5, rtol=0, msg=k)
+    # --bf16 at the same layout: bf16 activations cross the stage boundary; it follows fp32 loosely
+    # (tests/training/test_bf16.py states the tolerance)
+    run_torchrun(
+        2,
+        ["-m", "megatron_twist", "train", *BASE, "--pipeline-model-parallel-size", "2", "--bf16"]
+        + ["--micro-batch-size", "2", "--global-batch-size", "8", "--load", root / "init"]
+        + ["--metrics-file", root / "pp2-bf16.json"],
+        timeout=300,
+    )
+    bf16 = json.loads((root / "pp2-bf16.json").read_text())["loss_curve"]
+    assert len(bf16) == 6 and 0 < max(abs(a - b) for a, b in zip(bf16, got["loss_curve"])) < 2e-2
