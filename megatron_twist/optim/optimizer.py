@@ -74,22 +74,9 @@ def read_adam_state(optimizer: torch.optim.Optimizer, model: torch.nn.Module) ->
 
 
 @torch.no_grad()
-def write_adam_state(
-    optimizer: torch.optim.Optimizer,
-    model: torch.nn.Module,
-    moments: Dict[str, Dict[str, torch.Tensor]],
-    step: int,
-) -> None:
-    """Install moments and the step count (which sets Adam's bias correction)."""
-    group_of = {id(q): g for g in optimizer.param_groups for q in g["params"]}
-    for name, p in model.named_parameters():
-        write_adam_param_state(optimizer, p, {m: moments[m][name] for m in ADAM_MOMENTS}, step, group_of)
-
-
-@torch.no_grad()
 def write_adam_param_state(optimizer, p, moments: Dict[str, torch.Tensor], step: int, group_of=None) -> None:
-    """``write_adam_state`` for one parameter (a refill writes each as it goes: no subnet-sized copy of
-    all moments at once)."""
+    """Install one parameter's moments and the step count (which sets Adam's bias correction); a refill
+    writes each parameter as it goes, so no subnet-sized copy of all moments exists at once."""
     group_of = group_of if group_of is not None else {id(q): g for g in optimizer.param_groups for q in g["params"]}
     state = optimizer.state[p]
     # Adam's step count lives where torch's Adam keeps it: on the parameter's device for a fused or
