@@ -1,69 +1,64 @@
 """Megatron-LM's GPT pretraining with TwIST: a drop-in for Megatron-LM's pretrain_gpt.py.
 
-Run it from a Megatron-LM checkout (it imports Megatron-LM's own pretrain_gpt.py), with
-megatron-twist installed, exactly like pretrain_gpt.py plus TwIST's flags:
+Launch it exactly like pretrain_gpt.py, plus TwIST's flags (README, "Megatron-LM's own loop"):
 
-    cd Megatron-LM
-    torchrun --nproc_per_node 8 /path/to/megatron-twist/examples/pretrain_gpt_twist.py \\
+    export MEGATRON_LM_PATH=/path/to/Megatron-LM     # default: ../shared/megatron-lm from this repo
+    torchrun --nproc_per_node 8 examples/pretrain_gpt_twist.py \\
         <your usual pretrain_gpt.py arguments: --num-layers ... --data-path ... > \\
         --keep-ratio 0.5 --num-subnets 4 --local-steps 15
 
-Step by step, what changes against pretrain_gpt.py (nothing inside Megatron-LM is modified):
+What changes against pretrain_gpt.py (nothing inside Megatron-LM is modified):
 
-1. Arguments: TwIST's flags (--keep-ratio, --num-subnets, --local-steps, --twist-seed,
-   --twist-split, --no-coverage, --activation-correction, --optimizer-state,
-   --twist-balance-shards) are added through Megatron-LM's `extra_args_provider`.
-2. Model: `TwistMegatronLM(model_provider).model_provider` calls YOUR model_provider twice:
-   once at full size (the central model, kept by TwIST, not trained directly) and once with
-   the subnet's sizes swapped into `args` (the model Megatron-LM trains on this rank).
-3. The per-iteration hook: `install(megatron.training.training)` wraps Megatron-LM's
-   `train_step`. Before each iteration it reads `args.curr_iteration`; every
-   `--local-steps` iterations it averages all subnets into the central model over the
-   aggregation group, draws the next round's subnets and refills this rank's model and Adam
-   state. Data-parallel size must be num_subnets x replicas (each rank trains one subnet).
-4. At the end the central model is saved with megatron-twist's checkpoint format; cut the
-   deployable dense model with `twist extract --load <dir> --keep-ratio 0.5`.
+1. Arguments: TwIST's flags join Megatron-LM's parser through its ``extra_args_provider``.
+2. Model: ``TwistMegatronLM(model_provider).model_provider`` calls Megatron-LM's model_provider
+   twice: at full size (the central model, kept by TwIST) and with the subnet's sizes (the model
+   Megatron-LM trains on this rank). Megatron-LM's DistributedDataParallel reduces gradients
+   over the SUBNET's replicas only (integrations/megatron_lm.py).
+3. The per-iteration hook wraps Megatron-LM's ``train_step``: every ``--local-steps`` iterations
+   all subnets are averaged into the central model, the next round's subnets drawn and this
+   rank's model and Adam state refilled.
+4. At the end the central model is saved (``--save DIR`` -> ``DIR/twist-central``) in
+   megatron-twist's format; cut the dense model with ``twist extract --load DIR/twist-central``.
 
-Limits of this path (refused with a clear message): --use-distributed-optimizer, fp16/bf16
-main-parameter copies, --whole-layers. Everything above except Megatron-LM's own `pretrain`
-loop is tested in tests/integrations/ (Megatron-LM is not a dependency of this project).
+On a machine without CUDA, megatron_twist/integrations/megatron_lm_cpu.py bends Megatron-LM's
+loop for CPU + gloo at run time (pass ``--distributed-backend gloo --transformer-impl local``).
 """
 
 from __future__ import annotations
 
 import os
+import sys
+
+# Run from a checkout without installing: the repository root holds the megatron_twist package.
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main() -> None:
-    # Megatron-LM (not megatron-core): its training loop and its GPT example's pieces.
-    import megatron.training.training as megatron_training
+    from megatron_twist.integrations.megatron_lm import TwistMegatronLM, use_megatron_lm
+
+    use_megatron_lm()  # Megatron-LM on sys.path; on a CPU machine, the run-time CPU shim
+    from functools import partial
+
+    import megatron.training.training as megatron_training  # Megatron-LM, not megatron-core
+    from gpt_builders import gpt_builder
     from megatron.core.enums import ModelType
-    from megatron.training import get_args, pretrain
-    from pretrain_gpt import forward_step, model_provider, train_valid_test_datasets_provider
+    from megatron.training import pretrain
+    from model_provider import model_provider
+    from pretrain_gpt import forward_step, get_embedding_ranks, train_valid_test_datasets_provider
 
-    from megatron_twist.checkpoint.models import save_central
-    from megatron_twist.integrations.megatron_lm import TwistMegatronLM
-
-    twist_lm = TwistMegatronLM(model_provider)
+    twist_lm = TwistMegatronLM(partial(model_provider, gpt_builder))
     twist_lm.install(megatron_training)
     train_valid_test_datasets_provider.is_distributed = True
     pretrain(
         train_valid_test_datasets_provider,
         twist_lm.model_provider,
         ModelType.encoder_or_decoder,
-        forward_step,
-        extra_args_provider=TwistMegatronLM.extra_args_provider,
+        twist_lm.forward_step(forward_step),
+        args_defaults={"tokenizer_type": "GPT2BPETokenizer"},
+        extra_args_provider=twist_lm.extra_args_provider,
+        get_embedding_ranks=get_embedding_ranks,
     )
-    args = get_args()
-    twist_lm.hook.finish(args.train_iters)
-    save_dir = os.path.join(args.save or ".", "twist-central")
-    import torch.distributed as dist
-
-    if dist.get_rank() == 0:  # TP=1/PP=1: rank 0 holds the whole central model
-        from megatron_twist.config import TrainConfig
-
-        save_central(save_dir, twist_lm.central, twist_lm.twist, TrainConfig(train_iters=args.train_iters))
-        print(f"[twist] central model saved to {save_dir}; cut it with `twist extract --load {save_dir}`")
+    twist_lm.finish()
 
 
 if __name__ == "__main__":

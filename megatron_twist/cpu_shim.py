@@ -112,27 +112,39 @@ def _install_cpu_rng_tracker() -> None:
     mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
 
 
+CUDA_FACTORIES = ("zeros", "ones", "empty", "tensor", "full", "rand", "randn", "arange")
+
+
+class TorchOnCpu:
+    """Module proxy: forwards to torch, but moves ``device="cuda"`` factory calls to CPU.
+
+    Installed as the ``torch`` name of a Megatron module (``module.torch = TorchOnCpu()``), so only
+    that module's bookkeeping tensors move; torch itself is untouched."""
+
+    def __getattr__(self, name):
+        attr = getattr(torch, name)
+        if name in CUDA_FACTORIES:
+
+            @functools.wraps(attr)
+            def on_cpu(*args, **kwargs):
+                dev = kwargs.get("device")
+                if dev is not None and "cuda" in str(dev):
+                    kwargs["device"] = "cpu"
+                return attr(*args, **kwargs)
+
+            return on_cpu
+        return attr
+
+
+def redirect_cuda_factories(modules, proxy=None) -> None:
+    """Point each module's ``torch`` at a CPU-redirecting proxy (see :class:`TorchOnCpu`)."""
+    for module in modules:
+        module.torch = proxy if proxy is not None else TorchOnCpu()
+
+
 def _redirect_cuda_factories() -> None:
     """Megatron builds small bookkeeping tensors (token counts, causal masks) with device='cuda'."""
     from megatron.core.pipeline_parallel import schedules
     from megatron.core.transformer import utils as transformer_utils
 
-    class _TorchOnCpu:
-        """Module proxy: forwards to torch, but moves 'cuda' factory calls to CPU."""
-
-        def __getattr__(self, name):
-            attr = getattr(torch, name)
-            if name in ("zeros", "ones", "empty", "tensor", "full"):
-
-                @functools.wraps(attr)
-                def on_cpu(*args, **kwargs):
-                    dev = kwargs.get("device")
-                    if dev is not None and "cuda" in str(dev):
-                        kwargs["device"] = "cpu"
-                    return attr(*args, **kwargs)
-
-                return on_cpu
-            return attr
-
-    for module in (schedules, transformer_utils):
-        module.torch = _TorchOnCpu()
+    redirect_cuda_factories((schedules, transformer_utils))

@@ -1,39 +1,48 @@
-"""TwIST inside Megatron-LM's GPT pretraining, without modifying Megatron-LM.
+"""TwIST inside Megatron-LM's GPT pretraining (its own ``pretrain()`` loop), Megatron-LM unmodified.
 
-Three touch points (see examples/pretrain_gpt_twist.py for the full script):
+Touch points (examples/pretrain_gpt_twist.py is the whole script):
 
-1. ``extra_args_provider=add_twist_args``: TwIST's flags join Megatron-LM's parser.
-2. ``TwistMegatronLM(model_provider).model_provider``: a wrapped model provider.
-   It builds the user's model once at full size (the CENTRAL model, kept by
-   TwIST, never handed to Megatron-LM's optimizer) and once with the subnet's
-   sizes swapped into ``args`` (the model Megatron-LM trains on this rank).
-3. ``TwistMegatronLM.install(megatron.training.training)``: wraps
-   Megatron-LM's ``train_step`` so that, before each iteration, the round hook
-   (integrations/round_hook.py) aggregates, resamples and refills at round
-   boundaries. Megatron-LM sets ``args.curr_iteration`` before every
-   ``train_step``; that is the only thing the hook reads from the loop.
+1. ``extra_args_provider``: TwIST's flags join Megatron-LM's parser (plus ``--twist-metrics-file``).
+2. ``model_provider``: builds the user's model once at full size (the CENTRAL model, kept by
+   TwIST, never handed to Megatron-LM's optimizer) and once with the subnet's sizes swapped
+   into ``args`` (the model Megatron-LM trains on this rank).
+3. ``install(megatron.training.training)``:
+   * Megatron-LM's ``DistributedDataParallel`` reduces gradients over the SUBNET group (the
+     replicas of this rank's subnet), not Megatron's whole data-parallel group: ranks training
+     different subnets hold different units of the central model in the same shapes, so
+     averaging their gradients would mix unrelated units. Everything else keeps Megatron's
+     data-parallel group: the data sampler (each rank its own samples: subnet s at step t reads
+     the samples ``twist train`` gives it) and the logged loss (the mean over subnets).
+   * ``train_step`` is wrapped: before each iteration the round hook (integrations/round_hook.py)
+     aggregates, resamples and refills at round boundaries (``args.curr_iteration``).
+4. ``forward_step(fn)``: records each subnet's own loss per iteration (Megatron-LM logs the mean
+   over data parallel) for ``--twist-metrics-file``.
+5. ``finish()``: aggregates the last round and saves the central model (gathered over TP/PP)
+   to ``--save``/twist-central in megatron-twist's format (``twist extract`` reads it).
 
-Supported: every rank trains one subnet (data-parallel size = subnets x
-replicas), fp32 parameters with Megatron's non-distributed optimizer, whose
-``.optimizer`` is the torch Adam holding per-parameter state. Refused with a
-clear error: ``--use-distributed-optimizer``, fp16/bf16 main-parameter
-copies, ``--whole-layers`` (Megatron-LM's args hold one size for all layers).
+Refused before any work, with the reason: see :meth:`TwistMegatronLM.validate`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import json
+import os
 from typing import Callable, Optional
 
 import torch
+import torch.distributed as dist
 
 from ..arguments import add_twist_args, validate_twist_args
-from ..config import ConfigError, ModelConfig
+from ..config import ConfigError, ModelConfig, TrainConfig
 from ..twist.central import CentralModel
 from ..twist.sampler import SubnetSampler
+from .megatron_lm_env import use_megatron_lm
 
-__all__ = ["add_twist_args", "TwistMegatronLM", "model_config_from_megatron_args"]
+__all__ = ["add_twist_args", "TwistMegatronLM", "model_config_from_megatron_args", "use_megatron_lm"]
+
+CENTRAL_DIR = "twist-central"
 
 
 def model_config_from_megatron_args(args) -> ModelConfig:
@@ -67,6 +76,32 @@ def overlay(args, **values):
             setattr(args, k, v)
 
 
+def add_megatron_lm_args(parser):
+    """TwIST's flags plus this adapter's own, for Megatron-LM's ``extra_args_provider``."""
+    add_twist_args(parser)
+    parser.add_argument(
+        "--twist-metrics-file",
+        default=None,
+        help="JSON file (rank 0) with each subnet's loss per iteration and the central step/round",
+    )
+    return parser
+
+
+# Megatron-LM flags TwIST cannot honour on its path, with the reason and the fix.
+_REFUSED = {
+    "use_distributed_optimizer": "--use-distributed-optimizer shards Adam's state over data parallel, but "
+    "TwIST refills and aggregates each subnet parameter's whole Adam state every round; drop the flag",
+    "use_torch_fsdp2": "--use-torch-fsdp2 shards parameters over data parallel; TwIST needs each rank's "
+    "whole subnet shard: drop the flag",
+    "use_megatron_fsdp": "--use-megatron-fsdp shards parameters over data parallel; TwIST needs each rank's "
+    "whole subnet shard: drop the flag",
+    "fp16": "--fp16 scales the loss and may skip optimizer steps, which would put subnets' step counts out "
+    "of step with the round; use fp32 (no flag)",
+    "bf16": "--bf16 keeps fp32 main weights outside the module (Float16Module); TwIST under Megatron-LM "
+    "refills fp32 parameters in this release: drop --bf16 (or use `twist train --bf16`)",
+}
+
+
 class TwistMegatronLM:
     def __init__(self, model_provider: Callable, get_args: Optional[Callable] = None):
         self.base_provider = model_provider
@@ -74,9 +109,12 @@ class TwistMegatronLM:
         self.central: Optional[CentralModel] = None
         self.hook = None
         self.twist = None
+        self.groups = None
         self.model_config: Optional[ModelConfig] = None
+        self.losses = {}  # iteration -> (loss sum, tokens) of this rank's micro-batches
+        self._step_loss = None  # accumulates while Megatron-LM's train_step runs
 
-    extra_args_provider = staticmethod(add_twist_args)
+    extra_args_provider = staticmethod(add_megatron_lm_args)
 
     def args(self):
         if self._get_args is None:
@@ -86,6 +124,7 @@ class TwistMegatronLM:
         return self._get_args()
 
     def validate(self, args) -> None:
+        """Every refusal, before any model is built (the first model_provider call)."""
         self.twist = validate_twist_args(args)
         self.model_config = model_config_from_megatron_args(args)
         if self.twist.whole_layers:
@@ -93,21 +132,35 @@ class TwistMegatronLM:
                 "--whole-layers needs per-layer sizes, which Megatron-LM's arguments cannot express; "
                 "use `twist train` for it"
             )
-        if getattr(args, "use_distributed_optimizer", False):
-            raise ConfigError("TwIST refills Adam state per parameter; run without --use-distributed-optimizer")
-        if getattr(args, "fp16", False) or getattr(args, "bf16", False):
-            raise ConfigError("TwIST under Megatron-LM supports fp32 parameters in this release; drop --fp16/--bf16")
+        for dest, reason in _REFUSED.items():
+            if getattr(args, dest, False):
+                raise ConfigError(reason)
+        if getattr(args, "virtual_pipeline_model_parallel_size", None):
+            raise ConfigError("virtual pipeline stages are not supported with TwIST: drop --num-layers-per-virtual-*")
+        if getattr(args, "context_parallel_size", 1) > 1:
+            raise ConfigError("context parallelism is not supported with TwIST: drop --context-parallel-size")
+        if getattr(args, "num_experts", None):
+            raise ConfigError("mixture-of-experts models are not supported with TwIST: drop --num-experts")
+        from .megatron_lm_cpu import check_cpu_args
+
+        check_cpu_args(args)
         self.twist.check_against_model(self.model_config, getattr(args, "tensor_model_parallel_size", 1))
 
     def model_provider(self, pre_process: bool = True, post_process: bool = True, *extra, **kwargs):
         args = self.args()
-        self.validate(args)
+        if self.groups is None:
+            self.validate(args)
+            from ..distributed.runtime import build_twist_groups
+
+            # collective; before Megatron-LM wraps the model in DDP, which needs the subnet group
+            self.groups = build_twist_groups(
+                self.twist, args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+            )
         central_module = self.base_provider(pre_process, post_process, *extra, **kwargs)
         if torch.cuda.is_available():
             central_module = central_module.cuda(torch.cuda.current_device())
         self.central = CentralModel(self.model_config, central_module)
-        tp = getattr(args, "tensor_model_parallel_size", 1)
-        size = SubnetSampler(self.model_config, self.twist, tp).subnet_layer_sizes()[0]
+        size = SubnetSampler(self.model_config, self.twist, args.tensor_model_parallel_size).subnet_layer_sizes()[0]
         with overlay(
             args,
             num_attention_heads=size.num_attention_heads,
@@ -117,28 +170,188 @@ class TwistMegatronLM:
         ):
             return self.base_provider(pre_process, post_process, *extra, **kwargs)
 
+    def subnet_process_groups(self):
+        """Megatron's process groups with data parallel narrowed to this rank's subnet replicas."""
+        from megatron.core.process_groups_config import ProcessGroupCollection
+
+        pgs = ProcessGroupCollection.use_mpu_process_groups()
+        group = self.groups.subnet_group
+        pgs.dp = pgs.dp_cp = pgs.intra_dp_cp = pgs.expt_dp = pgs.intra_expt_dp = group
+        return pgs
+
     def make_hook(self, model, optimizer):
-        from ..distributed.runtime import build_twist_groups
+        from megatron.core.utils import unwrap_model
+
         from .round_hook import TwistRoundHook
 
-        args = self.args()
-        groups = build_twist_groups(
-            self.twist, getattr(args, "tensor_model_parallel_size", 1), getattr(args, "pipeline_model_parallel_size", 1)
-        )
-        module = model[0] if isinstance(model, (list, tuple)) else model
-        module = getattr(module, "module", module)  # unwrap Megatron's DDP
-        torch_optimizer = getattr(optimizer, "optimizer", optimizer)  # Megatron's FP32Optimizer wraps torch Adam
-        return TwistRoundHook(self.model_config, self.twist, groups, self.central, module, torch_optimizer)
+        module = unwrap_model(model[0] if isinstance(model, (list, tuple)) else model)
+        torch_optimizer = _torch_optimizer(optimizer)
+        return TwistRoundHook(self.model_config, self.twist, self.groups, self.central, module, torch_optimizer)
 
     def install(self, training_module) -> None:
-        """Wrap ``training_module.train_step`` (Megatron-LM's megatron.training.training)."""
+        """Wrap Megatron-LM's ``train_step`` and narrow its DDP to the subnet group."""
         original = training_module.train_step
+        twist_lm = self
+
+        class SubnetDDP(training_module.DDP):
+            """Megatron's DDP reducing gradients among the replicas of this rank's subnet only."""
+
+            def __init__(self, *args, **kwargs):
+                if kwargs.get("pg_collection") is None:
+                    kwargs["pg_collection"] = twist_lm.subnet_process_groups()
+                super().__init__(*args, **kwargs)
+
+        training_module.DDP = SubnetDDP
 
         @functools.wraps(original)
         def train_step(forward_step_func, data_iterator, model, optimizer, *rest, **kwargs):
             if self.hook is None:
                 self.hook = self.make_hook(model, optimizer)
-            self.hook.on_iteration_start(self.args().curr_iteration)
-            return original(forward_step_func, data_iterator, model, optimizer, *rest, **kwargs)
+            iteration = self.args().curr_iteration
+            self.hook.on_iteration_start(iteration)
+            self._step_loss = [0.0, 0]
+            try:
+                return original(forward_step_func, data_iterator, model, optimizer, *rest, **kwargs)
+            finally:
+                if self._step_loss[1]:
+                    self.losses[iteration] = tuple(self._step_loss)
+                self._step_loss = None
 
         training_module.train_step = train_step
+
+    def forward_step(self, forward_step_func: Callable) -> Callable:
+        """Megatron-LM's forward step, its loss function recording this rank's (loss sum, tokens)."""
+
+        @functools.wraps(forward_step_func)
+        def forward_step(*args, **kwargs):
+            output, loss_func = forward_step_func(*args, **kwargs)
+
+            def recording_loss_func(*la, **lk):
+                out = loss_func(*la, **lk)
+                if self._step_loss is not None:  # training micro-batches only, not evaluation
+                    self._step_loss[0] += float(out[0].detach())
+                    self._step_loss[1] += int(out[1])
+                return out
+
+            return output, recording_loss_func
+
+        return forward_step
+
+    def finish(self) -> None:
+        """After ``pretrain()``: fold the last round in, save the central model, write the metrics."""
+        args = self.args()
+        if self.hook is None:
+            return
+        self.hook.finish(args.train_iters)
+        if args.save:
+            self.save_central(os.path.join(args.save, CENTRAL_DIR))
+        if args.twist_metrics_file:
+            self.write_metrics(args.twist_metrics_file)
+
+    def full_state(self):
+        """(weights, moments) of the whole central model, gathered over TP/PP (a collective)."""
+        from megatron.core import parallel_state
+
+        from ..distributed.full_state import gather_full_state
+
+        g, central = self.groups, self.central
+        if g.tp_size == 1 and g.pp_size == 1:
+            return dict(central.params), central.moments
+        tp_group = parallel_state.get_tensor_model_parallel_group() if g.tp_size > 1 else None
+        pp_group = parallel_state.get_pipeline_model_parallel_group() if g.pp_size > 1 else None
+
+        def gather(tensors):
+            return gather_full_state(
+                tensors, self.model_config, g.tp_rank, g.tp_size, self.hook.first_layer, tp_group, pp_group
+            )
+
+        return gather(central.params), {m: gather(t) for m, t in central.moments.items()}
+
+    def train_config(self) -> TrainConfig:
+        args = self.args()
+        return TrainConfig(
+            train_iters=args.train_iters,
+            micro_batch_size=args.micro_batch_size,
+            global_batch_size=args.global_batch_size,
+            lr=args.lr,
+            min_lr=args.min_lr,
+            lr_warmup_iters=args.lr_warmup_iters,
+            weight_decay=args.weight_decay,
+            adam_beta1=args.adam_beta1,
+            adam_beta2=args.adam_beta2,
+            adam_eps=args.adam_eps,
+            clip_grad=args.clip_grad,
+            seed=args.seed,
+        )
+
+    def save_central(self, path: str) -> None:
+        """Collective: the whole central model to ``path`` (rank 0 writes), any TP/PP."""
+        from ..checkpoint.models import save_central
+
+        state = self.full_state()
+        if self.groups.is_logging_rank:
+            save_central(
+                path, self.central, self.twist, self.train_config(), data={"megatron_lm": True}, full_state=state
+            )
+            print(f"[twist] central model saved to {path}; cut it with `twist extract --load {path}`", flush=True)
+        dist.barrier()
+
+    def subnet_losses(self) -> dict:
+        """Collective: {subnet: [loss per iteration]} (each subnet's mean over its replicas' tokens)."""
+        g = self.groups
+        iterations = sorted(self.losses)  # the same on every replica of a subnet (same stage)
+        rows = torch.tensor(
+            [self.losses.get(i, (0.0, 0)) for i in iterations], dtype=torch.float64, device="cpu"
+        ).reshape(-1, 2)  # host-side bookkeeping (gloo or NCCL: sent as an object below)
+        if g.subnet_group is not None and g.layout.replicas > 1:
+            rows = rows.to(_collective_device())
+            dist.all_reduce(rows, group=g.subnet_group)
+            rows = rows.cpu()
+        mine = None
+        if self.losses and g.tp_rank == 0 and g.replica_index == 0:
+            mine = (self.hook.subnet, [float(a / b) for a, b in rows.tolist()], iterations)
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, mine)
+        out = {}
+        for item in gathered:
+            if item is not None:
+                subnet, losses, its = item
+                out[subnet] = dict(zip(its, losses))
+        return out
+
+    def write_metrics(self, path: str) -> None:
+        losses = self.subnet_losses()
+        if not self.groups.is_logging_rank:
+            return
+        subnets = sorted(losses)
+        iterations = sorted(set().union(*(losses[s] for s in subnets))) if subnets else []
+        record = {
+            "central_step": self.central.step,
+            "central_round": self.central.round,
+            "iterations": iterations,
+            "subnet_losses": {str(s): [losses[s][i] for i in iterations] for s in subnets},
+            "loss_curve": [sum(losses[s][i] for s in subnets) / len(subnets) for i in iterations],
+        }
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(record, f)
+
+
+def _torch_optimizer(optimizer):
+    """The torch Adam under Megatron's optimizer wrappers (ChainedOptimizer -> FP32Optimizer -> AdamW)."""
+    chained = getattr(optimizer, "chained_optimizers", None)
+    if chained is not None:
+        if len(chained) != 1:
+            raise ConfigError(
+                f"Megatron-LM built {len(chained)} optimizers for this model; TwIST refills one torch Adam: "
+                "drop per-module optimizer settings (e.g. --decoupled-lr)"
+            )
+        optimizer = chained[0]
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+def _collective_device() -> torch.device:
+    """NCCL reduces only CUDA tensors; gloo CPU ones."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
