@@ -76,6 +76,30 @@ def overlay(args, **values):
             setattr(args, k, v)
 
 
+@contextlib.contextmanager
+def twist_seeded(seed: int):
+    """Build the central model from TwIST's seeding (``twist train --seed``: the same default RNG
+    and RNG-tracker states on every rank), so it starts from the weights ``twist train`` starts
+    from at the same layout; Megatron-LM's own RNG streams are restored afterwards (its
+    per-stage seeds would give other initial weights, and the subnet it trains is refilled from
+    the central model before the first step anyway)."""
+    from megatron.core.tensor_parallel import random as mrandom
+
+    from ..cpu_shim import seed_everything
+
+    tracker = mrandom.get_cuda_rng_tracker()
+    cpu_state, tracker_states = torch.get_rng_state(), tracker.get_states()
+    cuda_state = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
+    seed_everything(seed)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(cpu_state)
+        if cuda_state is not None:
+            torch.cuda.set_rng_state(cuda_state)
+        tracker.set_states(tracker_states)
+
+
 def add_megatron_lm_args(parser):
     """TwIST's flags plus this adapter's own, for Megatron-LM's ``extra_args_provider``."""
     add_twist_args(parser)
@@ -156,7 +180,8 @@ class TwistMegatronLM:
             self.groups = build_twist_groups(
                 self.twist, args.tensor_model_parallel_size, args.pipeline_model_parallel_size
             )
-        central_module = self.base_provider(pre_process, post_process, *extra, **kwargs)
+        with twist_seeded(args.seed):
+            central_module = self.base_provider(pre_process, post_process, *extra, **kwargs)
         if torch.cuda.is_available():
             central_module = central_module.cuda(torch.cuda.current_device())
         self.central = CentralModel(self.model_config, central_module)
