@@ -49,15 +49,19 @@ def main() -> None:
     twist_lm = TwistMegatronLM(partial(model_provider, gpt_builder))
     twist_lm.install(megatron_training)
     train_valid_test_datasets_provider.is_distributed = True
-    pretrain(
-        train_valid_test_datasets_provider,
-        twist_lm.model_provider,
-        ModelType.encoder_or_decoder,
-        twist_lm.forward_step(forward_step),
-        args_defaults={"tokenizer_type": "GPT2BPETokenizer"},
-        extra_args_provider=twist_lm.extra_args_provider,
-        get_embedding_ranks=get_embedding_ranks,
-    )
+    try:
+        pretrain(
+            train_valid_test_datasets_provider,
+            twist_lm.model_provider,
+            ModelType.encoder_or_decoder,
+            twist_lm.forward_step(forward_step),
+            args_defaults={"tokenizer_type": "GPT2BPETokenizer"},
+            extra_args_provider=twist_lm.extra_args_provider,
+            get_embedding_ranks=get_embedding_ranks,
+        )
+    except SystemExit as stop:  # --exit-interval: Megatron-LM saved (TwIST's state too) and exits
+        if stop.code not in (0, None):
+            raise
     twist_lm.finish()
 
 

@@ -17,8 +17,11 @@ Touch points (examples/pretrain_gpt_twist.py is the whole script):
      aggregates, resamples and refills at round boundaries (``args.curr_iteration``).
 4. ``forward_step(fn)``: records each subnet's own loss per iteration (Megatron-LM logs the mean
    over data parallel) for ``--twist-metrics-file``.
-5. ``finish()``: aggregates the last round and saves the central model (gathered over TP/PP)
-   to ``--save``/twist-central in megatron-twist's format (``twist extract`` reads it).
+5. ``save_checkpoint`` is wrapped: with ``--save``, each Megatron-LM checkpoint gets TwIST's state
+   (the central model, its moments, step and round) in SAVE/twist, so ``--load`` resumes exactly
+   (megatron_lm_state.py). ``finish()``: aggregates the last round; ``--twist-save DIR`` writes
+   the central model (gathered over TP/PP) there. Both are megatron-twist's format, which
+   ``twist extract`` reads.
 
 Refused before any work, with the reason: see :meth:`TwistMegatronLM.validate`.
 """
@@ -28,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import os
 from typing import Callable, Optional
 
 import torch
@@ -41,8 +43,6 @@ from ..twist.sampler import SubnetSampler
 from .megatron_lm_env import use_megatron_lm
 
 __all__ = ["add_twist_args", "TwistMegatronLM", "model_config_from_megatron_args", "use_megatron_lm"]
-
-CENTRAL_DIR = "twist-central"
 
 
 def model_config_from_megatron_args(args) -> ModelConfig:
@@ -104,6 +104,12 @@ def add_megatron_lm_args(parser):
     """TwIST's flags plus this adapter's own, for Megatron-LM's ``extra_args_provider``."""
     add_twist_args(parser)
     parser.add_argument(
+        "--twist-save",
+        default=None,
+        help="directory for the central model at the end (also without --save); with --save it is "
+        "saved with every checkpoint in SAVE/twist as well",
+    )
+    parser.add_argument(
         "--twist-metrics-file",
         default=None,
         help="JSON file (rank 0) with each subnet's loss per iteration and the central step/round",
@@ -137,6 +143,7 @@ class TwistMegatronLM:
         self.model_config: Optional[ModelConfig] = None
         self.losses = {}  # iteration -> (loss sum, tokens) of this rank's micro-batches
         self._step_loss = None  # accumulates while Megatron-LM's train_step runs
+        self.last_iteration = 0  # iterations Megatron-LM completed (an --exit-interval may stop early)
 
     extra_args_provider = staticmethod(add_megatron_lm_args)
 
@@ -166,8 +173,10 @@ class TwistMegatronLM:
         if getattr(args, "num_experts", None):
             raise ConfigError("mixture-of-experts models are not supported with TwIST: drop --num-experts")
         from .megatron_lm_cpu import check_cpu_args
+        from .megatron_lm_state import check_save_args
 
         check_cpu_args(args)
+        check_save_args(args, self.twist.local_steps)
         self.twist.check_against_model(self.model_config, getattr(args, "tensor_model_parallel_size", 1))
 
     def model_provider(self, pre_process: bool = True, post_process: bool = True, *extra, **kwargs):
@@ -211,7 +220,14 @@ class TwistMegatronLM:
 
         module = unwrap_model(model[0] if isinstance(model, (list, tuple)) else model)
         torch_optimizer = _torch_optimizer(optimizer)
-        return TwistRoundHook(self.model_config, self.twist, self.groups, self.central, module, torch_optimizer)
+        hook = TwistRoundHook(self.model_config, self.twist, self.groups, self.central, module, torch_optimizer)
+        args = self.args()
+        if args.load and args.iteration > 0:  # Megatron-LM resumed: TwIST's state for that iteration
+            from .megatron_lm_state import resume_central
+
+            g = self.groups
+            resume_central(args.load, args.iteration, self.central, self.twist, g.tp_rank, g.tp_size, hook.first_layer)
+        return hook
 
     def install(self, training_module) -> None:
         """Wrap Megatron-LM's ``train_step`` and narrow its DDP to the subnet group."""
@@ -227,6 +243,14 @@ class TwistMegatronLM:
                 super().__init__(*args, **kwargs)
 
         training_module.DDP = SubnetDDP
+        original_save = training_module.save_checkpoint
+
+        @functools.wraps(original_save)
+        def save_checkpoint(iteration, *args, **kwargs):
+            self.before_megatron_save(iteration)
+            return original_save(iteration, *args, **kwargs)
+
+        training_module.save_checkpoint = save_checkpoint
 
         @functools.wraps(original)
         def train_step(forward_step_func, data_iterator, model, optimizer, *rest, **kwargs):
@@ -236,7 +260,9 @@ class TwistMegatronLM:
             self.hook.on_iteration_start(iteration)
             self._step_loss = [0.0, 0]
             try:
-                return original(forward_step_func, data_iterator, model, optimizer, *rest, **kwargs)
+                out = original(forward_step_func, data_iterator, model, optimizer, *rest, **kwargs)
+                self.last_iteration = iteration + 1
+                return out
             finally:
                 if self._step_loss[1]:
                     self.losses[iteration] = tuple(self._step_loss)
@@ -262,16 +288,45 @@ class TwistMegatronLM:
 
         return forward_step
 
+    def before_megatron_save(self, iteration: int) -> None:
+        """Collective, before Megatron-LM writes ``iter_XXXXXXX``: close the round ending here and
+        write the central model to SAVE/twist (megatron_lm_state.py: why in this order)."""
+        if self.hook is None:
+            return
+        from .megatron_lm_state import save_central_series, twist_save_dir
+
+        self.hook.clock.finish(iteration)  # the next train_step opens the next round
+        args = self.args()
+        save_central_series(
+            twist_save_dir(args.save),
+            iteration,
+            self.central,
+            self.twist,
+            self.train_config(),
+            self.full_state,
+            self.groups.is_logging_rank,
+        )
+
     def finish(self) -> None:
         """After ``pretrain()``: fold the last round in, save the central model, write the metrics."""
         args = self.args()
         if self.hook is None:
             return
-        self.hook.finish(args.train_iters)
-        if args.save:
-            self.save_central(os.path.join(args.save, CENTRAL_DIR))
+        self.hook.finish(self.last_iteration)
+        if args.twist_save:
+            from .megatron_lm_state import save_central_once
+
+            save_central_once(
+                args.twist_save,
+                self.central,
+                self.twist,
+                self.train_config(),
+                self.full_state,
+                self.groups.is_logging_rank,
+            )
         if args.twist_metrics_file:
             self.write_metrics(args.twist_metrics_file)
+        dist.barrier()
 
     def full_state(self):
         """(weights, moments) of the whole central model, gathered over TP/PP (a collective)."""
@@ -309,18 +364,6 @@ class TwistMegatronLM:
             seed=args.seed,
         )
 
-    def save_central(self, path: str) -> None:
-        """Collective: the whole central model to ``path`` (rank 0 writes), any TP/PP."""
-        from ..checkpoint.models import save_central
-
-        state = self.full_state()
-        if self.groups.is_logging_rank:
-            save_central(
-                path, self.central, self.twist, self.train_config(), data={"megatron_lm": True}, full_state=state
-            )
-            print(f"[twist] central model saved to {path}; cut it with `twist extract --load {path}`", flush=True)
-        dist.barrier()
-
     def subnet_losses(self) -> dict:
         """Collective: {subnet: [loss per iteration]} (each subnet's mean over its replicas' tokens)."""
         g = self.groups
@@ -357,7 +400,9 @@ class TwistMegatronLM:
             "subnet_losses": {str(s): [losses[s][i] for i in iterations] for s in subnets},
             "loss_curve": [sum(losses[s][i] for s in subnets) / len(subnets) for i in iterations],
         }
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        from .megatron_lm_state import ensure_dir
+
+        ensure_dir(path)
         with open(path, "w") as f:
             json.dump(record, f)
 
