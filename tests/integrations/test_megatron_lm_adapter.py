@@ -1,27 +1,18 @@
-"""The Megatron-LM adapter's pieces, with Megatron-LM's `get_args` and `train_step` stood in.
-
-Megatron-LM itself is not installed here (only megatron-core is a dependency), so its two
-touch points are injected: an argparse Namespace as `get_args()` and a module-like object
-whose `train_step` runs the project's step. Everything else is the real code.
+"""The Megatron-LM adapter's pieces in one process, with an argparse Namespace as Megatron-LM's
+`get_args()`: sizes from Megatron-LM's arguments, the wrapped model provider, and every refusal
+(before any work). Megatron-LM's real loop runs in test_megatron_lm_pretrain.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import types
 
 import pytest
 import torch
 
-from megatron_twist.config import MODEL_PRESETS, ConfigError, ModelConfig, TrainConfig, TwistConfig
-from megatron_twist.cpu_shim import seed_everything
-from megatron_twist.data.batches import SyntheticBatches
-from megatron_twist.distributed.runtime import build_twist_groups
+from megatron_twist.config import MODEL_PRESETS, ConfigError, ModelConfig
 from megatron_twist.integrations.megatron_lm import TwistMegatronLM, model_config_from_megatron_args, overlay
 from megatron_twist.model.gpt import build_gpt_model, count_parameters
-from megatron_twist.optim.optimizer import build_optimizer, build_scheduler
-from megatron_twist.optim.step import train_step
-from megatron_twist.training.twist_trainer import TwistTrainer
 
 TINY = ModelConfig(**MODEL_PRESETS["tiny"])
 
@@ -53,6 +44,9 @@ def megatron_args(**twist_flags) -> argparse.Namespace:
         fp16=False,
         bf16=False,
         curr_iteration=0,
+        seed=1234,
+        save=None,
+        load=None,
     )
     return args
 
@@ -86,12 +80,18 @@ def test_wrapped_provider_builds_central_and_smaller_subnet(mcore):
 @pytest.mark.parametrize(
     "flags,match",
     [
-        (dict(use_distributed_optimizer=True), "without --use-distributed-optimizer"),
-        (dict(bf16=True), "drop --fp16/--bf16"),
+        (dict(use_distributed_optimizer=True), "--use-distributed-optimizer shards Adam's state"),
+        (dict(bf16=True), "drop --bf16"),
+        (dict(fp16=True), "--fp16 scales the loss"),
+        (dict(use_torch_fsdp2=True), "--use-torch-fsdp2"),
+        (dict(save="ckpt", save_interval=6), "--save-interval 6 is not a multiple of --local-steps 4"),
+        (dict(save="ckpt", exit_interval=3), "use --exit-interval 4 or 8"),
+        (dict(exit_duration_in_mins=5), "--exit-duration-in-mins may stop mid-round"),
+        (dict(finetune=True), "--finetune starts from Megatron-LM weights"),
     ],
 )
 def test_unsupported_megatron_settings_are_refused(flags, match):
-    args = megatron_args(keep_ratio=0.5, num_subnets=2)
+    args = megatron_args(keep_ratio=0.5, num_subnets=2, local_steps=4)
     args.__dict__.update(flags)
     with pytest.raises(ConfigError, match=match):
         TwistMegatronLM(provider_for(args), get_args=lambda: args).validate(args)
@@ -100,36 +100,18 @@ def test_unsupported_megatron_settings_are_refused(flags, match):
         TwistMegatronLM(provider_for(args), get_args=lambda: args).validate(args)
 
 
-def test_installed_train_step_hook_equals_twist_trainer(mcore):
-    """Megatron-LM's loop shape (args.curr_iteration, train_step(...)) with the hook installed."""
-    train = TrainConfig(train_iters=10, micro_batch_size=2, log_interval=100)
-    args = megatron_args(keep_ratio=0.5, num_subnets=1, no_coverage=True, local_steps=4)
-    twist_lm = TwistMegatronLM(provider_for(args), get_args=lambda: args)
-    seed_everything(train.seed)
-    subnet = twist_lm.model_provider(True, True)
-    optimizer = build_optimizer(subnet, train)
-    scheduler = build_scheduler(optimizer, train)
-    batches = SyntheticBatches(TINY.vocab_size, TINY.seq_length, train.micro_batch_size, seed=train.seed)
-    calls = []
+def test_resume_without_twist_state_is_refused(tmp_path):
+    """A Megatron-LM checkpoint that holds no TwIST state for its iteration: refused, naming it."""
+    (tmp_path / "latest_checkpointed_iteration.txt").write_text("8")
+    args = megatron_args(keep_ratio=0.5, num_subnets=2, local_steps=4)
+    args.load = str(tmp_path)
+    with pytest.raises(ConfigError, match="iteration 8.*twist/iter_0000008.*is missing"):
+        TwistMegatronLM(provider_for(args), get_args=lambda: args).validate(args)
 
-    def megatron_train_step(forward_step_func, data_iterator, model, optimizer, opt_param_scheduler, config):
-        it = args.curr_iteration
-        calls.append(it)
-        return train_step(model[0], optimizer.optimizer, opt_param_scheduler, batches.get(it, 0, 1), it, 1.0)
 
-    training = types.SimpleNamespace(train_step=megatron_train_step)
-    twist_lm.install(training)
-    megatron_optimizer = types.SimpleNamespace(optimizer=optimizer)  # Megatron's FP32Optimizer wraps torch Adam
-    losses = []
-    for iteration in range(train.train_iters):  # Megatron-LM's train(): sets curr_iteration, calls train_step
-        args.curr_iteration = iteration
-        losses.append(training.train_step(None, None, [subnet], megatron_optimizer, scheduler, None))
-    twist_lm.hook.finish(train.train_iters)
-    assert calls == list(range(10))
-
-    twist = TwistConfig(keep_ratio=0.5, num_subnets=1, local_steps=4, coverage=False)
-    ref = TwistTrainer(TINY, twist, train, build_twist_groups(twist), batches, log=lambda m: None).run()
-    assert losses == ref.loss_curve()
-    assert twist_lm.central.step == 10 and twist_lm.central.round == 3
-    for name, p in ref.central.params.items():
-        assert torch.equal(twist_lm.central.params[name], p), name
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU-only refusals apply without CUDA")
+def test_gpu_only_megatron_settings_are_refused_on_cpu():
+    args = megatron_args(keep_ratio=0.5, num_subnets=2, local_steps=4)
+    args.transformer_impl = "transformer_engine"
+    with pytest.raises(ConfigError, match="--transformer-impl local"):
+        TwistMegatronLM(provider_for(args), get_args=lambda: args).validate(args)
