@@ -24,7 +24,9 @@ Patches (:data:`PATCHES`, each with its reason below):
 5. ``device="cuda"`` factories and ``torch.cuda.*`` calls in Megatron-LM's training modules and in
    megatron-core's optimizer (timestamps, loss sums, the grad norm, streams, memory statistics)
    land on CPU / do nothing: their ``torch`` name is a proxy (``cpu_shim.TorchOnCpu``) whose
-   ``cuda`` is :class:`CudaOnCpu`. torch itself is not changed for other modules.
+   ``cuda`` is :class:`CudaOnCpu`. torch itself is not changed for other modules. The device
+   reports architecture 0, and ``CUDA_DEVICE_MAX_CONNECTIONS`` defaults to 1 (Megatron-LM's rule
+   for TP on GPUs before Blackwell, about CUDA streams a CPU does not have).
 6. ``Tensor.type()`` reports ``torch.cuda.*`` names inside megatron-core's optimizer set-up and
    grad clipping only: they assert ``param.type() == 'torch.cuda.FloatTensor'`` to pick the fp32 /
    fp16 path, a device check and not a dtype one.
@@ -37,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import os
 import sys
 import types
 
@@ -116,6 +119,10 @@ class CudaOnCpu:
 
     def memory_stats(self, *args):
         return {}
+
+    def get_device_properties(self, *args):
+        # validate_args asks the architecture (TP's CUDA_DEVICE_MAX_CONNECTIONS rule); no CUDA arch here
+        return types.SimpleNamespace(major=0, minor=0, name="cpu", total_memory=0)
 
     def get_rng_state(self, *args):
         # checkpointing saves it beside the CPU state; the CPU state is what restores randomness here
@@ -207,6 +214,9 @@ def apply_megatron_lm_cpu_shim() -> bool:
     if not cuda_absent():
         return False
     apply_cpu_shim()
+    # Megatron-LM requires CUDA_DEVICE_MAX_CONNECTIONS=1 with TP on pre-Blackwell GPUs (it orders
+    # CUDA streams); a CPU has no streams to order, so the rule is satisfied rather than asserted.
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     initialize = import_without_triton("megatron.training.initialize")
     training = importlib.import_module("megatron.training.training")
     _allow_no_cuda(training, initialize)
