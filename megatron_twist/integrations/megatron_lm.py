@@ -23,6 +23,10 @@ Touch points (examples/pretrain_gpt_twist.py is the whole script):
    the central model (gathered over TP/PP) there. Both are megatron-twist's format, which
    ``twist extract`` reads.
 
+``--bf16``: Megatron-LM's Float16Module trains bf16 parameters from fp32 masters
+(``param.main_param``); TwIST refills and reads the masters (:class:`MainParams`) and copies
+them into the bf16 parameters after a refill; the central model stays fp32.
+
 Refused before any work, with the reason: see :meth:`TwistMegatronLM.validate`.
 """
 
@@ -127,8 +131,6 @@ _REFUSED = {
     "whole subnet shard: drop the flag",
     "fp16": "--fp16 scales the loss and may skip optimizer steps, which would put subnets' step counts out "
     "of step with the round; use fp32 (no flag)",
-    "bf16": "--bf16 keeps fp32 main weights outside the module (Float16Module); TwIST under Megatron-LM "
-    "refills fp32 parameters in this release: drop --bf16 (or use `twist train --bf16`)",
 }
 
 
@@ -189,7 +191,8 @@ class TwistMegatronLM:
             self.groups = build_twist_groups(
                 self.twist, args.tensor_model_parallel_size, args.pipeline_model_parallel_size
             )
-        with twist_seeded(args.seed):
+        # the central model, its moments and aggregation stay fp32 under --bf16 (as in `twist train`)
+        with twist_seeded(args.seed), overlay(args, bf16=False, params_dtype=torch.float32):
             central_module = self.base_provider(pre_process, post_process, *extra, **kwargs)
         if torch.cuda.is_available():
             central_module = central_module.cuda(torch.cuda.current_device())
@@ -220,7 +223,16 @@ class TwistMegatronLM:
 
         module = unwrap_model(model[0] if isinstance(model, (list, tuple)) else model)
         torch_optimizer = _torch_optimizer(optimizer)
-        hook = TwistRoundHook(self.model_config, self.twist, self.groups, self.central, module, torch_optimizer)
+        if getattr(self.args(), "bf16", False):
+            # Megatron-LM's Float16Module: bf16 parameters, each with its fp32 `main_param` that the
+            # optimizer steps; TwIST refills and reads the fp32 masters, then the bf16 copies follow.
+            hook = TwistRoundHook(
+                self.model_config, self.twist, self.groups, self.central, MainParams(module), torch_optimizer,
+                compute_module=module,
+            )  # fmt: skip
+            hook.worker = MastersToModel(hook.worker, module)
+        else:
+            hook = TwistRoundHook(self.model_config, self.twist, self.groups, self.central, module, torch_optimizer)
         args = self.args()
         if args.load and args.iteration > 0:  # Megatron-LM resumed: TwIST's state for that iteration
             from .megatron_lm_state import resume_central
@@ -405,6 +417,37 @@ class TwistMegatronLM:
         ensure_dir(path)
         with open(path, "w") as f:
             json.dump(record, f)
+
+
+class MainParams(torch.nn.Module):
+    """A bf16 module's fp32 master weights (Megatron's ``param.main_param``) under the module's
+    parameter names, as SubnetState reads and refills parameters."""
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self._pairs = [(name, getattr(p, "main_param", p)) for name, p in module.named_parameters()]
+
+    def named_parameters(self, *args, **kwargs):
+        return iter(self._pairs)
+
+
+class MastersToModel:
+    """A SubnetState whose refill is followed by copying the fp32 masters into the bf16 module
+    (Megatron-LM does that after each optimizer step; a refill happens between steps)."""
+
+    def __init__(self, state, module: torch.nn.Module):
+        self.state, self.module = state, module
+
+    @torch.no_grad()
+    def load(self, central, plan) -> None:
+        self.state.load(central, plan)
+        for p in self.module.parameters():
+            main = getattr(p, "main_param", None)
+            if main is not None:
+                p.copy_(main)
+
+    def contribution(self):
+        return self.state.contribution()
 
 
 def _torch_optimizer(optimizer):

@@ -45,10 +45,12 @@ class TwistRoundHook:
         subnet_module: torch.nn.Module,
         optimizer: torch.optim.Optimizer,
         worker=None,
+        compute_module: Optional[torch.nn.Module] = None,
     ):
         """``worker``: how to read/refill the subnet (``load(central, plan)``, ``contribution()``);
         default: a ``SubnetState`` over plain parameters + torch optimizer state (the DeepSpeed path
-        uses integrations/zero_round_hook.py instead)."""
+        uses integrations/zero_round_hook.py instead). ``compute_module``: the module that runs forward
+        when ``subnet_module`` holds fp32 master weights of a bf16 one (the correction hooks go on it)."""
         subnets = groups.local_subnets(twist.num_subnets)
         if len(subnets) != 1:
             raise ConfigError(
@@ -60,7 +62,7 @@ class TwistRoundHook:
         self.first_layer, self.num_layers = layer_range(model, groups.pp_rank, groups.pp_size)
         plans = LocalPlans(model, twist, groups.tp_rank, groups.tp_size, self.first_layer, self.num_layers)
         self.sampler = plans.sampler
-        self.worker = worker or SubnetState(subnet_module, optimizer, plans.geometry, twist)
+        self.worker = worker or SubnetState(subnet_module, optimizer, plans.geometry, twist, compute_module)
         self.round = ReplicatedRound(plans, central, twist, groups.aggregation_group, groups.model_parallel_group)
         self.aggregator, self.fields = self.round.aggregator, self.round.fields
         self.clock = RoundClock(central, twist.local_steps, self)

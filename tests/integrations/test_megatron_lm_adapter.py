@@ -81,7 +81,6 @@ def test_wrapped_provider_builds_central_and_smaller_subnet(mcore):
     "flags,match",
     [
         (dict(use_distributed_optimizer=True), "--use-distributed-optimizer shards Adam's state"),
-        (dict(bf16=True), "drop --bf16"),
         (dict(fp16=True), "--fp16 scales the loss"),
         (dict(use_torch_fsdp2=True), "--use-torch-fsdp2"),
         (dict(save="ckpt", save_interval=6), "--save-interval 6 is not a multiple of --local-steps 4"),

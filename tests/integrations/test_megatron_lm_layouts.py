@@ -1,12 +1,16 @@
 """Megatron-LM's real ``pretrain()`` loop with TwIST at 4 ranks: TP 2 x 2 subnets and PP 2 x 2
-subnets (examples/pretrain_gpt_twist.py under torchrun, CPU / gloo), each against `twist train`
-at the layout whose weights and subnets it reproduces:
+subnets, and at 2 ranks in bf16 (examples/pretrain_gpt_twist.py under torchrun, CPU / gloo), each
+against `twist train` at the layout whose weights and subnets it reproduces:
 
 * TP 2: the single-process `twist train --twist-balance-shards 2` (the sampler balances units
   over 2 blocks, so TP 1 draws the TP 2 subnets; CPU initialisation draws whole tensors, so the
   weights are the same at any TP size);
 * PP 2: `twist train --pipeline-model-parallel-size 2` on 4 ranks (a pipeline stage initialises
-  its layers from its own RNG stream, so PP 2 starts from other weights than PP 1).
+  its layers from its own RNG stream, so PP 2 starts from other weights than PP 1);
+* bf16: the single-process `twist train --bf16` (bf16 compute from fp32 masters in both; the two
+  round at different places - Megatron-LM's Float16Module casts the logits to fp32, its DDP buffer
+  holds bf16 gradients - so the bound is bf16's: measured 2.3e-4 loss and 4.8e-3 weight
+  difference after 12 iterations, against 0.094 / 0.030 when subnets' gradients mix).
 
 Same data and flags as test_megatron_lm_pretrain.py (its module docstring says why this data).
 """
@@ -35,16 +39,18 @@ ITERS = 8  # two rounds
 
 
 @pytest.mark.parametrize(
-    "layout, reference_ranks, reference_flags",
+    "layout, ranks, reference_ranks, reference_flags, loss_tol, weight_tol",
     [
-        (["--tensor-model-parallel-size", 2], 1, ["--twist-balance-shards", 2]),
-        (["--pipeline-model-parallel-size", 2], 4, ["--pipeline-model-parallel-size", 2]),
+        (["--tensor-model-parallel-size", 2], 4, 1, ["--twist-balance-shards", 2], 1e-5, 1e-4),
+        (["--pipeline-model-parallel-size", 2], 4, 4, ["--pipeline-model-parallel-size", 2], 1e-5, 1e-4),
+        (["--bf16"], 2, 1, ["--bf16"], 2e-3, 2e-2),
     ],
-    ids=["tp2", "pp2"],
+    ids=["tp2", "pp2", "bf16"],
 )
 def test_megatron_lm_layout_equals_twist_train(
-    prepared_small, tmp_path, run_torchrun, run_twist, layout, reference_ranks, reference_flags
-):
+    prepared_small, tmp_path, run_torchrun, run_twist, layout, ranks, reference_ranks, reference_flags, loss_tol,
+    weight_tol,
+):  # fmt: skip
     data_dir, _ = prepared_small
     twist_args = ["train", "--data-path", data_dir, "--model-preset", "tiny", *TWIST_FLAGS, *OPTIM]
     twist_args += ["--train-iters", ITERS, "--micro-batch-size", MICRO, *reference_flags]
@@ -55,16 +61,16 @@ def test_megatron_lm_layout_equals_twist_train(
         run_torchrun(reference_ranks, ["-m", "megatron_twist", *twist_args])
     args = megatron_lm_args(data_dir, tmp_path, *layout, "--twist-save", tmp_path / "central")
     args[args.index("--train-iters") + 1] = ITERS
-    run_torchrun(4, args + ["--twist-metrics-file", tmp_path / "got.json"])
+    run_torchrun(ranks, args + ["--twist-metrics-file", tmp_path / "got.json"])
 
     ref, got = json.loads((tmp_path / "ref.json").read_text()), json.loads((tmp_path / "got.json").read_text())
     assert got["iterations"] == list(range(ITERS))
     assert (got["central_step"], got["central_round"]) == (ITERS, ITERS // LOCAL_STEPS)
-    assert subnet_loss_error(got, ref) <= 1e-5
+    assert subnet_loss_error(got, ref) <= loss_tol
     # gathered over TP / PP into one checkpoint, the form `twist extract` reads
     meta, weights, _moments = read_central(str(tmp_path / "central"))
     assert meta["step"] == ITERS
     want = load_file(str(tmp_path / "ref" / "model.safetensors"))
     assert set(weights) == set(want)
     for name, tensor in want.items():
-        torch.testing.assert_close(weights[name], tensor, atol=1e-4, rtol=0, msg=name)
+        torch.testing.assert_close(weights[name], tensor, atol=weight_tol, rtol=0, msg=name)
