@@ -219,10 +219,11 @@ class TwistMegatronLM:
     def make_hook(self, model, optimizer):
         from megatron.core.utils import unwrap_model
 
+        from .megatron_lm_optim import MainParams, MastersToModel, torch_optimizer_of
         from .round_hook import TwistRoundHook
 
         module = unwrap_model(model[0] if isinstance(model, (list, tuple)) else model)
-        torch_optimizer = _torch_optimizer(optimizer)
+        torch_optimizer = torch_optimizer_of(optimizer)
         if getattr(self.args(), "bf16", False):
             # Megatron-LM's Float16Module: bf16 parameters, each with its fp32 `main_param` that the
             # optimizer steps; TwIST refills and reads the fp32 masters, then the bf16 copies follow.
@@ -417,50 +418,6 @@ class TwistMegatronLM:
         ensure_dir(path)
         with open(path, "w") as f:
             json.dump(record, f)
-
-
-class MainParams(torch.nn.Module):
-    """A bf16 module's fp32 master weights (Megatron's ``param.main_param``) under the module's
-    parameter names, as SubnetState reads and refills parameters."""
-
-    def __init__(self, module: torch.nn.Module):
-        super().__init__()
-        self._pairs = [(name, getattr(p, "main_param", p)) for name, p in module.named_parameters()]
-
-    def named_parameters(self, *args, **kwargs):
-        return iter(self._pairs)
-
-
-class MastersToModel:
-    """A SubnetState whose refill is followed by copying the fp32 masters into the bf16 module
-    (Megatron-LM does that after each optimizer step; a refill happens between steps)."""
-
-    def __init__(self, state, module: torch.nn.Module):
-        self.state, self.module = state, module
-
-    @torch.no_grad()
-    def load(self, central, plan) -> None:
-        self.state.load(central, plan)
-        for p in self.module.parameters():
-            main = getattr(p, "main_param", None)
-            if main is not None:
-                p.copy_(main)
-
-    def contribution(self):
-        return self.state.contribution()
-
-
-def _torch_optimizer(optimizer):
-    """The torch Adam under Megatron's optimizer wrappers (ChainedOptimizer -> FP32Optimizer -> AdamW)."""
-    chained = getattr(optimizer, "chained_optimizers", None)
-    if chained is not None:
-        if len(chained) != 1:
-            raise ConfigError(
-                f"Megatron-LM built {len(chained)} optimizers for this model; TwIST refills one torch Adam: "
-                "drop per-module optimizer settings (e.g. --decoupled-lr)"
-            )
-        optimizer = chained[0]
-    return getattr(optimizer, "optimizer", optimizer)
 
 
 def _collective_device() -> torch.device:
