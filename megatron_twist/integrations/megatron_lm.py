@@ -174,6 +174,13 @@ class TwistMegatronLM:
             raise ConfigError("context parallelism is not supported with TwIST: drop --context-parallel-size")
         if getattr(args, "num_experts", None):
             raise ConfigError("mixture-of-experts models are not supported with TwIST: drop --num-experts")
+        dp = getattr(args, "data_parallel_size", None)
+        if dp is not None and (dp < self.twist.num_subnets or dp % self.twist.num_subnets):
+            raise ConfigError(
+                f"{dp} data-parallel ranks cannot each train one of --num-subnets {self.twist.num_subnets} "
+                "(Megatron-LM trains one model per rank): launch num_subnets x replicas data-parallel ranks "
+                "(world size / (tensor x pipeline parallel size))"
+            )
         from .megatron_lm_cpu import check_cpu_args
         from .megatron_lm_state import check_save_args
 

@@ -87,6 +87,7 @@ def test_wrapped_provider_builds_central_and_smaller_subnet(mcore):
         (dict(save="ckpt", exit_interval=3), "use --exit-interval 4 or 8"),
         (dict(exit_duration_in_mins=5), "--exit-duration-in-mins may stop mid-round"),
         (dict(finetune=True), "--finetune starts from Megatron-LM weights"),
+        (dict(data_parallel_size=3), "3 data-parallel ranks cannot each train one of --num-subnets 2"),
     ],
 )
 def test_unsupported_megatron_settings_are_refused(flags, match):

@@ -56,13 +56,14 @@ TINY = [
 ]  # fmt: skip
 
 
-def megatron_lm_args(data_dir, out, *extra):
+def megatron_lm_args(data_dir, out, *extra, iters=ITERS, replicas=1):
+    """examples/pretrain_gpt_twist.py's arguments: one micro-batch per subnet replica per iteration."""
     return [
         "examples/pretrain_gpt_twist.py",
         *TINY,
         *MEGATRON_OPTIM,
         *TWIST_FLAGS,
-        "--micro-batch-size", MICRO, "--global-batch-size", 2 * MICRO, "--train-iters", ITERS,
+        "--micro-batch-size", MICRO, "--global-batch-size", 2 * replicas * MICRO, "--train-iters", iters,
         "--data-path", data_dir / "train", "--split", "100,0,0", "--data-cache-path", out / "cache",
         "--tokenizer-type", "NullTokenizer", "--vocab-size", 399, "--make-vocab-size-divisible-by", 8,
         "--distributed-backend", "gloo", "--log-interval", 1, "--eval-iters", 0, "--eval-interval", 1000,
