@@ -56,17 +56,23 @@ TINY = [
 ]  # fmt: skip
 
 
-def megatron_lm_args(data_dir, out, *extra, iters=ITERS, replicas=1):
-    """examples/pretrain_gpt_twist.py's arguments: one micro-batch per subnet replica per iteration."""
+def megatron_lm_args(data_dir, out, *extra, iters=ITERS, replicas=1, evaluate=False):
+    """examples/pretrain_gpt_twist.py's arguments: one micro-batch per subnet replica per iteration.
+    ``evaluate``: Megatron-LM's evaluation every round on the prepared held-out split (the training
+    samples are the same: the whole train split either way)."""
+    data = ["--data-path", data_dir / "train", "--split", "100,0,0", "--eval-iters", 0, "--eval-interval", 1000]
+    if evaluate:
+        data = ["--train-data-path", data_dir / "train", "--valid-data-path", data_dir / "valid"]
+        data += ["--eval-iters", 1, "--eval-interval", LOCAL_STEPS]
     return [
         "examples/pretrain_gpt_twist.py",
         *TINY,
         *MEGATRON_OPTIM,
         *TWIST_FLAGS,
         "--micro-batch-size", MICRO, "--global-batch-size", 2 * replicas * MICRO, "--train-iters", iters,
-        "--data-path", data_dir / "train", "--split", "100,0,0", "--data-cache-path", out / "cache",
+        *data, "--data-cache-path", out / "cache",
         "--tokenizer-type", "NullTokenizer", "--vocab-size", 399, "--make-vocab-size-divisible-by", 8,
-        "--distributed-backend", "gloo", "--log-interval", 1, "--eval-iters", 0, "--eval-interval", 1000,
+        "--distributed-backend", "gloo", "--log-interval", 1,
         *extra,
     ]  # fmt: skip
 
@@ -102,13 +108,13 @@ def test_megatron_lm_pretrain_equals_twist_train_across_a_resume(prepared_small,
     (--load). Every subnet's loss at every iteration and the final central model equal one
     uninterrupted `twist train`. Fails on a DDP that averages gradients over the whole
     data-parallel group (subnets mixed: measured 0.094 loss, 0.030 weight difference) and on a
-    resume without TwIST's state."""
+    resume without TwIST's state. The first job also runs Megatron-LM's evaluation every round."""
     data_dir, _ = prepared_small
     ref_metrics, ref_central = reference
     save = tmp_path / "save"
     first = run_torchrun(
         2,
-        megatron_lm_args(data_dir, tmp_path, "--save", save, "--save-interval", 8, "--exit-interval", 8)
+        megatron_lm_args(data_dir, tmp_path, "--save", save, "--save-interval", 8, "--exit-interval", 8, evaluate=True)
         + ["--twist-metrics-file", tmp_path / "first.json"],
     )
     got = json.loads((tmp_path / "first.json").read_text())
@@ -123,6 +129,8 @@ def test_megatron_lm_pretrain_equals_twist_train_across_a_resume(prepared_small,
     want = list(ref_metrics["loss_curve"][:8])
     want[1] = (want[0] + want[1]) / 2
     assert len(logged) == 8 and max(abs(a - b) for a, b in zip(logged, want)) <= 1e-5
+    # Megatron-LM's evaluation (of the subnets, every round) ran and left training untouched
+    assert "validation loss at iteration 4" in first.stdout and "validation loss at iteration 8" in first.stdout
     assert (save / "twist" / "latest_checkpointed_iteration.txt").read_text().strip() == "8"
 
     run_torchrun(
