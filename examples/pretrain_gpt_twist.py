@@ -17,8 +17,10 @@ What changes against pretrain_gpt.py (nothing inside Megatron-LM is modified):
 3. The per-iteration hook wraps Megatron-LM's ``train_step``: every ``--local-steps`` iterations
    all subnets are averaged into the central model, the next round's subnets drawn and this
    rank's model and Adam state refilled.
-4. At the end the central model is saved (``--save DIR`` -> ``DIR/twist-central``) in
-   megatron-twist's format; cut the dense model with ``twist extract --load DIR/twist-central``.
+4. Checkpoints: with ``--save DIR`` every Megatron-LM checkpoint gets TwIST's state (central model,
+   moments, step, round) in ``DIR/twist``, so ``--load DIR`` resumes exactly; ``--twist-save DIR2``
+   writes the final central model to DIR2. Cut the dense model with
+   ``twist extract --load DIR/twist --keep-ratio 0.5 --save cut/`` (any TP/PP).
 
 On a machine without CUDA, megatron_twist/integrations/megatron_lm_cpu.py bends Megatron-LM's
 loop for CPU + gloo at run time (pass ``--distributed-backend gloo --transformer-impl local``).

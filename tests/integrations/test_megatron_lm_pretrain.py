@@ -34,6 +34,7 @@ except ConfigError as e:
 
 pytestmark = [
     pytest.mark.multiprocess,
+    pytest.mark.megatron_lm,
     pytest.mark.skipif(MISSING is not None, reason=f"Megatron-LM not available ({ENV_VAR}): {MISSING}"),
 ]
 
