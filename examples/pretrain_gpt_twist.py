@@ -68,4 +68,10 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from megatron_twist.errors import ConfigError
+
+    try:
+        main()
+    except ConfigError as refused:  # a flag TwIST cannot honour: the reason and the fix, exit code 2
+        print(f"pretrain_gpt_twist.py: error: {refused}", file=sys.stderr, flush=True)
+        sys.exit(2)
