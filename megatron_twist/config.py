@@ -360,6 +360,19 @@ class TrainConfig:
 
 CKPT_FORMATS = ("safetensors", "torch_dist")
 
+# Why pipeline parallelism stays off the DeepSpeed path (also the planner's refusal): a DeepSpeed engine
+# runs its model's whole forward and backward in one call, so a Megatron-core pipeline stage inside it
+# cannot exchange activations with the next stage mid-step (Megatron's 1F1B schedule drives the stages
+# from outside); DeepSpeed's own pipeline engine needs its PipelineModule (a list of layers it cuts
+# itself, ZeRO 0/1 only) instead of a GPTModel stage whose layers TwIST sizes per subnet.
+DEEPSPEED_NO_PP = (
+    "--pipeline-model-parallel-size > 1 is not supported with --deepspeed: a DeepSpeed engine runs the whole "
+    "forward and backward of its model in one call, so it cannot drive Megatron-core's pipeline schedule, and "
+    "DeepSpeed's own pipeline engine needs its PipelineModule (ZeRO 0/1 only), not a Megatron GPTModel stage. "
+    "Use --tensor-model-parallel-size under --deepspeed, or `twist train` without --deepspeed for pipeline "
+    "parallel layouts (Megatron-core's 1F1B path)"
+)
+
 
 @dataclass(frozen=True)
 class RunConfig:
@@ -400,11 +413,8 @@ class RunConfig:
             )
         if self.save_interval is not None and not self.save:
             raise ConfigError("--save-interval needs --save DIR (the directory of the periodic checkpoints)")
-        if self.deepspeed_config and (self.tensor_parallel_size > 1 or self.pipeline_parallel_size > 1):
-            raise ConfigError(
-                "with --deepspeed this release supports TP/PP size 1 only; for tensor or pipeline "
-                "parallel layouts use `twist train` without --deepspeed (Megatron-core's own path)"
-            )
+        if self.deepspeed_config and self.pipeline_parallel_size > 1:
+            raise ConfigError(DEEPSPEED_NO_PP)
 
     @property
     def deepspeed(self) -> bool:

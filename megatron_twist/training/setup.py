@@ -142,6 +142,8 @@ def _resumed(args, explicit, run: RunConfig, data: TrainingData, twist: TwistCon
 
     central_dir = os.path.join(run.load, detect.DEEPSPEED_CENTRAL) if run.deepspeed else run.load
     saved, model = detect.read_central_meta(central_dir)
+    if run.deepspeed:
+        _check_deepspeed_resume_layout(saved, run)
     imported = saved.get("origin", {}).get("format") == "huggingface" and saved["step"] == 0
     check_resume(saved, run.load, args, explicit, data.meta, twist_from_checkpoint=not imported)
     if imported:
@@ -161,6 +163,18 @@ def _resumed(args, explicit, run: RunConfig, data: TrainingData, twist: TwistCon
             "DIR` for an imported model)"
         )
     return model, twist
+
+
+def _check_deepspeed_resume_layout(saved: dict, run: RunConfig) -> None:
+    """A DeepSpeed checkpoint holds one set of engine files per TP rank and its central model's shards per
+    TP position: it resumes at the tensor-parallel size it was saved at (checked before any work)."""
+    saved_tp = int((saved.get("sharded") or {}).get("tensor_parallel", 1))
+    if saved_tp != run.tensor_parallel_size:
+        raise ConfigError(
+            f"--load {run.load} was saved by a DeepSpeed run at tensor parallel {saved_tp}, this run is at "
+            f"{run.tensor_parallel_size}: DeepSpeed's engine files are per TP rank, so it resumes only at its "
+            f"own layout; pass --tensor-model-parallel-size {saved_tp}"
+        )
 
 
 def _check_save_interval(run: RunConfig, twist: TwistConfig) -> None:
@@ -205,7 +219,7 @@ def _resolve_ds_batches(run: RunConfig, ds_config: dict, train: TrainConfig, twi
         )
         else None
     )
-    sizes = check_batch_consistency(run.deepspeed_config, flag, world, twist)
+    sizes = check_batch_consistency(run.deepspeed_config, flag, world, twist, tensor_parallel=run.tensor_parallel_size)
     train = dataclasses.replace(train, micro_batch_size=sizes["train_micro_batch_size_per_gpu"])
     ds_config = dict(
         ds_config,
