@@ -26,6 +26,12 @@ parameter-sized buffer at a time. Traffic per round: one reduce-scatter and
 one all-gather of the central model per field, as much on the wire as the
 all-reduce it replaces.
 
+Under tensor parallelism every rank works on its own TP shard: the engine's model is the subnet's TP
+shard, the central model is the central TP shard sharded over the data-parallel ranks of that TP
+position, and plans are drawn in the shard's local indices (``LocalPlans``, as on the Megatron path), so
+slicing and holder counts use the shard's geometry; TP ranks exchange nothing at a round boundary
+except, under --twist-pin-cut, the unit scores (``pinned_plan_of_shards``).
+
 Only the two boundaries above are ZeRO's own. When they happen (twist/rounds.py
 ``RoundClock``), which plans a round draws (``LocalPlans``), which fields it
 averages and the activation correction (twist/hooks.py ``CorrectionHooks``) are
