@@ -122,7 +122,9 @@ step mg-fp32 launch train "${MODEL[@]}" "${RUN[@]}" "${TWIST[@]}" "${LAYOUT[@]}"
   --save "$OUT/central" --metrics-file "$OUT/mg-fp32.json"
 step mg-bf16 launch train "${MODEL[@]}" "${RUN[@]}" "${TWIST[@]}" "${LAYOUT[@]}" --bf16 --metrics-file "$OUT/mg-bf16.json"
 if [ "$RANKS" -gt 1 ]; then
-  step mg-1proc python -m megatron_twist train "${MODEL[@]}" "${RUN[@]}" "${TWIST[@]}" --metrics-file "$OUT/mg-1proc.json"
+  # --twist-balance-shards: the subnets the multi-rank run drew (balanced over its TP size), at TP 1
+  step mg-1proc python -m megatron_twist train "${MODEL[@]}" "${RUN[@]}" "${TWIST[@]}" --twist-balance-shards "$TP" \
+    --metrics-file "$OUT/mg-1proc.json"
 fi
 for z in 1 2 3; do
   ds_config "$z" false
