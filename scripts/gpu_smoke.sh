@@ -44,10 +44,11 @@ bash scripts/setup_env.sh || { echo "FAIL {\"step\": \"install\"}"; exit 1; }
 INSTALL_S=$((SECONDS - START))
 # shellcheck disable=SC1091
 . .venv/bin/activate
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1
 
-if [ "$CPU" = 1 ]; then
+if [ "$CPU" = 1 ]; then  # one thread per rank (the CPU suite's setting); on GPUs torch's default threads
   export CUDA_VISIBLE_DEVICES="" DS_ACCELERATOR=cpu GLOO_SOCKET_IFNAME=${GLOO_SOCKET_IFNAME:-lo}
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
   RANKS=${SMOKE_RANKS:-2}
 else
   NGPU=$(python -c 'import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)')
@@ -72,7 +73,7 @@ if [ "$CPU" = 1 ]; then
 else
   MODEL=(--model-preset small); VOCAB=4096; MB=8; ITERS=30; LS=10
   GIB=$(python -c 'import torch; print(torch.cuda.get_device_properties(0).total_memory >> 30)')
-  if [ "$GIB" -ge 70 ]; then  # ~0.5B parameters, 8 x 1024 tokens a step: a few seconds of a large GPU
+  if [ "$GIB" -ge 70 ]; then  # ~0.7B parameters, 8 x 1024 tokens a step: a few seconds of a large GPU
     TPUT=(--num-layers 12 --hidden-size 2048 --num-attention-heads 16 --num-query-groups 8 --ffn-hidden-size 5632
           --seq-length 1024 --vocab-size 32000 --micro-batch-size 8 --train-iters 40 --local-steps 10)
   else
@@ -208,7 +209,12 @@ def check(name, value, ok):
     checks[name] = {"value": value, "pass": bool(ok)}
 
 
-ref = curve(load("mg-fp32.json"))
+runs = {n: curve(load(f)) for n, f in (("mg-fp32", "mg-fp32.json"), ("mg-bf16", "mg-bf16.json"),
+                                        ("mg-1proc", "mg-1proc.json"), ("ds-zero1", "ds-zero1-metrics.json"),
+                                        ("ds-zero2", "ds-zero2-metrics.json"), ("ds-zero3", "ds-zero3-metrics.json"),
+                                        ("ds-zero2-bf16", "ds-zero2-bf16-metrics.json"))}
+res["loss_first_last"] = {n: [c[0], c[-1]] for n, c in runs.items() if c}
+ref = runs["mg-fp32"]
 res["mg_fp32_first_last_loss"] = [ref[0], ref[-1]] if ref else None
 check("mg-fp32 trains", res["mg_fp32_first_last_loss"], ref and len(ref) == iters and ref[-1] < ref[0])
 d = diff(curve(load("mg-bf16.json")), ref)
