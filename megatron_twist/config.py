@@ -327,6 +327,11 @@ class TrainConfig:
     # Megatron's --bf16: subnets compute in bf16 (weights, activations, gradients) from fp32 master
     # weights that the optimizer steps; the central model, its moments and aggregation stay fp32.
     bf16: bool = False
+    # Knowledge distillation (optim/distill.py): a dense checkpoint to distil from, or 'central' (TwIST's
+    # central model as it stood at the round's start); the loss is (1 - w) CE + w T^2 KL(teacher || student).
+    distill_teacher: Optional[str] = None
+    distill_weight: float = 0.5
+    distill_temperature: float = 1.0
 
     def __post_init__(self):
         if self.train_iters < 1:
@@ -337,6 +342,10 @@ class TrainConfig:
             raise ConfigError(f"--global-batch-size must be at least 1, got {self.global_batch_size}")
         if self.lr <= 0:
             raise ConfigError(f"--lr must be positive, got {self.lr}")
+        if not 0.0 < self.distill_weight <= 1.0:
+            raise ConfigError(f"--distill-weight must be in (0, 1], got {self.distill_weight}")
+        if self.distill_temperature <= 0:
+            raise ConfigError(f"--distill-temperature must be positive, got {self.distill_temperature}")
         if self.nonfinite_policy not in NONFINITE_POLICIES:
             raise ConfigError(f"--nonfinite-policy must be one of {NONFINITE_POLICIES}, got {self.nonfinite_policy!r}")
 
