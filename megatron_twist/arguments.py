@@ -85,6 +85,14 @@ def add_twist_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "so the final cut trains as one model (default on: measured better in both regimes, "
         "docs/RESULTS.md); --no-twist-pin-cut draws every subnet at random",
     )
+    g.add_argument(
+        "--twist-cut-from-step",
+        type=int,
+        default=None,
+        metavar="STEP",
+        help="from this global step (a multiple of --local-steps) on, every subnet trains the pinned cut: "
+        "cut-aware final rounds (the cut trains densely on all subnets' tokens; the other units stay put)",
+    )
     return parser
 
 
@@ -101,6 +109,7 @@ def validate_twist_args(args: argparse.Namespace) -> TwistConfig:
         optimizer_state=args.optimizer_state,
         balance_shards=args.twist_balance_shards,
         pin_cut=args.twist_pin_cut,
+        cut_from_step=getattr(args, "twist_cut_from_step", None),
     )
 
 
