@@ -69,6 +69,7 @@ def prepare_job(args, explicit: Set[str], log: Callable[[str], None] = print) ->
             f"(the checkpoint's subnets are balanced over {twist.balance_shards or tp} shard(s); "
             "choose sizes that divide the saved model and that number)"
         ) from None
+    _check_distillation(train, run, model)
     _check_save_interval(run, twist)
     _check_outputs(run)  # nothing of the user's is replaced
     data.check_fits(model.seq_length)
@@ -98,6 +99,40 @@ def _check_precision(args, deepspeed: bool) -> None:
         raise ConfigError(
             "--bf16 is the Megatron path's; under --deepspeed precision comes from the ds_config: "
             'set "bf16": {"enabled": true} there'
+        )
+
+
+def _check_distillation(train: TrainConfig, run: RunConfig, model: ModelConfig) -> None:
+    """--distill-teacher: a layout with full logits on every rank, and a teacher of the same vocabulary."""
+    teacher = train.distill_teacher
+    if teacher is None:
+        return
+    where = (
+        "--deepspeed"
+        if run.deepspeed
+        else "--twist-shard-central"
+        if run.shard_central and teacher == "central"
+        else "tensor or pipeline parallelism"
+        if run.tensor_parallel_size > 1 or run.pipeline_parallel_size > 1
+        else None
+    )
+    if where:
+        raise ConfigError(
+            f"--distill-teacher is not supported with {where}: distillation needs the full logits of a whole "
+            "teacher on every rank; train at TP = PP = 1 on the Megatron path, or drop --distill-teacher"
+        )
+    if teacher == "central":
+        return
+    if not detect.holds_checkpoint(Path(teacher)):
+        raise ConfigError(
+            f"--distill-teacher {teacher} holds no central checkpoint: pass a directory written by "
+            "`twist train --save` or `twist import-hf`, or 'central' for TwIST's own central model"
+        )
+    _, teacher_model = detect.read_central_meta(teacher)
+    if teacher_model.vocab_size != model.vocab_size:
+        raise ConfigError(
+            f"--distill-teacher {teacher} has vocabulary {teacher_model.vocab_size}, the model trained "
+            f"{model.vocab_size}: the teacher must share the student's tokenizer"
         )
 
 
