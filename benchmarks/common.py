@@ -249,3 +249,18 @@ def parse_variants(parser, specs: List[str], default_lengths: List[int]) -> Tupl
         flags[name] = shlex.split(rest)
         lengths[name] = [int(x) for x in at.split(",")] if at else list(default_lengths)
     return flags, lengths
+
+
+# ---------------------------------------------------------------- compute
+def flops_per_token(m: dict, vocab: int, kappa: float = 1.0) -> float:
+    """Training FLOPs per token (forward + backward = 3 x forward, 2 per multiply-add) of a Llama-style
+    model with its heads and neurons scaled by kappa: its matrix multiplies, the attention scores
+    and the output layer; the embedding lookup is free."""
+    head_dim = m["hidden_size"] // m["num_attention_heads"]
+    heads, ffn = m["num_attention_heads"] * kappa, m["ffn_hidden_size"] * kappa
+    qkv = m["hidden_size"] * (heads + 2 * m["num_query_groups"]) * head_dim
+    proj = heads * head_dim * m["hidden_size"]
+    mlp = 3 * m["hidden_size"] * ffn  # gate, up, down
+    scores = 2 * m["seq_length"] * heads * head_dim  # QK^T and AV
+    per_layer = 2 * (qkv + proj + mlp) + 2 * scores
+    return 3 * (m["num_layers"] * per_layer + 2 * m["hidden_size"] * vocab)

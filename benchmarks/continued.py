@@ -13,11 +13,13 @@ every arm trains on the same phase-2 tokens (steps x micro batch x ranks x seque
      kappa 0.25 / 0.5 / 0.75 (magnitude, zero cost);
   b. dense fine-tuning of the imported model, then structured pruning without retraining:
      magnitude and the activation-aware (Wanda-style) score of benchmarks/pruning.py;
-  c. prune-and-retrain (Minitron-style, no distillation): the imported model pruned to each size with
+  c. prune-and-retrain (Minitron-style): the imported model pruned to each size with
      the activation-aware score (calibration: phase-2 training text), saved as a cut-out model,
      exported to HF and imported as a central checkpoint of the smaller sizes (`twist train --load`
      accepts an imported model with its own sizes and takes the TwIST settings from the command),
-     then fine-tuned densely on the phase-2 tokens;
+     then fine-tuned densely on the phase-2 tokens; with --distill also distilled from the dense model
+     fine-tuned on phase 2 (arm e, Minitron's corrected teacher; `twist train --distill-teacher`), at the
+     same steps and at arm (c)'s training FLOPs (fewer steps, the teacher's forward counted);
   d. a model of each cut size trained from scratch the same way as the full one: phase 1, HF round
      trip, phase 2 (same tokens, same recipe);
   e. the full dense model fine-tuned (the reference, = b before pruning); also TwIST's central model
@@ -42,6 +44,7 @@ from typing import Dict
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
+    flops_per_token,
     is_prepared,
     merge_seeds,
     model_flags,
@@ -183,7 +186,21 @@ def run_seed(args, p2: Path, phase1: Dict[str, Path], tokenizer: Path, out: Path
         train("continued", f"prune-retrain-{kappa}", p2, out, ["--load", str(start), *DENSE, *lr], args, steps2)
         small = ["--load", str(phase1[str(kappa)]), *DENSE, *lr]
         train("continued", f"small-{kappa}", p2, out, small, args, steps2)
+        if args.distill:  # (c) with distillation from the dense model fine-tuned on phase 2 (Minitron's teacher)
+            kd = ["--load", str(start), *DENSE, *lr, "--distill-teacher", str(out / "dense")]
+            kd += ["--distill-weight", str(args.distill_weight), "--distill-temperature", str(args.distill_temperature)]
+            train("continued", f"prune-retrain-kd-{kappa}", p2, out, kd, args, steps2)
+            train("continued", f"prune-retrain-kd-eqflops-{kappa}", p2, out, kd, args, kd_steps(args, kappa))
     return evaluate(args, p2, imported, out)
+
+
+def kd_steps(args, kappa: float) -> int:
+    """Steps of the distilled arm (c) at arm (c)'s training FLOPs: each step also runs the teacher's
+    forward (a third of the full model's training FLOPs per token). The teacher's own fine-tuning is
+    arm (e)'s and not counted (it is shared with (b))."""
+    m, v = args.model, args.vocab
+    student, teacher_forward = flops_per_token(m, v, kappa), flops_per_token(m, v) / 3
+    return max(1, round(args.phase2_steps * student / (student + teacher_forward)))
 
 
 def evaluate(args, p2: Path, imported: Path, out: Path) -> Dict:
@@ -221,6 +238,9 @@ def evaluate(args, p2: Path, imported: Path, out: Path) -> Dict:
         res.setdefault("b_dense_activation", {})[k] = ppl(pruner.prune(kappa, "activation")[0])
         res.setdefault("c_prune_retrain", {})[k] = ppl(load_central(str(out / f"prune-retrain-{kappa}"))[0].module)
         res.setdefault("d_small_from_scratch", {})[k] = ppl(load_central(str(out / f"small-{kappa}"))[0].module)
+        for key, name in (("c_kd", "prune-retrain-kd"), ("c_kd_eqflops", "prune-retrain-kd-eqflops")):
+            if args.distill:
+                res.setdefault(key, {})[k] = ppl(load_central(str(out / f"{name}-{kappa}"))[0].module)
         print(
             f"[continued] kappa {kappa}: " + ", ".join(f"{a} {res[a][k]['perplexity']:.2f}" for a in arms(args)[0]),
             flush=True,
@@ -235,7 +255,10 @@ LABELS = ("(a) TwIST cut", "(b) magnitude", "(b) activation", "(c) prune+retrain
 def arms(args):
     """(keys, labels) of the table's columns: the five arms, then one (a) column per --variant."""
     names = list(args.variants)
-    return ARMS + tuple(f"a_twist_{n}_cut" for n in names), LABELS + tuple(f"(a) {n}" for n in names)
+    keys, labels = ARMS + tuple(f"a_twist_{n}_cut" for n in names), LABELS + tuple(f"(a) {n}" for n in names)
+    if args.distill:
+        keys, labels = keys + ("c_kd", "c_kd_eqflops"), labels + ("(c) + distillation", "(c) + dist., eq. FLOPs")
+    return keys, labels
 
 
 def report(res: Dict, args) -> None:
@@ -309,6 +332,15 @@ def main() -> int:
         help="one more TwIST arm with extra `twist train` flags, e.g. cutaware='--twist-cut-aware-rounds 3' "
         "(repeatable; each is cut and reported beside (a))",
     )
+    p.add_argument(
+        "--distill",
+        action="store_true",
+        help="arm (c) also with distillation from the dense model fine-tuned on phase 2 (`twist train "
+        "--distill-teacher`): at the same steps, and at (c)'s training FLOPs (fewer steps: the teacher's "
+        "forward counted)",
+    )
+    p.add_argument("--distill-weight", type=float, default=0.5, help="w of (1 - w) CE + w T^2 KL")
+    p.add_argument("--distill-temperature", type=float, default=1.0)
     p.add_argument("--phase1-bytes", type=int, default=None, help="cap on the stdlib phase-1 text")
     p.add_argument("--phase2-bytes", type=int, default=None, help="cap on the phase-2 text")
     p.add_argument("--seeds", nargs="+", type=int, default=[1234], help="every phase-2 arm once per seed")
@@ -372,6 +404,13 @@ def main() -> int:
         seeds=list(args.seeds),
         kappas=list(KAPPAS),
     )
+    if args.distill:
+        m, v = args.model, args.vocab
+        res["distill_steps"] = {str(k): kd_steps(args, k) for k in KAPPAS}
+        # the teacher's forward FLOPs per student training FLOP: the eq.-FLOPs arm's steps shrink by 1 + this
+        res["distill_teacher_forward_share"] = {
+            str(k): flops_per_token(m, v) / 3 / flops_per_token(m, v, k) for k in KAPPAS
+        }
     res["regime"] = size_matters(res["e_dense_full"], res["d_small_from_scratch"])
     res["size_matters"] = res["regime"]["size_matters"]
     report(res, args)

@@ -38,6 +38,7 @@ from typing import Dict, List
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
+    flops_per_token,
     is_prepared,
     merge_seeds,
     model_flags,
@@ -56,20 +57,6 @@ sys.path.insert(0, str(REPO))
 KAPPA = 0.5
 DENSE = ["--num-subnets", "1", "--keep-ratio", "1.0"]
 TWIST = ["--num-subnets", "2", "--keep-ratio", str(KAPPA)]
-
-
-def flops_per_token(m: dict, vocab: int, kappa: float = 1.0) -> float:
-    """Training FLOPs per token (forward + backward = 3 x forward, 2 per multiply-add) of a Llama-style
-    model with its heads and neurons scaled by kappa: its matrix multiplies, the attention scores
-    and the output layer; the embedding lookup is free."""
-    head_dim = m["hidden_size"] // m["num_attention_heads"]
-    heads, ffn = m["num_attention_heads"] * kappa, m["ffn_hidden_size"] * kappa
-    qkv = m["hidden_size"] * (heads + 2 * m["num_query_groups"]) * head_dim
-    proj = heads * head_dim * m["hidden_size"]
-    mlp = 3 * m["hidden_size"] * ffn  # gate, up, down
-    scores = 2 * m["seq_length"] * heads * head_dim  # QK^T and AV
-    per_layer = 2 * (qkv + proj + mlp) + 2 * scores
-    return 3 * (m["num_layers"] * per_layer + 2 * m["hidden_size"] * vocab)
 
 
 def data_dir(args, out: Path) -> Path:

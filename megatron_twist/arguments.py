@@ -85,6 +85,14 @@ def add_twist_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "so the final cut trains as one model (default on: measured better in both regimes, "
         "docs/RESULTS.md); --no-twist-pin-cut draws every subnet at random",
     )
+    g.add_argument(
+        "--twist-cut-from-step",
+        type=int,
+        default=None,
+        metavar="STEP",
+        help="from this global step (a multiple of --local-steps) on, every subnet trains the pinned cut: "
+        "cut-aware final rounds (the cut trains densely on all subnets' tokens; the other units stay put)",
+    )
     return parser
 
 
@@ -101,6 +109,7 @@ def validate_twist_args(args: argparse.Namespace) -> TwistConfig:
         optimizer_state=args.optimizer_state,
         balance_shards=args.twist_balance_shards,
         pin_cut=args.twist_pin_cut,
+        cut_from_step=getattr(args, "twist_cut_from_step", None),
     )
 
 
@@ -166,6 +175,16 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
         help="subnet forward/backward in bf16 from fp32 master weights (Megatron's flag); the central model, "
         "its Adam moments and aggregation stay fp32",
     )
+    g.add_argument(
+        "--distill-teacher",
+        default=None,
+        metavar="CKPT|central",
+        help="knowledge distillation in every step: from a dense central checkpoint of the same vocabulary (e.g. "
+        "the model a pruned one was cut from), or 'central' (TwIST's central model at the round's start); "
+        "TP = PP = 1, without --deepspeed",
+    )
+    g.add_argument("--distill-weight", type=float, default=d.distill_weight, help="w in (1 - w) CE + w T^2 KL")
+    g.add_argument("--distill-temperature", type=float, default=d.distill_temperature, help="T of the soft targets")
     g.add_argument("--fp16", action="store_true", help=argparse.SUPPRESS)  # only to refuse it with the reason
     g.add_argument("--lr", type=float, default=d.lr)
     g.add_argument("--min-lr", type=float, default=d.min_lr)
@@ -248,6 +267,9 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
         micro_batch_size=args.micro_batch_size,
         global_batch_size=getattr(args, "global_batch_size", None),
         bf16=getattr(args, "bf16", False),
+        distill_teacher=getattr(args, "distill_teacher", None),
+        distill_weight=getattr(args, "distill_weight", TrainConfig.distill_weight),
+        distill_temperature=getattr(args, "distill_temperature", TrainConfig.distill_temperature),
         lr=args.lr,
         min_lr=args.min_lr,
         lr_warmup_iters=args.lr_warmup_iters,

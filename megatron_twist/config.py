@@ -175,6 +175,10 @@ class TwistConfig:
                        trained as one model all along (issue #15's cut-aware sampling).
                        Every layout: TP/PP shards and ZeRO partitions sum their parts of
                        the scores (twist/pin.py).
+    cut_from_step:     with pin_cut, from this global step (a round boundary) on EVERY subnet
+                       holds the pinned cut: the final rounds train the cut-out model densely
+                       on all subnets' tokens, the other units stay as they are (issue #15's
+                       cut-aware final rounds). None: never.
     """
 
     keep_ratio: float = 0.5
@@ -188,6 +192,7 @@ class TwistConfig:
     optimizer_state: str = "aggregate"
     balance_shards: int = 0
     pin_cut: bool = True
+    cut_from_step: Optional[int] = None
 
     def __post_init__(self):
         object.__setattr__(self, "whole_layers", tuple(int(i) for i in self.whole_layers))
@@ -205,12 +210,24 @@ class TwistConfig:
             raise ConfigError(
                 f"--optimizer-state must be one of {OPTIMIZER_STATE_POLICIES}, got {self.optimizer_state!r}"
             )
+        if self.cut_from_step is not None:
+            if not self.pin_cut:
+                raise ConfigError("--twist-cut-from-step trains the pinned cut: it needs --twist-pin-cut (the default)")
+            if self.cut_from_step < 0 or self.cut_from_step % self.local_steps:
+                raise ConfigError(
+                    f"--twist-cut-from-step {self.cut_from_step} must be a round boundary: a non-negative multiple "
+                    f"of --local-steps {self.local_steps}"
+                )
         if self.coverage and self.num_subnets * self.keep_ratio < 1.0 - 1e-9:
             raise ConfigError(
                 f"coverage needs num_subnets x keep_ratio >= 1, got {self.num_subnets} x {self.keep_ratio} = "
                 f"{self.num_subnets * self.keep_ratio:g}; raise --num-subnets to at least "
                 f"{int(-(-1 // self.keep_ratio))} or pass --no-coverage"
             )
+
+    def cut_only(self, round_index: int) -> bool:
+        """Whether every subnet of this round holds the pinned cut (``cut_from_step``)."""
+        return self.cut_from_step is not None and round_index * self.local_steps >= self.cut_from_step
 
     @property
     def splits_heads(self) -> bool:
@@ -327,6 +344,11 @@ class TrainConfig:
     # Megatron's --bf16: subnets compute in bf16 (weights, activations, gradients) from fp32 master
     # weights that the optimizer steps; the central model, its moments and aggregation stay fp32.
     bf16: bool = False
+    # Knowledge distillation (optim/distill.py): a dense checkpoint to distil from, or 'central' (TwIST's
+    # central model as it stood at the round's start); the loss is (1 - w) CE + w T^2 KL(teacher || student).
+    distill_teacher: Optional[str] = None
+    distill_weight: float = 0.5
+    distill_temperature: float = 1.0
 
     def __post_init__(self):
         if self.train_iters < 1:
@@ -337,6 +359,10 @@ class TrainConfig:
             raise ConfigError(f"--global-batch-size must be at least 1, got {self.global_batch_size}")
         if self.lr <= 0:
             raise ConfigError(f"--lr must be positive, got {self.lr}")
+        if not 0.0 < self.distill_weight <= 1.0:
+            raise ConfigError(f"--distill-weight must be in (0, 1], got {self.distill_weight}")
+        if self.distill_temperature <= 0:
+            raise ConfigError(f"--distill-temperature must be positive, got {self.distill_temperature}")
         if self.nonfinite_policy not in NONFINITE_POLICIES:
             raise ConfigError(f"--nonfinite-policy must be one of {NONFINITE_POLICIES}, got {self.nonfinite_policy!r}")
 
@@ -359,6 +385,19 @@ class TrainConfig:
 
 
 CKPT_FORMATS = ("safetensors", "torch_dist")
+
+# Why pipeline parallelism stays off the DeepSpeed path (also the planner's refusal): a DeepSpeed engine
+# runs its model's whole forward and backward in one call, so a Megatron-core pipeline stage inside it
+# cannot exchange activations with the next stage mid-step (Megatron's 1F1B schedule drives the stages
+# from outside); DeepSpeed's own pipeline engine needs its PipelineModule (a list of layers it cuts
+# itself, ZeRO 0/1 only) instead of a GPTModel stage whose layers TwIST sizes per subnet.
+DEEPSPEED_NO_PP = (
+    "--pipeline-model-parallel-size > 1 is not supported with --deepspeed: a DeepSpeed engine runs the whole "
+    "forward and backward of its model in one call, so it cannot drive Megatron-core's pipeline schedule, and "
+    "DeepSpeed's own pipeline engine needs its PipelineModule (ZeRO 0/1 only), not a Megatron GPTModel stage. "
+    "Use --tensor-model-parallel-size under --deepspeed, or `twist train` without --deepspeed for pipeline "
+    "parallel layouts (Megatron-core's 1F1B path)"
+)
 
 
 @dataclass(frozen=True)
@@ -400,11 +439,8 @@ class RunConfig:
             )
         if self.save_interval is not None and not self.save:
             raise ConfigError("--save-interval needs --save DIR (the directory of the periodic checkpoints)")
-        if self.deepspeed_config and (self.tensor_parallel_size > 1 or self.pipeline_parallel_size > 1):
-            raise ConfigError(
-                "with --deepspeed this release supports TP/PP size 1 only; for tensor or pipeline "
-                "parallel layouts use `twist train` without --deepspeed (Megatron-core's own path)"
-            )
+        if self.deepspeed_config and self.pipeline_parallel_size > 1:
+            raise ConfigError(DEEPSPEED_NO_PP)
 
     @property
     def deepspeed(self) -> bool:

@@ -6,7 +6,7 @@
 #   sbatch slurm/twist_70b.sh                      # submit (from the repository root)
 #   bash slurm/twist_70b.sh --plan                 # check the layout and size it, no GPU, no Slurm
 #   NODES=64 bash slurm/twist_70b.sh --plan --json # the same for another node count, as JSON
-#   LAUNCHER=deepspeed TP=1 PP=1 sbatch slurm/twist_70b.sh   # the DeepSpeed variant (hostfile)
+#   LAUNCHER=deepspeed PP=1 sbatch slurm/twist_70b.sh        # the DeepSpeed variant (hostfile; TP only)
 #
 # Every size below is an environment variable with a default (VAR=... sbatch slurm/twist_70b.sh
 # overrides it); the smaller recipes (twist_8b.sh, twist_tiny_cpu.sh) set them and run this file,

@@ -46,7 +46,9 @@ def save_deepspeed_checkpoint(
         )
     finally:
         engine.save_non_zero_checkpoint, engine.save_zero_checkpoint = flags
-    save_sharded(central, os.path.join(path, "central"), twist, train, data=data_meta)
+    # At TP > 1 every TP position shards its own central model: files named by position (sharded.py).
+    position = (groups.tp_rank, groups.tp_size, 0, 1)
+    save_sharded(central, os.path.join(path, "central"), twist, train, data=data_meta, position=position)
     dist.barrier()
 
 

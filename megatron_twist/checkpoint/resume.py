@@ -27,6 +27,7 @@ TWIST_FLAGS = {
     "activation_correction": "correction",
     "optimizer_state": "optimizer_state",
     "twist_balance_shards": "balance_shards",
+    "twist_cut_from_step": "cut_from_step",
 }
 # flag dest -> ModelConfig field
 MODEL_FLAGS = {

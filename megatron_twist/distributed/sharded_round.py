@@ -93,22 +93,7 @@ class ShardedRound:
         return self.plans
 
     def _pinned(self) -> Optional[SubnetPlan]:
-        if not self.twist.pin_cut:
-            return None
-        p = self.planner
-        layers = range(self.geometry.num_layers)
-        norms = self.central.squared_norms({layer_prefix(i) + s: w for i in layers for s, w in SCORED.items()})
-        return pinned_plan_from_norms(
-            p.model,
-            self.twist,
-            lambda i: {s: norms[layer_prefix(i) + s] for s in SCORED},
-            tp_rank=p.tp_rank,
-            tp_size=p.tp_size,
-            first_layer=p.first_layer,
-            num_layers=p.num_layers,
-            device=self.central.device,
-            model_parallel_group=self.model_parallel_group,
-        )
+        return pinned_plan_of_shards(self.planner, self.central, self.twist, self.model_parallel_group)
 
     def refill(self, subnet: Subnet, s: int) -> None:
         c = self.central
@@ -161,3 +146,27 @@ def shard_central(central, group) -> ShardedCentral:
     sharded = ShardedCentral.from_full(central.config, dict(central.params), group, central.moments, device=device)
     sharded.step, sharded.round = central.step, central.round
     return sharded
+
+
+def pinned_plan_of_shards(
+    planner: LocalPlans, central: ShardedCentral, twist: TwistConfig, model_parallel_group
+) -> Optional[SubnetPlan]:
+    """Under --twist-pin-cut, subnet 0's plan for the next round, else None (collective when on): this TP
+    shard / PP stage's squared row/column norms summed over the data-parallel shards of ``central``
+    (``squared_norms``), then its unit scores summed over ``model_parallel_group`` (twist/pin.py).
+    Shared by ``ShardedRound`` and the DeepSpeed path's ZeRO round hook."""
+    if not twist.pin_cut:
+        return None
+    layers = range(planner.geometry.num_layers)
+    norms = central.squared_norms({layer_prefix(i) + s: w for i in layers for s, w in SCORED.items()})
+    return pinned_plan_from_norms(
+        planner.model,
+        twist,
+        lambda i: {s: norms[layer_prefix(i) + s] for s in SCORED},
+        tp_rank=planner.tp_rank,
+        tp_size=planner.tp_size,
+        first_layer=planner.first_layer,
+        num_layers=planner.num_layers,
+        device=central.device,
+        model_parallel_group=model_parallel_group,
+    )

@@ -4,7 +4,15 @@
   data-parallel group is the SUBNET group (the replicas of one subnet), so
   ZeRO partitions a subnet's master weights and Adam moments over its own
   replicas only, and gradients are reduced among them every step. Model
-  parallel is Megatron's tensor-parallel group.
+  parallel is Megatron's tensor-parallel group: the engine's model is this
+  rank's TP shard of the subnet (Megatron-core's ColumnParallel /
+  RowParallel layers do their own TP communication in forward and
+  backward), and DeepSpeed's gradient norm for clipping counts a parameter
+  Megatron marks ``tensor_model_parallel`` on every TP rank and a replicated
+  one (norms) on TP rank 0 only, summed over this group: the Megatron path's
+  rule (optim/step.py). Pipeline parallelism is not offered (the engine runs
+  its model's whole forward and backward in one call; config.py
+  ``DEEPSPEED_NO_PP``).
 * ``EngineFragments``: which part of each subnet parameter THIS rank holds,
   and how to write it, at every ZeRO stage, through DeepSpeed's tensor
   fragment API:
@@ -81,7 +89,10 @@ class TwistMpu:
     get_tensor_model_parallel_world_size = get_model_parallel_world_size
 
     def get_pipeline_model_parallel_world_size(self):
-        return 1
+        return 1  # refused before any work at PP > 1 (config.DEEPSPEED_NO_PP)
+
+    def get_pipeline_model_parallel_rank(self):
+        return 0
 
 
 def relink_optimizer_state(engine) -> None:

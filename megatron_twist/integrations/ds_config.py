@@ -106,6 +106,7 @@ _KEYS: Tuple[_Key, ...] = (
     _Key("optimizer_state", "optimizer_state", "optimizer_state", "--optimizer-state", "str"),
     _Key("balance_shards", "balance_shards", "twist_balance_shards", "--twist-balance-shards", "nonneg_int"),
     _Key("pin_cut", "pin_cut", "twist_pin_cut", "--no-twist-pin-cut", "bool"),
+    _Key("cut_from_step", "cut_from_step", "twist_cut_from_step", "--twist-cut-from-step", "int"),
 )
 
 #: The keys a "twist" section may hold, in documentation order.

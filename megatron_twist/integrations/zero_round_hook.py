@@ -26,6 +26,12 @@ parameter-sized buffer at a time. Traffic per round: one reduce-scatter and
 one all-gather of the central model per field, as much on the wire as the
 all-reduce it replaces.
 
+Under tensor parallelism every rank works on its own TP shard: the engine's model is the subnet's TP
+shard, the central model is the central TP shard sharded over the data-parallel ranks of that TP
+position, and plans are drawn in the shard's local indices (``LocalPlans``, as on the Megatron path), so
+slicing and holder counts use the shard's geometry; TP ranks exchange nothing at a round boundary
+except, under --twist-pin-cut, the unit scores (``pinned_plan_of_shards``).
+
 Only the two boundaries above are ZeRO's own. When they happen (twist/rounds.py
 ``RoundClock``), which plans a round draws (``LocalPlans``), which fields it
 averages and the activation correction (twist/hooks.py ``CorrectionHooks``) are
@@ -41,13 +47,12 @@ from typing import List, Optional
 
 import torch
 
-from ..config import ConfigError, ModelConfig, TwistConfig
+from ..config import DEEPSPEED_NO_PP, ConfigError, ModelConfig, TwistConfig
 from ..distributed.runtime import TwistGroups
 from ..distributed.sharded_central import ShardedCentral
+from ..distributed.sharded_round import pinned_plan_of_shards
 from ..optim.optimizer import ADAM_MOMENTS
 from ..twist.hooks import CorrectionHooks
-from ..twist.magnitude import SCORED, layer_prefix
-from ..twist.pin import plan_from_norms
 from ..twist.rounds import LocalPlans, RoundClock, aggregated_fields
 from ..twist.sampler import SubnetPlan
 from ..twist.slicing import central_flat_index, holder_count_at, slice_for, take
@@ -66,11 +71,8 @@ class ZeroRoundHook:
         engine,
         fragments: Optional[EngineFragments] = None,
     ):
-        if groups.tp_size != 1 or groups.pp_size != 1:
-            raise ConfigError(
-                "TwIST on DeepSpeed supports tensor/pipeline parallel size 1; use `twist train` "
-                "without --deepspeed for TP/PP layouts"
-            )
+        if groups.pp_size != 1:
+            raise ConfigError(DEEPSPEED_NO_PP)
         subnets = groups.local_subnets(twist.num_subnets)
         if len(subnets) != 1:
             raise ConfigError(
@@ -88,8 +90,11 @@ class ZeroRoundHook:
                 "build the central model on the engine's device"
             )
         self.fragments = fragments or EngineFragments(engine)
-        # TP = PP = 1 (checked above): local plans are the global ones
-        self.local_plans = LocalPlans(model, twist)
+        # Plans in this rank's TP shard indices: the engine's model, its fragments and the central shards
+        # are all of TP shard tp_rank (PP = 1, checked above), so slicing works on the shard's geometry.
+        self.local_plans = LocalPlans(model, twist, groups.tp_rank, groups.tp_size)
+        self.geometry = self.local_plans.geometry
+        self.model_parallel_group = groups.model_parallel_group
         self.sampler = self.local_plans.sampler
         self.fields = aggregated_fields(twist)
         self.plans: List[SubnetPlan] = []
@@ -121,7 +126,7 @@ class ZeroRoundHook:
         # Before the first step Adam has no state: it starts from zero moments, as the central's are.
         fields = self.fields if self.has_state else ("param",)
         for name, p in self.module.named_parameters():
-            spec = slice_for(self.model, name, plan, device=self.device)
+            spec = slice_for(self.geometry, name, plan, device=self.device)
             for field in fields:
                 full = self.central.gather(name, field)
                 self.bytes_moved += full.numel() * full.element_size()
@@ -137,14 +142,9 @@ class ZeroRoundHook:
         return self.bytes_moved - before
 
     def _pinned(self) -> Optional[SubnetPlan]:
-        """--twist-pin-cut: the magnitude cut of the sharded central model (twist/pin.py): every layer's
-        squared row/column norms summed over the shards with one all-reduce, identical on every rank."""
-        if not self.twist.pin_cut:
-            return None
-        layers = range(self.model.num_layers)
-        norms = self.central.squared_norms({layer_prefix(i) + s: which for i in layers for s, which in SCORED.items()})
-        per_layer = [{s: norms[layer_prefix(i) + s] for s in SCORED} for i in layers]
-        return plan_from_norms(self.model, self.twist, per_layer)
+        """--twist-pin-cut: the magnitude cut of the sharded central model (twist/pin.py): squared row/column
+        norms summed over the data-parallel shards, unit scores over the TP group; the same on every rank."""
+        return pinned_plan_of_shards(self.local_plans, self.central, self.twist, self.model_parallel_group)
 
     @torch.no_grad()
     def close_round(self, steps_taken: int) -> int:
@@ -154,9 +154,9 @@ class ZeroRoundHook:
         c = self.central
         for name, p in self.module.named_parameters():
             shape = c.shapes[name]
-            spec = slice_for(self.model, name, plan, device=self.device)
+            spec = slice_for(self.geometry, name, plan, device=self.device)
             positions = c.shard_positions(name)
-            counts = holder_count_at(self.model, name, shape, self.plans, positions)
+            counts = holder_count_at(self.geometry, name, shape, self.plans, positions)
             for field in self.fields:
                 buffer = torch.zeros(c.shard_numel(name) * c.shard_count, device=self.device)
                 held = self.fragments.held(p, field)

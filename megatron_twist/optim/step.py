@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 
 from ..model.gpt import gpt_forward
+from .distill import Teacher
 from .optimizer import set_schedule_step
 
 
@@ -72,9 +73,11 @@ def train_step(
     stats: Optional[dict] = None,
     num_microbatches: int = 1,
     compute: Optional[torch.nn.Module] = None,
+    teacher: Optional[Teacher] = None,
 ) -> float:
     """Returns the loss. ``stats``: if given, receives ``grad_norm``, the gradient norm before clipping
-    (over TP/PP shards, after replica averaging: the same value on every rank of the subnet)."""
+    (over TP/PP shards, after replica averaging: the same value on every rank of the subnet).
+    ``teacher`` (optim/distill.py, TP = PP = 1): the loss mixes in distillation from it."""
     set_schedule_step(scheduler, global_step)
     batch = batch_to_device(batch, next(model.parameters()).device)
     optimizer.zero_grad(set_to_none=True)
@@ -86,7 +89,11 @@ def train_step(
     else:
         loss = 0.0
         for mb in micro:
-            loss_t = masked_mean_loss(gpt_forward(runner, mb["tokens"], mb["labels"]), mb["loss_mask"])
+            if teacher is None:
+                per_token = gpt_forward(runner, mb["tokens"], mb["labels"])
+            else:
+                per_token = teacher.loss(runner, mb["tokens"], mb["labels"])
+            loss_t = masked_mean_loss(per_token, mb["loss_mask"])
             (loss_t / num_microbatches if num_microbatches > 1 else loss_t).backward()
             loss += loss_t.item() / num_microbatches
     if compute is not None:

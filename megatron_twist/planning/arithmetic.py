@@ -67,13 +67,14 @@ The TwIST / dense traffic ratio is taken in ring wire bytes per GPU on both
 sides (TwIST's aggregation group and replica group, dense DP's group of DP),
 so a larger dense DP group is not understated.
 
-``path='deepspeed'`` (``--deepspeed --deepspeed_config FILE``; TP = PP = 1 in
-this release). The central model is sharded over all W data-parallel ranks
+``path='deepspeed'`` (``--deepspeed --deepspeed_config FILE``; any TP, PP = 1:
+pipeline parallelism is refused on that path). The central model of each TP
+shard is sharded over the W data-parallel ranks of its TP position
 (distributed/sharded_central.py): 3 fields x ceil(n/W) per tensor of n
-elements, fp32; at round boundaries one central tensor at a time is gathered
-and reduce-scattered (transient: 2 x the largest tensor, fp32); at start-up
-every rank builds the full central weights once (4 N bytes, fp32) before
-sharding them. The subnet is a DeepSpeed engine over its R replicas; ZeRO's
+elements of the shard, fp32; at round boundaries one central tensor at a time
+is gathered and reduce-scattered (transient: 2 x the largest tensor, fp32); at
+start-up every rank builds its TP shard's central weights once (4 N bytes,
+fp32) before sharding them. The subnet is a DeepSpeed engine over its R replicas; ZeRO's
 own model (ZeRO paper): bf16 weights 2 + gradients 2 + fp32 master and Adam
 12 bytes per parameter (fp32: 4 + 4 + 8), divided by R for the optimizer
 state at stage >= 1, the gradients at stage >= 2, the weights at stage 3.
@@ -344,7 +345,7 @@ def _size(
             )
         else:
             memory, dense_memory, agg, replica, dense_dp = deepspeed_memory(
-                model, twist, sub, ns, nc, act, dense_act, dp, reps, fields, dtype, zero_stage
+                model, twist, sub, ns, nc, act, dense_act, dp, reps, fields, dtype, zero_stage, tp
             )
         startup = memory.pop("start-up peak: full central weights, fp32", 0)
         memory["total"] = max(sum(memory.values()), startup)  # the start-up peak is transient, not added
@@ -425,40 +426,41 @@ def _memory_fix(model, twist, train, hw: _Hardware, path, ds_config, shard_centr
     """The smallest TP x PP (TP inside a node first) that divides everything and fits, or what else to change."""
     world_gib = hw.gpu_memory_bytes / GIB
     best = None
-    if path == "megatron":
-        for t in divisors(hw.gpus_per_node):
-            for p in divisors(model.num_layers):
-                if hw.world_size % (t * p):
-                    continue
-                try:
-                    plan = make_plan(
-                        model,
-                        twist,
-                        train,
-                        world_size=hw.world_size,
-                        tensor_parallel=t,
-                        pipeline_parallel=p,
-                        gpus_per_node=hw.gpus_per_node,
-                        gpu_memory_gib=world_gib,
-                        path=path,
-                        suggest=False,
-                        shard_central=shard_central,
-                    )
-                except ConfigError:
-                    continue
-                key = (t * p, p)
-                if best is None or key < best[0]:
-                    best = (key, t, p, plan)
+    for t in divisors(hw.gpus_per_node):
+        for p in divisors(model.num_layers) if path == "megatron" else (1,):  # no PP under DeepSpeed
+            if hw.world_size % (t * p):
+                continue
+            try:
+                plan = make_plan(
+                    model,
+                    twist,
+                    train,
+                    world_size=hw.world_size,
+                    tensor_parallel=t,
+                    pipeline_parallel=p,
+                    gpus_per_node=hw.gpus_per_node,
+                    gpu_memory_gib=world_gib,
+                    path=path,
+                    ds_config=ds_config,
+                    suggest=False,
+                    shard_central=shard_central,
+                )
+            except ConfigError:
+                continue
+            key = (t * p, p)
+            if best is None or key < best[0]:
+                best = (key, t, p, plan)
     if best is not None:
         _, t, p, plan = best
         return (
-            f"--tensor-model-parallel-size {t} --pipeline-model-parallel-size {p} "
-            f"(DP {plan.data_parallel}; {plan.peak_stage.total_memory / GIB:.1f} GiB on the fullest GPU)"
+            f"--tensor-model-parallel-size {t}"
+            + (f" --pipeline-model-parallel-size {p} " if path == "megatron" else " ")
+            + f"(DP {plan.data_parallel}; {plan.peak_stage.total_memory / GIB:.1f} GiB on the fullest GPU)"
         )
     if path == "deepspeed":
         return (
-            "the DeepSpeed path runs at TP = PP = 1 in this release; use the Megatron path (drop --deepspeed) "
-            "with TP x PP, or a smaller --micro-batch-size / --seq-length"
+            "no TP inside a node fits on the DeepSpeed path (it runs without pipeline parallelism); use the "
+            "Megatron path (drop --deepspeed) with TP x PP, or a smaller --micro-batch-size / --seq-length"
         )
     return (
         "no TP x PP of these GPUs that divides the model fits: lower --micro-batch-size or --seq-length, "

@@ -164,10 +164,11 @@ def check_deepspeed(ds_config, train, twist, world_size, tp, pp, layout, checks)
     """The DeepSpeed path's checks (its batch line is appended to ``checks``) -> (dtype, ZeRO stage)."""
     if ds_config is None:
         raise ConfigError("the DeepSpeed path needs --deepspeed_config FILE")
-    if tp > 1 or pp > 1:
+    if pp > 1:
         raise refuse(
-            "with --deepspeed this release supports TP/PP size 1 only",
-            "drop --deepspeed (TwIST on Megatron-core's own TP x PP path), or set TP = PP = 1",
+            "pipeline parallelism is not supported with --deepspeed (a DeepSpeed engine runs its model's "
+            "whole forward and backward in one call, so it cannot drive Megatron-core's pipeline schedule)",
+            "drop --deepspeed (TwIST on Megatron-core's own TP x PP path), or use TP only",
         )
     if layout.data_parallel < twist.num_subnets:
         raise refuse(
@@ -175,7 +176,7 @@ def check_deepspeed(ds_config, train, twist, world_size, tp, pp, layout, checks)
             f"{twist.num_subnets} subnets",
             f"launch at least {twist.num_subnets} data-parallel ranks or use --num-subnets {layout.data_parallel}",
         )
-    sizes = check_batch_consistency(ds_config, train.micro_batch_size, world_size, twist)
+    sizes = check_batch_consistency(ds_config, train.micro_batch_size, world_size, twist, tensor_parallel=tp)
     checks.append(
         f"batch (DeepSpeed): train_batch_size {sizes['train_batch_size']} = micro batch "
         f"{sizes['train_micro_batch_size_per_gpu']} x accumulation {sizes['gradient_accumulation_steps']} "

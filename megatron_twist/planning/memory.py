@@ -83,9 +83,10 @@ def megatron_memory(
     return memory, dense_memory, agg, replica, dense_dp
 
 
-def deepspeed_memory(model, twist, sub, ns, nc, act, dense_act, dp, reps, fields, dtype, zero):
-    """TP = PP = 1: ns, nc are whole-model counts."""
-    sizes = stage_tensor_sizes(model)
+def deepspeed_memory(model, twist, sub, ns, nc, act, dense_act, dp, reps, fields, dtype, zero, tp=1):
+    """PP = 1: ns, nc are the counts of one TP shard of the subnet / central model, whose tensors are
+    sharded over the DP ranks of that TP position."""
+    sizes = stage_tensor_sizes(model, tp)
     padded = sum(-(-n // dp) * dp for n in sizes)
     w, g, o = (2, 2, 12) if dtype == "bf16" else (4, 4, 8)
     memory = {

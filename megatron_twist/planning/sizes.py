@@ -115,19 +115,22 @@ def stage_params(model: ModelConfig, shapes: Sequence[LayerShape], tp: int, pp: 
     return n
 
 
-def stage_tensor_sizes(model: ModelConfig) -> List[int]:
-    """Element counts of every central tensor of the whole model at TP = 1 (for sharded-central padding)."""
+def stage_tensor_sizes(model: ModelConfig, tp: int = 1) -> List[int]:
+    """Element counts of every central tensor of one TP shard of the whole model (PP = 1; for the sharded
+    central model's padding): column- and row-parallel weights, column-parallel biases and the vocabulary
+    tables are split over ``tp``; norms, row-parallel biases and learned positions are whole on every
+    TP rank."""
     h, d = model.hidden_size, model.head_dim
     H, G, F = model.num_attention_heads, model.num_query_groups, model.ffn_hidden_size
     gpt2 = model.family == "gpt2"
-    per_layer = [h * (H + 2 * G) * d, H * d * h, h * F * _fc1_rows(model), F * h, h, h]
+    per_layer = [h * (H + 2 * G) * d // tp, H * d * h // tp, h * F * _fc1_rows(model) // tp, F * h // tp, h, h]
     if gpt2:
-        per_layer += [h, h, (H + 2 * G) * d, h, F, h]  # norm biases, linear biases
-    sizes = per_layer * model.num_layers + [model.vocab_size * h, h]
+        per_layer += [h, h, (H + 2 * G) * d // tp, h, F // tp, h]  # norm biases, linear biases
+    sizes = per_layer * model.num_layers + [model.vocab_size * h // tp, h]
     if gpt2:
         sizes += [model.seq_length * h, h]
     else:
-        sizes += [model.vocab_size * h]
+        sizes += [model.vocab_size * h // tp]
     return sizes
 
 

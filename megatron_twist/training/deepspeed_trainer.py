@@ -14,7 +14,7 @@ from typing import Callable, List, Optional
 
 from .. import faults
 from ..checkpoint.deepspeed import DeepSpeedCheckpointer
-from ..checkpoint.sharded import load_sharded
+from ..checkpoint.sharded import load_sharded, open_own_shard
 from ..checkpoint.vetting import load_vetted
 from ..config import ConfigError, ModelConfig, TrainConfig, TwistConfig
 from ..cpu_shim import seed_everything
@@ -71,9 +71,10 @@ class DeepSpeedTrainer:
         # Chosen once, passed down: this rank's accelerator (its launcher set it), where DeepSpeed puts the
         # engine too (ZeroRoundHook checks); the central shards, buffers and batches live there.
         device = default_device()
-        central = build_sharded_central(model, train.seed, groups.data_parallel_group, device)
         if load is not None:
-            load_sharded(central, os.path.join(load, "central"))
+            central = load_engine_central(os.path.join(load, "central"), model, train.seed, groups, device)
+        else:
+            central = build_sharded_central(model, train.seed, groups, device)
         subnet = build_gpt_model(
             model,
             SubnetSampler(model, twist, groups.tp_size).subnet_layer_sizes(),
@@ -216,14 +217,37 @@ def _micro_batches(batch: dict, accumulation: int):
         yield {k: v[j * mb : (j + 1) * mb] for k, v in batch.items()}
 
 
-def build_sharded_central(model: ModelConfig, seed: int, group, device) -> ShardedCentral:
-    """The initial central model, sharded, on ``device``. Every rank builds the same full model from the
-    seed (the initialisation draws from one RNG stream), keeps its shard and frees the rest: a transient
-    full copy of the weights (no moments) at start-up only."""
+def build_sharded_central(model: ModelConfig, seed: int, groups: TwistGroups, device) -> ShardedCentral:
+    """The initial central model of this rank's TP shard, sharded over the data-parallel ranks of that TP
+    position, on ``device``. Every rank builds the same model from the seed (the initialisation draws
+    from one RNG stream; Megatron's CPU initialisation cuts each TP shard from the same full tensor, so
+    TP ranks hold the shards of one model), keeps its shard and frees the rest: a transient copy of the
+    TP shard's weights (no moments) at start-up only."""
     seed_everything(seed)
-    module = build_gpt_model(model, device=device)
-    central = ShardedCentral.from_full(model, dict(module.named_parameters()), group, device=device)
+    module = build_gpt_model(model, tensor_parallel_size=groups.tp_size, device=device)
+    central = ShardedCentral.from_full(
+        model, dict(module.named_parameters()), groups.data_parallel_group, device=device
+    )
     del module
+    return central
+
+
+def load_engine_central(path: str, model: ModelConfig, seed: int, groups: TwistGroups, device) -> ShardedCentral:
+    """The central model a DeepSpeed checkpoint saved (``path``: its ``central/``), for this rank. At TP 1
+    any shard count is resharded; at TP > 1 the layout must be the saved one (each rank reads its own
+    file), as the engine's own files, one set per TP rank, require anyway."""
+    if groups.tp_size == 1:
+        central = build_sharded_central(model, seed, groups, device)  # its shapes; every value is then loaded
+        load_sharded(central, path)
+        return central
+    position = (groups.tp_rank, groups.tp_size, 0, 1)
+    central = open_own_shard(path, model, groups.data_parallel_group, position, device)
+    if central is None:
+        raise ConfigError(
+            f"{path} was not saved at tensor parallel {groups.tp_size} with {groups.dp_size} data-parallel "
+            "ranks: a DeepSpeed checkpoint resumes at the layout it was saved at (its engine files are per "
+            "TP and ZeRO rank); relaunch with the saved --tensor-model-parallel-size and number of ranks"
+        )
     return central
 
 

@@ -114,7 +114,26 @@ def build_trainer(job: TrainingJob, log: Callable[[str], None], watchdog=None):
         watchdog=watchdog,
         checkpointer=checkpointer,
         metrics=metrics,
+        teacher=build_teacher(train_config, central),
     )
+
+
+def build_teacher(train_config, central):
+    """--distill-teacher (optim/distill.py): TwIST's own central model (its module is what aggregation
+    writes, so a round's steps see the central model of the round's start), or a frozen checkpoint."""
+    from ..optim.distill import Teacher
+
+    source = train_config.distill_teacher
+    if source is None:
+        return None
+    if source == "central":
+        module = central.module
+    else:
+        from ..checkpoint.models import load_central
+
+        module = load_central(source)[0].module
+        module.requires_grad_(False)
+    return Teacher(module.eval(), train_config.distill_weight, train_config.distill_temperature)
 
 
 def load_or_build_central(job: TrainingJob, groups):

@@ -69,6 +69,7 @@ def prepare_job(args, explicit: Set[str], log: Callable[[str], None] = print) ->
             f"(the checkpoint's subnets are balanced over {twist.balance_shards or tp} shard(s); "
             "choose sizes that divide the saved model and that number)"
         ) from None
+    _check_distillation(train, run, model)
     _check_save_interval(run, twist)
     _check_outputs(run)  # nothing of the user's is replaced
     data.check_fits(model.seq_length)
@@ -98,6 +99,40 @@ def _check_precision(args, deepspeed: bool) -> None:
         raise ConfigError(
             "--bf16 is the Megatron path's; under --deepspeed precision comes from the ds_config: "
             'set "bf16": {"enabled": true} there'
+        )
+
+
+def _check_distillation(train: TrainConfig, run: RunConfig, model: ModelConfig) -> None:
+    """--distill-teacher: a layout with full logits on every rank, and a teacher of the same vocabulary."""
+    teacher = train.distill_teacher
+    if teacher is None:
+        return
+    where = (
+        "--deepspeed"
+        if run.deepspeed
+        else "--twist-shard-central"
+        if run.shard_central and teacher == "central"
+        else "tensor or pipeline parallelism"
+        if run.tensor_parallel_size > 1 or run.pipeline_parallel_size > 1
+        else None
+    )
+    if where:
+        raise ConfigError(
+            f"--distill-teacher is not supported with {where}: distillation needs the full logits of a whole "
+            "teacher on every rank; train at TP = PP = 1 on the Megatron path, or drop --distill-teacher"
+        )
+    if teacher == "central":
+        return
+    if not detect.holds_checkpoint(Path(teacher)):
+        raise ConfigError(
+            f"--distill-teacher {teacher} holds no central checkpoint: pass a directory written by "
+            "`twist train --save` or `twist import-hf`, or 'central' for TwIST's own central model"
+        )
+    _, teacher_model = detect.read_central_meta(teacher)
+    if teacher_model.vocab_size != model.vocab_size:
+        raise ConfigError(
+            f"--distill-teacher {teacher} has vocabulary {teacher_model.vocab_size}, the model trained "
+            f"{model.vocab_size}: the teacher must share the student's tokenizer"
         )
 
 
@@ -142,6 +177,8 @@ def _resumed(args, explicit, run: RunConfig, data: TrainingData, twist: TwistCon
 
     central_dir = os.path.join(run.load, detect.DEEPSPEED_CENTRAL) if run.deepspeed else run.load
     saved, model = detect.read_central_meta(central_dir)
+    if run.deepspeed:
+        _check_deepspeed_resume_layout(saved, run)
     imported = saved.get("origin", {}).get("format") == "huggingface" and saved["step"] == 0
     check_resume(saved, run.load, args, explicit, data.meta, twist_from_checkpoint=not imported)
     if imported:
@@ -161,6 +198,18 @@ def _resumed(args, explicit, run: RunConfig, data: TrainingData, twist: TwistCon
             "DIR` for an imported model)"
         )
     return model, twist
+
+
+def _check_deepspeed_resume_layout(saved: dict, run: RunConfig) -> None:
+    """A DeepSpeed checkpoint holds one set of engine files per TP rank and its central model's shards per
+    TP position: it resumes at the tensor-parallel size it was saved at (checked before any work)."""
+    saved_tp = int((saved.get("sharded") or {}).get("tensor_parallel", 1))
+    if saved_tp != run.tensor_parallel_size:
+        raise ConfigError(
+            f"--load {run.load} was saved by a DeepSpeed run at tensor parallel {saved_tp}, this run is at "
+            f"{run.tensor_parallel_size}: DeepSpeed's engine files are per TP rank, so it resumes only at its "
+            f"own layout; pass --tensor-model-parallel-size {saved_tp}"
+        )
 
 
 def _check_save_interval(run: RunConfig, twist: TwistConfig) -> None:
@@ -205,7 +254,7 @@ def _resolve_ds_batches(run: RunConfig, ds_config: dict, train: TrainConfig, twi
         )
         else None
     )
-    sizes = check_batch_consistency(run.deepspeed_config, flag, world, twist)
+    sizes = check_batch_consistency(run.deepspeed_config, flag, world, twist, tensor_parallel=run.tensor_parallel_size)
     train = dataclasses.replace(train, micro_batch_size=sizes["train_micro_batch_size_per_gpu"])
     ds_config = dict(
         ds_config,

@@ -123,6 +123,7 @@ class TwistTrainer:
         watchdog=None,
         checkpointer=None,
         metrics=None,
+        teacher=None,
     ):
         """``checkpointer`` (checkpoint/manager.py) saves at round ends and at the end; ``metrics``
         (training/metrics.py) gets the run's record on the logging rank; both optional."""
@@ -150,6 +151,7 @@ class TwistTrainer:
             pipeline_parallel_size=pp,
             parallel=step_parallelism(groups),
             num_microbatches=self.num_microbatches,
+            teacher=teacher,  # --distill-teacher (optim/distill.py)
         )
         if isinstance(self.central, ShardedCentral):  # --twist-shard-central: 1/DP of it on this rank
             self.device = self.central.device

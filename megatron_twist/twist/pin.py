@@ -10,10 +10,13 @@ rank although no rank may hold the whole model:
   (a shard holds whole rows and columns of its units) into a zero table of
   every layer's units, and a SUM all-reduce over the model-parallel group
   fills the table on every rank (``pinned_plan``);
-* ZeRO-partitioned central model (integrations/zero_round_hook.py): the
-  squared row/column norms are summed over the partitions first
-  (distributed/sharded_central.py ``squared_norms``), then scored
-  (``plan_from_norms``).
+* central model sharded over data parallel (the DeepSpeed path's ZeRO round
+  hook, ``--twist-shard-central``; distributed/sharded_round.py
+  ``pinned_plan_of_shards``): the squared row/column norms of this TP shard /
+  PP stage are summed over the data-parallel shards first
+  (distributed/sharded_central.py ``squared_norms``), then scored and summed
+  over the model-parallel group like the replicated case
+  (``pinned_plan_from_norms``).
 
 The buckets are the sampler's (KV groups, and the run's TP-balance blocks,
 which ``twist train`` records in its checkpoints as ``balance_shards``), so the
@@ -25,7 +28,7 @@ the weights changed by the round that followed.
 from __future__ import annotations
 
 import hashlib
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 import torch.distributed as dist
@@ -103,15 +106,6 @@ def pinned_plan_from_norms(
     return plan_from_scores(
         model, twist, twist.keep_ratio, [(heads[layer], neurons[layer]) for layer in range(model.num_layers)], tp_size
     )
-
-
-def plan_from_norms(
-    model: ModelConfig, twist: TwistConfig, norms: List[Dict[str, torch.Tensor]], tensor_parallel_size: int = 1
-) -> SubnetPlan:
-    """The pinned plan from every layer's squared norms (magnitude.layer_norms' keys), already summed
-    over whatever partitions them; every rank passing the same norms gets the same plan."""
-    scores = [unit_scores(model, layer) for layer in norms]
-    return plan_from_scores(model, twist, twist.keep_ratio, scores, tensor_parallel_size)
 
 
 def check_agreement(plan: SubnetPlan, group, device: torch.device) -> None:

@@ -162,6 +162,8 @@ class SubnetSampler:
         m, n = self.model, self.twist.num_subnets
         if pinned is not None and len(pinned.layers) != m.num_layers:
             raise ValueError(f"a pinned plan needs all {m.num_layers} layers, got {len(pinned.layers)}")
+        if pinned is not None and self.twist.cut_only(round_index):  # --twist-cut-from-step: the final rounds
+            return [pinned] * n
         all_heads = tuple(range(m.num_attention_heads))
         all_neurons = tuple(range(m.ffn_hidden_size))
         layers_per_subnet = [[] for _ in range(n)]

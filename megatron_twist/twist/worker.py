@@ -21,6 +21,7 @@ import torch
 
 from ..config import ModelConfig, TrainConfig, TwistConfig
 from ..model.gpt import build_gpt_model
+from ..optim.distill import Teacher
 from ..optim.optimizer import (
     ADAM_MOMENTS,
     build_optimizer,
@@ -98,8 +99,11 @@ class SubnetWorker:
         pipeline_parallel_size: int = 1,
         parallel: StepParallelism = None,
         num_microbatches: int = 1,
+        teacher: Optional[Teacher] = None,
     ):
+        """``teacher``: distil from it in every step (optim/distill.py)."""
         self.model_config = geometry or model
+        self.teacher = teacher
         self.twist = twist
         self.train = train
         self.parallel = parallel
@@ -138,6 +142,7 @@ class SubnetWorker:
             stats=stats,
             num_microbatches=self.num_microbatches,
             compute=self.compute,
+            teacher=self.teacher,
         )
         self.last_grad_norm = stats["grad_norm"]
         return loss

@@ -64,10 +64,19 @@ def test_quality_benchmark_smoke_on_a_users_text_with_seeds(tmp_path, launch):
 @pytest.mark.multiprocess
 def test_continued_benchmark_smoke(tmp_path, launch):
     # phase 2 on the standard-library files phase 1 did not use: runs without ../shared/data
-    proc = _run(launch, "continued.py", tmp_path, extra=("--phase2", "stdlib", "--variant", "nopin=--no-twist-pin-cut"))
+    proc = _run(
+        launch,
+        "continued.py",
+        tmp_path,
+        extra=("--phase2", "stdlib", "--variant", "nopin=--no-twist-pin-cut", "--distill"),
+    )
     res = json.loads((tmp_path / "continued.json").read_text())
     arms = ("a_twist_cut", "b_dense_magnitude", "b_dense_activation", "c_prune_retrain", "d_small_from_scratch")
     arms += ("a_twist_nopin_cut",)  # the --variant arm, trained with its flag
+    arms += ("c_kd", "c_kd_eqflops")  # --distill: arm (c) distilled from the fine-tuned dense model
+    kd = json.loads((tmp_path / "prune-retrain-kd-0.5" / "meta.json").read_text())["train"]
+    assert kd["distill_teacher"] == str(tmp_path / "dense") and kd["distill_weight"] == 0.5
+    assert res["distill_steps"]["0.5"] == round(4 * 1 / (1 + res["distill_teacher_forward_share"]["0.5"]))
     assert json.loads((tmp_path / "twist-nopin" / "meta.json").read_text())["twist"]["pin_cut"] is False
     assert json.loads((tmp_path / "twist" / "meta.json").read_text())["twist"]["pin_cut"] is True  # the default
     assert res["kappas"] == [0.5] and res["phase2_tokens"] > 0

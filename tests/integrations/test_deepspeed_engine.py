@@ -1,8 +1,10 @@
 """TwIST riding on DeepSpeed engines, ZeRO stages 0-3, against the same run without DeepSpeed.
 
-Real `deepspeed.initialize` engines with TwIST's mpu (data-parallel group = the subnet group),
-2 ranks, one subnet each, fp32 on CPU. Tolerance: losses 1e-5, weights 1e-4 (the engine reduces
-and clips gradients with its own kernels: same maths, different summation order).
+Real `deepspeed.initialize` engines with TwIST's mpu (data-parallel group = the subnet group, model
+parallel = Megatron's TP group), fp32 on CPU, against the Megatron path (no DeepSpeed code) at the same
+layout, run in the same launch (ds_worker.py): 2 ranks with one subnet each, 2 subnets x 2 replicas,
+and TP 2 x 2 subnets. Tolerance: losses 1e-5, weights and Adam moments 1e-4 (the engine reduces and
+clips gradients with its own kernels: same maths, different summation order).
 """
 
 from __future__ import annotations
@@ -16,55 +18,31 @@ from safetensors.torch import load_file
 HERE = __import__("pathlib").Path(__file__).resolve().parent
 
 
-def _assert_engine_run_matches(ref_dir, run_dir, ranks, subnet_of, loss_tol, weight_tol):
-    """Losses of ``ranks`` (rank r trains subnet ``subnet_of(r)``) and the central model of ``run_dir``
-    against the non-DeepSpeed reference run in ``ref_dir``."""
-    ref = json.loads((ref_dir / "ref.json").read_text())
-    for rank in ranks:
-        got = json.loads((run_dir / f"losses-{rank}.json").read_text())
-        expected = [x for r in ref["rounds"] for x in r["losses"][subnet_of(rank)]]
-        assert len(got) == len(expected) == 10
-        assert max(abs(a - b) for a, b in zip(got, expected)) <= loss_tol, (run_dir.name, rank, got, expected)
-    want = load_file(str(ref_dir / "ref" / "model.safetensors"))
-    central = load_file(str(run_dir / "central.safetensors"))
-    for k in want:
-        torch.testing.assert_close(central[k], want[k], atol=weight_tol, rtol=0, msg=f"{run_dir.name}: {k}")
+def _results(out, ranks):
+    return [json.loads((out / f"result-{r}.json").read_text()) for r in range(ranks)]
+
+
+def _assert_matches_reference(results, stages, loss_tol, weight_tol, moment_tol=None):
+    """Every rank's largest differences from the Megatron-path reference (ds_worker.py) per stage."""
+    for res in results:
+        for stage in stages:
+            got = res["stages"][stage]
+            assert got["loss"] <= loss_tol, (stage, res["rank"], got)
+            assert got["weights"] <= weight_tol, (stage, res["rank"], got)
+            if moment_tol is not None:
+                assert got["moments"] <= moment_tol, (stage, res["rank"], got)
 
 
 @pytest.mark.multiprocess
 def test_zero_stages_match_twist_without_deepspeed(tmp_path, run_torchrun):
-    run_torchrun(
-        2,
-        [
-            "-m",
-            "megatron_twist",
-            "train",
-            "--model-preset",
-            "tiny",
-            "--mock-data",
-            "--train-iters",
-            "10",
-            "--local-steps",
-            "4",
-            "--micro-batch-size",
-            "2",
-            "--num-subnets",
-            "2",
-            "--keep-ratio",
-            "0.5",
-            "--save",
-            tmp_path / "ref",
-            "--metrics-file",
-            tmp_path / "ref.json",
-        ],
-        timeout=240,
-    )
-    run_torchrun(2, [HERE / "ds_worker.py", tmp_path, "0", "1", "2", "3", "2bf16"], timeout=600)
-    for stage in range(4):
-        _assert_engine_run_matches(tmp_path, tmp_path / f"zero{stage}", (0, 1), lambda r: r, 1e-5, 1e-4)
+    run_torchrun(2, [HERE / "ds_worker.py", tmp_path, "1:0,1,2,3,2bf16"], timeout=600)
+    results = _results(tmp_path / "tp1", 2)
+    assert [r["subnet"] for r in results] == [0, 1]
+    _assert_matches_reference(results, ("0", "1", "2", "3"), 1e-5, 1e-4, 1e-4)
+    assert [results[0]["stages"][s]["zero"] for s in ("0", "1", "2", "3", "2bf16")] == [0, 1, 2, 3, 2]
     # bf16 (ZeRO-2): bf16 forward/backward with fp32 master weights; bf16 keeps ~3 significant digits,
     # so it follows the fp32 run loosely
-    _assert_engine_run_matches(tmp_path, tmp_path / "zero2bf16", (0, 1), lambda r: r, 2e-2, 2e-2)
+    _assert_matches_reference(results, ("2bf16",), 2e-2, 2e-2)
 
 
 @pytest.mark.multiprocess
@@ -205,37 +183,62 @@ def test_deepspeed_checkpoint_resume_is_exact(tmp_path, run_torchrun, run_twist)
 
 
 @pytest.mark.multiprocess
-def test_zero_partitions_subnet_over_its_replicas(tmp_path, run_torchrun):
-    """4 ranks = 2 subnets x 2 replicas: ZeRO 2 and 3 partition each subnet over its 2 replicas
-    (DeepSpeed's data-parallel group is the subnet group) and still match TwIST without DeepSpeed."""
-    run_torchrun(
-        4,
-        [
-            "-m",
-            "megatron_twist",
-            "train",
-            "--model-preset",
-            "tiny",
-            "--mock-data",
-            "--train-iters",
-            "10",
-            "--local-steps",
-            "4",
-            "--micro-batch-size",
-            "2",
-            "--num-subnets",
-            "2",
-            "--keep-ratio",
-            "0.5",
-            "--save",
-            tmp_path / "ref",
-            "--metrics-file",
-            tmp_path / "ref.json",
-        ],
-        timeout=300,
+def test_zero_over_replicas_and_tensor_parallel(tmp_path, run_torchrun, refused_before_work):
+    """Two 4-rank layouts in one launch (ds_worker.py phases), each against the Megatron path at the
+    same layout (losses 1e-5, weights and Adam moments 1e-4):
+
+    * 2 subnets x 2 replicas: ZeRO 2 and 3 partition each subnet over its 2 replicas (DeepSpeed's
+      data-parallel group is the subnet group);
+    * TP 2 x 2 subnets: Megatron-core's tensor-parallel layers inside DeepSpeed engines (TwistMpu: model
+      parallel = the TP group), ZeRO 1, 2 and 3, each rank aggregating its ZeRO fragment of its TP
+      shard; a checkpoint at step 8 resumes bit for bit; the model cut out of the DeepSpeed checkpoint
+      (its TP-positioned shards consolidated) equals the reference's cut."""
+    run_torchrun(4, [HERE / "ds_worker.py", tmp_path, "1:2,3", "2:1,2,3,resume"], timeout=600)
+    results = _results(tmp_path / "tp1", 4)
+    assert [r["subnet"] for r in results] == [0, 0, 1, 1]  # ranks 0, 1: subnet 0's replicas
+    _assert_matches_reference(results, ("2", "3"), 1e-5, 1e-4, 1e-4)
+
+    tmp_path = tmp_path / "tp2"
+    results = _results(tmp_path, 4)
+    assert [(r["tp_rank"], r["subnet"]) for r in results] == [(0, 0), (1, 0), (0, 1), (1, 1)]
+    _assert_matches_reference(results, ("1", "2", "3"), 1e-5, 1e-4, 1e-4)
+    for r in results:
+        assert r["resume"] == {"losses_equal": True, "weights_equal": True, "moments_equal": True, "steps": 4}
+    # The DeepSpeed checkpoint's central model: one file per (TP shard, data-parallel shard).
+    ckpt = tmp_path / "zero2-ckpt"
+    meta = json.loads((ckpt / "central" / "meta.json").read_text())
+    assert meta["sharded"]["tensor_parallel"] == 2 and len(meta["files"]) == 4
+    assert sorted(p.name for p in (ckpt / "engine" / "global_step12").glob("mp_rank_*")) == [
+        "mp_rank_00_model_states.pt",
+        "mp_rank_01_model_states.pt",
+    ]
+    from megatron_twist.checkpoint.models import read_central
+    from megatron_twist.config import ModelConfig, TwistConfig
+    from megatron_twist.twist.extraction import cut_state, select_plan
+
+    _, params_got, _ = read_central(str(ckpt / "central"))
+    model = ModelConfig.from_dict(meta["model"])
+    params_ref = load_file(str(tmp_path / "ref.safetensors"))
+    assert params_got.keys() == params_ref.keys()
+    for k in params_ref:  # the consolidated whole model (TP shards put back in place)
+        torch.testing.assert_close(params_got[k], params_ref[k], atol=1e-4, rtol=0, msg=k)
+    twist = TwistConfig.from_dict(meta["twist"])
+    plan_got, plan_ref = (select_plan(model, twist, p, 0.5) for p in (params_got, params_ref))
+    assert plan_got == plan_ref
+    cut_got, cut_ref = cut_state(model, twist, params_got, plan_got), cut_state(model, twist, params_ref, plan_ref)
+    for k in cut_ref:
+        torch.testing.assert_close(cut_got[k], cut_ref[k], atol=1e-4, rtol=0, msg=k)
+    # It resumes only at its own TP size (engine files per TP rank): refused before any work otherwise.
+    err = refused_before_work(
+        ["train", "--model-preset", "tiny", "--mock-data", "--deepspeed", "--deepspeed_config", "DS", "--load", ckpt]
     )
-    run_torchrun(4, [HERE / "ds_worker.py", tmp_path, "2", "3"], timeout=600)
-    for stage in (2, 3):
-        # ranks 0,1 train subnet 0 (replicas 0,1), ranks 2,3 subnet 1; the reference's loss table is
-        # replica 0's (rank 0 reports its aggregation group), so compare ranks 0 and 2
-        _assert_engine_run_matches(tmp_path, tmp_path / f"zero{stage}", (0, 2), lambda r: r // 2, 1e-5, 1e-4)
+    assert "saved by a DeepSpeed run at tensor parallel 2" in err and "--tensor-model-parallel-size 2" in err
+
+
+def test_pipeline_parallel_under_deepspeed_refused_with_the_reason(refused_before_work):
+    err = refused_before_work(
+        ["train", "--model-preset", "tiny", "--mock-data", "--deepspeed", "--deepspeed_config", "DS"]
+        + ["--pipeline-model-parallel-size", "2"]
+    )
+    assert "not supported with --deepspeed" in err and "runs the whole forward and backward" in err
+    assert "Megatron-core's 1F1B path" in err

@@ -53,6 +53,7 @@ FULL_SECTION = {
     "optimizer_state": "reset",
     "balance_shards": 2,
     "pin_cut": True,
+    "cut_from_step": 30,
 }
 
 
@@ -94,6 +95,7 @@ def test_all_keys_parsed():
         optimizer_state="reset",
         balance_shards=2,
         pin_cut=True,
+        cut_from_step=30,
     )
     assert set(FULL_SECTION) == set(ALLOWED_KEYS)
 

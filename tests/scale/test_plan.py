@@ -360,8 +360,22 @@ def test_deepspeed_path_arithmetic(tmp_path):
     steady = sum(v for k, v in st.memory.items() if k not in ("total", "start-up peak: full central weights, fp32"))
     assert st.total_memory == max(steady, 4 * plan.central_params_total)
     assert st.aggregation_bytes_per_round == 2 * 3 * 4 * padded  # all-gather at refill + reduce-scatter
-    with pytest.raises(ConfigError, match="supports TP/PP size 1 only"):
-        make_plan(model, twist, train, world_size=16, tensor_parallel=8, path="deepspeed", ds_config=ds)
+    # TP 2 (DeepSpeed with Megatron-core's TP layers): every TP position shards its own TP shard of the
+    # central model over its W = 8 data-parallel ranks; the subnet is a TP shard over R = 4 replicas.
+    plan = make_plan(model, twist, train, world_size=16, tensor_parallel=2, path="deepspeed", ds_config=ds)
+    W2, R2 = 8, 4
+    shard_tensors = [h * (q + 2 * g) * d // 2, q * d * h // 2, 2 * h * f // 2, f * h // 2, h, h] * L8
+    shard_tensors += [V * h // 2, h, V * h // 2]  # vocab-parallel embedding, final norm, output layer
+    assert sum(shard_tensors) == llama_stage(L8, h, q, g, f, V, 2, 1, 0, d)
+    padded = sum(-(-n // W2) * W2 for n in shard_tensors)
+    st = plan.stages[0]
+    assert st.subnet_params == llama_stage(L8, h, 16, g, 7168, V, 2, 1, 0, d)
+    assert st.memory["central shard (weights + 2 moments)"] == 3 * 4 * padded // W2
+    assert st.memory["round transient (2 tensors)"] == 2 * 4 * V * h // 2
+    assert st.memory["subnet weights"] == 2 * st.subnet_params // R2
+    assert st.aggregation_bytes_per_round == 2 * 3 * 4 * padded
+    with pytest.raises(ConfigError, match="pipeline parallelism is not supported with --deepspeed"):
+        make_plan(model, twist, train, world_size=16, pipeline_parallel=2, path="deepspeed", ds_config=ds)
     with pytest.raises(ConfigError, match="conflicts with train_micro_batch_size_per_gpu"):
         make_plan(model, twist, TrainConfig(micro_batch_size=2), world_size=16, path="deepspeed", ds_config=ds)
 

@@ -7,7 +7,8 @@ the raw Megatron-core layout) in one copy. It then:
   columns, [gate; up] rows of linear_fc1, one linear_fc2 column per neuron; stage s holds layer s
   named layer 0), and calls twist/pin.py's ``pinned_plan`` with the world as model-parallel group;
 * as one of 4 ZeRO-style partitions (distributed/sharded_central.py, flat, padded), sums squared
-  row/column norms with ``ShardedCentral.squared_norms`` and calls ``pinned.plan_from_norms``.
+  row/column norms with ``ShardedCentral.squared_norms`` and calls ``pin.pinned_plan_from_norms`` (what
+  the ZeRO round hook and ``--twist-shard-central`` do, here at TP = PP = 1).
 
     torchrun --nproc_per_node 4 pin_worker.py OUT_DIR      -> OUT_DIR/rank-R.json
 """
@@ -23,7 +24,7 @@ import torch.distributed as dist
 
 from megatron_twist.config import ModelConfig, TwistConfig
 from megatron_twist.distributed.sharded_central import ShardedCentral
-from megatron_twist.twist.pin import pinned_plan, plan_from_norms
+from megatron_twist.twist.pin import pinned_plan, pinned_plan_from_norms
 
 MODEL = ModelConfig(
     family="llama",
@@ -118,7 +119,17 @@ def main() -> None:
             {n.split(".", 3)[3]: norms[n] for n in which if n.startswith(f"decoder.layers.{i}.")}
             for i in range(MODEL.num_layers)
         ]
-        result[f"zero_{kind}"] = plan_json(plan_from_norms(MODEL, TWIST, per_layer))
+        plan = pinned_plan_from_norms(
+            MODEL,
+            TWIST,
+            per_layer.__getitem__,
+            tp_rank=0,
+            tp_size=1,
+            first_layer=0,
+            num_layers=None,
+            device=torch.device("cpu"),
+        )
+        result[f"zero_{kind}"] = plan_json(plan)
     # an odd-sized tensor: 4 shards of 9, the last with 1 padding element, rows and columns split mid-way
     odd = torch.arange(35, dtype=torch.float32).view(7, 5)
     sharded = ShardedCentral.from_full(MODEL, {"odd": odd}, dist.group.WORLD, device="cpu")

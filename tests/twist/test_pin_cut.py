@@ -137,3 +137,46 @@ def test_two_rank_training_with_pin_cut_records_it_and_trains(run_torchrun, prep
     assert "round 3/3" in proc.stdout + proc.stderr
     meta = json.loads((save / "meta.json").read_text())
     assert meta["twist"]["pin_cut"] is True
+
+
+def test_cut_from_step_trains_the_cut_alone_in_the_final_rounds(mcore):
+    """--twist-cut-from-step 4 with 2 local steps: rounds 0 and 1 deal the subnets around the pinned cut,
+    from round 2 on every subnet holds the pinned cut, so only the cut's rows and columns of the split
+    matrices move (checked against the weights before round 2: a reference outside the sampler)."""
+    from megatron_twist.config import MODEL_PRESETS, ModelConfig, TrainConfig
+    from megatron_twist.data.batches import SyntheticBatches
+    from megatron_twist.distributed.runtime import build_twist_groups
+    from megatron_twist.training.twist_trainer import TwistTrainer, build_central
+
+    with pytest.raises(ConfigError, match="round boundary"):
+        TwistConfig(local_steps=2, cut_from_step=3)
+    with pytest.raises(ConfigError, match="needs --twist-pin-cut"):
+        TwistConfig(local_steps=2, cut_from_step=4, pin_cut=False)
+    model = ModelConfig(**MODEL_PRESETS["tiny"])
+    twist = TwistConfig(keep_ratio=0.5, num_subnets=2, local_steps=2, cut_from_step=4)
+    batches = SyntheticBatches(model.vocab_size, model.seq_length, 2, seed=5)
+
+    def run(steps):
+        # a constant lr (the 4-step run is the 8-step run's first half) and no decay (unheld units stay put)
+        train = TrainConfig(
+            train_iters=steps, micro_batch_size=2, lr=1e-2, min_lr=1e-2, lr_warmup_iters=0, weight_decay=0.0
+        )
+        central = build_central(model, train.seed)
+        trainer = TwistTrainer(
+            model, twist, train, build_twist_groups(twist), batches, central=central, log=lambda m: None
+        )
+        return trainer, trainer.run()
+
+    before, _ = run(4)  # the central model at the start of round 2
+    after, _ = run(8)
+    w0 = {n: p.detach() for n, p in before.central.params.items()}
+    w1 = {n: p.detach() for n, p in after.central.params.items()}
+    sampler = SubnetSampler(model, twist)
+    from megatron_twist.twist.pin import pinned_plan
+
+    cut = pinned_plan(model, twist, w0)
+    assert sampler.sample(2, cut) == [cut, cut] and sampler.sample(1, cut)[1] != cut
+    for layer, units in enumerate(cut.layers):
+        fc1 = f"decoder.layers.{layer}.mlp.linear_fc2.weight"  # [hidden, ffn]: a column per neuron
+        moved = (w1[fc1] - w0[fc1]).abs().sum(0) > 0
+        assert sorted(torch.nonzero(moved).flatten().tolist()) == sorted(units.neurons), layer
