@@ -83,3 +83,25 @@ def test_megatron_lm_layout_equals_twist_train(
     assert set(weights) == set(want)
     for name, tensor in want.items():
         torch.testing.assert_close(weights[name], tensor, atol=weight_tol, rtol=0, msg=name)
+
+
+def test_megatron_lm_mock_data_with_several_micro_batches(tmp_path, run_torchrun):
+    """Megatron-LM's own --mock-data, and a global batch of 2 micro-batches per subnet per iteration
+    (Megatron-LM's gradient accumulation inside a TwIST round): the job runs its rounds, every
+    subnet learns (its loss falls), and the central model it saves is the one `twist extract` reads.
+    Not compared with `twist train`: Megatron-LM's mock samples are its own, and its sampler groups
+    several micro-batches differently (README "Inside a Megatron-LM pipeline")."""
+    args = megatron_lm_args(tmp_path, tmp_path, "--twist-save", tmp_path / "central", iters=ITERS)
+    start = args.index("--data-path")
+    data = ["--mock-data", "--eval-iters", 0, "--eval-interval", 1000]
+    args[start : args.index("--data-cache-path")] = data
+    args[args.index("--global-batch-size") + 1] = 2 * 2 * MICRO  # 2 subnets x 2 micro-batches of MICRO
+    args[args.index("--vocab-size") + 1] = 511  # NullTokenizer adds one: 512 embeddings
+    run_torchrun(2, args + ["--twist-metrics-file", tmp_path / "got.json"])
+    got = json.loads((tmp_path / "got.json").read_text())
+    assert got["iterations"] == list(range(ITERS))
+    assert (got["central_step"], got["central_round"]) == (ITERS, ITERS // LOCAL_STEPS)
+    for losses in got["subnet_losses"].values():
+        assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0] - 0.1, losses
+    meta, weights, _ = read_central(str(tmp_path / "central"))
+    assert meta["step"] == ITERS and weights["embedding.word_embeddings.weight"].shape[0] == 512
