@@ -238,8 +238,8 @@ def evaluate(args, p2: Path, imported: Path, out: Path) -> Dict:
         res.setdefault("b_dense_activation", {})[k] = ppl(pruner.prune(kappa, "activation")[0])
         res.setdefault("c_prune_retrain", {})[k] = ppl(load_central(str(out / f"prune-retrain-{kappa}"))[0].module)
         res.setdefault("d_small_from_scratch", {})[k] = ppl(load_central(str(out / f"small-{kappa}"))[0].module)
-        for key, name in (("c_kd", "prune-retrain-kd"), ("c_kd_eqflops", "prune-retrain-kd-eqflops")):
-            if args.distill:
+        if args.distill:
+            for key, name in (("c_kd", "prune-retrain-kd"), ("c_kd_eqflops", "prune-retrain-kd-eqflops")):
                 res.setdefault(key, {})[k] = ppl(load_central(str(out / f"{name}-{kappa}"))[0].module)
         print(
             f"[continued] kappa {kappa}: " + ", ".join(f"{a} {res[a][k]['perplexity']:.2f}" for a in arms(args)[0]),

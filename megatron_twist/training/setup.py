@@ -107,15 +107,13 @@ def _check_distillation(train: TrainConfig, run: RunConfig, model: ModelConfig) 
     teacher = train.distill_teacher
     if teacher is None:
         return
-    where = (
-        "--deepspeed"
-        if run.deepspeed
-        else "--twist-shard-central"
-        if run.shard_central and teacher == "central"
-        else "tensor or pipeline parallelism"
-        if run.tensor_parallel_size > 1 or run.pipeline_parallel_size > 1
-        else None
-    )
+    where = None
+    if run.deepspeed:
+        where = "--deepspeed"
+    elif run.shard_central and teacher == "central":
+        where = "--twist-shard-central"
+    elif run.tensor_parallel_size > 1 or run.pipeline_parallel_size > 1:
+        where = "tensor or pipeline parallelism"
     if where:
         raise ConfigError(
             f"--distill-teacher is not supported with {where}: distillation needs the full logits of a whole "
