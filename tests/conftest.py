@@ -116,6 +116,33 @@ def run_twist():
 
 
 @pytest.fixture(scope="session")
+def run_twist_many(tmp_path_factory):
+    """``run_twist_many(nproc, argvs, timeout=600)`` -> [stdout of each run]: several `twist` command
+    lines (each the arguments of `python -m megatron_twist`) one after the other in ONE launch of
+    ``nproc`` ranks (tests/twist_train_many.py, under torchrun if nproc > 1): the start-up, seconds of
+    imports per process, paid once. Fails, naming the output, unless every run succeeds."""
+
+    def run(nproc: int, argvs, timeout: float = 600) -> list:
+        import json
+
+        spec = tmp_path_factory.mktemp("twist_many") / "runs.json"
+        argvs = [[str(a) for a in argv] for argv in argvs]
+        spec.write_text(json.dumps({"runs": argvs, "ports": [free_port() for _ in argvs]}))
+        script = REPO / "tests" / "twist_train_many.py"
+        if nproc == 1:
+            proc = run_process_group([sys.executable, script, spec], timeout)
+            assert proc.returncode == 0, f"runs failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+        else:
+            proc = torchrun(nproc, [script, spec], timeout)
+        marker = "[twist_train_many] run "
+        outputs = proc.stdout.split(marker)[1:]
+        assert [o.split("\n", 1)[0] for o in outputs] == [str(i) for i in range(len(argvs))], proc.stdout[-3000:]
+        return [o.split("\n", 1)[1] if "\n" in o else "" for o in outputs]
+
+    return run
+
+
+@pytest.fixture(scope="session")
 def launch():
     """Run any launcher command in its own process group with a timeout; `launch.free_port()` for rendezvous."""
     run_process_group.free_port = free_port
