@@ -5,6 +5,8 @@
   because parallel_state is process-global.
 * ``run_torchrun``: launches a real multi-process job with torchrun on 127.0.0.1
   and a free port, with a timeout, and returns the completed process.
+* ``run_twist_many``: several `twist` command lines in one launch (tests/twist_many.py), for runs
+  whose start-up (imports of torch and Megatron-core) would cost more than their work.
 """
 
 from __future__ import annotations
@@ -119,7 +121,7 @@ def run_twist():
 def run_twist_many(tmp_path_factory):
     """``run_twist_many(nproc, argvs, timeout=600)`` -> [stdout of each run]: several `twist` command
     lines (each the arguments of `python -m megatron_twist`) one after the other in ONE launch of
-    ``nproc`` ranks (tests/twist_train_many.py, under torchrun if nproc > 1): the start-up, seconds of
+    ``nproc`` ranks (tests/twist_many.py, under torchrun if nproc > 1): the start-up, seconds of
     imports per process, paid once. Fails, naming the output, unless every run succeeds."""
 
     def run(nproc: int, argvs, timeout: float = 600) -> list:
@@ -128,13 +130,13 @@ def run_twist_many(tmp_path_factory):
         spec = tmp_path_factory.mktemp("twist_many") / "runs.json"
         argvs = [[str(a) for a in argv] for argv in argvs]
         spec.write_text(json.dumps({"runs": argvs, "ports": [free_port() for _ in argvs]}))
-        script = REPO / "tests" / "twist_train_many.py"
+        script = REPO / "tests" / "twist_many.py"
         if nproc == 1:
             proc = run_process_group([sys.executable, script, spec], timeout)
             assert proc.returncode == 0, f"runs failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
         else:
             proc = torchrun(nproc, [script, spec], timeout)
-        marker = "[twist_train_many] run "
+        marker = "[twist_many] run "
         outputs = proc.stdout.split(marker)[1:]
         assert [o.split("\n", 1)[0] for o in outputs] == [str(i) for i in range(len(argvs))], proc.stdout[-3000:]
         return [o.split("\n", 1)[1] if "\n" in o else "" for o in outputs]

@@ -1,8 +1,8 @@
 """Several `twist` command lines, one after the other, in one process (or one torchrun launch): the
 start-up (importing torch and Megatron-core, seconds per process) is paid once for all of them.
 
-    python tests/twist_train_many.py RUNS_JSON
-    torchrun --nproc_per_node N tests/twist_train_many.py RUNS_JSON
+    python tests/twist_many.py RUNS_JSON
+    torchrun --nproc_per_node N tests/twist_many.py RUNS_JSON
 
 RUNS_JSON: {"runs": [ARGV, ...], "ports": [PORT, ...]}, each ARGV the arguments of
 `python -m megatron_twist` (["train", "--data-path", ...]). Each run goes through megatron_twist.cli.main,
@@ -19,7 +19,7 @@ import sys
 
 from megatron_twist.cli import main
 
-MARKER = "[twist_train_many] run "
+MARKER = "[twist_many] run "
 
 spec = json.loads(open(sys.argv[1]).read())
 for i, argv in enumerate(spec["runs"]):
