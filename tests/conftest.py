@@ -39,6 +39,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def store_ports(n: int) -> list:
+    """``n`` distinct free ports below Linux's ephemeral range (32768-60999 by default), each to be bound
+    later by a run's rendezvous store: sockets that earlier runs open meanwhile (gloo binds ephemeral
+    ports) cannot take them first."""
+    import random
+
+    ports: list = []
+    while len(ports) < n:
+        port = random.randint(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        if port not in ports:
+            ports.append(port)
+    return ports
+
+
 def subprocess_env() -> dict:
     env = dict(os.environ)
     env.update(
@@ -129,7 +148,7 @@ def run_twist_many(tmp_path_factory):
 
         spec = tmp_path_factory.mktemp("twist_many") / "runs.json"
         argvs = [[str(a) for a in argv] for argv in argvs]
-        spec.write_text(json.dumps({"runs": argvs, "ports": [free_port() for _ in argvs]}))
+        spec.write_text(json.dumps({"runs": argvs, "ports": store_ports(len(argvs))}))
         script = REPO / "tests" / "twist_many.py"
         if nproc == 1:
             proc = run_process_group([sys.executable, script, spec], timeout)
