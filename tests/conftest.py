@@ -5,6 +5,8 @@
   because parallel_state is process-global.
 * ``run_torchrun``: launches a real multi-process job with torchrun on 127.0.0.1
   and a free port, with a timeout, and returns the completed process.
+* ``run_twist_many``: several `twist` command lines in one launch (tests/twist_many.py), for runs
+  whose start-up (imports of torch and Megatron-core) would cost more than their work.
 """
 
 from __future__ import annotations
@@ -35,6 +37,25 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def store_ports(n: int) -> list:
+    """``n`` distinct free ports below Linux's ephemeral range (32768-60999 by default), each to be bound
+    later by a run's rendezvous store: sockets that earlier runs open meanwhile (gloo binds ephemeral
+    ports) cannot take them first."""
+    import random
+
+    ports: list = []
+    while len(ports) < n:
+        port = random.randint(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        if port not in ports:
+            ports.append(port)
+    return ports
 
 
 def subprocess_env() -> dict:
@@ -111,6 +132,33 @@ def run_twist():
         if check:
             assert proc.returncode == 0, f"twist {args[0]} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
         return proc
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def run_twist_many(tmp_path_factory):
+    """``run_twist_many(nproc, argvs, timeout=600)`` -> [stdout of each run]: several `twist` command
+    lines (each the arguments of `python -m megatron_twist`) one after the other in ONE launch of
+    ``nproc`` ranks (tests/twist_many.py, under torchrun if nproc > 1): the start-up, seconds of
+    imports per process, paid once. Fails, naming the output, unless every run succeeds."""
+
+    def run(nproc: int, argvs, timeout: float = 600) -> list:
+        import json
+
+        spec = tmp_path_factory.mktemp("twist_many") / "runs.json"
+        argvs = [[str(a) for a in argv] for argv in argvs]
+        spec.write_text(json.dumps({"runs": argvs, "ports": store_ports(len(argvs))}))
+        script = REPO / "tests" / "twist_many.py"
+        if nproc == 1:
+            proc = run_process_group([sys.executable, script, spec], timeout)
+            assert proc.returncode == 0, f"runs failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+        else:
+            proc = torchrun(nproc, [script, spec], timeout)
+        marker = "[twist_many] run "
+        outputs = proc.stdout.split(marker)[1:]
+        assert [o.split("\n", 1)[0] for o in outputs] == [str(i) for i in range(len(argvs))], proc.stdout[-3000:]
+        return [o.split("\n", 1)[1] if "\n" in o else "" for o in outputs]
 
     return run
 

@@ -13,7 +13,7 @@ def run_dir(tmp_path_factory):
 
 
 @pytest.mark.multiprocess
-def test_prepare_train_extract_eval_on_real_text(run_dir, run_twist, run_torchrun):
+def test_prepare_train_extract_eval_on_real_text(run_dir, run_twist, run_torchrun, run_twist_many):
     data = run_dir / "data"
     # real text: a slice of the Python standard library (what every user's machine has)
     run_twist(["prepare-data", "--output", data, "--vocab-size", "512", "--max-bytes", "300000"])
@@ -51,17 +51,16 @@ def test_prepare_train_extract_eval_on_real_text(run_dir, run_twist, run_torchru
     first, last = sum(curve[:5]) / 5, sum(curve[-5:]) / 5
     assert last < first - 0.8, f"loss must fall on real text: {first:.3f} -> {last:.3f}"
 
-    out = run_twist(["extract", "--load", run_dir / "central", "--save", run_dir / "cut"]).stdout
+    # extract, then eval of both models: three `twist` commands in one process (the start-up paid once)
+    evals = [
+        ["eval", "--load", run_dir / name, "--data-path", data, "--max-tokens", "8192"] for name in ("central", "cut")
+    ]
+    out, *eval_outs = run_twist_many(1, [["extract", "--load", run_dir / "central", "--save", run_dir / "cut"], *evals])
     assert "keep ratio 0.5" in out
 
     results = {}
-    for name in ("central", "cut"):
-        lines = (
-            run_twist(["eval", "--load", run_dir / name, "--data-path", data, "--max-tokens", "8192"])
-            .stdout.strip()
-            .splitlines()
-        )
-        results[name] = json.loads(lines[-1])  # the last line is a JSON object
+    for name, stdout in zip(("central", "cut"), eval_outs):
+        results[name] = json.loads(stdout.strip().splitlines()[-1])  # the last line is a JSON object
         for key in ("perplexity", "tokens", "parameters"):
             assert key in results[name]
     assert results["cut"]["parameters"] < results["central"]["parameters"]

@@ -53,24 +53,18 @@ LAYOUTS = {
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, run_twist):
-    """A 16-step run stopped at step 8 (balance shards 2), and its single-process continuation to 16."""
+def reference(tmp_path_factory, run_twist, run_twist_many):
+    """A 16-step run stopped at step 8 (balance shards 2), and its single-process continuation to 16.
+    The uninterrupted 16-step run of test_resume_is_bitwise_identical_to_uninterrupted_run (``straight``)
+    runs in the same process as the stopped one (start-up paid once); the continuation in its own."""
     root = tmp_path_factory.mktemp("layouts")
-    run_twist(
+    run = ["train", "--model-preset", "tiny", *BASE, "--train-iters", "16", "--twist-balance-shards", "2"]
+    run_twist_many(
+        1,
         [
-            "train",
-            "--model-preset",
-            "tiny",
-            *BASE,
-            "--train-iters",
-            "16",
-            "--exit-interval",
-            "8",
-            "--twist-balance-shards",
-            "2",
-            "--save",
-            root / "init",
-        ]
+            [*run, "--exit-interval", "8", "--save", root / "init"],
+            [*run, "--save", root / "straight", "--metrics-file", root / "straight.json"],
+        ],
     )
     run_twist(
         [
@@ -136,45 +130,42 @@ def _compare_runs(root, name, other):
             torch.testing.assert_close(x[k], y[k], atol=1e-6, rtol=0, msg=f"{name} {stem} {k}")
 
 
-def _run_layout(reference, run_torchrun, name):
-    nproc, flags = LAYOUTS[name]
-    return run_torchrun(
-        nproc,
-        [
-            "-m",
-            "megatron_twist",
-            "train",
-            "--model-preset",
-            "tiny",
-            *BASE,
-            *flags,
-            "--train-iters",
-            "16",
-            "--load",
-            reference / "init",
-            "--save",
-            reference / name,
-            "--metrics-file",
-            reference / f"{name}.json",
-        ],
-        timeout=300,
-    )
+@pytest.fixture(scope="module")
+def layout_runs(reference, run_twist_many):
+    """``layout_runs(name)`` -> the output of LAYOUTS[name]'s run, which continues the reference's init
+    for 8 steps and writes ``reference/NAME`` and ``reference/NAME.json``. The layouts of one rank
+    count run one after the other in one launch (run_twist_many: the start-up paid once), the first
+    time one of them is asked for."""
+    outputs = {}
+
+    def get(name):
+        if name not in outputs:
+            nproc = LAYOUTS[name][0]
+            names = [n for n, (ranks, _) in LAYOUTS.items() if ranks == nproc]
+            argvs = [
+                ["train", "--model-preset", "tiny", *BASE, *LAYOUTS[n][1], "--train-iters", "16"]
+                + ["--load", reference / "init", "--save", reference / n, "--metrics-file", reference / f"{n}.json"]
+                for n in names
+            ]
+            outputs.update(zip(names, run_twist_many(nproc, argvs)))
+        return outputs[name]
+
+    return get
 
 
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("name", list(LAYOUTS))
-def test_layout_matches_single_process_reference(reference, run_torchrun, name):
+def test_layout_matches_single_process_reference(reference, layout_runs, name):
     nproc, _ = LAYOUTS[name]
-    proc = _run_layout(reference, run_torchrun, name)
+    stdout = layout_runs(name)
     got = _compare_to_reference(reference, name)
     assert got["world_size"] == nproc
     rounds = got["rounds"]
     assert len(rounds) == 2, "two rounds: aggregated and resampled twice"
     if name.endswith("-sharded"):
         replicated = name.removesuffix("-sharded")
-        if not (reference / replicated / "model.safetensors").is_file():  # run alone (-k): make it
-            _run_layout(reference, run_torchrun, replicated)
-        assert "central model sharded over 2 data-parallel ranks" in proc.stdout
+        layout_runs(replicated)  # run in the same launch
+        assert "central model sharded over 2 data-parallel ranks" in stdout
         # written by every rank, one file per (TP shard, stage, data-parallel shard): 2 x 1 x 2 or 1 x 2 x 2
         meta = json.loads((reference / name / "meta.json").read_text())
         assert len(meta["files"]) == 4 and len(meta["sharded"]["positions"]) == 2
@@ -185,17 +176,16 @@ def test_layout_matches_single_process_reference(reference, run_torchrun, name):
         # against dense data parallel's gradient all-reduce at every one of the round's 4 steps
         for r in rounds:
             assert r["aggregation_bytes"] * 4 == r["dense_dp_bytes"] * 3
-        assert "dense DP" in proc.stdout
+        assert "dense DP" in stdout
 
 
 @pytest.mark.multiprocess
-def test_sharded_checkpoint_resumes_at_its_own_layout(reference, run_torchrun):
+def test_sharded_checkpoint_resumes_at_its_own_layout(reference, layout_runs, run_torchrun):
     """PP 2 x DP 2 with the central model sharded: stop after one round (each of the 4 ranks writes its
     file), resume (each reads only its own: checkpoint/sharded.open_own_shard), and end where the
     replicated run of the layout ends (1e-6)."""
     nproc, flags = LAYOUTS["pp2x2subnets"][0], [*LAYOUTS["pp2x2subnets"][1], "--twist-shard-central"]
-    if not (reference / "pp2x2subnets" / "model.safetensors").is_file():  # run alone (-k): make it
-        _run_layout(reference, run_torchrun, "pp2x2subnets")
+    layout_runs("pp2x2subnets")  # the replicated run of the layout
     common = ["-m", "megatron_twist", "train", "--model-preset", "tiny", *BASE, *flags, "--train-iters", "16"]
     half = reference / "pp2-sharded-half"
     run_torchrun(nproc, [*common, "--load", reference / "init", "--exit-interval", "12", "--save", half])
@@ -217,24 +207,9 @@ def test_sharded_checkpoint_resumes_at_its_own_layout(reference, run_torchrun):
 
 
 @pytest.mark.multiprocess
-def test_resume_is_bitwise_identical_to_uninterrupted_run(reference, run_twist):
-    """init (8 steps) + resume (8 steps) == one uninterrupted 16-step run, bit for bit."""
-    run_twist(
-        [
-            "train",
-            "--model-preset",
-            "tiny",
-            *BASE,
-            "--train-iters",
-            "16",
-            "--twist-balance-shards",
-            "2",
-            "--save",
-            reference / "straight",
-            "--metrics-file",
-            reference / "straight.json",
-        ]
-    )
+def test_resume_is_bitwise_identical_to_uninterrupted_run(reference):
+    """init (8 steps) + resume (8 steps) == one uninterrupted 16-step run (the reference fixture's
+    ``straight``), bit for bit."""
     straight = json.loads((reference / "straight.json").read_text())["loss_curve"]
     resumed = json.loads((reference / "ref.json").read_text())["loss_curve"]
     assert straight[8:] == resumed
@@ -246,7 +221,7 @@ def test_resume_is_bitwise_identical_to_uninterrupted_run(reference, run_twist):
 
 
 @pytest.mark.multiprocess
-def test_tp2_checkpoint_resumes_at_tp1_in_both_formats(reference, run_twist, run_torchrun):
+def test_tp2_checkpoint_resumes_at_tp1_in_both_formats(reference, layout_runs, run_twist, run_torchrun):
     """A TP=2 run saved as Megatron dist_checkpointing (resharded on load) and as the gathered
     safetensors checkpoint both resume at TP=1, and continue identically."""
     run_torchrun(
@@ -272,8 +247,7 @@ def test_tp2_checkpoint_resumes_at_tp1_in_both_formats(reference, run_twist, run
         timeout=300,
     )
     assert (reference / "tp2-dist" / "metadata.json").is_file()
-    if not (reference / "tp2").is_dir():  # normally written by test_layout_matches_single_process_reference
-        _run_layout(reference, run_torchrun, "tp2")
+    layout_runs("tp2")  # the TP=2 run in the safetensors format
     for source in ("tp2", "tp2-dist"):
         run_twist(
             [

@@ -30,20 +30,21 @@ def _padded_numel(shape, ranks: int) -> int:
     return -(-n // ranks) * ranks
 
 
-def _train(run_torchrun, root, name, extra=()):
-    return run_torchrun(
-        4,
-        ["-m", "megatron_twist", "train", *BASE, *extra]
-        + ["--save", root / name, "--metrics-file", root / f"{name}.json"],
-        timeout=300,
-    )
+def _train(root, name, extra=()):
+    return ["train", *BASE, *extra, "--save", root / name, "--metrics-file", root / f"{name}.json"]
 
 
 @pytest.mark.multiprocess
-def test_sharded_central_with_replicas_equals_the_replicated_one_across_a_resume(tmp_path, run_torchrun):
-    _train(run_torchrun, tmp_path, "replicated")
-    _train(run_torchrun, tmp_path, "sharded", ["--twist-shard-central", "--exit-interval", "4"])
-    proc = _train(run_torchrun, tmp_path, "resumed", ["--twist-shard-central", "--load", tmp_path / "sharded"])
+def test_sharded_central_with_replicas_equals_the_replicated_one_across_a_resume(
+    tmp_path, run_torchrun, run_twist_many
+):
+    # the replicated run and the sharded one that stops after a round, in one launch (start-up paid once)
+    replicated = _train(tmp_path, "replicated")
+    sharded = _train(tmp_path, "sharded", ["--twist-shard-central", "--exit-interval", "4"])
+    run_twist_many(4, [replicated, sharded])
+    # the resume: a launch of its own (fresh processes read the sharded checkpoint)
+    resumed = _train(tmp_path, "resumed", ["--twist-shard-central", "--load", tmp_path / "sharded"])
+    proc = run_torchrun(4, ["-m", "megatron_twist", *resumed], timeout=300)
     assert "central model sharded over 4 data-parallel ranks" in proc.stdout
     ref = json.loads((tmp_path / "replicated.json").read_text())
     got = json.loads((tmp_path / "resumed.json").read_text())

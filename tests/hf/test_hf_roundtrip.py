@@ -86,7 +86,9 @@ def test_import_then_export_keeps_the_logits(mcore, tmp_path, prepared512, famil
 
 
 @pytest.mark.multiprocess
-def test_twist_trained_cut_exports_with_reduced_sizes_and_same_perplexity(mcore, tmp_path, prepared512, run_twist):
+def test_twist_trained_cut_exports_with_reduced_sizes_and_same_perplexity(
+    mcore, tmp_path, prepared512, run_twist, run_twist_many
+):
     """TwIST-train a tiny Llama (GQA) on real text, cut at kappa 0.5, export: HF logits equal the
     in-framework cut model's, generate runs, config.json states the reduced sizes, and held-out
     perplexity is the same in all three forms (central vs its export, cut vs its export)."""
@@ -134,7 +136,14 @@ def test_twist_trained_cut_exports_with_reduced_sizes_and_same_perplexity(mcore,
         "magnitude",
         source={"data": json.loads((tmp_path / "central" / "meta.json").read_text())["data"]},
     )
-    run_twist(["export-hf", "--load", tmp_path / "cut", "--save", tmp_path / "hf-cut"])  # tokenizer from the data
+    # export-hf (tokenizer from the data), then `twist eval` of its output: one process (start-up paid once)
+    _, eval_out = run_twist_many(
+        1,
+        [
+            ["export-hf", "--load", tmp_path / "cut", "--save", tmp_path / "hf-cut"],
+            ["eval", "--load", tmp_path / "hf-cut", "--data-path", data, "--max-tokens", "4096"],
+        ],
+    )
     export_hf(str(tmp_path / "central"), str(tmp_path / "hf-central"))
 
     config = json.loads((tmp_path / "hf-cut" / "config.json").read_text())
@@ -169,15 +178,16 @@ def test_twist_trained_cut_exports_with_reduced_sizes_and_same_perplexity(mcore,
         assert a["tokens"] == b["tokens"] == 4096
         assert abs(a["perplexity"] - b["perplexity"]) <= 1e-4 * a["perplexity"], (ours, a, b)
         assert a["parameters"] == b["parameters"]
-    # `twist eval` on the HF directory prints the same number (JSON on the last line)
-    out = run_twist(["eval", "--load", tmp_path / "hf-cut", "--data-path", data, "--max-tokens", "4096"])
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    # `twist eval` on the HF directory (run above) printed the same number (JSON on the last line)
+    result = json.loads(eval_out.strip().splitlines()[-1])
     cut_ppl = perplexity(cut, tokens, 64)["perplexity"]
     assert result["kind"] == "huggingface" and abs(result["perplexity"] - cut_ppl) <= 1e-4 * cut_ppl
 
 
 @pytest.mark.multiprocess
-def test_imported_model_with_its_tokenizer_is_continued_by_twist_train(mcore, tmp_path, prepared512, run_twist):
+def test_imported_model_with_its_tokenizer_is_continued_by_twist_train(
+    mcore, tmp_path, prepared512, run_twist, run_twist_many
+):
     """import-hf, prepare-data with the model's own HF tokenizer, then `twist train --load`: training starts
     from the imported weights (same held-out perplexity as the HF model) and the loss falls."""
     from megatron_twist.hf.tokenizer import export_tokenizer
@@ -188,22 +198,17 @@ def test_imported_model_with_its_tokenizer_is_continued_by_twist_train(mcore, tm
     text.write_text(
         "\n".join(json.dumps({"code": f"def f{i}(x):\n    return x * {i} + {i % 7}\n" * 3}) for i in range(400))
     )
-    run_twist(
+    # prepare-data and import-hf: two `twist` commands in one process (the start-up paid once)
+    run_twist_many(
+        1,
         [
-            "prepare-data",
-            "--input",
-            text,
-            "--json-field",
-            "code",
-            "--hf-tokenizer",
-            tmp_path / "hf",
-            "--output",
-            tmp_path / "data",
-        ]
+            ["prepare-data", "--input", text, "--json-field", "code", "--hf-tokenizer", tmp_path / "hf"]
+            + ["--output", tmp_path / "data"],
+            ["import-hf", tmp_path / "hf", "--save", tmp_path / "central"],
+        ],
     )
     manifest = json.loads((tmp_path / "data" / "manifest.json").read_text())
     assert manifest["tokenizer_file"] == "hf_tokenizer" and manifest["vocab_size"] == 512
-    run_twist(["import-hf", tmp_path / "hf", "--save", tmp_path / "central"])
     from megatron_twist.data import load_token_stream
     from megatron_twist.evaluation import perplexity
     from megatron_twist.hf.io import hf_forward

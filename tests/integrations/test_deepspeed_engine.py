@@ -45,41 +45,49 @@ def test_zero_stages_match_twist_without_deepspeed(tmp_path, run_torchrun):
     _assert_matches_reference(results, ("2bf16",), 2e-2, 2e-2)
 
 
-@pytest.mark.multiprocess
-def test_cli_deepspeed_run_and_conflicting_flag(tmp_path, run_torchrun, run_twist):
-    """`twist train --deepspeed --deepspeed_config ds_configs/cpu_zero2.json` under torchrun, and a
-    flag that contradicts the ds_config's "twist" section refused with both names."""
+# One 2-rank ZeRO-2 job, 12 iterations on mock data, serves both CLI tests below. Its half run (stopped
+# by --exit-interval 8) is the run test_cli_deepspeed_run_and_conflicting_flag checks (8 iterations,
+# DeepSpeed's csv_monitor) and the checkpoint test_deepspeed_checkpoint_resume_is_exact resumes.
+ZERO2_JOB = ["-m", "megatron_twist", "train", "--model-preset", "tiny", "--mock-data", "--train-iters", "12"]
+ZERO2_JOB += ["--micro-batch-size", "2", "--deepspeed"]
+
+
+def _zero2_config(root, name):
+    """ds_configs/cpu_zero2.json with DeepSpeed's csv_monitor writing to ROOT/monitor-NAME."""
     config = json.loads((HERE.parents[1] / "ds_configs" / "cpu_zero2.json").read_text())
-    config["csv_monitor"] = {"enabled": True, "output_path": str(tmp_path / "monitor"), "job_name": "twist"}
-    (tmp_path / "zero2.json").write_text(json.dumps(config))
-    config = tmp_path / "zero2.json"
+    config["csv_monitor"] = {"enabled": True, "output_path": str(root / f"monitor-{name}"), "job_name": "twist"}
+    path = root / f"zero2-{name}.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def zero2_half(tmp_path_factory, run_torchrun):
+    """`twist train --deepspeed` under torchrun, stopped at iteration 8 of 12 (--exit-interval 8,
+    saving its checkpoint): (the completed process, its folder)."""
+    root = tmp_path_factory.mktemp("zero2")
+    config = _zero2_config(root, "half")
     proc = run_torchrun(
         2,
-        [
-            "-m",
-            "megatron_twist",
-            "train",
-            "--model-preset",
-            "tiny",
-            "--mock-data",
-            "--train-iters",
-            "8",
-            "--micro-batch-size",
-            "2",
-            "--deepspeed",
-            "--deepspeed_config",
-            config,
-            "--metrics-file",
-            tmp_path / "m.json",
-        ],
+        [*ZERO2_JOB, "--deepspeed_config", config, "--exit-interval", "8", "--save", root / "half"]
+        + ["--metrics-file", root / "half.json"],
         timeout=300,
     )
-    metrics = json.loads((tmp_path / "m.json").read_text())
+    return proc, root
+
+
+@pytest.mark.multiprocess
+def test_cli_deepspeed_run_and_conflicting_flag(zero2_half, run_twist):
+    """`twist train --deepspeed --deepspeed_config ds_configs/cpu_zero2.json` under torchrun, and a
+    flag that contradicts the ds_config's "twist" section refused with both names."""
+    proc, root = zero2_half
+    config = root / "zero2-half.json"
+    metrics = json.loads((root / "half.json").read_text())
     assert metrics["zero_stage"] == 2 and metrics["twist"]["local_steps"] == 4  # from the ds_config
     assert all(len(r) == 8 and r[-1] < r[0] for r in metrics["losses_per_rank"])
     assert "[twist-ds] round" in proc.stdout
     # TwIST's metrics went through DeepSpeed's csv_monitor: one row per round (steps 4 and 8)
-    logs = {p.name: p.read_text() for p in (tmp_path / "monitor").rglob("*.csv")}
+    logs = {p.name: p.read_text() for p in (root / "monitor-half").rglob("*.csv")}
     rounds = [line.split(",") for line in logs["Twist_round.csv"].strip().splitlines()[1:]]
     assert [(int(s), float(v)) for s, v in rounds] == [(4, 1.0), (8, 2.0)]
     assert "Twist_subnet_0_loss.csv" in logs and "Twist_subnet_1_loss.csv" in logs
@@ -107,27 +115,14 @@ def test_cli_deepspeed_run_and_conflicting_flag(tmp_path, run_torchrun, run_twis
 
 
 @pytest.mark.multiprocess
-def test_deepspeed_checkpoint_resume_is_exact(tmp_path, run_torchrun, run_twist):
+def test_deepspeed_checkpoint_resume_is_exact(zero2_half, run_torchrun, run_twist):
     """engine.save_checkpoint + the sharded central model at a round boundary; resuming equals the
     straight run, bit for bit. The sharded central checkpoint is also read by single-process tools
-    (consolidated), reshards to another shard count, and a corrupt shard is refused."""
-    job = [
-        "-m",
-        "megatron_twist",
-        "train",
-        "--model-preset",
-        "tiny",
-        "--mock-data",
-        "--train-iters",
-        "12",
-        "--micro-batch-size",
-        "2",
-        "--deepspeed",
-        "--deepspeed_config",
-        HERE.parents[1] / "ds_configs" / "cpu_zero2.json",
-    ]
+    (consolidated), reshards to another shard count, and a corrupt shard is refused. The stopped run
+    is the zero2_half fixture's (csv_monitor on: it only writes logs)."""
+    _, tmp_path = zero2_half
+    job = [*ZERO2_JOB, "--deepspeed_config", _zero2_config(tmp_path, "run")]
     run_torchrun(2, [*job, "--save", tmp_path / "straight", "--metrics-file", tmp_path / "straight.json"])
-    run_torchrun(2, [*job, "--exit-interval", "8", "--save", tmp_path / "half"])
     assert (tmp_path / "half" / "engine" / "latest").read_text().strip() == "global_step8"
     run_torchrun(
         2,
@@ -144,6 +139,8 @@ def test_deepspeed_checkpoint_resume_is_exact(tmp_path, run_torchrun, run_twist)
     straight = json.loads((tmp_path / "straight.json").read_text())["losses_per_rank"]
     resumed = json.loads((tmp_path / "resumed.json").read_text())["losses_per_rank"]
     assert [r[8:] for r in straight] == resumed
+    # the stopped run is the straight run's first 8 iterations, bit for bit
+    assert [r[:8] for r in straight] == json.loads((tmp_path / "half.json").read_text())["losses_per_rank"]
     from megatron_twist.checkpoint.models import read_central
 
     _, a, a_moments = read_central(str(tmp_path / "straight" / "central"))  # sharded: consolidated on read

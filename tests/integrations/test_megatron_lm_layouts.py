@@ -30,40 +30,36 @@ from safetensors.torch import load_file
 from megatron_twist.checkpoint.models import read_central
 
 from .test_megatron_lm_pretrain import (
+    LAYOUT_ITERS,
     LOCAL_STEPS,
     MICRO,
-    OPTIM,
-    TWIST_FLAGS,
     megatron_lm_args,
     pytestmark,  # noqa: F401  (multiprocess; skipped without Megatron-LM)
+    reference_dir,
     subnet_loss_error,
 )
 
-ITERS = 8  # two rounds
+ITERS = LAYOUT_ITERS  # two rounds
 
 
+# reference_run: the name of the layout's `twist train` run (the module docstring says which) in
+# test_megatron_lm_pretrain.REFERENCES, where its flags are: the references of one rank count run
+# together in one launch, once per session (the twist_references fixture)
 @pytest.mark.parametrize(
-    "layout, ranks, reference_ranks, reference_flags, loss_tol, weight_tol",
+    "reference_run, layout, ranks, loss_tol, weight_tol",
     [
-        (["--tensor-model-parallel-size", 2], 4, 1, ["--twist-balance-shards", 2], 1e-5, 1e-4),
-        (["--pipeline-model-parallel-size", 2], 4, 4, ["--pipeline-model-parallel-size", 2], 1e-5, 1e-4),
-        (["--bf16"], 2, 1, ["--bf16"], 2e-3, 2e-2),
-        (["replicas"], 4, 4, [], None, 1e-4),
+        ("tp2", ["--tensor-model-parallel-size", 2], 4, 1e-5, 1e-4),
+        ("pp2", ["--pipeline-model-parallel-size", 2], 4, 1e-5, 1e-4),
+        ("bf16", ["--bf16"], 2, 2e-3, 2e-2),
+        ("replicas", ["replicas"], 4, None, 1e-4),
     ],
     ids=["tp2", "pp2", "bf16", "replicas"],
 )
 def test_megatron_lm_layout_equals_twist_train(
-    prepared_small, tmp_path, run_torchrun, run_twist, layout, ranks, reference_ranks, reference_flags, loss_tol,
-    weight_tol,
-):  # fmt: skip
+    prepared_small, tmp_path, run_torchrun, twist_references, reference_run, layout, ranks, loss_tol, weight_tol
+):
     data_dir, _ = prepared_small
-    twist_args = ["train", "--data-path", data_dir, "--model-preset", "tiny", *TWIST_FLAGS, *OPTIM]
-    twist_args += ["--train-iters", ITERS, "--micro-batch-size", MICRO, *reference_flags]
-    twist_args += ["--save", tmp_path / "ref", "--metrics-file", tmp_path / "ref.json"]
-    if reference_ranks == 1:
-        run_twist(twist_args)
-    else:
-        run_torchrun(reference_ranks, ["-m", "megatron_twist", *twist_args])
+    ref_dir = reference_dir(twist_references, data_dir, reference_run)
     replicas = 2 if "replicas" in layout else 1
     flags = [f for f in layout if f != "replicas"]
     args = megatron_lm_args(
@@ -71,7 +67,7 @@ def test_megatron_lm_layout_equals_twist_train(
     )  # noqa: E501
     run_torchrun(ranks, args + ["--twist-metrics-file", tmp_path / "got.json"])
 
-    ref, got = json.loads((tmp_path / "ref.json").read_text()), json.loads((tmp_path / "got.json").read_text())
+    ref, got = json.loads((ref_dir / "metrics.json").read_text()), json.loads((tmp_path / "got.json").read_text())
     assert got["iterations"] == list(range(ITERS))
     assert (got["central_step"], got["central_round"]) == (ITERS, ITERS // LOCAL_STEPS)
     if loss_tol is not None:
@@ -79,7 +75,7 @@ def test_megatron_lm_layout_equals_twist_train(
     # gathered over TP / PP into one checkpoint, the form `twist extract` reads
     meta, weights, _moments = read_central(str(tmp_path / "central"))
     assert meta["step"] == ITERS
-    want = load_file(str(tmp_path / "ref" / "model.safetensors"))
+    want = load_file(str(ref_dir / "central" / "model.safetensors"))
     assert set(weights) == set(want)
     for name, tensor in want.items():
         torch.testing.assert_close(weights[name], tensor, atol=weight_tol, rtol=0, msg=name)

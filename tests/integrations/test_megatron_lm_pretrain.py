@@ -78,16 +78,37 @@ def megatron_lm_args(data_dir, out, *extra, iters=ITERS, replicas=1, evaluate=Fa
     ]  # fmt: skip
 
 
+def twist_train(data_dir, *flags, iters=ITERS):
+    """`twist train` at the settings of the runs here (TWIST_FLAGS, OPTIM, MICRO) on the prepared data."""
+    return ["train", "--data-path", data_dir, "--model-preset", "tiny", *TWIST_FLAGS, *OPTIM] + [
+        "--train-iters", iters, "--micro-batch-size", MICRO, *flags
+    ]  # fmt: skip
+
+
+LAYOUT_ITERS = 8  # test_megatron_lm_layouts.py's runs: two rounds
+# Every `twist train` reference of the Megatron-LM tests, name -> (ranks, iterations, flags): this
+# file's and test_megatron_lm_layouts.py's (its module docstring says why each layout's reference is
+# the one it is). Those of one rank count run together, in one launch (the twist_references fixture).
+REFERENCES = {
+    "uninterrupted": (1, ITERS, []),
+    "tp2": (1, LAYOUT_ITERS, ["--twist-balance-shards", 2]),
+    "bf16": (1, LAYOUT_ITERS, ["--bf16"]),
+    "pp2": (4, LAYOUT_ITERS, ["--pipeline-model-parallel-size", 2]),
+    "replicas": (4, LAYOUT_ITERS, []),
+}
+
+
+def reference_dir(twist_references, data_dir, name):
+    """The folder of the REFERENCES run ``name`` (central/, metrics.json), run with the others of its rank count."""
+    ranks = REFERENCES[name][0]
+    runs = {n: twist_train(data_dir, *flags, iters=iters) for n, (r, iters, flags) in REFERENCES.items() if r == ranks}
+    return twist_references(ranks, runs)[name]
+
+
 @pytest.fixture(scope="module")
-def reference(prepared_small, tmp_path_factory, run_twist):
+def reference(prepared_small, twist_references):
     """`twist train`, one process (equal to its 2-rank run bit for bit, tests/distributed/)."""
-    data_dir, _ = prepared_small
-    out = tmp_path_factory.mktemp("twist_ref")
-    run_twist(
-        ["train", "--data-path", data_dir, "--model-preset", "tiny", *TWIST_FLAGS, *OPTIM]
-        + ["--train-iters", ITERS, "--micro-batch-size", MICRO, "--save", out / "central"]
-        + ["--metrics-file", out / "metrics.json"]
-    )
+    out = reference_dir(twist_references, prepared_small[0], "uninterrupted")
     return json.loads((out / "metrics.json").read_text()), load_file(str(out / "central" / "model.safetensors"))
 
 

@@ -244,16 +244,22 @@ def test_every_subcommand_refuses_a_foreign_target_before_any_work(in_process_cl
     assert intact(user) and sibling.read_bytes() == PRECIOUS
 
 
-def test_extract_end_to_end_next_to_precious_files_and_overwrite(tmp_path, run_twist):
+def test_extract_end_to_end_next_to_precious_files_and_overwrite(tmp_path, run_twist, run_twist_many):
     """Real processes: our own outputs are replaced, a foreign one only with --overwrite; files next to
     the targets are never touched."""
     sibling = precious_next_to(tmp_path)
     central, cut, metrics = tmp_path / "central", tmp_path / "cut", tmp_path / "metrics.json"
     run_twist([*TRAIN, "--save", central, "--metrics-file", metrics])
     assert json.loads(metrics.read_text())["megatron_twist"] == "metrics"
-    run_twist([*TRAIN, "--save", central, "--metrics-file", metrics])  # a rerun replaces its own outputs
-    run_twist(["extract", "--load", central, "--save", cut])
-    run_twist(["extract", "--load", central, "--save", cut, "--method", "random:3"])  # replaces its own
+    # a rerun replaces its own outputs; two extracts, the second replacing the first's: one process
+    run_twist_many(
+        1,
+        [
+            [*TRAIN, "--save", central, "--metrics-file", metrics],
+            ["extract", "--load", central, "--save", cut],
+            ["extract", "--load", central, "--save", cut, "--method", "random:3"],
+        ],
+    )
     assert json.loads((cut / "meta.json").read_text())["method"] == "random:3"
     user = foreign_dir(tmp_path)
     refused = run_twist(["extract", "--load", central, "--save", user], check=False)

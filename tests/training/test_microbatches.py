@@ -91,15 +91,21 @@ def test_bad_global_batch_refused_before_any_work(refused_before_work, extra, fi
 
 
 @pytest.fixture(scope="module")
-def one_large_micro_batch(tmp_path_factory, run_twist):
+def one_large_micro_batch(tmp_path_factory, run_twist_many):
     """The reference: 3 steps saved (every layout continues from the same weights: a fresh pipeline
     stage initialises its layers from another RNG stream), then 6 more with one micro-batch of 8 per
-    step, one process."""
+    step, one process. The same process (run_twist_many: the start-up paid once) then runs
+    test_four_micro_batches_equal_one_large_one's continuation, 4 micro-batches of 2 per step (mb4)."""
     root = tmp_path_factory.mktemp("microbatches")
-    run_twist(["train", *BASE, "--micro-batch-size", "8", "--exit-interval", "3", "--save", root / "init"])
-    run_twist(
-        ["train", *BASE, "--micro-batch-size", "8", "--load", root / "init"]
-        + ["--save", root / "ref", "--metrics-file", root / "ref.json"]
+    run_twist_many(
+        1,
+        [
+            ["train", *BASE, "--micro-batch-size", "8", "--exit-interval", "3", "--save", root / "init"],
+            ["train", *BASE, "--micro-batch-size", "8", "--load", root / "init"]
+            + ["--save", root / "ref", "--metrics-file", root / "ref.json"],
+            ["train", *BASE, "--micro-batch-size", "2", "--global-batch-size", "8", "--load", root / "init"]
+            + ["--save", root / "mb4", "--metrics-file", root / "mb4.json"],
+        ],
     )
     return root
 
@@ -115,12 +121,8 @@ def _compare(root, name, loss_tol, weight_tol):
     return got
 
 
-def test_four_micro_batches_equal_one_large_one(one_large_micro_batch, run_twist):
-    root = one_large_micro_batch
-    run_twist(
-        ["train", *BASE, "--micro-batch-size", "2", "--global-batch-size", "8", "--load", root / "init"]
-        + ["--save", root / "mb4", "--metrics-file", root / "mb4.json"]
-    )
+def test_four_micro_batches_equal_one_large_one(one_large_micro_batch):
+    root = one_large_micro_batch  # its mb4 run: 4 micro-batches of 2 per step
     got = _compare(root, "mb4", 1e-6, 1e-5)
     assert got["num_microbatches"] == 4 and got["train"]["global_batch_size"] == 8
     # tokens per round count every micro-batch: 3 steps x 2 subnets x 8 samples x 64 tokens
@@ -128,26 +130,25 @@ def test_four_micro_batches_equal_one_large_one(one_large_micro_batch, run_twist
 
 
 @pytest.mark.multiprocess
-def test_pipeline_runs_micro_batches_through_1f1b(one_large_micro_batch, run_torchrun):
+def test_pipeline_runs_micro_batches_through_1f1b(one_large_micro_batch, run_twist_many):
     root = one_large_micro_batch
-    proc = run_torchrun(
+    pp2 = ["train", *BASE, "--pipeline-model-parallel-size", "2", "--load", root / "init"]
+    # three PP 2 runs in one 2-rank launch (run_twist_many: the start-up paid once), each continuing init
+    stdout, _, _ = run_twist_many(
         2,
-        ["-m", "megatron_twist", "train", *BASE, "--pipeline-model-parallel-size", "2"]
-        + ["--micro-batch-size", "2", "--global-batch-size", "8", "--load", root / "init"]
-        + ["--save", root / "pp2", "--metrics-file", root / "pp2.json"],
-        timeout=300,
+        [
+            [*pp2, "--micro-batch-size", "2", "--global-batch-size", "8"]
+            + ["--save", root / "pp2", "--metrics-file", root / "pp2.json"],
+            [*pp2, "--micro-batch-size", "8", "--save", root / "pp2-one", "--metrics-file", root / "pp2-one.json"],
+            [*pp2, "--bf16", "--micro-batch-size", "2", "--global-batch-size", "8"]
+            + ["--metrics-file", root / "pp2-bf16.json"],
+        ],
     )
     got = _compare(root, "pp2", 1e-5, 1e-4)
     assert got["num_microbatches"] == 4 and got["pipeline_bubble"] == pytest.approx(0.2)
-    assert "4 micro-batch(es) of 2 per step, pipeline bubble 20% (1F1B)" in proc.stdout
+    assert "4 micro-batch(es) of 2 per step, pipeline bubble 20% (1F1B)" in stdout
     # and against the same layout with one micro-batch of 8 (the same stage split and schedule code):
     # the 1e-6 of the one-process comparison (weights 1e-5, see the module docstring)
-    run_torchrun(
-        2,
-        ["-m", "megatron_twist", "train", *BASE, "--pipeline-model-parallel-size", "2", "--micro-batch-size", "8"]
-        + ["--load", root / "init", "--save", root / "pp2-one", "--metrics-file", root / "pp2-one.json"],
-        timeout=300,
-    )
     one = json.loads((root / "pp2-one.json").read_text())["loss_curve"]
     assert max(abs(a - b) for a, b in zip(one, got["loss_curve"])) <= 1e-6
     want, have = (load_file(str(root / r / "model.safetensors")) for r in ("pp2-one", "pp2"))
@@ -155,12 +156,5 @@ def test_pipeline_runs_micro_batches_through_1f1b(one_large_micro_batch, run_tor
         torch.testing.assert_close(have[k], want[k], atol=1e-5, rtol=0, msg=k)
     # --bf16 at the same layout: bf16 activations cross the stage boundary; it follows fp32 loosely
     # (tests/training/test_bf16.py states the tolerance)
-    run_torchrun(
-        2,
-        ["-m", "megatron_twist", "train", *BASE, "--pipeline-model-parallel-size", "2", "--bf16"]
-        + ["--micro-batch-size", "2", "--global-batch-size", "8", "--load", root / "init"]
-        + ["--metrics-file", root / "pp2-bf16.json"],
-        timeout=300,
-    )
     bf16 = json.loads((root / "pp2-bf16.json").read_text())["loss_curve"]
     assert len(bf16) == 6 and 0 < max(abs(a - b) for a, b in zip(bf16, got["loss_curve"])) < 2e-2
