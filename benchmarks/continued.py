@@ -321,7 +321,9 @@ def main() -> int:
         help="continued-training text: file, folder or prepared dir, or 'stdlib' (the standard-library files "
         "phase 1 did not use); default: ../shared/data/tinyshakespeare.txt if present, else 'stdlib'",
     )
-    p.add_argument("--phase1-steps", type=int, default=600)
+    # 2,000: the first phase-1 length measured where the full model beats every smaller one after phase 2
+    # (three seeds, ranges apart; at 600 the half-size model won), docs/RESULTS.md issue #15 item 2
+    p.add_argument("--phase1-steps", type=int, default=2000)
     p.add_argument("--phase2-steps", type=int, default=200)
     p.add_argument("--phase2-lr", type=float, default=1e-3, help="peak learning rate of every phase-2 arm")
     p.add_argument(
