@@ -33,26 +33,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def projection_input_means(module, calib: torch.Tensor) -> List[Dict[str, torch.Tensor]]:
     """Per layer, the mean over calibration tokens of the inputs of linear_proj and linear_fc2."""
-    from megatron_twist.model.gpt import gpt_forward
+    from pruning import projection_input_sums
 
-    sums, count, hooks = {}, [0], []
-    for i, layer in enumerate(module.decoder.layers):
-        for kind, sub in (("proj", layer.self_attention.linear_proj), ("fc2", layer.mlp.linear_fc2)):
-
-            def hook(mod, inputs, key=(i, kind)):
-                x = inputs[0].detach().double()
-                sums[key] = sums.get(key, 0) + x.reshape(-1, x.shape[-1]).sum(0)
-
-            hooks.append(sub.register_forward_pre_hook(hook))
-    module.eval()
-    with torch.no_grad():
-        for start in range(0, len(calib), 8):
-            batch = calib[start : start + 8]
-            gpt_forward(module, batch)
-            count[0] += batch.numel()
-    for h in hooks:
-        h.remove()
-    return [{k: sums[(i, k)] / count[0] for k in ("proj", "fc2")} for i in range(len(module.decoder.layers))]
+    sums = projection_input_sums(module, calib, 1)
+    return [{k: sums[(i, k)] / sums["tokens"] for k in ("proj", "fc2")} for i in range(len(module.decoder.layers))]
 
 
 def compensation(model, central_module, plan, means) -> List[Dict[str, torch.Tensor]]:

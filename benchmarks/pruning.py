@@ -15,28 +15,37 @@ import torch
 METHODS = ("magnitude", "activation")
 
 
-def activation_scores(module, model, calib: torch.Tensor) -> List[Tuple[torch.Tensor, torch.Tensor]]:
-    """Wanda-style structured scores: per unit, ||W[:, unit columns]|| x ||X[unit columns]|| summed over
-    the calibration tokens, at the inputs of linear_proj (heads) and linear_fc2 (neurons)."""
+def projection_input_sums(module, calib: torch.Tensor, power: int) -> dict:
+    """{(layer, "proj" | "fc2"): sum over the calibration tokens of x**power}, x the inputs of linear_proj
+    (heads) and linear_fc2 (neurons); also the token count under "tokens"."""
     from megatron_twist.model.gpt import gpt_forward
-    from megatron_twist.twist.slicing import proj_columns
 
-    sq = {}
+    sums = {"tokens": 0}
     hooks = []
     for i, layer in enumerate(module.decoder.layers):
         for kind, sub in (("proj", layer.self_attention.linear_proj), ("fc2", layer.mlp.linear_fc2)):
 
             def hook(mod, inputs, key=(i, kind)):
-                x = inputs[0].detach().float()
-                sq[key] = sq.get(key, 0) + x.pow(2).reshape(-1, x.shape[-1]).sum(0)
+                x = inputs[0].detach().double() if power == 1 else inputs[0].detach().float()
+                sums[key] = sums.get(key, 0) + x.pow(power).reshape(-1, x.shape[-1]).sum(0)
 
             hooks.append(sub.register_forward_pre_hook(hook))
     module.eval()
     with torch.no_grad():
         for start in range(0, len(calib), 8):
             gpt_forward(module, calib[start : start + 8])
+            sums["tokens"] += calib[start : start + 8].numel()
     for h in hooks:
         h.remove()
+    return sums
+
+
+def activation_scores(module, model, calib: torch.Tensor) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """Wanda-style structured scores: per unit, ||W[:, unit columns]|| x ||X[unit columns]|| summed over
+    the calibration tokens, at the inputs of linear_proj (heads) and linear_fc2 (neurons)."""
+    from megatron_twist.twist.slicing import proj_columns
+
+    sq = projection_input_sums(module, calib, 2)
     scores = []
     for i, layer in enumerate(module.decoder.layers):
         w_proj = layer.self_attention.linear_proj.weight.detach().float()
