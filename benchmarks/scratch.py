@@ -50,7 +50,7 @@ from common import (  # noqa: E402
     train,
     user_documents,
 )
-from continued import LR, MODEL, SMOKE_LR  # noqa: E402  (the continued-training benchmark's model and lr)
+from continued import LR, MODELS, SMOKE_LR  # noqa: E402  (the continued-training benchmark's model and lr)
 from quality import SMOKE  # noqa: E402
 
 sys.path.insert(0, str(REPO))
@@ -200,6 +200,7 @@ def main() -> int:
     p.add_argument("--all-seeds-at", nargs="*", type=int, default=None, help="lengths run with every seed")
     p.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS")
     p.add_argument("--variant-lengths", nargs="+", type=int, default=None, help="default: every length")
+    p.add_argument("--model", choices=sorted(MODELS), default="base", help="base: RESULTS.md's model; quick: ~0.4x FLOPs (quality_set.sh)")
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--micro-batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=None, help=f"peak learning rate of every model (default {LR})")
@@ -211,7 +212,7 @@ def main() -> int:
     p.add_argument("--out", default="runs/bench-scratch")
     p.add_argument("--smoke", action="store_true", help="seconds-long version: tiny model, few steps (CI)")
     args = p.parse_args()
-    args.model = SMOKE if args.smoke else MODEL
+    args.model = SMOKE if args.smoke else MODELS[args.model]
     if args.lr is None:
         args.lr = SMOKE_LR if args.smoke else LR
     if args.smoke:
