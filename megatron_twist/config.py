@@ -179,6 +179,26 @@ class TwistConfig:
                        holds the pinned cut: the final rounds train the cut-out model densely
                        on all subnets' tokens, the other units stay as they are (issue #15's
                        cut-aware final rounds). None: never.
+    cut_share:         F in [0, 1], with pin_cut: in every bucket each subnet other than subnet 0
+                       takes n_cut = round(F x quota) of its quota from the pinned cut (drawn at
+                       random) and the rest from the unpinned units, which are dealt round-robin
+                       in a random order over subnets 1..N-1 as with F = 0; a subnet keeps as many
+                       of its dealt units as it has slots, so some unpinned units may sit out a
+                       round: the cut's units train on more subnets' tokens (issue #15's
+                       importance-aware sampling). Edge cases, chosen here:
+                       * round is Python's (half to even: F 0.5 of a quota of 1 takes 0 cut units);
+                       * F = 0 is today's draw bit for bit (its fill-ups may pick cut units too);
+                         with F > 0 a subnet holds exactly n_cut cut units, more only when the
+                         unpinned units are fewer than its other slots (keep_ratio > 0.5): the
+                         extra slots then take pinned units it does not hold yet;
+                       * a subnet dealt fewer unpinned units than its slots fills up with unpinned
+                         units it does not hold yet, at random (then pinned ones, as above);
+                       * coverage=False: every subnet draws its n_cut cut units and its unpinned
+                         units independently of the others;
+                       * num_subnets = 1: subnet 0 is the cut, F has nothing to change;
+                       * F = 1: every subnet holds the cut, like cut_from_step from step 0;
+                         cut_from_step, when set, still takes over from its step.
+                       0.0 (default): off. A checkpoint written before it existed resumes at 0.0.
     """
 
     keep_ratio: float = 0.5
@@ -193,6 +213,7 @@ class TwistConfig:
     balance_shards: int = 0
     pin_cut: bool = True
     cut_from_step: Optional[int] = None
+    cut_share: float = 0.0
 
     def __post_init__(self):
         object.__setattr__(self, "whole_layers", tuple(int(i) for i in self.whole_layers))
@@ -218,6 +239,10 @@ class TwistConfig:
                     f"--twist-cut-from-step {self.cut_from_step} must be a round boundary: a non-negative multiple "
                     f"of --local-steps {self.local_steps}"
                 )
+        if not 0.0 <= self.cut_share <= 1.0:
+            raise ConfigError(f"--twist-cut-share must lie in [0, 1] (a fraction of each quota), got {self.cut_share}")
+        if self.cut_share and not self.pin_cut:
+            raise ConfigError("--twist-cut-share shares the pinned cut: it needs --twist-pin-cut (the default)")
         if self.coverage and self.num_subnets * self.keep_ratio < 1.0 - 1e-9:
             raise ConfigError(
                 f"coverage needs num_subnets x keep_ratio >= 1, got {self.num_subnets} x {self.keep_ratio} = "

@@ -28,6 +28,7 @@ TWIST_FLAGS = {
     "optimizer_state": "optimizer_state",
     "twist_balance_shards": "balance_shards",
     "twist_cut_from_step": "cut_from_step",
+    "twist_cut_share": "cut_share",
 }
 # flag dest -> ModelConfig field
 MODEL_FLAGS = {

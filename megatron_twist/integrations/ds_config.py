@@ -107,6 +107,7 @@ _KEYS: Tuple[_Key, ...] = (
     _Key("balance_shards", "balance_shards", "twist_balance_shards", "--twist-balance-shards", "nonneg_int"),
     _Key("pin_cut", "pin_cut", "twist_pin_cut", "--no-twist-pin-cut", "bool"),
     _Key("cut_from_step", "cut_from_step", "twist_cut_from_step", "--twist-cut-from-step", "int"),
+    _Key("cut_share", "cut_share", "twist_cut_share", "--twist-cut-share", "number"),
 )
 
 #: The keys a "twist" section may hold, in documentation order.

@@ -17,7 +17,14 @@ Properties (tested in tests/twist/test_sampler.py):
   of query heads is kept inside each group, which is a valid Llama-style config;
 * a pinned subnet (``--twist-pin-cut``): subnet 0 may be given its units (the
   cut extraction would take now); the other subnets are then dealt the units
-  it does not hold first, so coverage still holds, and fill up at random.
+  it does not hold first, so coverage still holds, and fill up at random;
+* a shared cut (``--twist-cut-share F``, with a pinned subnet; tested in
+  tests/twist/test_pin_cut.py too, by hand): every other
+  subnet takes round(F x quota) of its quota from subnet 0's units and the
+  rest from the units subnet 0 does not hold, still dealt round-robin, so
+  the cut trains on more tokens; the unpinned units are all held only while
+  subnets 1..N-1 have slots enough for them (F = 0: the draw above, bit for
+  bit; F = 1: every subnet holds the cut).
 """
 
 from __future__ import annotations
@@ -95,16 +102,25 @@ def deal_units(
 
 
 def deal_around(
-    units: Sequence[int], pinned: Sequence[int], num_subnets: int, quota: int, rng: np.random.Generator, coverage: bool
+    units: Sequence[int],
+    pinned: Sequence[int],
+    num_subnets: int,
+    quota: int,
+    rng: np.random.Generator,
+    coverage: bool,
+    cut_share: float = 0.0,
 ) -> List[np.ndarray]:
     """``pinned`` (``quota`` of ``units``) for subnet 0; the other subnets as ``deal_units`` would give
-    them, except that with ``coverage`` the units outside ``pinned`` are the ones dealt round-robin."""
+    them, except that with ``coverage`` the units outside ``pinned`` are the ones dealt round-robin.
+    ``cut_share`` > 0: see ``_share_the_cut``."""
     units, pinned = np.asarray(units, dtype=np.int64), np.sort(np.asarray(pinned, dtype=np.int64))
     if len(pinned) != quota or not np.isin(pinned, units).all():
         raise ValueError(f"a pinned subnet must hold {quota} of the bucket's units, got {pinned.tolist()}")
     rest, out = np.setdiff1d(units, pinned), [pinned]
     if num_subnets == 1:
         return out
+    if cut_share > 0:  # F = 0 keeps the draw below, and its rng consumption, unchanged
+        return out + _share_the_cut(pinned, rest, num_subnets - 1, quota, rng, coverage, cut_share)
     if not coverage or len(rest) == 0:
         return out + [np.sort(rng.choice(units, size=quota, replace=False)) for _ in range(num_subnets - 1)]
     for held in np.array_split(rng.permutation(rest), num_subnets - 1):
@@ -113,6 +129,44 @@ def deal_around(
             raise ValueError(f"{num_subnets - 1} subnets x quota {quota} cannot cover the {len(rest)} unpinned units")
         fill = rng.choice(np.setdiff1d(units, held), size=missing, replace=False) if missing else []
         out.append(np.sort(np.concatenate([held, np.asarray(fill, dtype=np.int64)])))
+    return out
+
+
+def _share_the_cut(
+    pinned: np.ndarray,
+    rest: np.ndarray,
+    others: int,
+    quota: int,
+    rng: np.random.Generator,
+    coverage: bool,
+    cut_share: float,
+) -> List[np.ndarray]:
+    """The ``others`` subnets beside a pinned one under ``--twist-cut-share``: each holds
+    n_cut = round(cut_share x quota) units of ``pinned`` drawn at random, and fills its other
+    slots from ``rest`` (the unpinned units). With ``coverage`` ``rest`` is dealt round-robin in
+    a random order and each subnet keeps as many of its dealt units as it has slots (the rest of
+    them sit the round out); without it each subnet draws its units of ``rest`` on its own. A subnet
+    short of unpinned units takes more it does not hold, and when ``rest`` runs out (kappa > 0.5)
+    pinned units it does not hold: every subnet still holds exactly ``quota`` distinct units."""
+    n_cut = int(round(cut_share * quota))
+    slots = quota - n_cut
+    dealt = np.array_split(rng.permutation(rest), others) if coverage else None
+    out = []
+    for s in range(others):
+        cut = rng.choice(pinned, size=n_cut, replace=False)
+        if coverage:
+            own = dealt[s][:slots]
+        else:
+            own = rng.choice(rest, size=min(slots, len(rest)), replace=False)
+        parts = [cut, own]
+        short = slots - len(own)
+        spare = np.setdiff1d(rest, own)
+        if short and len(spare):  # dealt fewer than its slots: unpinned units it does not hold yet
+            parts.append(rng.choice(spare, size=min(short, len(spare)), replace=False))
+            short -= len(parts[-1])
+        if short:  # too few unpinned units in the bucket: pinned ones it does not hold yet
+            parts.append(rng.choice(np.setdiff1d(pinned, cut), size=short, replace=False))
+        out.append(np.sort(np.concatenate(parts).astype(np.int64)))
     return out
 
 
@@ -151,7 +205,8 @@ class SubnetSampler:
             if pinned is None:
                 dealt = deal_units(bucket, n, quota, rng, self.twist.coverage)
             else:
-                dealt = deal_around(bucket, np.intersect1d(bucket, pinned), n, quota, rng, self.twist.coverage)
+                pin = np.intersect1d(bucket, pinned)
+                dealt = deal_around(bucket, pin, n, quota, rng, self.twist.coverage, self.twist.cut_share)
             for s, idx in enumerate(dealt):
                 per_subnet[s].append(idx)
         return [np.concatenate(parts) for parts in per_subnet]

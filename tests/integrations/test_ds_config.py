@@ -54,6 +54,7 @@ FULL_SECTION = {
     "balance_shards": 2,
     "pin_cut": True,
     "cut_from_step": 30,
+    "cut_share": 0.25,
 }
 
 
@@ -96,6 +97,7 @@ def test_all_keys_parsed():
         balance_shards=2,
         pin_cut=True,
         cut_from_step=30,
+        cut_share=0.25,
     )
     assert set(FULL_SECTION) == set(ALLOWED_KEYS)
 

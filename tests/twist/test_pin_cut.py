@@ -1,12 +1,14 @@
 """--twist-pin-cut (issue #15 item 5, the default): subnet 0 holds the cut extraction would take; the
 others are dealt around it. Sampler properties, the cut against hand-planted large units, the same cut
-from TP x PP shards and from ZeRO partitions (4 real ranks), the switches, and a real 2-rank run.
+from TP x PP shards and from ZeRO partitions (4 real ranks), the switches, and a real 2-rank run;
+--twist-cut-from-step, and --twist-cut-share's draws against hand counts and in a real run.
 TwIST runs at TP/PP > 1 and on DeepSpeed against their single-process references, which pin too
 (tests/distributed/test_parallel_layouts.py, tests/integrations/test_deepspeed_engine.py), check
 the whole path in training."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -180,3 +182,131 @@ def test_cut_from_step_trains_the_cut_alone_in_the_final_rounds(mcore):
         fc1 = f"decoder.layers.{layer}.mlp.linear_fc2.weight"  # [hidden, ffn]: a column per neuron
         moved = (w1[fc1] - w0[fc1]).abs().sum(0) > 0
         assert sorted(torch.nonzero(moved).flatten().tolist()) == sorted(units.neurons), layer
+
+
+# --------------------------------------------------------------------------- --twist-cut-share
+
+CUT, REST = {0, 1, 2, 3}, {4, 5, 6, 7}
+
+
+@pytest.mark.parametrize("share, held_of_cut", [(0.25, 1), (0.5, 2), (0.75, 3), (1.0, 4)])
+def test_cut_share_takes_round_f_times_quota_of_the_cut(share, held_of_cut):
+    """A bucket of 8, the cut (0, 1, 2, 3) pinned, 2 subnets at quota 4: subnet 1 holds round(F x 4) cut units
+    (counted by hand in the parametrization) and the rest outside it."""
+    for seed in range(10):
+        dealt = deal_around(range(8), [0, 1, 2, 3], 2, 4, np.random.default_rng(seed), True, cut_share=share)
+        assert dealt[0].tolist() == [0, 1, 2, 3]
+        one = set(dealt[1].tolist())
+        assert len(dealt[1]) == 4 and len(one & CUT) == held_of_cut and len(one & REST) == 4 - held_of_cut
+    assert all(
+        deal_around(range(8), [0, 1, 2, 3], 2, 4, np.random.default_rng(s), True, cut_share=1.0)[1].tolist()
+        == [0, 1, 2, 3]
+        for s in range(5)
+    )
+
+
+def test_cut_share_zero_is_the_draw_from_before_it_existed():
+    """The expected lists were printed by deal_around and SubnetSampler.sample BEFORE --twist-cut-share
+    was added (the default F = 0 must keep runs, and their seeds, as they were)."""
+    cases = [
+        ((range(8), [0, 1, 2, 3], 2, 4, True), [[0, 1, 2, 3], [4, 5, 6, 7]]),
+        ((range(8), [0, 1, 2, 3], 3, 4, True), [[0, 1, 2, 3], [2, 3, 5, 7], [0, 3, 4, 6]]),
+        ((range(6), [1, 4], 4, 2, True), [[1, 4], [2, 5], [0, 3], [2, 3]]),
+        ((range(8), [0, 1, 2, 3], 3, 4, False), [[0, 1, 2, 3], [0, 3, 5, 6], [0, 1, 2, 3]]),
+        ((range(8), [2, 3, 5, 6, 7, 0], 2, 6, True), [[0, 2, 3, 5, 6, 7], [0, 1, 3, 4, 5, 7]]),
+    ]
+    for (units, pinned, n, quota, coverage), expected in cases:
+        for share in ({}, {"cut_share": 0.0}):  # the default, and F = 0 typed
+            got = deal_around(units, pinned, n, quota, np.random.default_rng(11), coverage, **share)
+            assert [d.tolist() for d in got] == expected, (n, quota, coverage)
+    pinned = SubnetSampler(MODEL, TwistConfig(keep_ratio=0.5, num_subnets=1, coverage=False, seed=99)).sample(0)[0]
+    plans = SubnetSampler(MODEL, TwistConfig(keep_ratio=0.5, num_subnets=3, seed=7, cut_share=0.0)).sample(2, pinned)
+    assert pinned.layers[0].heads == (2, 3, 4, 5)
+    assert plans[1].layers[0].heads == (0, 1, 5, 6) and plans[2].layers[0].heads == (0, 1, 6, 7)
+    assert plans[1].layers[0].neurons == (0, 1, 2, 4, 5, 7, 12, 15, 18, 19, 23, 25, 26, 28, 30, 31)
+    assert plans[2].layers[0].neurons == (2, 4, 9, 10, 11, 12, 13, 15, 18, 22, 23, 24, 25, 26, 27, 28)
+
+
+def test_cut_share_with_three_subnets_still_covers_the_unpinned_units_when_slots_allow():
+    """3 subnets, quota 4 of 8, F 0.5: subnets 1 and 2 hold 2 cut units and 2 others each, and the 2 + 2 slots
+    for others hold all 4 units outside the cut."""
+    for seed in range(20):
+        _, one, two = (
+            set(d.tolist()) for d in deal_around(range(8), [0, 1, 2, 3], 3, 4, np.random.default_rng(seed), True, 0.5)
+        )
+        assert len(one & CUT) == len(two & CUT) == 2 and len(one & REST) == len(two & REST) == 2
+        assert (one | two) & REST == REST
+
+
+def test_cut_share_edge_cases():
+    rng = np.random.default_rng
+    # kappa 0.75: quota 6 of 8, the cut 6, F 0.5 -> 3 cut units and 3 others, but only 2 lie outside the cut:
+    # the third slot takes another cut unit
+    for seed in range(10):
+        dealt = deal_around(range(8), [0, 2, 3, 5, 6, 7], 2, 6, rng(seed), True, 0.5)
+        assert set(dealt[1].tolist()) >= {1, 4} and len(dealt[1]) == len(set(dealt[1].tolist())) == 6
+    # 4 subnets at quota 2 of 8 with F 0.5: one cut unit each, and 3 x 1 slots for the 6 units outside the cut:
+    # 3 of them sit the round out
+    for seed in range(10):
+        dealt = deal_around(range(8), [0, 1], 4, 2, rng(seed), True, 0.5)
+        held = [set(d.tolist()) for d in dealt[1:]]
+        assert all(len(h & {0, 1}) == 1 and len(h) == 2 for h in held)
+        assert len(set().union(*held) - {0, 1}) == 3
+    # one subnet: only the cut; no coverage: each subnet its own 2 + 2, independently
+    assert [d.tolist() for d in deal_around(range(8), [4, 5, 6, 7], 1, 4, rng(0), True, 0.5)] == [[4, 5, 6, 7]]
+    for seed in range(10):
+        dealt = deal_around(range(8), [0, 1, 2, 3], 3, 4, rng(seed), False, 0.5)
+        assert all(len(set(d.tolist()) & CUT) == 2 and len(set(d.tolist()) & REST) == 2 for d in dealt[1:])
+    # Python's round, half to even: F 0.5 of a quota of 1 takes no cut unit, of a quota of 3 two
+    assert deal_around(range(2), [0], 2, 1, rng(0), True, 0.5)[1].tolist() == [1]
+    assert len(set(deal_around(range(6), [0, 1, 2], 2, 3, rng(0), True, 0.5)[1].tolist()) & {0, 1, 2}) == 2
+
+
+def test_cut_share_keeps_equal_sizes_and_determinism_through_the_sampler():
+    pinned = SubnetSampler(MODEL, TwistConfig(keep_ratio=0.5, num_subnets=1, coverage=False, seed=99)).sample(0)[0]
+    twist = TwistConfig(keep_ratio=0.5, num_subnets=3, seed=7, cut_share=0.5)
+    for r in range(4):
+        plans = SubnetSampler(MODEL, twist).sample(r, pinned)
+        assert plans == SubnetSampler(MODEL, twist).sample(r, pinned), "another rank draws the same"
+        assert plans[0] == pinned
+        for layer in range(MODEL.num_layers):
+            cut = set(pinned.layers[layer].neurons)
+            for p in plans[1:]:
+                lu = p.layers[layer]
+                assert len(lu.heads) == 4 and len(set(lu.heads)) == 4
+                # 2 GQA groups of 4 heads: 2 heads of each (quota 2, round(0.5 x 2) = 1 of them from the cut)
+                assert np.bincount(np.asarray(lu.heads) // 4, minlength=2).tolist() == [2, 2]
+                assert len(set(lu.heads) & set(pinned.layers[layer].heads)) == 2
+                # 32 neurons in one bucket, quota 16: 8 from the cut, 8 from outside it
+                assert len(lu.neurons) == len(set(lu.neurons)) == 16 and len(set(lu.neurons) & cut) == 8
+    everything = SubnetSampler(MODEL, dataclasses.replace(twist, cut_share=1.0)).sample(1, pinned)
+    assert everything == [pinned] * 3
+
+
+def test_cut_share_is_validated_and_old_checkpoints_load_without_it():
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ConfigError, match="--twist-cut-share must lie in"):
+            TwistConfig(cut_share=bad)
+    with pytest.raises(ConfigError, match="--twist-cut-share .* needs --twist-pin-cut"):
+        TwistConfig(cut_share=0.5, pin_cut=False)
+    assert TwistConfig(cut_share=0.0, pin_cut=False).cut_share == 0.0, "the default needs nothing"
+    assert TwistConfig.from_dict({"keep_ratio": 0.5, "pin_cut": True}).cut_share == 0.0
+    assert TwistConfig.from_dict(TwistConfig(cut_share=0.5).to_dict()).cut_share == 0.5
+
+
+@pytest.mark.multiprocess
+def test_a_run_with_cut_share_trains_records_it_and_a_resume_keeps_it(run_twist, refused_before_work, tmp_path):
+    """`twist train --twist-cut-share 0.5` (3 subnets, one process): finite losses, cut_share in the checkpoint;
+    resuming with another value is refused like any TwIST flag (nothing written), without the flag it keeps 0.5."""
+    save, metrics = tmp_path / "shared", tmp_path / "metrics.json"
+    args = [*("train", "--model-preset", "tiny", "--mock-data", "--local-steps", "2", "--micro-batch-size", "2")]
+    args += [*("--num-subnets", "3", "--keep-ratio", "0.5", "--log-interval", "2", "--save", save)]
+    run_twist([*args, "--train-iters", "4", "--twist-cut-share", "0.5", "--metrics-file", metrics])
+    losses = json.loads(metrics.read_text())["loss_curve"]
+    assert len(losses) == 4 and all(np.isfinite(losses)), losses
+    assert json.loads((save / "meta.json").read_text())["twist"]["cut_share"] == 0.5
+    err = refused_before_work([*args, "--train-iters", "6", "--load", save, "--twist-cut-share", "0.25"])
+    assert "--twist-cut-share 0.25 (the checkpoint was trained with cut_share=0.5)" in err, err
+    proc = run_twist([*args, "--train-iters", "6", "--load", save])
+    assert "round 3/3" in proc.stdout + proc.stderr
+    assert json.loads((save / "meta.json").read_text())["twist"]["cut_share"] == 0.5

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from fractions import Fraction
 
 import numpy as np
@@ -103,6 +104,33 @@ def test_grouped_query_attention_validity(layout, round_index):
                 assert size.num_query_groups == model.num_query_groups, "GQA keeps every KV group"
                 per_group = np.bincount(np.asarray(lu.heads) // model.heads_per_group, minlength=model.num_query_groups)
                 assert (per_group == per_group[0]).all() and per_group[0] >= 1
+
+
+@given(layouts(), st.integers(0, 50), st.sampled_from([0.0, 0.25, 0.5, 0.75, 1.0]), st.booleans())
+@SETTINGS
+def test_cut_share_keeps_sizes_balance_and_its_share_of_the_pinned_cut(layout, round_index, share, coverage):
+    """--twist-cut-share F around a pinned plan: subnet 0 is the plan, every subnet holds its quota of distinct
+    units in every bucket (so TP shards and GQA groups stay balanced), the draw is the same on every rank, and
+    with F > 0 each other subnet holds round(F x quota) units of the cut per bucket, more only where the
+    bucket's units outside the cut are fewer than its remaining slots (tests/twist/test_pin_cut.py: by hand)."""
+    model, tp, twist = layout
+    twist = dataclasses.replace(twist, cut_share=share, coverage=coverage)
+    pinned = SubnetSampler(model, dataclasses.replace(twist, num_subnets=1, coverage=False, seed=1), tp).sample(0)[0]
+    sampler = SubnetSampler(model, twist, tp)
+    plans = sampler.sample(round_index, pinned)
+    assert plans == SubnetSampler(model, twist, tp).sample(round_index, pinned) and plans[0] == pinned
+    for layer in range(model.num_layers):
+        for kind, buckets in (("heads", sampler.head_buckets()), ("neurons", sampler.neuron_buckets())):
+            cut = set(getattr(pinned.layers[layer], kind))
+            for bucket in buckets:
+                bucket = set(bucket.tolist())
+                quota = round(len(bucket) * twist.keep_ratio)
+                n_cut = int(round(share * quota))
+                for plan in plans[1:]:
+                    held = set(getattr(plan.layers[layer], kind)) & bucket
+                    assert len(held) == quota
+                    if share > 0:
+                        assert len(held & cut) == max(n_cut, quota - len(bucket - cut))
 
 
 def test_rounds_differ():
