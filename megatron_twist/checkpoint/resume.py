@@ -27,6 +27,7 @@ TWIST_FLAGS = {
     "activation_correction": "correction",
     "optimizer_state": "optimizer_state",
     "twist_balance_shards": "balance_shards",
+    "twist_pin_cut": "pin_cut",
     "twist_cut_from_step": "cut_from_step",
     "twist_cut_share": "cut_share",
 }
@@ -62,7 +63,12 @@ def resume_conflicts(
                 given, saved = list(given), list(saved)
             if given != saved:
                 typed = ",".join(map(str, given)) if field == "whole_layers" else given
-                shown = _flag(dest) if dest == "twist_coverage" else f"{_flag(dest)} {typed}"
+                if dest == "twist_coverage":
+                    shown = _flag(dest)
+                elif dest == "twist_pin_cut":  # a --flag / --no-flag pair: show the form that was typed
+                    shown = "--twist-pin-cut" if given else "--no-twist-pin-cut"
+                else:
+                    shown = f"{_flag(dest)} {typed}"
                 out.append(f"{shown} (the checkpoint was trained with {field}={saved!r})")
     saved_model = saved_meta.get("model", {})
     if "model_preset" in explicit:

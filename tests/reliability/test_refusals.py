@@ -48,6 +48,7 @@ def test_flags_typed_on_the_command_line_are_told_from_defaults():
         (["--local-steps", "3"], "--local-steps 3 (the checkpoint was trained with local_steps=2)"),
         (["--whole-layers", "0"], "--whole-layers 0 (the checkpoint was trained with whole_layers=[])"),
         (["--no-coverage"], "--no-coverage (the checkpoint was trained with coverage=True)"),
+        (["--no-twist-pin-cut"], "--no-twist-pin-cut (the checkpoint was trained with pin_cut=True)"),
         (["--model-preset", "small"], "--model-preset small (num_layers 4 vs 2"),
         (["--hidden-size", "128"], "--hidden-size 128 (the checkpoint's model has hidden_size=64)"),
         (["--seq-length", "128"], "--seq-length 128 (the checkpoint's model has seq_length=64)"),
