@@ -74,10 +74,11 @@ MODEL = dict(
     seq_length=128,
 )
 # The default quality set's model (benchmarks/quality_set.sh, issue #15 item 9: 45 minutes on 2 cores):
-# the same recipe at about 0.4x the training FLOPs per token (hidden 96 = 8 heads of 12, FFN 256), so
-# both benchmarks at every length fit the budget with one seed. Head size 12 keeps every cut's hidden
-# size divisible by its head count (2, 4, 6) and RoPE's head dimension even. `--model base` (the default of the benchmarks
-# themselves, and of `quality_set.sh --long`) is the model of RESULTS.md's three-seed tables.
+# the same recipe at a third of the training FLOPs per token (hidden 96 = 8 heads of 12, FFN 256; about
+# half the wall time, per-step overheads stay), so both benchmarks at every length fit the budget with
+# one seed. Head size 12 keeps every cut's hidden size divisible by its head count (2, 4, 6) and RoPE's
+# head dimension even. `--model base` (the benchmarks' own default, and `quality_set.sh --long`'s) is
+# the model of RESULTS.md's three-seed tables.
 MODELS = {
     "base": MODEL,
     "quick": dict(MODEL, hidden_size=96, ffn_hidden_size=256),
@@ -355,7 +356,12 @@ def main() -> int:
     p.add_argument("--phase1-bytes", type=int, default=None, help="cap on the stdlib phase-1 text")
     p.add_argument("--phase2-bytes", type=int, default=None, help="cap on the phase-2 text")
     p.add_argument("--seeds", nargs="+", type=int, default=[1234], help="every phase-2 arm once per seed")
-    p.add_argument("--model", choices=sorted(MODELS), default="base", help="base: RESULTS.md's model; quick: ~0.4x FLOPs (quality_set.sh)")
+    p.add_argument(
+        "--model",
+        choices=sorted(MODELS),
+        default="base",
+        help="base: RESULTS.md's model; quick: a third of its FLOPs per token (quality_set.sh)",
+    )
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--micro-batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=None, help=f"phase 1's peak learning rate (default {LR})")

@@ -200,7 +200,12 @@ def main() -> int:
     p.add_argument("--all-seeds-at", nargs="*", type=int, default=None, help="lengths run with every seed")
     p.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS")
     p.add_argument("--variant-lengths", nargs="+", type=int, default=None, help="default: every length")
-    p.add_argument("--model", choices=sorted(MODELS), default="base", help="base: RESULTS.md's model; quick: ~0.4x FLOPs (quality_set.sh)")
+    p.add_argument(
+        "--model",
+        choices=sorted(MODELS),
+        default="base",
+        help="base: RESULTS.md's model; quick: a third of its FLOPs per token (quality_set.sh)",
+    )
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--micro-batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=None, help=f"peak learning rate of every model (default {LR})")
