@@ -96,11 +96,12 @@ def add_twist_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument(
         "--twist-cut-share",
         type=float,
-        default=0.0,
+        default=None,
         metavar="F",
         help="each subnet besides the pinned one takes round(F x quota) of its units from the pinned cut "
         "and the rest from the other units, so the cut trains on more tokens and some other units may sit "
-        "a round out; 0 (default): subnets 1.. are dealt the units the cut leaves out first; "
+        "a round out (default 0.75 with --twist-pin-cut, measured best for the cut in both regimes, "
+        "docs/RESULTS.md); 0: subnets 1.. are dealt the units the cut leaves out first; "
         "1: every subnet trains the cut. Needs --twist-pin-cut",
     )
     return parser
@@ -120,7 +121,7 @@ def validate_twist_args(args: argparse.Namespace) -> TwistConfig:
         balance_shards=args.twist_balance_shards,
         pin_cut=args.twist_pin_cut,
         cut_from_step=getattr(args, "twist_cut_from_step", None),
-        cut_share=getattr(args, "twist_cut_share", 0.0),
+        cut_share=getattr(args, "twist_cut_share", None),
     )
 
 

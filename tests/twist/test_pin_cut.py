@@ -38,7 +38,7 @@ def test_deal_around_refuses_a_pinned_set_of_the_wrong_size():
 
 
 def test_sampler_pins_the_given_plan_in_every_round_and_stays_deterministic():
-    twist = TwistConfig(keep_ratio=0.5, num_subnets=2, seed=7, pin_cut=True)
+    twist = TwistConfig(keep_ratio=0.5, num_subnets=2, seed=7, pin_cut=True, cut_share=0.0)
     pinned = SubnetSampler(MODEL, TwistConfig(keep_ratio=0.5, num_subnets=1, coverage=False, seed=99)).sample(0)[0]
     for r in range(5):
         plans = SubnetSampler(MODEL, twist).sample(r, pinned)
@@ -290,6 +290,18 @@ def test_cut_share_is_validated_and_old_checkpoints_load_without_it():
     with pytest.raises(ConfigError, match="--twist-cut-share .* needs --twist-pin-cut"):
         TwistConfig(cut_share=0.5, pin_cut=False)
     assert TwistConfig(cut_share=0.0, pin_cut=False).cut_share == 0.0, "the default needs nothing"
+    # The default: 0.75 with cut-aware sampling (the measured choice, docs/RESULTS.md), none without it, so
+    # --no-twist-pin-cut alone stays valid; every way in (dataclass, flags, ds_config section) agrees.
+    from megatron_twist.arguments import add_twist_args, validate_twist_args
+    from megatron_twist.integrations.ds_config import twist_config_from_ds
+
+    assert TwistConfig().cut_share == 0.75 and TwistConfig(pin_cut=False).cut_share == 0.0
+    parser = add_twist_args(__import__("argparse").ArgumentParser())
+    assert validate_twist_args(parser.parse_args([])).cut_share == 0.75
+    assert validate_twist_args(parser.parse_args(["--no-twist-pin-cut"])).cut_share == 0.0
+    assert validate_twist_args(parser.parse_args(["--twist-cut-share", "0"])).cut_share == 0.0
+    assert twist_config_from_ds({"twist": {"keep_ratio": 0.5}}, parser.parse_args([])).cut_share == 0.75
+    assert twist_config_from_ds({"twist": {"pin_cut": False}}, parser.parse_args([])).cut_share == 0.0
     assert TwistConfig.from_dict({"keep_ratio": 0.5, "pin_cut": True}).cut_share == 0.0
     assert TwistConfig.from_dict(TwistConfig(cut_share=0.5).to_dict()).cut_share == 0.5
 
