@@ -90,7 +90,9 @@ def test_continued_benchmark_smoke(tmp_path, launch):
 
 def test_flops_per_token_against_hand_arithmetic():
     sys.path.insert(0, str(REPO / "benchmarks"))
-    from scratch import MODEL, flops_per_token
+    from scratch import MODELS, flops_per_token
+
+    MODEL = MODELS["base"]
 
     # hidden 192, 8 heads of 24 in 2 KV groups, FFN 512, 4 layers, sequence 128, vocabulary 2048:
     # per layer qkv 192*(8+4)*24 = 55,296, proj 8*24*192 = 36,864, gated MLP 3*192*512 = 294,912,
@@ -99,6 +101,10 @@ def test_flops_per_token_against_hand_arithmetic():
     assert flops_per_token(MODEL, 2048) == 3 * 4_276_224
     # kappa 0.5: qkv 192*(4+4)*24 = 36,864, proj 18,432, MLP 147,456, scores 24,576 -> 454,656 per layer
     assert flops_per_token(MODEL, 2048, 0.5) == 3 * (4 * 454_656 + 786_432)
+    # quality_set.sh's quick model, hidden 96, 8 heads of 12, FFN 256: qkv 96*12*12 = 13,824, proj 9,216,
+    # MLP 73,728, scores 2*128*8*12 = 24,576: forward 2*96,768 + 2*24,576 = 242,688 per layer; x4 plus
+    # the output layer 2*96*2048 = 393,216 = 1,363,968; x3 for training (a third of the base model's).
+    assert flops_per_token(MODELS["quick"], 2048) == 3 * 1_363_968
 
 
 @pytest.mark.multiprocess
