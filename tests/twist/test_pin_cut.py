@@ -60,7 +60,7 @@ def test_pinned_cut_keeps_the_units_planted_with_large_weights(mcore):
     from megatron_twist.twist.central import CentralModel
     from megatron_twist.twist.rounds import LocalPlans, ReplicatedRound
 
-    twist = TwistConfig(keep_ratio=0.5, num_subnets=2, local_steps=1, pin_cut=True)
+    twist = TwistConfig(keep_ratio=0.5, num_subnets=2, local_steps=1, pin_cut=True, cut_share=0.0)  # subnet 1: the rest
     central = CentralModel(MODEL, build_gpt_model(MODEL))
     d, ffn = MODEL.hidden_size // MODEL.num_attention_heads, MODEL.ffn_hidden_size
     planted = {0: ([1, 2, 4, 7], list(range(0, 32, 2))), 1: ([0, 3, 5, 6], list(range(16, 32)))}
