@@ -193,7 +193,8 @@ class TwistConfig:
                        round: the cut's units train on more subnets' tokens (issue #15's
                        importance-aware sampling). Edge cases, chosen here:
                        * round is Python's (half to even: F 0.5 of a quota of 1 takes 0 cut units);
-                       * F = 0 is today's draw bit for bit (its fill-ups may pick cut units too);
+                       * F = 0 is pin_cut's draw from before cut_share bit for bit (its fill-ups
+                         may pick cut units too);
                          with F > 0 a subnet holds exactly n_cut cut units, more only when the
                          unpinned units are fewer than its other slots (keep_ratio > 0.5): the
                          extra slots then take pinned units it does not hold yet;

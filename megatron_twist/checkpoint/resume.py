@@ -44,8 +44,22 @@ MODEL_FLAGS = {
 }
 
 
+# Switches (no value): the form the user typed, by the value it gave.
+_SWITCHES = {
+    "twist_coverage": {False: "--no-coverage"},
+    "twist_pin_cut": {True: "--twist-pin-cut", False: "--no-twist-pin-cut"},
+}
+
+
 def _flag(dest: str) -> str:
-    return "--" + {"twist_coverage": "no-coverage"}.get(dest, dest.replace("_", "-"))
+    return "--" + dest.replace("_", "-")
+
+
+def _typed(dest: str, given) -> str:
+    """The flag as the user typed it: a switch's own form, else ``--flag VALUE``."""
+    if dest in _SWITCHES:
+        return _SWITCHES[dest][given]
+    return f"{_flag(dest)} {','.join(map(str, given)) if dest == 'whole_layers' else given}"
 
 
 def resume_conflicts(
@@ -62,14 +76,7 @@ def resume_conflicts(
             if field == "whole_layers":
                 given, saved = list(given), list(saved)
             if given != saved:
-                typed = ",".join(map(str, given)) if field == "whole_layers" else given
-                if dest == "twist_coverage":
-                    shown = _flag(dest)
-                elif dest == "twist_pin_cut":  # a --flag / --no-flag pair: show the form that was typed
-                    shown = "--twist-pin-cut" if given else "--no-twist-pin-cut"
-                else:
-                    shown = f"{_flag(dest)} {typed}"
-                out.append(f"{shown} (the checkpoint was trained with {field}={saved!r})")
+                out.append(f"{_typed(dest, given)} (the checkpoint was trained with {field}={saved!r})")
     saved_model = saved_meta.get("model", {})
     if "model_preset" in explicit:
         preset = MODEL_PRESETS[args.model_preset]

@@ -160,8 +160,8 @@ def _share_the_cut(
             own = rng.choice(rest, size=min(slots, len(rest)), replace=False)
         parts = [cut, own]
         short = slots - len(own)
-        spare = np.setdiff1d(rest, own)
-        if short and len(spare):  # dealt fewer than its slots: unpinned units it does not hold yet
+        spare = np.setdiff1d(rest, own) if short else rest[:0]
+        if len(spare):  # dealt fewer than its slots: unpinned units it does not hold yet
             parts.append(rng.choice(spare, size=min(short, len(spare)), replace=False))
             short -= len(parts[-1])
         if short:  # too few unpinned units in the bucket: pinned ones it does not hold yet
