@@ -16,7 +16,8 @@ the same ranks, micro batch, sequence length, learning rate and data-order seed:
               (same FLOPs: its FLOPs per token are a subnet's);
   VARIANT     each --variant NAME[@L,L]=FLAGS: TwIST with extra `twist train` flags (they may override
               any: `--num-subnets 1 --keep-ratio 1.0 --micro-batch-size 4` is a dense variant), L steps,
-              at the lengths after @ (default: --variant-lengths, else every length).
+              at the lengths after @ (default: --variant-lengths, else every length); with
+              --variant-budget flops (or both) also for L x r steps, as `twist-NAME-flops`.
 Seeds: every length runs the first --seeds value; the lengths in --all-seeds-at (default: the longest)
 run every seed (mean and [min-max]). Prints per length the gaps (cut vs the best pruning, cut vs small
 at the same tokens and at the same FLOPs, central vs dense), each model's wall-clock, and whether the
@@ -33,7 +34,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -95,10 +96,28 @@ def run_one(args, data: Path, length: int, out: Path) -> Dict:
     variants = [n for n in args.variants if length in args.variant_at[n]]
     for name in variants:
         flags = [*model_flags(m), *TWIST, *args.variants[name]]
-        wall[f"twist_{name}"] = timed(args, f"twist-{name}", data, out, flags, length)
+        for arm, steps in variant_arms(args, name, length, long):
+            wall[arm.replace("-", "_")] = timed(args, arm, data, out, flags, steps)
     res = evaluate(args, data, out, variants)
     res["wall_s"] = wall
     res["steps"] = {"equal_tokens": length, "equal_flops": long}
+    return res
+
+
+def variant_arms(args, name: str, length: int, long: int) -> List[Tuple[str, int]]:
+    """The runs of one --variant (checkpoint name, steps): at equal tokens, equal FLOPs or both."""
+    arms = {"tokens": [(f"twist-{name}", length)], "flops": [(f"twist-{name}-flops", long)]}
+    return [arm for budget in ("tokens", "flops") if args.variant_budget in (budget, "both") for arm in arms[budget]]
+
+
+def variant_gaps(r: Dict, name: str) -> Dict[str, float]:
+    """A variant's gaps, like :func:`gaps` for the default arms, at the budgets it was trained at."""
+    p = {k: v["perplexity"] for k, v in r.items() if isinstance(v, dict) and "perplexity" in v}
+    res = {}
+    for suffix, budget, small in (("", "equal_tokens", "small"), ("_flops", "equal_flops", "small_flops")):
+        if f"twist_{name}{suffix}_cut" in p:
+            res[f"cut_vs_small_{budget}"] = p[f"twist_{name}{suffix}_cut"] / p[small] - 1
+            res[f"central_vs_dense_{budget}"] = p[f"twist_{name}{suffix}_central"] / p["dense"] - 1
     return res
 
 
@@ -124,7 +143,8 @@ def evaluate(args, data: Path, out: Path, variants: List[str]) -> Dict:
     res = {"dense": ppl(dense.module)}
     res["prune_magnitude"] = ppl(pruner.prune(KAPPA, "magnitude")[0])
     res["prune_activation"] = ppl(pruner.prune(KAPPA, "activation")[0])
-    for name in ("twist", "twist-flops", *[f"twist-{v}" for v in variants]):
+    trained = [arm for v in variants for arm, _ in variant_arms(args, v, 0, 0)]
+    for name in ("twist", "twist-flops", *trained):
         key = name.replace("-", "_")
         res[f"{key}_central"], res[f"{key}_cut"] = cut(name)
     res["small"] = ppl(load_central(str(out / "small"))[0].module)
@@ -165,12 +185,19 @@ def report(results: List[Dict], args) -> None:
             f"\n== L = {res['length']} steps ({res['steps']['equal_flops']} at equal FLOPs), kappa {KAPPA}, "
             f"{res['tokens']:,} tokens at L{f', mean [min-max] of {n} seeds' if n > 1 else ''} =="
         )
-        extra = [(f"twist_{v}_{w}", f"variant {v}: {w}") for v in res["variants"] for w in ("central", "cut")]
+        extra = [
+            (f"{arm.replace('-', '_')}_{w}", f"variant {arm.removeprefix('twist-')}: {w}")
+            for v in res["variants"]
+            for arm, _ in variant_arms(args, v, 0, 0)
+            for w in ("central", "cut")
+        ]
         rows = list(ROWS) + extra
         for key, label in rows:
             wall = res["wall_s"].get(key.replace("_central", "").replace("_cut", ""))
             print(f"  {label:<48s} {show(res[key]):>24s}" + (f"   ({wall:.0f} s)" if wall else ""))
         print("  gaps: " + ", ".join(f"{k} {v:+.1%}" for k, v in res["gaps"].items()))
+        for v, g in res.get("variant_gaps", {}).items():
+            print(f"  variant {v}: " + ", ".join(f"{k} {x:+.1%}" for k, x in g.items()))
         print(f"  regime where size matters: {'yes' if res['size_matters'] else 'no'}")
     (out / "scratch.json").write_text(json.dumps({"results": results, "flops_ratio": args.flops_ratio}, indent=1))
 
@@ -200,6 +227,13 @@ def main() -> int:
     p.add_argument("--all-seeds-at", nargs="*", type=int, default=None, help="lengths run with every seed")
     p.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS")
     p.add_argument("--variant-lengths", nargs="+", type=int, default=None, help="default: every length")
+    p.add_argument(
+        "--variant-budget",
+        choices=("tokens", "flops", "both"),
+        default="tokens",
+        help="train each --variant for L steps (tokens: the same tokens as dense), L x r steps (flops: the "
+        "same training FLOPs; the arm is twist-NAME-flops) or both",
+    )
     p.add_argument(
         "--model",
         choices=sorted(MODELS),
@@ -248,6 +282,7 @@ def main() -> int:
             res["gaps"] = gaps(res)
             res["gaps_per_seed"] = [gaps(r) for r in runs]
             res["variants"] = [n for n in args.variants if length in args.variant_at[n]]
+            res["variant_gaps"] = {v: variant_gaps(res, v) for v in res["variants"]}
             res["length"], res["tokens"] = length, length * args.micro_batch * args.nproc * args.model["seq_length"]
             res["size_matters"] = res["dense"]["perplexity"] < res["small"]["perplexity"]
             results.append(res)

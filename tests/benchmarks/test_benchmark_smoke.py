@@ -109,7 +109,8 @@ def test_flops_per_token_against_hand_arithmetic():
 
 @pytest.mark.multiprocess
 def test_scratch_benchmark_smoke(tmp_path, launch):
-    proc = _run(launch, "scratch.py", tmp_path, extra=("--variant", "half=--num-subnets 1 --keep-ratio 1.0"))
+    extra = ("--variant", "half=--num-subnets 1 --keep-ratio 1.0", "--variant-budget", "both")
+    proc = _run(launch, "scratch.py", tmp_path, extra=extra)
     data = json.loads((tmp_path / "scratch.json").read_text())
     (res,) = data["results"]
     assert res["steps"]["equal_tokens"] == 4 and res["steps"]["equal_flops"] == round(4 * data["flops_ratio"]) > 4
@@ -125,6 +126,13 @@ def test_scratch_benchmark_smoke(tmp_path, launch):
     assert meta["twist"]["num_subnets"] == 1
     assert p["twist_half_central"] == pytest.approx(p["dense"], rel=1e-6)
     assert p["twist_half_cut"] == pytest.approx(p["prune_magnitude"], rel=1e-6)
+    # --variant-budget both: the variant also trained for the equal-FLOPs steps, with its own gaps
+    meta = json.loads((tmp_path / "L4" / "seed-1" / "twist-half-flops" / "meta.json").read_text())
+    assert meta["train"]["train_iters"] == res["steps"]["equal_flops"] and "twist_half_flops_cut" in p
+    assert res["variant_gaps"]["half"]["cut_vs_small_equal_flops"] == pytest.approx(
+        p["twist_half_flops_cut"] / p["small_flops"] - 1
+    )
+    assert res["variant_gaps"]["half"]["central_vs_dense_equal_tokens"] == pytest.approx(0, abs=1e-6)
     assert (tmp_path / "scratch.png").is_file() and "regime where size matters" in proc.stdout
 
 
