@@ -19,7 +19,8 @@ every arm trains on the same phase-2 tokens (steps x micro batch x ranks x seque
      accepts an imported model with its own sizes and takes the TwIST settings from the command),
      then fine-tuned densely on the phase-2 tokens; with --distill also distilled from the dense model
      fine-tuned on phase 2 (arm e, Minitron's corrected teacher; `twist train --distill-teacher`), at the
-     same steps and at arm (c)'s training FLOPs (fewer steps, the teacher's forward counted);
+     same steps and at arm (c)'s training FLOPs (fewer steps, the teacher's forward counted); with
+     --magnitude-retrain also from the magnitude cut (TwIST's own zero-cost choice of units);
   d. a model of each cut size trained from scratch the same way as the full one: phase 1, HF round
      trip, phase 2 (same tokens, same recipe);
   e. the full dense model fine-tuned (the reference, = b before pruning); also TwIST's central model
@@ -148,22 +149,27 @@ def round_trip(ckpt: Path, out: Path, seq: int, tokenizer: Path, cli: bool = Fal
     return imported
 
 
-def pruned_central(imported: Path, p2: Path, tokenizer: Path, kappa: float, out: Path, args) -> Path:
-    """Arm (c)'s starting point: the imported model pruned to kappa (activation score), as a central
-    checkpoint of the smaller sizes that `twist train --load` continues."""
+def pruned_central(
+    imported: Path, p2: Path, tokenizer: Path, kappa: float, out: Path, args, score: str = "activation"
+) -> Path:
+    """Arm (c)'s starting point: the imported model pruned to kappa (activation score; with
+    --magnitude-retrain also TwIST's own magnitude cut), as a central checkpoint of the smaller sizes that
+    `twist train --load` continues."""
     from pruning import Pruner, calibration
 
     from megatron_twist.checkpoint.models import load_central, save_extracted
 
-    target = out / f"pruned-{kappa}"
+    name = f"pruned-{kappa}" if score == "activation" else f"pruned-{score}-{kappa}"
+    target = out / name
     if (target / "meta.json").is_file():
         return target
     central, _, _ = load_central(str(imported))
-    pruner = Pruner(central, calibration(p2, args.calib_sequences, args.model["seq_length"]))
-    module, plan = pruner.prune(kappa, "activation")
-    cut = out / f"pruned-{kappa}-cut"
+    calib = calibration(p2, args.calib_sequences, args.model["seq_length"]) if score == "activation" else None
+    pruner = Pruner(central, calib)
+    module, plan = pruner.prune(kappa, score)
+    cut = out / f"{name}-cut"
     save_extracted(
-        str(cut), module, central.config, pruner.cfg, plan, kappa, "activation", {"checkpoint": str(imported)}, True
+        str(cut), module, central.config, pruner.cfg, plan, kappa, score, {"checkpoint": str(imported)}, True
     )
     return round_trip(cut, target, args.model["seq_length"], tokenizer)
 
@@ -194,6 +200,10 @@ def run_seed(args, p2: Path, phase1: Dict[str, Path], tokenizer: Path, out: Path
     for kappa in KAPPAS:
         start = pruned_central(imported, p2, tokenizer, kappa, shared, args)
         train("continued", f"prune-retrain-{kappa}", p2, out, ["--load", str(start), *DENSE, *lr], args, steps2)
+        if args.magnitude_retrain:  # (c) from TwIST's own zero-cost choice of units: is the gap to (c) the choice?
+            start_m = pruned_central(imported, p2, tokenizer, kappa, shared, args, "magnitude")
+            flags = ["--load", str(start_m), *DENSE, *lr]
+            train("continued", f"prune-retrain-magnitude-{kappa}", p2, out, flags, args, steps2)
         small = ["--load", str(phase1[str(kappa)]), *DENSE, *lr]
         train("continued", f"small-{kappa}", p2, out, small, args, steps2)
         if args.distill:  # (c) with distillation from the dense model fine-tuned on phase 2 (Minitron's teacher)
@@ -248,6 +258,10 @@ def evaluate(args, p2: Path, imported: Path, out: Path) -> Dict:
         res.setdefault("b_dense_activation", {})[k] = ppl(pruner.prune(kappa, "activation")[0])
         res.setdefault("c_prune_retrain", {})[k] = ppl(load_central(str(out / f"prune-retrain-{kappa}"))[0].module)
         res.setdefault("d_small_from_scratch", {})[k] = ppl(load_central(str(out / f"small-{kappa}"))[0].module)
+        if args.magnitude_retrain:
+            res.setdefault("c_magnitude_retrain", {})[k] = ppl(
+                load_central(str(out / f"prune-retrain-magnitude-{kappa}"))[0].module
+            )
         if args.distill:
             for key, name in (("c_kd", "prune-retrain-kd"), ("c_kd_eqflops", "prune-retrain-kd-eqflops")):
                 res.setdefault(key, {})[k] = ppl(load_central(str(out / f"{name}-{kappa}"))[0].module)
@@ -268,6 +282,8 @@ def arms(args):
     keys, labels = ARMS + tuple(f"a_twist_{n}_cut" for n in names), LABELS + tuple(f"(a) {n}" for n in names)
     if args.distill:
         keys, labels = keys + ("c_kd", "c_kd_eqflops"), labels + ("(c) + distillation", "(c) + dist., eq. FLOPs")
+    if args.magnitude_retrain:
+        keys, labels = keys + ("c_magnitude_retrain",), labels + ("(c) magnitude + retrain",)
     return keys, labels
 
 
@@ -350,6 +366,12 @@ def main() -> int:
         help="arm (c) also with distillation from the dense model fine-tuned on phase 2 (`twist train "
         "--distill-teacher`): at the same steps, and at (c)'s training FLOPs (fewer steps: the teacher's "
         "forward counted)",
+    )
+    p.add_argument(
+        "--magnitude-retrain",
+        action="store_true",
+        help="arm (c) also from the magnitude cut (TwIST's own zero-cost choice of units) instead of the "
+        "activation-aware one: how much of TwIST's gap to prune-and-retrain is the choice of units",
     )
     p.add_argument("--distill-weight", type=float, default=0.5, help="w of (1 - w) CE + w T^2 KL")
     p.add_argument("--distill-temperature", type=float, default=1.0)

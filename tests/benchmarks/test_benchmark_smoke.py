@@ -64,12 +64,15 @@ def test_continued_benchmark_smoke(tmp_path, launch):
         launch,
         "continued.py",
         tmp_path,
-        extra=("--phase2", "stdlib", "--variant", "nopin=--no-twist-pin-cut", "--distill"),
+        extra=("--phase2", "stdlib", "--variant", "nopin=--no-twist-pin-cut", "--distill", "--magnitude-retrain"),
     )
     res = json.loads((tmp_path / "continued.json").read_text())
     arms = ("a_twist_cut", "b_dense_magnitude", "b_dense_activation", "c_prune_retrain", "d_small_from_scratch")
     arms += ("a_twist_nopin_cut",)  # the --variant arm, trained with its flag
     arms += ("c_kd", "c_kd_eqflops")  # --distill: arm (c) distilled from the fine-tuned dense model
+    arms += ("c_magnitude_retrain",)  # --magnitude-retrain: arm (c) from the magnitude cut
+    for score, name in (("activation", "pruned-0.5-cut"), ("magnitude", "pruned-magnitude-0.5-cut")):
+        assert json.loads((tmp_path / name / "meta.json").read_text())["method"] == score
     kd = json.loads((tmp_path / "prune-retrain-kd-0.5" / "meta.json").read_text())["train"]
     assert kd["distill_teacher"] == str(tmp_path / "dense") and kd["distill_weight"] == 0.5
     assert res["distill_steps"]["0.5"] == round(4 * 1 / (1 + res["distill_teacher_forward_share"]["0.5"]))
