@@ -202,6 +202,8 @@ def report(results: List[Dict], args) -> None:
     (out / "scratch.json").write_text(json.dumps({"results": results, "flops_ratio": args.flops_ratio}, indent=1))
 
     def draw(plt):
+        if len(results) == 1:  # one length: no curve to draw, so each arm's perplexity with its seed range
+            return draw_arms(plt, results[0], args)
         fig, ax = plt.subplots(figsize=(7, 4))
         xs = [r["length"] for r in results]
         for key in results[0]["gaps"]:
@@ -215,6 +217,32 @@ def report(results: List[Dict], args) -> None:
         return fig
 
     save_plot(out / "scratch.png", out / "scratch.json", draw)
+
+
+def draw_arms(plt, res: Dict, args):
+    """One length's plot: every arm's held-out perplexity (the mean, the seed range as an error bar)."""
+    keys = [k for k, _ in ROWS] + [
+        f"{arm.replace('-', '_')}_{w}"
+        for v in res["variants"]
+        for arm, _ in variant_arms(args, v, 0, 0)
+        for w in ("central", "cut")
+    ]
+    labels = [label.strip(" +") for _, label in ROWS] + [
+        k.removeprefix("twist_").replace("_", " ") for k in keys[len(ROWS) :]
+    ]
+    ys = [res[k]["perplexity"] for k in keys]
+    spans = [res[k].get("perplexity_spread") or {"min": y, "max": y} for k, y in zip(keys, ys)]
+    err = [[y - s["min"] for y, s in zip(ys, spans)], [s["max"] - y for y, s in zip(ys, spans)]]
+    fig, ax = plt.subplots(figsize=(7, 0.35 * len(keys) + 1.2))
+    ax.barh(range(len(keys)), ys, xerr=err, color=["C1" if k.startswith("twist") else "C0" for k in keys])
+    ax.set_yticks(range(len(keys)), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.axvline(res["dense"]["perplexity"], color="k", lw=0.8, ls="--")
+    n = len(res.get("seeds", [1]))
+    ax.set_xlabel(f"held-out perplexity (mean{f' and range of {n} seeds' if n > 1 else ''}; dashed: dense full)")
+    ax.set_title(f"from scratch, L = {res['length']}, kappa {KAPPA}")
+    fig.tight_layout()
+    return fig
 
 
 def main() -> int:
