@@ -325,7 +325,7 @@ def report(res: Dict, args) -> None:
             ys = [res[key][str(k)]["perplexity"] for k in KAPPAS]
             err = [[y - res[key][str(k)].get("perplexity_spread", {"min": y})["min"] for y, k in zip(ys, KAPPAS)]]
             err.append([res[key][str(k)].get("perplexity_spread", {"max": y})["max"] - y for y, k in zip(ys, KAPPAS)])
-            ax.bar(xs, ys, width, yerr=err, label=label)
+            ax.bar(xs, ys, width, yerr=err, label=label, color=plt.get_cmap("tab20")(j % 20))  # >10 arms: no repeats
         ax.axhline(res["e_dense_full"]["perplexity"], color="k", ls="--", lw=1, label="(e) dense full")
         ax.set_xticks(range(len(KAPPAS)), [f"kappa {k}" for k in KAPPAS])
         ax.set_yscale("log")
