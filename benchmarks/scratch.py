@@ -96,18 +96,32 @@ def run_one(args, data: Path, length: int, out: Path) -> Dict:
     variants = [n for n in args.variants if length in args.variant_at[n]]
     for name in variants:
         flags = [*model_flags(m), *TWIST, *args.variants[name]]
-        for arm, steps in variant_arms(args, name, length, long):
-            wall[arm.replace("-", "_")] = timed(args, arm, data, out, flags, steps)
+        for budget in variant_budgets(args):
+            arm = variant_checkpoint(name, budget)
+            wall[arm.replace("-", "_")] = timed(args, arm, data, out, flags, length if budget == "tokens" else long)
     res = evaluate(args, data, out, variants)
     res["wall_s"] = wall
     res["steps"] = {"equal_tokens": length, "equal_flops": long}
     return res
 
 
-def variant_arms(args, name: str, length: int, long: int) -> List[Tuple[str, int]]:
-    """The runs of one --variant (checkpoint name, steps): at equal tokens, equal FLOPs or both."""
-    arms = {"tokens": [(f"twist-{name}", length)], "flops": [(f"twist-{name}-flops", long)]}
-    return [arm for budget in ("tokens", "flops") if args.variant_budget in (budget, "both") for arm in arms[budget]]
+def variant_budgets(args) -> Tuple[str, ...]:
+    """The budgets every --variant trains at: "tokens" (L steps), "flops" (L x r steps) or both."""
+    return ("tokens", "flops") if args.variant_budget == "both" else (args.variant_budget,)
+
+
+def variant_checkpoint(name: str, budget: str) -> str:
+    return f"twist-{name}" if budget == "tokens" else f"twist-{name}-flops"
+
+
+def variant_rows(args, variants: List[str]) -> List[Tuple[str, str]]:
+    """(result key, label) of the variants' rows: each trained checkpoint's central model and cut."""
+    checkpoints = [variant_checkpoint(v, b) for v in variants for b in variant_budgets(args)]
+    return [
+        (f"{c.replace('-', '_')}_{w}", f"variant {c.removeprefix('twist-')}: {w}")
+        for c in checkpoints
+        for w in ("central", "cut")
+    ]
 
 
 def variant_gaps(r: Dict, name: str) -> Dict[str, float]:
@@ -143,7 +157,7 @@ def evaluate(args, data: Path, out: Path, variants: List[str]) -> Dict:
     res = {"dense": ppl(dense.module)}
     res["prune_magnitude"] = ppl(pruner.prune(KAPPA, "magnitude")[0])
     res["prune_activation"] = ppl(pruner.prune(KAPPA, "activation")[0])
-    trained = [arm for v in variants for arm, _ in variant_arms(args, v, 0, 0)]
+    trained = [variant_checkpoint(v, b) for v in variants for b in variant_budgets(args)]
     for name in ("twist", "twist-flops", *trained):
         key = name.replace("-", "_")
         res[f"{key}_central"], res[f"{key}_cut"] = cut(name)
@@ -185,13 +199,7 @@ def report(results: List[Dict], args) -> None:
             f"\n== L = {res['length']} steps ({res['steps']['equal_flops']} at equal FLOPs), kappa {KAPPA}, "
             f"{res['tokens']:,} tokens at L{f', mean [min-max] of {n} seeds' if n > 1 else ''} =="
         )
-        extra = [
-            (f"{arm.replace('-', '_')}_{w}", f"variant {arm.removeprefix('twist-')}: {w}")
-            for v in res["variants"]
-            for arm, _ in variant_arms(args, v, 0, 0)
-            for w in ("central", "cut")
-        ]
-        rows = list(ROWS) + extra
+        rows = list(ROWS) + variant_rows(args, res["variants"])
         for key, label in rows:
             wall = res["wall_s"].get(key.replace("_central", "").replace("_cut", ""))
             print(f"  {label:<48s} {show(res[key]):>24s}" + (f"   ({wall:.0f} s)" if wall else ""))
@@ -221,15 +229,9 @@ def report(results: List[Dict], args) -> None:
 
 def draw_arms(plt, res: Dict, args):
     """One length's plot: every arm's held-out perplexity (the mean, the seed range as an error bar)."""
-    keys = [k for k, _ in ROWS] + [
-        f"{arm.replace('-', '_')}_{w}"
-        for v in res["variants"]
-        for arm, _ in variant_arms(args, v, 0, 0)
-        for w in ("central", "cut")
-    ]
-    labels = [label.strip(" +") for _, label in ROWS] + [
-        k.removeprefix("twist_").replace("_", " ") for k in keys[len(ROWS) :]
-    ]
+    extra = [k for k, _ in variant_rows(args, res["variants"])]
+    keys = [k for k, _ in ROWS] + extra
+    labels = [label.strip(" +") for _, label in ROWS] + [k.removeprefix("twist_").replace("_", " ") for k in extra]
     ys = [res[k]["perplexity"] for k in keys]
     spans = [res[k].get("perplexity_spread") or {"min": y, "max": y} for k, y in zip(keys, ys)]
     err = [[y - s["min"] for y, s in zip(ys, spans)], [s["max"] - y for y, s in zip(ys, spans)]]
