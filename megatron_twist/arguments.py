@@ -32,6 +32,14 @@ def _int_list(text: str):
         raise argparse.ArgumentTypeError(f"expected comma-separated layer indices like 0,-1, got {text!r}") from None
 
 
+def lr_scale_value(text: str):
+    """--twist-lr-scale as typed: a number, or a rule's name (TwistConfig checks both, naming the choices)."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
 def add_twist_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g = parser.add_argument_group("TwIST", "independent subnetwork training")
     g.add_argument(
@@ -104,6 +112,15 @@ def add_twist_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "docs/RESULTS.md); 0: subnets 1.. are dealt the units the cut leaves out first; "
         "1: every subnet trains the cut. Needs --twist-pin-cut",
     )
+    g.add_argument(
+        "--twist-lr-scale",
+        type=lr_scale_value,
+        default=None,
+        metavar="S",
+        help="the subnets' optimizers run at --lr and --min-lr times S: a positive number, or 'sqrt' for "
+        "sqrt(--num-subnets) (the default: averaging the subnets' Adam updates shrinks the central model's "
+        "step, docs/RESULTS.md); dense training is unaffected",
+    )
     return parser
 
 
@@ -122,6 +139,7 @@ def validate_twist_args(args: argparse.Namespace) -> TwistConfig:
         pin_cut=args.twist_pin_cut,
         cut_from_step=getattr(args, "twist_cut_from_step", None),
         cut_share=getattr(args, "twist_cut_share", None),
+        lr_scale=getattr(args, "twist_lr_scale", None),
     )
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -28,6 +29,12 @@ OPTIMIZER_STATE_POLICIES = ("aggregate", "reset")
 # worse when continuing (+6.8%); at 1 the cut gained more but the central model and the other cut sizes
 # lost when continuing (+38.6% central).
 DEFAULT_CUT_SHARE = 0.75
+# --twist-lr-scale's rule when not given: the subnets' lr (and min lr) is --lr x sqrt(num_subnets). Each
+# subnet's Adam normalises its own gradient, and aggregation then averages the subnets' updates of a unit,
+# so the central model moves by less than one dense optimizer at the same --lr would (docs/RESULTS.md
+# "The learning rate of TwIST's subnets").
+LR_SCALE_RULES = ("sqrt",)
+DEFAULT_LR_SCALE = "sqrt"
 NONFINITE_POLICIES = ("skip", "stop")  # a subnet whose loss/gradient turns non-finite (docs: Reliability)
 
 
@@ -208,6 +215,11 @@ class TwistConfig:
                        None (default): DEFAULT_CUT_SHARE (0.75) with pin_cut, 0 without it.
                        0.0: off (the draw of pin_cut alone). A checkpoint written before it
                        existed resumes at 0.0, as it was trained.
+    lr_scale:          the subnets' optimizers run at TrainConfig's lr and min_lr times this
+                       (warm-up and decay unchanged); dense training is unaffected. 'sqrt':
+                       sqrt(num_subnets). None (default): DEFAULT_LR_SCALE ('sqrt'). Stored
+                       resolved (a float). A checkpoint written before
+                       it existed resumes at 1.0, as it was trained.
     """
 
     keep_ratio: float = 0.5
@@ -223,6 +235,7 @@ class TwistConfig:
     pin_cut: bool = True
     cut_from_step: Optional[int] = None
     cut_share: Optional[float] = None
+    lr_scale: object = None  # a positive float, a rule of LR_SCALE_RULES, None: DEFAULT_LR_SCALE
 
     def __post_init__(self):
         object.__setattr__(self, "whole_layers", tuple(int(i) for i in self.whole_layers))
@@ -254,6 +267,7 @@ class TwistConfig:
             raise ConfigError(f"--twist-cut-share must lie in [0, 1] (a fraction of each quota), got {self.cut_share}")
         if self.cut_share and not self.pin_cut:
             raise ConfigError("--twist-cut-share shares the pinned cut: it needs --twist-pin-cut (the default)")
+        object.__setattr__(self, "lr_scale", resolve_lr_scale(self.lr_scale, self.num_subnets))
         if self.coverage and self.num_subnets * self.keep_ratio < 1.0 - 1e-9:
             raise ConfigError(
                 f"coverage needs num_subnets x keep_ratio >= 1, got {self.num_subnets} x {self.keep_ratio} = "
@@ -337,7 +351,22 @@ class TwistConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "TwistConfig":
         # A checkpoint written before pin_cut (or cut_share) existed trained without it: resume it the same way.
-        return cls(**{"pin_cut": False, "cut_share": 0.0, **d})
+        return cls(**{"pin_cut": False, "cut_share": 0.0, "lr_scale": 1.0, **d})
+
+
+def resolve_lr_scale(value, num_subnets: int) -> float:
+    """--twist-lr-scale's number: ``value`` itself, or its rule applied to ``num_subnets``."""
+    if value is None:  # not given (a flag or ds_config key left out): the default rule
+        value = DEFAULT_LR_SCALE
+    if value == "sqrt":
+        return math.sqrt(num_subnets)
+    try:
+        scale = float(value)
+    except (TypeError, ValueError):
+        scale = float("nan")
+    if not (math.isfinite(scale) and scale > 0):
+        raise ConfigError(f"--twist-lr-scale must be a positive number or one of {LR_SCALE_RULES}, got {value!r}")
+    return scale
 
 
 def _head_bucket(model: ModelConfig, tp: int) -> Tuple[int, str]:

@@ -77,11 +77,41 @@ def test_subnets_times_kappa_below_one_with_coverage():
         ("num_subnets", 0, "--num-subnets must be at least 1"),
         ("split", "rows", "--twist-split"),
         ("correction", "magic", "--activation-correction"),
+        ("lr_scale", 0, "--twist-lr-scale must be a positive number or one of"),
+        ("lr_scale", "cube", "--twist-lr-scale must be a positive number or one of"),
+        ("lr_scale", float("nan"), "--twist-lr-scale"),
     ],
 )
 def test_other_twist_values(field, value, match):
     with pytest.raises(ConfigError, match=match):
         TwistConfig(**{field: value})
+
+
+def test_lr_scale_default_rule_and_old_checkpoints():
+    # sqrt(num_subnets) unless given; stored resolved, so a checkpoint's config names the number it ran at
+    assert TwistConfig(num_subnets=2).lr_scale == pytest.approx(1.4142135623730951)
+    assert TwistConfig(num_subnets=4, keep_ratio=0.25).lr_scale == 2.0
+    assert TwistConfig(num_subnets=1, keep_ratio=1.0).lr_scale == 1.0  # one subnet: plain training's lr
+    assert TwistConfig(num_subnets=4, keep_ratio=0.25, lr_scale=1.5).lr_scale == 1.5
+    assert TwistConfig.from_dict(TwistConfig(num_subnets=4, keep_ratio=0.25).to_dict()).lr_scale == 2.0
+    # written before the flag existed: resumed as it was trained, at --lr itself
+    old = {k: v for k, v in TwistConfig(num_subnets=4, keep_ratio=0.25).to_dict().items() if k != "lr_scale"}
+    assert TwistConfig.from_dict(old).lr_scale == 1.0
+
+
+def test_lr_scale_flag():
+    import argparse
+
+    from megatron_twist.arguments import add_twist_args, validate_twist_args
+
+    parser = add_twist_args(argparse.ArgumentParser())
+    assert validate_twist_args(parser.parse_args(["--num-subnets", "4", "--keep-ratio", "0.25"])).lr_scale == 2.0
+    assert validate_twist_args(parser.parse_args(["--twist-lr-scale", "1"])).lr_scale == 1.0
+    assert validate_twist_args(parser.parse_args(["--num-subnets", "3", "--twist-lr-scale", "sqrt"])).lr_scale == (
+        pytest.approx(3**0.5)
+    )
+    with pytest.raises(ConfigError, match="got 'fast'"):
+        validate_twist_args(parser.parse_args(["--twist-lr-scale", "fast"]))
 
 
 def test_model_shape_errors():

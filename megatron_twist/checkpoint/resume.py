@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from typing import Dict, List, Optional, Set
 
-from ..config import MODEL_PRESETS, ConfigError
+from ..config import MODEL_PRESETS, ConfigError, resolve_lr_scale
 
 # flag dest -> TwistConfig field
 TWIST_FLAGS = {
@@ -30,6 +30,7 @@ TWIST_FLAGS = {
     "twist_pin_cut": "pin_cut",
     "twist_cut_from_step": "cut_from_step",
     "twist_cut_share": "cut_share",
+    "twist_lr_scale": "lr_scale",
 }
 # flag dest -> ModelConfig field
 MODEL_FLAGS = {
@@ -68,14 +69,18 @@ def resume_conflicts(
     """Explicit flags that contradict the checkpoint, one line each (empty: none)."""
     out = []
     if twist_from_checkpoint:
-        saved_twist = saved_meta.get("twist", {})
+        # written before --twist-lr-scale existed: trained (and resumed, TwistConfig.from_dict) at 1
+        saved_twist = {"lr_scale": 1.0, **saved_meta.get("twist", {})}
         for dest, field in TWIST_FLAGS.items():
             if dest not in explicit or field not in saved_twist:
                 continue
             given, saved = getattr(args, dest), saved_twist[field]
             if field == "whole_layers":
                 given, saved = list(given), list(saved)
-            if given != saved:
+            same = given == saved
+            if field == "lr_scale":  # 'sqrt' is the number it gives for the checkpoint's subnets
+                same = resolve_lr_scale(given, saved_twist.get("num_subnets", 1)) == saved
+            if not same:
                 out.append(f"{_typed(dest, given)} (the checkpoint was trained with {field}={saved!r})")
     saved_model = saved_meta.get("model", {})
     if "model_preset" in explicit:

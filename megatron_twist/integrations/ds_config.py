@@ -108,6 +108,7 @@ _KEYS: Tuple[_Key, ...] = (
     _Key("pin_cut", "pin_cut", "twist_pin_cut", "--no-twist-pin-cut", "bool"),
     _Key("cut_from_step", "cut_from_step", "twist_cut_from_step", "--twist-cut-from-step", "int"),
     _Key("cut_share", "cut_share", "twist_cut_share", "--twist-cut-share", "number"),
+    _Key("lr_scale", "lr_scale", "twist_lr_scale", "--twist-lr-scale", "number_or_name"),
 )
 
 #: The keys a "twist" section may hold, in documentation order.
@@ -115,6 +116,7 @@ ALLOWED_KEYS: Tuple[str, ...] = tuple(k.name for k in _KEYS)
 
 _KIND_TEXT = {
     "number": "a number",
+    "number_or_name": 'a number or a rule\'s name such as "sqrt"',
     "int": "an integer",
     "nonneg_int": "a non-negative integer (0: the tensor parallel size)",
     "str": "a string",
@@ -199,9 +201,10 @@ def _coerce(key: _Key, value: Any, name: str):
     """Check a section value's JSON type; return it as TwistConfig wants it."""
     kind = key.kind
     ok = False
-    if kind == "number":
+    if kind in ("number", "number_or_name"):
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         value = float(value) if ok else value
+        ok = ok or (kind == "number_or_name" and isinstance(value, str))
     elif kind in ("int", "nonneg_int"):
         ok = isinstance(value, int) and not isinstance(value, bool)
         if ok and kind == "nonneg_int":
@@ -225,7 +228,7 @@ def _normalise(key: _Key, value: Any):
     """A flag's value in the form _coerce gives a section value, for comparison."""
     if value is None:
         return None
-    if key.kind == "number":
+    if key.kind == "number" or (key.kind == "number_or_name" and not isinstance(value, str)):
         return float(value)
     if key.kind == "int_list":
         return tuple(value)

@@ -249,6 +249,16 @@ class TwistMegatronLM:
             resume_central(args.load, args.iteration, self.central, self.twist, g.tp_rank, g.tp_size, hook.first_layer)
         return hook
 
+    def scale_subnet_lr(self, optimizer, scheduler) -> None:
+        """--twist-lr-scale on the optimizer Megatron-LM built: every param group's peak and floor lr,
+        then the scheduler re-sets the current lr from them (it set it before TwIST saw the optimizer)."""
+        from ..optim.optimizer import set_group_lr_bounds
+        from .megatron_lm_optim import torch_optimizer_of
+
+        args, scale = self.args(), self.twist.lr_scale
+        set_group_lr_bounds(torch_optimizer_of(optimizer).param_groups, args.lr * scale, args.min_lr * scale)
+        scheduler.step(0)
+
     def install(self, training_module) -> None:
         """Wrap Megatron-LM's ``train_step`` and narrow its DDP to the subnet group."""
         original = training_module.train_step
@@ -276,6 +286,7 @@ class TwistMegatronLM:
         def train_step(forward_step_func, data_iterator, model, optimizer, *rest, **kwargs):
             if self.hook is None:
                 self.hook = self.make_hook(model, optimizer)
+                self.scale_subnet_lr(optimizer, rest[0] if rest else kwargs["opt_param_scheduler"])
             iteration = self.args().curr_iteration
             self.hook.on_iteration_start(iteration)
             self._step_loss = [0.0, 0]

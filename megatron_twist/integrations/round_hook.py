@@ -11,6 +11,10 @@ told when an iteration starts:
         ... host's forward / backward / optimizer step ...
     hook.finish()                            # aggregate the last (possibly partial) round
 
+The host's optimizer runs at the subnets' learning rate, ``--lr`` x ``twist.lr_scale`` (peak and floor;
+optim/optimizer.py's ``build_scheduler(optimizer, train, twist.lr_scale)``); the Megatron-LM adapter
+sets it on the optimizer Megatron-LM built.
+
 At a boundary (iteration % local_steps == 0) the previous optimizer step is
 complete, so the subnet's weights and Adam moments are scatter-added into the
 aggregation buffer, all-reduced over the aggregation group, averaged into the

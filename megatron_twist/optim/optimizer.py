@@ -40,12 +40,14 @@ def build_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.A
     )
 
 
-def build_scheduler(optimizer, train: TrainConfig) -> OptimizerParamScheduler:
+def build_scheduler(optimizer, train: TrainConfig, lr_scale: float = 1.0) -> OptimizerParamScheduler:
+    """Megatron's warm-up and cosine decay from ``train``; ``lr_scale`` (TwIST's subnets,
+    TwistConfig.lr_scale) multiplies the peak and the floor, not the shape."""
     return OptimizerParamScheduler(
         optimizer,
         init_lr=0.0,
-        max_lr=train.lr,
-        min_lr=min(train.min_lr, train.lr),
+        max_lr=train.lr * lr_scale,
+        min_lr=min(train.min_lr, train.lr) * lr_scale,
         lr_warmup_steps=min(train.lr_warmup_iters, train.train_iters - 1),
         lr_decay_steps=train.train_iters,
         lr_decay_style="cosine",
@@ -54,6 +56,15 @@ def build_scheduler(optimizer, train: TrainConfig) -> OptimizerParamScheduler:
         wd_incr_steps=train.train_iters,
         wd_incr_style="constant",
     )
+
+
+def set_group_lr_bounds(param_groups, max_lr: float, min_lr: float) -> None:
+    """Give every param group this peak and floor lr, the keys Megatron's OptimizerParamScheduler reads
+    before its own max_lr/min_lr: TwIST's subnet lr (--lr x --twist-lr-scale) under an optimizer and
+    scheduler that Megatron-LM built. Absolute values, so setting them again after a resume (which brings
+    the groups back from the checkpoint) does not compound."""
+    for group in param_groups:
+        group["max_lr"], group["min_lr"] = max_lr, min_lr
 
 
 def set_schedule_step(scheduler: OptimizerParamScheduler, global_step: int) -> float:

@@ -82,7 +82,7 @@ class DeepSpeedTrainer:
             device=device,
         )
         client_optimizer = build_optimizer(subnet, train)
-        scheduler = build_scheduler(client_optimizer, train)
+        scheduler = build_scheduler(client_optimizer, train, twist.lr_scale)
         if groups.world_size == 1:
             # DeepSpeed's engine reads LOCAL_RANK to choose its device and refuses to start without it;
             # a single process without a launcher is local rank 0. Set here, only for the engine's sake:

@@ -117,7 +117,7 @@ class SubnetWorker:
             # .bfloat16() as Megatron's Float16Module does: the torch norms make fp32 weights whatever params_dtype
             self.compute = build_gpt_model(model, layer_sizes, params_dtype=torch.bfloat16, **layout).bfloat16()
         self.optimizer = build_optimizer(self.module, train)
-        self.scheduler = build_scheduler(self.optimizer, train)
+        self.scheduler = build_scheduler(self.optimizer, train, twist.lr_scale)
         self.state = SubnetState(self.module, self.optimizer, self.model_config, twist, self.compute)
 
     @property

@@ -34,7 +34,7 @@ central = build_central(model, train.seed)
 # the host builds and owns the subnet model, its optimizer and its data
 subnet = build_gpt_model(model, SubnetSampler(model, twist).subnet_layer_sizes())
 optimizer = build_optimizer(subnet, train)
-scheduler = build_scheduler(optimizer, train)
+scheduler = build_scheduler(optimizer, train, twist.lr_scale)
 batches = SyntheticBatches(model.vocab_size, model.seq_length, train.micro_batch_size, seed=train.seed)
 hook = TwistRoundHook(model, twist, groups, central, subnet, optimizer)
 losses = []

@@ -55,6 +55,7 @@ FULL_SECTION = {
     "pin_cut": True,
     "cut_from_step": 30,
     "cut_share": 0.25,
+    "lr_scale": 1.5,
 }
 
 
@@ -98,6 +99,7 @@ def test_all_keys_parsed():
         pin_cut=True,
         cut_from_step=30,
         cut_share=0.25,
+        lr_scale=1.5,
     )
     assert set(FULL_SECTION) == set(ALLOWED_KEYS)
 
@@ -131,6 +133,20 @@ def test_absent_keys_fall_back_to_flags():
     )
 
 
+def test_lr_scale_key_takes_a_number_or_a_rule():
+    # four subnets: the default rule and "sqrt" are sqrt(4) = 2; a number is taken as it is; a flag that
+    # says the same as the section is no conflict, a different one is refused naming both
+    assert twist_config_from_ds(ds(num_subnets=4, keep_ratio=0.25)).lr_scale == 2.0
+    assert twist_config_from_ds(ds(num_subnets=4, keep_ratio=0.25, lr_scale="sqrt")).lr_scale == 2.0
+    assert twist_config_from_ds(ds(lr_scale=1)).lr_scale == 1.0
+    args, explicit = parse("--twist-lr-scale", "1.0")
+    assert twist_config_from_ds(ds(lr_scale=1), args, explicit).lr_scale == 1.0
+    with pytest.raises(ConfigError, match='--twist-lr-scale sqrt conflicts with "twist": {"lr_scale": 1.0}'):
+        twist_config_from_ds(ds(lr_scale=1), *parse("--twist-lr-scale", "sqrt"))
+    with pytest.raises(ConfigError, match="--twist-lr-scale must be a positive number or one of"):
+        twist_config_from_ds(ds(lr_scale="cube"))
+
+
 def test_deepspeed_config_flag_supplies_the_path(tmp_path):
     import deepspeed
 
@@ -161,6 +177,7 @@ def test_unknown_key_refused_with_allowed_keys():
         ("split", 3),
         ("balance_shards", -1),
         ("seed", None),
+        ("lr_scale", [2]),
     ],
 )
 def test_wrong_type_refused_naming_the_key(key, value):

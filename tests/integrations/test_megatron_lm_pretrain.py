@@ -18,6 +18,7 @@ Megatron-LM's extract lives outside the project (MEGATRON_LM_PATH, default
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -124,6 +125,19 @@ def subnet_loss_error(got: dict, ref_metrics: dict) -> float:
     return worst
 
 
+def logged_learning_rates(stdout: str) -> list:
+    return [float(line.split("learning rate:")[1].split("|")[0]) for line in stdout.splitlines() if "lm loss:" in line]
+
+
+def subnet_lr_after(iteration: int) -> float:
+    """The subnets' lr after ``iteration`` steps, by hand: OPTIM's 3e-3 peak and 3e-4 floor, each times
+    --twist-lr-scale's default sqrt(2 subnets); linear warm-up over 2 steps, then cosine to step ITERS."""
+    peak, floor = 3e-3 * math.sqrt(2), 3e-4 * math.sqrt(2)
+    if iteration <= 2:
+        return peak * iteration / 2
+    return floor + (peak - floor) * 0.5 * (math.cos(math.pi * (iteration - 2) / (ITERS - 2)) + 1)
+
+
 def test_megatron_lm_pretrain_equals_twist_train_across_a_resume(prepared_small, reference, tmp_path, run_torchrun):
     """2 ranks, 2 subnets, rounds of 4 iterations and a last one of 2, interrupted: the first job stops at iteration 8
     (--exit-interval, saving Megatron-LM's checkpoint and TwIST's state), the second resumes it
@@ -151,17 +165,22 @@ def test_megatron_lm_pretrain_equals_twist_train_across_a_resume(prepared_small,
     want = list(ref_metrics["loss_curve"][:8])
     want[1] = (want[0] + want[1]) / 2
     assert len(logged) == 8 and max(abs(a - b) for a, b in zip(logged, want)) <= 1e-5
+    # the subnets' lr is --lr x --twist-lr-scale (set on the optimizer Megatron-LM built), printed to 7 digits
+    rates = logged_learning_rates(first.stdout)
+    assert rates == pytest.approx([subnet_lr_after(i) for i in range(1, 9)], rel=1e-6)
     # Megatron-LM's evaluation (of the subnets, every round) ran and left training untouched
     assert "validation loss at iteration 4" in first.stdout and "validation loss at iteration 8" in first.stdout
     assert (save / "twist" / "latest_checkpointed_iteration.txt").read_text().strip() == "8"
 
-    run_torchrun(
+    second = run_torchrun(
         2,
         megatron_lm_args(data_dir, tmp_path, "--load", save, "--twist-save", tmp_path / "central")
         + ["--twist-metrics-file", tmp_path / "second.json"],
     )
     got = json.loads((tmp_path / "second.json").read_text())
     assert got["iterations"] == list(range(8, ITERS))
+    # resumed: the scale is set again on the optimizer Megatron-LM restored, not compounded
+    assert logged_learning_rates(second.stdout) == pytest.approx([subnet_lr_after(i) for i in (9, 10)], rel=1e-6)
     assert (got["central_step"], got["central_round"]) == (ITERS, -(-ITERS // LOCAL_STEPS))
     assert subnet_loss_error(got, ref_metrics) <= 1e-5
     central = load_file(str(tmp_path / "central" / "model.safetensors"))

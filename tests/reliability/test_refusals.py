@@ -49,6 +49,7 @@ def test_flags_typed_on_the_command_line_are_told_from_defaults():
         (["--whole-layers", "0"], "--whole-layers 0 (the checkpoint was trained with whole_layers=[])"),
         (["--no-coverage"], "--no-coverage (the checkpoint was trained with coverage=True)"),
         (["--no-twist-pin-cut"], "--no-twist-pin-cut (the checkpoint was trained with pin_cut=True)"),
+        (["--twist-lr-scale", "1"], "--twist-lr-scale 1.0 (the checkpoint was trained with lr_scale=1.414"),
         (["--model-preset", "small"], "--model-preset small (num_layers 4 vs 2"),
         (["--hidden-size", "128"], "--hidden-size 128 (the checkpoint's model has hidden_size=64)"),
         (["--seq-length", "128"], "--seq-length 128 (the checkpoint's model has seq_length=64)"),
@@ -61,14 +62,14 @@ def test_conflicting_flags(rel, reference, flags, expected):
     saved = rel.meta(reference / "iter_0000008")
     conflicts = resume_conflicts(saved, args, explicit_dests(parser.train_parser, argv[1:]))
     assert len(conflicts) == 1 and conflicts[0].startswith(expected), conflicts
-    # The saved values typed explicitly are no conflict.
-    same = parser.parse_args([*rel.ARGS, "--keep-ratio", "0.5", "--model-preset", "tiny"])
-    assert (
-        resume_conflicts(
-            saved, same, explicit_dests(parser.train_parser, ["--keep-ratio", "0.5", "--model-preset", "tiny"])
-        )
-        == []
-    )
+    # The saved values typed explicitly are no conflict ('sqrt' of the checkpoint's 2 subnets is its 1.414...).
+    typed = ["--keep-ratio", "0.5", "--model-preset", "tiny", "--twist-lr-scale", "sqrt"]
+    same = parser.parse_args([*rel.ARGS, *typed])
+    assert resume_conflicts(saved, same, explicit_dests(parser.train_parser, typed)) == []
+    # A checkpoint from before the flag trained at scale 1: a different explicit scale is refused.
+    older = {**saved, "twist": {k: v for k, v in saved["twist"].items() if k != "lr_scale"}}
+    conflicts = resume_conflicts(older, same, explicit_dests(parser.train_parser, typed))
+    assert conflicts == ["--twist-lr-scale sqrt (the checkpoint was trained with lr_scale=1.0)"]
 
 
 @pytest.mark.multiprocess

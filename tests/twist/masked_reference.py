@@ -23,7 +23,8 @@ What it does instead of the materialized path:
 Semantics reproduced (read from docs/ARCHITECTURE.md, design decisions 3-5,
 and the code of optim/optimizer.py, optim/step.py, twist/worker.py):
 * LR: Megatron's linear warmup from 0 over min(warmup, train_iters - 1)
-  steps, then cosine to min_lr at train_iters, evaluated at the GLOBAL step;
+  steps, then cosine to min_lr at train_iters, evaluated at the GLOBAL step,
+  both times TwistConfig.lr_scale (--twist-lr-scale);
 * weight decay: decoupled (AdamW), on parameters with more than one
   dimension only (biases and norm weights have none);
 * Adam step count: `aggregate` continues from the global step (moments
@@ -238,7 +239,9 @@ class MaskedReference:
                 grads, loss = self._masked_gradients(weights, masks, global_step, s)
                 losses.append(loss)
                 adam_count += 1
-                self._adam(weights, m1, m2, grads, masks, learning_rate(self.train, global_step), adam_count)
+                # --twist-lr-scale multiplies the subnets' whole schedule (peak and floor alike)
+                lr = learning_rate(self.train, global_step) * self.twist.lr_scale
+                self._adam(weights, m1, m2, grads, masks, lr, adam_count)
         finally:
             for h in hooks:
                 h.remove()
