@@ -77,14 +77,52 @@ def twist_command(nproc: int = 1) -> List[str]:
     ]
 
 
-def run_twist(argv: List[str], what: str, nproc: int = 1) -> str:
-    """Run one `twist` command (SystemExit with its output's tail if it fails); returns its stdout."""
+def run_twist(argv: List[str], what: str, nproc: int = 1, in_process: bool = False) -> str:
+    """Run one `twist` command (SystemExit with its output's tail if it fails); returns its stdout.
+    ``in_process`` (--smoke, one rank): through the command's own entry point in this process, see
+    run_twist_in_process."""
+    if in_process and nproc == 1:
+        return run_twist_in_process(argv, what)
     proc = subprocess.run(
         [*twist_command(nproc), *map(str, argv)], cwd=REPO, env=bench_env(), capture_output=True, text=True
     )
     if proc.returncode != 0:
         raise SystemExit(f"{what} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
     return proc.stdout
+
+
+def run_twist_in_process(argv: List[str], what: str) -> str:
+    """One `twist` command through ``megatron_twist.cli.main`` (what `python -m megatron_twist` runs, and
+    which creates and destroys its process group) in this process: a smoke's dozen short runs pay the
+    seconds of importing torch and Megatron-core once instead of once each. The full runs start a
+    process per command (torchrun for two ranks)."""
+    import contextlib
+    import io
+    import random
+
+    import numpy
+    import torch
+
+    from megatron_twist.cli import main
+    from megatron_twist.distributed.runtime import init_distributed, init_model_parallel, shutdown
+
+    # As in a process of its own: the command creates and destroys its own process group and seeds its
+    # own RNGs; this process's one-rank group (it prepares, prunes, evaluates) and random streams resume.
+    rng = torch.get_rng_state(), random.getstate(), numpy.random.get_state()
+    shutdown()
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            status = main([str(a) for a in argv])
+    finally:
+        init_distributed()
+        init_model_parallel()
+        torch.set_rng_state(rng[0])
+        random.setstate(rng[1])
+        numpy.random.set_state(rng[2])
+    if status:
+        raise SystemExit(f"{what} failed (status {status}):\n{out.getvalue()[-2000:]}\n{err.getvalue()[-4000:]}")
+    return out.getvalue()
 
 
 def train(tag: str, name: str, data: Path, out: Path, flags: List[str], args, steps: Optional[int] = None) -> Path:
@@ -104,7 +142,7 @@ def train(tag: str, name: str, data: Path, out: Path, flags: List[str], args, st
         argv.append("--overwrite")
     t0 = time.perf_counter()
     print(f"[{tag}] {name}: training ({steps} steps) ...", flush=True)
-    run_twist(argv, name, args.nproc)
+    run_twist(argv, name, args.nproc, in_process=getattr(args, "smoke", False))
     print(f"[{tag}] {name}: done in {time.perf_counter() - t0:.0f} s", flush=True)
     return ckpt
 
