@@ -33,7 +33,7 @@ DEFAULT_CUT_SHARE = 0.75
 # subnet's Adam normalises its own gradient, and aggregation then averages the subnets' updates of a unit,
 # so the central model moves by less than one dense optimizer at the same --lr would (docs/RESULTS.md
 # "The learning rate of TwIST's subnets").
-LR_SCALE_RULES = ("sqrt",)
+LR_SCALE_RULES = {"sqrt": math.sqrt}  # rule name -> the scale as a function of num_subnets
 DEFAULT_LR_SCALE = "sqrt"
 NONFINITE_POLICIES = ("skip", "stop")  # a subnet whose loss/gradient turns non-finite (docs: Reliability)
 
@@ -218,8 +218,8 @@ class TwistConfig:
     lr_scale:          the subnets' optimizers run at TrainConfig's lr and min_lr times this
                        (warm-up and decay unchanged); dense training is unaffected. 'sqrt':
                        sqrt(num_subnets). None (default): DEFAULT_LR_SCALE ('sqrt'). Stored
-                       resolved (a float). A checkpoint written before
-                       it existed resumes at 1.0, as it was trained.
+                       resolved (a float). A checkpoint written before it existed resumes
+                       at 1.0, as it was trained.
     """
 
     keep_ratio: float = 0.5
@@ -358,14 +358,15 @@ def resolve_lr_scale(value, num_subnets: int) -> float:
     """--twist-lr-scale's number: ``value`` itself, or its rule applied to ``num_subnets``."""
     if value is None:  # not given (a flag or ds_config key left out): the default rule
         value = DEFAULT_LR_SCALE
-    if value == "sqrt":
-        return math.sqrt(num_subnets)
+    if isinstance(value, str) and value in LR_SCALE_RULES:
+        return LR_SCALE_RULES[value](num_subnets)
     try:
         scale = float(value)
     except (TypeError, ValueError):
         scale = float("nan")
     if not (math.isfinite(scale) and scale > 0):
-        raise ConfigError(f"--twist-lr-scale must be a positive number or one of {LR_SCALE_RULES}, got {value!r}")
+        rules = tuple(LR_SCALE_RULES)
+        raise ConfigError(f"--twist-lr-scale must be a positive number or one of {rules}, got {value!r}")
     return scale
 
 
